@@ -1,0 +1,77 @@
+# Small validators. Each returns the (possibly coerced) value or raises a
+# classed error naming the argument as the user wrote it.
+
+assert_number <- function(x, lower = -Inf, upper = Inf, lower_open = FALSE, upper_open = FALSE,
+                          arg = rlang::caller_arg(x), call = rlang::caller_env()) {
+  if (!is.numeric(x) || length(x) != 1L || is.na(x) || !is.finite(x)) {
+    fedagg_abort("{.arg {arg}} must be a single finite number, not {obj_desc(x)}.", call = call)
+  }
+  too_low <- if (lower_open) x <= lower else x < lower
+  too_high <- if (upper_open) x >= upper else x > upper
+  if (too_low || too_high) {
+    range <- if (is.infinite(upper)) paste(if (lower_open) ">" else ">=", lower)
+             else paste0("in ", if (lower_open) "(" else "[", lower, ", ", upper, if (upper_open) ")" else "]")
+    fedagg_abort("{.arg {arg}} must be {range}, not {x}.", call = call)
+  }
+  as.double(x)
+}
+
+assert_count <- function(x, min = 0L, allow_null = FALSE,
+                         arg = rlang::caller_arg(x), call = rlang::caller_env()) {
+  if (allow_null && is.null(x)) return(NULL)
+  ok <- is.numeric(x) && length(x) == 1L && !is.na(x) && is.finite(x) && x == round(x) && x >= min &&
+    x <= .Machine$integer.max
+  if (!ok) {
+    fedagg_abort("{.arg {arg}} must be a whole number >= {min}, not {obj_desc(x)}.", call = call)
+  }
+  as.integer(x)
+}
+
+assert_flag <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
+  if (!is.logical(x) || length(x) != 1L || is.na(x)) {
+    fedagg_abort("{.arg {arg}} must be TRUE or FALSE, not {obj_desc(x)}.", call = call)
+  }
+  x
+}
+
+# Non-negative weights, one per client, not all zero. Returns doubles.
+assert_weights <- function(weights, n_clients, arg = rlang::caller_arg(weights),
+                           call = rlang::caller_env()) {
+  if (is.null(weights)) return(NULL)
+  if (!is.numeric(weights)) {
+    fedagg_abort("{.arg {arg}} must be numeric, not {obj_desc(weights)}.", call = call)
+  }
+  if (length(weights) != n_clients) {
+    fedagg_abort(c("{.arg {arg}} must have one value per client.",
+                   x = "It has length {length(weights)}, there are {n_clients} client{?s}."),
+                 call = call)
+  }
+  bad <- which(is.na(weights) | !is.finite(weights) | weights < 0)
+  if (length(bad)) {
+    k <- bad[1]
+    fedagg_abort(c("{.arg {arg}} must be finite and >= 0.",
+                   x = "Client {k} has weight {weights[k]}."),
+                 class = "client", client = k, call = call)
+  }
+  if (sum(weights) <= 0) {
+    fedagg_abort("{.arg {arg}} must not all be zero.", call = call)
+  }
+  as.double(weights)
+}
+
+# NULL (option `fedagg.threads`, else all cores) or a whole number >= 1.
+# Returns an integer for Rust, where 0 means all cores.
+resolve_threads <- function(threads, arg = rlang::caller_arg(threads), call = rlang::caller_env()) {
+  if (is.null(threads)) threads <- getOption("fedagg.threads")
+  if (is.null(threads)) return(0L)
+  assert_count(threads, min = 1L, arg = arg, call = call)
+}
+
+obj_desc <- function(x) {
+  if (is.null(x)) return("NULL")
+  if (is.atomic(x) && length(x) == 1L) {
+    return(if (is.character(x)) encodeString(x, quote = "\"") else format(x))
+  }
+  cls <- if (is.object(x)) class(x)[1] else typeof(x)
+  paste0("a ", cls, if (is.atomic(x) || is.list(x)) paste0(" of length ", length(x)))
+}

@@ -1,0 +1,83 @@
+//! Borrowing R objects as core types.
+
+use extendr_api::prelude::*;
+use extendr_api::{rtype_to_sxp, Error, Result};
+use fedagg_core::{CoreError, UpdateSet};
+
+/// Turns a core error into an extendr error (an R error with this message).
+pub fn core_err(e: CoreError) -> Error {
+    Error::Other(e.to_string())
+}
+
+/// The elements of a layer list, kept alive while slices borrow from them.
+///
+/// `layers` is a list with one element per layer; each element is either a
+/// list of one double vector per client, or one double vector holding all
+/// clients back to back (the columns of a matrix).
+pub struct LayerObjects {
+    layers: Vec<Vec<Robj>>,
+    n_clients: usize,
+}
+
+impl LayerObjects {
+    pub fn new(layers: &List, n_clients: usize) -> Result<Self> {
+        let layers = layers
+            .values()
+            .map(|layer| match layer.as_list() {
+                Some(clients) => Ok(clients.values().collect()),
+                None if layer.is_real() => Ok(vec![layer]),
+                None => Err(Error::Other("each layer must be a list or a double vector".into())),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, n_clients })
+    }
+
+    /// Borrows every client's slice of every layer, without copying.
+    pub fn update_set(&self) -> Result<UpdateSet<'_>> {
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (l, objs) in self.layers.iter().enumerate() {
+            let slices = objs
+                .iter()
+                .map(|o| o.as_real_slice().ok_or_else(|| Error::Other(format!("layer {} is not double", l + 1))))
+                .collect::<Result<Vec<&[f64]>>>()?;
+            if slices.len() == 1 && self.n_clients > 1 {
+                let all = slices[0];
+                if all.len() % self.n_clients != 0 {
+                    return Err(Error::Other(format!("layer {} does not split into {} clients", l + 1, self.n_clients)));
+                }
+                let d = all.len() / self.n_clients;
+                // A zero-length layer still needs one (empty) slice per client.
+                out.push((0..self.n_clients).map(|k| &all[k * d..(k + 1) * d]).collect());
+            } else {
+                out.push(slices);
+            }
+        }
+        UpdateSet::new(out).map_err(core_err)
+    }
+}
+
+/// A fresh R double vector filled by `fill`, written in place (no copy).
+pub fn new_doubles(len: usize, fill: impl FnOnce(&mut [f64])) -> Robj {
+    let mut robj = Robj::alloc_vector(rtype_to_sxp(Rtype::Doubles), len);
+    fill(robj.as_real_slice_mut().expect("a freshly allocated double vector"));
+    robj
+}
+
+/// A list of R double vectors from owned buffers.
+pub fn doubles_list(values: Vec<Vec<f64>>) -> List {
+    List::from_values(values.into_iter().map(|v| new_doubles(v.len(), |o| o.copy_from_slice(&v))))
+}
+
+/// Thread count from R (0 = all cores).
+pub fn threads(n: i32) -> usize {
+    n.max(0) as usize
+}
+
+/// Optional weights: R passes NULL or a double vector.
+pub fn optional_slice(x: &Robj) -> Option<&[f64]> {
+    if x.is_null() {
+        None
+    } else {
+        x.as_real_slice()
+    }
+}

@@ -1,0 +1,16 @@
+//! R entry points of fedagg. The numbers are computed in the `fedagg-core`
+//! crate; `api/` holds the thin adapters between R objects and that core.
+
+mod api;
+
+use api::{aggregate, drift, norms, privacy, threads};
+use extendr_api::prelude::*;
+
+extendr_module! {
+    mod fedagg;
+    use aggregate;
+    use drift;
+    use norms;
+    use privacy;
+    use threads;
+}
