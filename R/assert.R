@@ -69,9 +69,18 @@ resolve_threads <- function(threads, arg = rlang::caller_arg(threads), call = rl
 
 obj_desc <- function(x) {
   if (is.null(x)) return("NULL")
-  if (is.atomic(x) && length(x) == 1L) {
-    return(if (is.character(x)) encodeString(x, quote = "\"") else format(x))
+  if (is.atomic(x) && length(x) == 1L && !is.object(x)) {
+    if (is.na(x)) return("NA")
+    return(switch(typeof(x),
+      character = paste("the string", encodeString(x, quote = "\"")),
+      logical = format(x),
+      paste("the number", format(x))
+    ))
   }
-  cls <- if (is.object(x)) class(x)[1] else typeof(x)
-  paste0("a ", cls, if (is.atomic(x) || is.list(x)) paste0(" of length ", length(x)))
+  what <- if (is.object(x)) paste("a", class(x)[1]) else {
+    type <- switch(typeof(x), double = "double", integer = "integer", typeof(x))
+    noun <- if (is.list(x)) "list" else paste(type, "vector")
+    if (is.list(x)) "a list" else paste(if (grepl("^[aeiou]", type)) "an" else "a", noun)
+  }
+  paste0(what, " of length ", length(x))
 }

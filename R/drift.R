@@ -52,6 +52,7 @@ ks_test <- function(x, y, alternative = c("two.sided", "less", "greater"), exact
 }
 
 ks_sample <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
+  force(arg)
   if (!is.numeric(x)) {
     fedagg_abort("{.arg {arg}} must be a numeric vector, not {obj_desc(x)}.", call = call)
   }

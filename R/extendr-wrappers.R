@@ -47,4 +47,9 @@ rs_add_gaussian_noise <- function(layers, sigma, seed, n_threads) .Call(wrap__rs
 #' @noRd
 rs_available_threads <- function() .Call(wrap__rs_available_threads)
 
+#' Sums a list of double vectors in parallel: the read-bandwidth probe of
+#' bench/aggregate.R.
+#' @noRd
+rs_stream_sum <- function(vectors, n_threads) .Call(wrap__rs_stream_sum, vectors, n_threads)
+
 

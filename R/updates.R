@@ -33,6 +33,8 @@ update_set_from_matrix <- function(m, arg, call) {
 
 # Coerces one client's array to double, or explains why it cannot be.
 client_array <- function(x, k, what, arg, call) {
+  # A missing value typed as logical NA is still a missing number.
+  if (is.logical(x) && length(x) > 0L && all(is.na(x))) storage.mode(x) <- "double"
   if (!is.numeric(x)) {
     fedagg_abort(c("Every client update in {.arg {arg}} must be numeric.",
                    x = "Client {k}{what} is {obj_desc(x)}."),

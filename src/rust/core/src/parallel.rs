@@ -69,3 +69,43 @@ where
 pub fn reduction_block(n_series: usize) -> usize {
     (131_072 / n_series.max(1)).clamp(512, 65_536)
 }
+
+/// Sum of every value of every slice, read in parallel blocks: a probe of the
+/// memory read bandwidth for data laid out as the slices are (benchmarks).
+pub fn sum_all(slices: &[&[f64]]) -> f64 {
+    const BLOCK: usize = 1 << 16;
+    slices
+        .par_iter()
+        .map(|x| x.par_chunks(BLOCK).map(sum_unordered).sum::<f64>())
+        .sum()
+}
+
+/// Sum with eight independent accumulators, so that memory, not the latency
+/// of dependent additions, limits its speed.
+fn sum_unordered(x: &[f64]) -> f64 {
+    let mut acc = [0.0; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sums_are_thread_invariant_and_correct() {
+        let x: Vec<f64> = (0..100_001).map(|i| (i as f64).sin()).collect();
+        let f = |r: std::ops::Range<usize>, acc: &mut [f64]| acc[0] = x[r].iter().sum();
+        let one = with_threads(1, || block_sums(x.len(), 1000, 1, f));
+        let four = with_threads(4, || block_sums(x.len(), 1000, 1, f));
+        assert_eq!(one, four);
+        assert!((one[0] - x.iter().sum::<f64>()).abs() < 1e-9);
+        assert_eq!(sum_all(&[&[1.0, 2.0], &[3.0]]), 6.0);
+    }
+}

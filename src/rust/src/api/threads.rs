@@ -1,13 +1,27 @@
+use super::convert::{threads, LayerObjects};
 use extendr_api::prelude::*;
+use extendr_api::Result;
+use fedagg_core::parallel::{available_threads, sum_all, with_threads};
 
 /// Number of cores Rust sees.
 /// @noRd
 #[extendr]
 fn rs_available_threads() -> i32 {
-    fedagg_core::parallel::available_threads() as i32
+    available_threads() as i32
+}
+
+/// Sums a list of double vectors in parallel: the read-bandwidth probe of
+/// bench/aggregate.R.
+/// @noRd
+#[extendr]
+fn rs_stream_sum(vectors: List, n_threads: i32) -> Result<f64> {
+    let objs = LayerObjects::new(&List::from_values([vectors.clone()]), vectors.len())?;
+    let set = objs.update_set()?;
+    Ok(with_threads(threads(n_threads), || sum_all(set.layer(0))))
 }
 
 extendr_module! {
     mod threads;
     fn rs_available_threads;
+    fn rs_stream_sum;
 }

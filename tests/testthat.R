@@ -1,0 +1,4 @@
+library(testthat)
+library(fedagg)
+
+test_check("fedagg")
