@@ -35,9 +35,9 @@ updates <- lapply(seq_len(n_clients), function(k) {
   u
 })
 
+norms <- update_norms(updates)$norm
 step("Update norms: median %.3f, max %.3f (clients %s stand out)",
-     median(update_norms(updates)$norm), max(update_norms(updates)$norm),
-     paste(head(order(-update_norms(updates)$norm), 3), collapse = ", "))
+     median(norms), max(norms), paste(head(order(-norms), 3), collapse = ", "))
 
 flat <- function(u) c(as.vector(u$W), u$b)
 truth <- flat(true_update)

@@ -16,18 +16,31 @@ pub fn l2_norm(x: &[f64]) -> f64 {
     sum_squares(x).sqrt()
 }
 
-/// Per-client, per-layer L2 norms: `norms[k][l]`.
-pub fn layer_norms(set: &UpdateSet) -> Vec<Vec<f64>> {
-    let k = set.n_clients();
-    let mut out = vec![vec![0.0; set.n_layers()]; k];
-    for l in 0..set.n_layers() {
-        let layer = set.layer(l);
-        let sums = block_sums(set.layer_len(l), reduction_block(k), k, |r, acc| {
+/// Per-client squared distance of one layer to `reference` (the origin when
+/// `None`), reduced deterministically in fixed blocks.
+pub fn layer_sq_distances(layer: &[&[f64]], reference: Option<&[f64]>) -> Vec<f64> {
+    let k = layer.len();
+    let len = layer.first().map_or(0, |x| x.len());
+    block_sums(len, reduction_block(k), k, |r, acc| match reference {
+        None => {
             for (a, x) in acc.iter_mut().zip(layer) {
                 *a = x[r.clone()].iter().map(|v| v * v).sum();
             }
-        });
-        for (row, s) in out.iter_mut().zip(sums) {
+        }
+        Some(z) => {
+            let zr = &z[r.clone()];
+            for (a, x) in acc.iter_mut().zip(layer) {
+                *a = x[r.clone()].iter().zip(zr).map(|(p, q)| (p - q) * (p - q)).sum();
+            }
+        }
+    })
+}
+
+/// Per-client, per-layer L2 norms: `norms[k][l]`.
+pub fn layer_norms(set: &UpdateSet) -> Vec<Vec<f64>> {
+    let mut out = vec![vec![0.0; set.n_layers()]; set.n_clients()];
+    for l in 0..set.n_layers() {
+        for (row, s) in out.iter_mut().zip(layer_sq_distances(set.layer(l), None)) {
             row[l] = s.sqrt();
         }
     }

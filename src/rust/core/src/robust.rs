@@ -3,6 +3,7 @@
 
 use crate::aggregate::{normalize_weights, weighted_mean, weighted_sum_into};
 use crate::error::{invalid, CoreResult};
+use crate::norms::layer_sq_distances;
 use crate::parallel::{block_sums, reduction_block};
 use crate::updates::UpdateSet;
 use rayon::prelude::*;
@@ -173,17 +174,9 @@ pub struct GeoMedianResult {
 
 /// Euclidean distance of every client to `z` (given per layer).
 fn distances_to(set: &UpdateSet, z: &[Vec<f64>]) -> Vec<f64> {
-    let k = set.n_clients();
-    let mut sq = vec![0.0; k];
+    let mut sq = vec![0.0; set.n_clients()];
     for (l, zl) in z.iter().enumerate() {
-        let layer = set.layer(l);
-        let sums = block_sums(zl.len(), reduction_block(k), k, |r, acc| {
-            let zr = &zl[r.clone()];
-            for (a, x) in acc.iter_mut().zip(layer) {
-                *a = x[r.clone()].iter().zip(zr).map(|(p, q)| (p - q) * (p - q)).sum();
-            }
-        });
-        for (s, v) in sq.iter_mut().zip(sums) {
+        for (s, v) in sq.iter_mut().zip(layer_sq_distances(set.layer(l), Some(zl))) {
             *s += v;
         }
     }
