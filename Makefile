@@ -8,6 +8,7 @@ RSCRIPT ?= Rscript
 # Every R dependency comes from Debian (CRAN is not needed).
 APT_PACKAGES := r-base-dev r-cran-r6 r-cran-cli r-cran-rlang \
 	r-cran-testthat r-cran-withr r-cran-roxygen2 r-cran-knitr r-cran-rmarkdown \
+	r-cran-ggplot2 r-cran-future r-cran-future.apply r-cran-nnet \
 	pandoc qpdf
 
 .PHONY: deps install demo test cargo-test wrappers document bench check-env
@@ -32,8 +33,11 @@ wrappers: deps
 	$(RSCRIPT) tools/make-wrappers.R
 
 # After changing roxygen comments.
-document: install
+# (R6 documentation needs the source references kept at install time.)
+document: deps
+	R_KEEP_PKG_SOURCE=yes bash tools/install-package.sh
 	$(RSCRIPT) -e 'roxygen2::roxygenise(load_code = "installed")'
 
 bench: install
 	$(RSCRIPT) bench/aggregate.R
+	$(RSCRIPT) bench/simulation.R

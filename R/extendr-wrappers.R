@@ -52,4 +52,32 @@ rs_available_threads <- function() .Call(wrap__rs_available_threads)
 #' @noRd
 rs_stream_sum <- function(vectors, n_threads) .Call(wrap__rs_stream_sum, vectors, n_threads)
 
+#' Copies one client's data into Rust, row-major, once.
+#' @noRd
+rs_dataset <- function(x, n, p, y) .Call(wrap__rs_dataset, x, n, p, y)
+
+#' TRUE when the handle still points at data (FALSE after save/reload).
+#' @noRd
+rs_dataset_valid <- function(handle) .Call(wrap__rs_dataset_valid, handle)
+
+#' Seeded initial parameters as one flat vector.
+#' @noRd
+rs_model_init <- function(sizes, head, scheme, seed) .Call(wrap__rs_model_init, sizes, head, scheme, seed)
+
+#' Mean loss and gradient of a model on data given as a column-major matrix.
+#' @noRd
+rs_loss_grad <- function(sizes, head, params, x, n, p, y) .Call(wrap__rs_loss_grad, sizes, head, params, x, n, p, y)
+
+#' One federated round over the clients' data handles.
+#' @noRd
+rs_train_round <- function(sizes, head, global, train, validation, streams, config, n_threads) .Call(wrap__rs_train_round, sizes, head, global, train, validation, streams, config, n_threads)
+
+#' Loss and metric of one parameter vector on many data handles.
+#' @noRd
+rs_evaluate <- function(sizes, head, params, data, n_threads) .Call(wrap__rs_evaluate, sizes, head, params, data, n_threads)
+
+#' Predictions (n x outputs, column-major) for a column-major matrix.
+#' @noRd
+rs_predict <- function(sizes, head, params, x, n, p) .Call(wrap__rs_predict, sizes, head, params, x, n, p)
+
 

@@ -1,8 +1,15 @@
 #' fedagg: federated learning with a Rust core
 #'
-#' fedagg aggregates, clips, privatises and monitors client updates with
-#' kernels written in Rust, and (in later versions) simulates whole
-#' federations. The numeric building blocks are:
+#' fedagg simulates federated learning with a Rust core, and aggregates,
+#' clips, privatises and monitors client updates.
+#'
+#' * Data: [partition_iid()], [partition_dirichlet()], [partition_shards()],
+#'   [partition_quantity()], [synthetic_fedprox()], [read_idx()],
+#'   [load_fashion_mnist()].
+#' * Simulation: [model_softmax()] and the other [models], [fed_nodes()],
+#'   [fed_server()] ([Node], [Server]), [fed_history] and [fed_compare()].
+#'
+#' The numeric building blocks are:
 #'
 #' * [weighted_aggregate()] and [robust_aggregate()] combine client updates;
 #' * [clip_update()] and [update_norms()] bound and monitor update sizes;
@@ -25,4 +32,7 @@
 #'
 #' @keywords internal
 #' @useDynLib fedagg, .registration = TRUE
+#' @importFrom rlang .data
+#' @importFrom R6 R6Class
+#' @importFrom utils tail
 "_PACKAGE"

@@ -228,6 +228,7 @@ plot.fed_partition <- function(x, ...) {
     counts <- t(as.matrix(s[label_cols]))
     graphics::barplot(counts, names.arg = seq_len(ncol(counts)), col = grDevices::hcl.colors(nrow(counts), "Dark 3"),
                       xlab = "client", ylab = "samples", border = NA,
+                      ylim = c(0, 1.3 * max(colSums(counts))), # room for the legend
                       main = paste("Label distribution per client:", attr(x, "method")),
                       legend.text = sub("^label_", "", label_cols),
                       args.legend = list(x = "topright", bty = "n", cex = 0.7, ncol = 2), ...)

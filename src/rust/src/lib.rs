@@ -3,7 +3,7 @@
 
 mod api;
 
-use api::{aggregate, drift, norms, privacy, threads};
+use api::{aggregate, drift, norms, privacy, threads, train};
 use extendr_api::prelude::*;
 
 extendr_module! {
@@ -13,4 +13,5 @@ extendr_module! {
     use norms;
     use privacy;
     use threads;
+    use train;
 }

@@ -9,10 +9,12 @@
 pub mod aggregate;
 pub mod error;
 pub mod ks;
+pub mod model;
 pub mod norms;
 pub mod parallel;
 pub mod privacy;
 pub mod rng;
+pub mod train;
 pub mod robust;
 pub mod updates;
 

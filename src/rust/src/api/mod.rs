@@ -7,4 +7,5 @@ pub mod drift;
 pub mod norms;
 pub mod privacy;
 pub mod threads;
+pub mod train;
 mod convert;

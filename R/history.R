@@ -1,0 +1,271 @@
+#' Training history of a federated run
+#'
+#' `Server$fit()` returns a `fed_history`: a data frame with one row per
+#' round and columns
+#' * `round`, `clients` (selected), `lr` (this round's learning rate);
+#' * `train_loss`: the aggregation-weighted mean of the clients' local
+#'   training losses; `loss_spread`: their standard deviation, a quick gauge
+#'   of client heterogeneity (large and persistent spread is the usual sign
+#'   of non-IID drift);
+#' * `test_loss`, `test_accuracy` (or `test_rmse`): on the server's test set;
+#' * `val_loss`, `val_accuracy` (or `val_rmse`): on all nodes' held-out
+#'   data, weighted by its size;
+#' * `elapsed`: seconds for the round, evaluation included.
+#'
+#' Metrics are `NA` in rounds that were not evaluated (`eval_every`).
+#' `plot()` draws loss and accuracy curves with base graphics; `autoplot()`
+#' does it with ggplot2 when installed. [fed_compare()] overlays several runs.
+#'
+#' @param x,object A `fed_history`.
+#' @param metric For `plot()` and `autoplot()`: the columns to draw (default:
+#'   the losses, then accuracy or RMSE, in two panels).
+#' @param ... Passed on to `plot()` for base graphics; unused otherwise.
+#' @return `summary()` a `summary.fed_history` list; `plot()` `x`,
+#'   invisibly; `autoplot()` a ggplot.
+#' @examples
+#' data <- synthetic_fedprox(0.5, 0.5, n_clients = 10, seed = 3)
+#' srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.5,
+#'                   lr = 0.05, test_data = pool_clients(data, "test"), seed = 1)
+#' h <- srv$fit(5, verbose = FALSE)
+#' h
+#' summary(h)
+#' plot(h)
+#' @name fed_history
+NULL
+
+new_fed_history <- function(records, model, settings) {
+  m <- metric_name(model)
+  columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
+               "val_loss", paste0("val_", m), "elapsed")
+  df <- if (length(records)) {
+    as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
+      vapply(records, function(r) as.double(r[[col]]), numeric(1))
+    }))
+  } else {
+    as.data.frame(stats::setNames(rep(list(numeric()), length(columns)), columns))
+  }
+  df$round <- as.integer(df$round)
+  df$clients <- as.integer(df$clients)
+  structure(df, class = c("fed_history", "data.frame"), settings = settings, task = model$task)
+}
+
+history_label <- function(x) {
+  s <- attr(x, "settings")
+  if (is.null(s)) return("run")
+  sprintf("%s, %s", algorithm_label(s$algorithm), s$model)
+}
+
+#' @rdname fed_history
+#' @export
+format.fed_history <- function(x, ...) {
+  s <- attr(x, "settings")
+  c(sprintf("<fed_history> %s: %d round%s", history_label(x), nrow(x), if (nrow(x) == 1L) "" else "s"),
+    if (!is.null(s)) sprintf("%d of %d clients per round, E = %d, B = %s, lr = %s (%s), weights: %s",
+                             s$clients_per_round, s$n_clients, s$epochs, format(s$batch_size), format(s$lr),
+                             s$lr_schedule, s$weights))
+}
+
+#' @rdname fed_history
+#' @export
+print.fed_history <- function(x, ...) {
+  cat(format(x), sep = "\n")
+  if (!nrow(x)) return(invisible(x))
+  shown <- as.data.frame(x)
+  shown <- shown[, vapply(shown, function(col) !all(is.na(col)), logical(1)), drop = FALSE]
+  if (nrow(shown) > 10L) shown <- shown[c(1:5, (nrow(shown) - 4L):nrow(shown)), ]
+  print(format(shown, digits = 4), row.names = FALSE)
+  if (nrow(x) > 10L) cat(sprintf("(%d of %d rounds shown)\n", 10L, nrow(x)))
+  invisible(x)
+}
+
+#' @rdname fed_history
+#' @export
+summary.fed_history <- function(object, ...) {
+  metric <- main_metric(object)
+  higher_better <- grepl("accuracy", metric %||% "")
+  values <- if (!is.null(metric)) object[[metric]] else numeric()
+  ok <- which(!is.na(values))
+  best <- if (length(ok)) ok[if (higher_better) which.max(values[ok]) else which.min(values[ok])]
+  structure(list(
+    label = history_label(object),
+    rounds = nrow(object),
+    metric = metric,
+    final = if (length(ok)) values[max(ok)] else NA_real_,
+    best = if (length(best)) values[best] else NA_real_,
+    best_round = if (length(best)) object$round[best] else NA_integer_,
+    final_train_loss = if (nrow(object)) object$train_loss[nrow(object)] else NA_real_,
+    mean_loss_spread = mean(object$loss_spread, na.rm = TRUE),
+    seconds = sum(object$elapsed),
+    seconds_per_round = mean(object$elapsed)
+  ), class = "summary.fed_history")
+}
+
+#' @export
+print.summary.fed_history <- function(x, ...) {
+  cat(sprintf("%s: %d rounds in %.2f s (%.1f ms per round)\n", x$label, x$rounds, x$seconds,
+              1000 * x$seconds_per_round))
+  if (!is.null(x$metric)) {
+    cat(sprintf("  %s: final %.4f, best %.4f (round %d)\n", x$metric, x$final, x$best, x$best_round))
+  }
+  cat(sprintf("  train loss: final %.4f; mean spread across clients %.4f\n", x$final_train_loss,
+              x$mean_loss_spread))
+  invisible(x)
+}
+
+main_metric <- function(x) {
+  candidates <- c("test_accuracy", "val_accuracy", "test_rmse", "val_rmse", "test_loss", "val_loss", "train_loss")
+  present <- candidates[candidates %in% names(x)]
+  present[vapply(present, function(col) any(!is.na(x[[col]])), logical(1))][1] %||% NULL
+}
+
+metric_panels <- function(x, metric = NULL) {
+  if (!is.null(metric)) {
+    unknown <- setdiff(metric, names(x))
+    if (length(unknown)) fedagg_abort("{.arg metric} {.val {unknown}} is not a column of the history.")
+    return(list(metric))
+  }
+  has <- function(col) col %in% names(x) && any(!is.na(x[[col]]))
+  losses <- Filter(has, c("train_loss", "test_loss", "val_loss"))
+  scores <- Filter(has, c("test_accuracy", "val_accuracy", "test_rmse", "val_rmse"))
+  Filter(length, list(losses, scores))
+}
+
+#' @rdname fed_history
+#' @export
+plot.fed_history <- function(x, metric = NULL, ...) {
+  panels <- metric_panels(x, metric)
+  old <- graphics::par(mfrow = c(1, length(panels)), mar = c(4, 4, 3, 1))
+  on.exit(graphics::par(old))
+  cols <- c("#1b9e77", "#d95f02", "#7570b3", "#e7298a")
+  for (cols_here in panels) {
+    ok <- !is.na(unlist(x[cols_here]))
+    y <- range(unlist(x[cols_here])[ok])
+    plot(range(x$round), y, type = "n", xlab = "round", ylab = paste(unique(sub("^.*_", "", cols_here)), collapse = "/"),
+         main = paste(cols_here, collapse = ", "), ...)
+    for (i in seq_along(cols_here)) {
+      keep <- !is.na(x[[cols_here[i]]])
+      graphics::lines(x$round[keep], x[[cols_here[i]]][keep], col = cols[i], lwd = 2, type = if (sum(keep) < 2) "p" else "l")
+    }
+    graphics::legend("topright", legend = cols_here, col = cols[seq_along(cols_here)], lwd = 2, bty = "n", cex = 0.8)
+  }
+  graphics::mtext(history_label(x), side = 3, line = -1.2, outer = TRUE, cex = 0.8)
+  invisible(x)
+}
+
+#' @rdname fed_history
+#' @exportS3Method ggplot2::autoplot
+autoplot.fed_history <- function(object, metric = NULL, ...) {
+  autoplot.fed_comparison(fed_compare(run = object), metric = metric, ...)
+}
+
+#' Compare federated runs
+#'
+#' Puts several [fed_history] objects side by side, e.g. FedAvg on IID and
+#' on Dirichlet(0.1) partitions, or two learning rates.
+#'
+#' @param ... Named `fed_history` objects (names label the runs).
+#' @param x,object A `fed_comparison`.
+#' @param metric Column to draw (default: accuracy if present, else loss).
+#' @param main Plot title.
+#' @return `fed_compare()`: a `fed_comparison`, a long data frame with
+#'   columns `run` and those of the histories. `summary()`: one row per run.
+#' @examples
+#' iid <- synthetic_fedprox(0, 0, n_clients = 10, iid = TRUE, seed = 1)
+#' skew <- synthetic_fedprox(1, 1, n_clients = 10, seed = 1)
+#' run <- function(data) {
+#'   fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.5, lr = 0.05,
+#'              test_data = pool_clients(data, "test"), seed = 1)$fit(5, verbose = FALSE)
+#' }
+#' cmp <- fed_compare(IID = run(iid), "Synthetic(1,1)" = run(skew))
+#' summary(cmp)
+#' plot(cmp)
+#' @export
+fed_compare <- function(...) {
+  runs <- list(...)
+  if (!length(runs)) fedagg_abort("Give at least one {.cls fed_history}.")
+  labels <- names(runs) %||% rep("", length(runs))
+  labels[!nzchar(labels)] <- paste0("run", which(!nzchar(labels)))
+  not_history <- which(!vapply(runs, inherits, logical(1), "fed_history"))
+  if (length(not_history)) {
+    fedagg_abort("Argument {not_history[1]} is {obj_desc(runs[[not_history[1]]])}, not a {.cls fed_history}.")
+  }
+  if (anyDuplicated(labels)) fedagg_abort("Runs must have distinct names.")
+  columns <- Reduce(union, lapply(runs, names))
+  rows <- Map(function(h, label) {
+    h <- as.data.frame(h)
+    h[setdiff(columns, names(h))] <- NA_real_
+    cbind(run = label, h[columns], stringsAsFactors = FALSE)
+  }, runs, labels)
+  out <- do.call(rbind, rows)
+  out$run <- factor(out$run, levels = labels)
+  rownames(out) <- NULL
+  structure(out, class = c("fed_comparison", "data.frame"), histories = runs)
+}
+
+#' @rdname fed_compare
+#' @export
+summary.fed_comparison <- function(object, ...) {
+  out <- do.call(rbind, lapply(names(attr(object, "histories")), function(label) {
+    s <- summary(attr(object, "histories")[[label]])
+    data.frame(run = label, rounds = s$rounds, metric = s$metric %||% NA_character_, final = s$final,
+               best = s$best, best_round = s$best_round, final_train_loss = s$final_train_loss,
+               loss_spread = s$mean_loss_spread, ms_per_round = 1000 * s$seconds_per_round,
+               stringsAsFactors = FALSE)
+  }))
+  out
+}
+
+#' @rdname fed_compare
+#' @export
+print.fed_comparison <- function(x, ...) {
+  cat(sprintf("<fed_comparison> %d runs\n", nlevels(x$run)))
+  print(format(summary(x), digits = 4), row.names = FALSE)
+  invisible(x)
+}
+
+comparison_metric <- function(x, metric) {
+  if (!is.null(metric)) {
+    if (!metric %in% names(x)) fedagg_abort("{.arg metric} {.val {metric}} is not a column of the runs.")
+    return(metric)
+  }
+  main_metric(x) %||% "train_loss"
+}
+
+#' @rdname fed_compare
+#' @export
+plot.fed_comparison <- function(x, metric = NULL, main = NULL, ...) {
+  metric <- comparison_metric(x, metric)
+  keep <- !is.na(x[[metric]])
+  d <- x[keep, ]
+  runs <- levels(x$run)
+  cols <- grDevices::hcl.colors(max(3, length(runs)), "Dark 3")[seq_along(runs)]
+  plot(range(d$round), range(d[[metric]]), type = "n", xlab = "round", ylab = metric,
+       main = main %||% paste(metric, "by round"), ...)
+  for (i in seq_along(runs)) {
+    r <- d[d$run == runs[i], ]
+    graphics::lines(r$round, r[[metric]], col = cols[i], lwd = 2)
+  }
+  where <- if (grepl("accuracy", metric)) "bottomright" else "topright"
+  graphics::legend(where, legend = runs, col = cols, lwd = 2, bty = "n")
+  invisible(x)
+}
+
+#' @rdname fed_compare
+#' @exportS3Method ggplot2::autoplot
+autoplot.fed_comparison <- function(object, metric = NULL, ...) {
+  if (!requireNamespace("ggplot2", quietly = TRUE)) {
+    fedagg_abort("{.fn autoplot} needs the {.pkg ggplot2} package ({.code apt-get install r-cran-ggplot2}).")
+  }
+  metric <- if (is.null(metric)) {
+    Filter(function(col) col %in% names(object) && any(!is.na(object[[col]])),
+           c("train_loss", "test_loss", "val_loss", "test_accuracy", "val_accuracy", "test_rmse", "val_rmse"))
+  } else metric
+  long <- do.call(rbind, lapply(metric, function(m) {
+    keep <- !is.na(object[[m]])
+    data.frame(run = object$run[keep], round = object$round[keep], metric = m, value = object[[m]][keep])
+  }))
+  ggplot2::ggplot(long, ggplot2::aes(.data$round, .data$value, colour = .data$run)) +
+    ggplot2::geom_line() +
+    ggplot2::facet_wrap(~metric, scales = "free_y") +
+    ggplot2::labs(x = "round", y = NULL, colour = "run")
+}

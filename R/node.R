@@ -1,0 +1,286 @@
+#' A federated client holding its own data
+#'
+#' A `Node` keeps its training data and optional held-out (validation) data
+#' private: other objects only see what [Node]`$train()` and `$evaluate()`
+#' return. For built-in models the data are copied into Rust once (row-major,
+#' ready for minibatches) and reused every round; the copy is rebuilt on
+#' demand if the node is saved and reloaded or sent to another R process.
+#'
+#' Use [fed_node()] to create one and [fed_nodes()] to create many from a
+#' partition or a simulated data set.
+#'
+#' @examples
+#' m <- model_logistic(2)
+#' x <- matrix(rnorm(40), 20)
+#' node <- fed_node(x, y = as.integer(x[, 1] > 0), id = "site-A")
+#' node
+#' out <- node$train(init_params(m), train_config(m, epochs = 2, lr = 0.5))
+#' out$train_loss
+#' node$evaluate(out$params, m, data = "train")
+#' @export
+Node <- R6::R6Class("Node",
+  cloneable = FALSE,
+  public = list(
+    #' @description Create a node (see [fed_node()] for the arguments).
+    #' @param x,y,id,x_val,y_val See [fed_node()].
+    initialize = function(x, y, id, x_val = NULL, y_val = NULL) {
+      if (!is.character(id) || length(id) != 1L || is.na(id) || !nzchar(id)) {
+        fedagg_abort("{.arg id} must be a single non-empty string, not {obj_desc(id)}.")
+      }
+      private$.id <- id
+      private$.x <- as_feature_matrix(x, "x", client = id)
+      private$.y <- check_raw_labels(y, nrow(private$.x), "y", "x", id)
+      if (!is.null(x_val) || !is.null(y_val)) {
+        if (is.null(x_val) || is.null(y_val)) {
+          abort_data("{.arg x_val} and {.arg y_val} must be given together.", id)
+        }
+        private$.x_val <- as_feature_matrix(x_val, "x_val", client = id)
+        if (ncol(private$.x_val) != ncol(private$.x)) {
+          abort_data("{.arg x_val} has {ncol(private$.x_val)} columns, {.arg x} has {ncol(private$.x)}.", id)
+        }
+        private$.y_val <- check_raw_labels(y_val, nrow(private$.x_val), "y_val", "x_val", id)
+      }
+      invisible(self)
+    },
+
+    #' @description Local training from the given parameters.
+    #' @param params Global parameters (named list of layers).
+    #' @param config A [train_config()].
+    #' @param return `"params"` (the new parameters) or `"delta"` (new minus
+    #'   given).
+    #' @return A list: `params` or `delta`, `n_samples`, `train_loss`.
+    train = function(params, config, return = c("params", "delta")) {
+      return <- match.arg(return)
+      assert_train_config(config)
+      model <- config$model
+      self$check_model(model)
+      flat <- flatten_params(model, params)
+      result <- if (is_builtin(model)) {
+        out <- call_rust(rs_train_round(model$sizes, model$head, flat, list(self$data_handle(model)),
+                                        list(NULL), as.double(config$stream %||% 1), rust_config(config, "collect"), 1L))
+        if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message)
+        list(vector = out$collected[[1]], n_samples = out$n_samples, train_loss = out$train_loss)
+      } else {
+        tryCatch(custom_local_train(model, params, private$.x, encode_labels(private$.y, model, "y", private$.id),
+                                    config, private$.id),
+                 fedagg_local_failure = function(e) abort_client_failure(private$.id, conditionMessage(e)))
+      }
+      new <- unflatten_params(model, result$vector, params)
+      value <- if (return == "params") new else unflatten_params(model, result$vector - flat, params)
+      stats::setNames(list(value, result$n_samples, result$train_loss), c(return, "n_samples", "train_loss"))
+    },
+
+    #' @description Loss and accuracy (classification) or RMSE (regression)
+    #'   of the given parameters on this node's data.
+    #' @param params Parameters (named list of layers).
+    #' @param model The [model][models] they belong to.
+    #' @param data `"validation"` (held-out data) or `"train"`.
+    #' @return A one-row data frame: `client`, `n`, `loss`, and `accuracy`
+    #'   or `rmse`.
+    evaluate = function(params, model, data = c("validation", "train")) {
+      data <- match.arg(data)
+      self$check_model(model)
+      if (data == "validation" && !self$has_validation) {
+        abort_data("has no validation data; create it with {.arg x_val} and {.arg y_val}.", private$.id)
+      }
+      x <- if (data == "train") private$.x else private$.x_val
+      y <- if (data == "train") private$.y else private$.y_val
+      ev <- evaluate_model(model, params, x, encode_labels(y, model, "y", private$.id))
+      metric_frame(private$.id, ev$n, ev$loss, ev$metric, model)
+    },
+
+    #' @description Check that this node's data fit a model (width, labels);
+    #'   raises a classed error naming the node if not.
+    #' @param model A [model][models].
+    check_model = function(model) {
+      assert_model(model)
+      if (ncol(private$.x) != model$n_features) {
+        abort_data("{.arg x} has {ncol(private$.x)} column{?s}, the model expects {model$n_features}.", private$.id)
+      }
+      encode_labels(private$.y, model, "y", private$.id)
+      if (self$has_validation) encode_labels(private$.y_val, model, "y_val", private$.id)
+      invisible(self)
+    },
+
+    #' @description Internal: the Rust copy of this node's data for a
+    #'   built-in model (built once, rebuilt if it was lost).
+    #' @param model A built-in [model][models].
+    #' @param split `"train"` or `"validation"`.
+    data_handle = function(model, split = c("train", "validation")) {
+      split <- match.arg(split)
+      if (split == "validation" && !self$has_validation) return(NULL)
+      key <- paste(split, model$task, model$n_classes %||% 0L, sep = ":")
+      handle <- private$.handles[[key]]
+      if (is.null(handle) || !rs_dataset_valid(handle)) {
+        x <- if (split == "train") private$.x else private$.x_val
+        y <- if (split == "train") private$.y else private$.y_val
+        y <- encode_labels(y, model, if (split == "train") "y" else "y_val", private$.id)
+        handle <- rs_dataset(as.double(x), nrow(x), ncol(x), y)
+        private$.handles[[key]] <- handle
+      }
+      handle
+    },
+
+    #' @description A one-line description.
+    #' @param ... Unused.
+    format = function(...) {
+      val <- if (self$has_validation) sprintf(", %d held out", nrow(private$.x_val)) else ""
+      sprintf("<Node> %s: %d samples x %d features%s", private$.id, nrow(private$.x), ncol(private$.x), val)
+    },
+
+    #' @description Print the node.
+    #' @param ... Unused.
+    print = function(...) {
+      cat(self$format(), "\n", sep = "")
+      invisible(self)
+    }
+  ),
+  active = list(
+    #' @field id The node's identifier (read-only).
+    id = function(value) {
+      if (!missing(value)) fedagg_abort("{.field id} is read-only.")
+      private$.id
+    },
+    #' @field n_samples Number of training samples (read-only).
+    n_samples = function(value) {
+      if (!missing(value)) fedagg_abort("{.field n_samples} is read-only.")
+      nrow(private$.x)
+    },
+    #' @field n_features Number of features (read-only).
+    n_features = function(value) {
+      if (!missing(value)) fedagg_abort("{.field n_features} is read-only.")
+      ncol(private$.x)
+    },
+    #' @field has_validation Whether the node holds validation data.
+    has_validation = function(value) {
+      if (!missing(value)) fedagg_abort("{.field has_validation} is read-only.")
+      !is.null(private$.x_val)
+    },
+    #' @field label_counts Table of training labels: a summary that leaves
+    #'   the node, as a real client would report it.
+    label_counts = function(value) {
+      if (!missing(value)) fedagg_abort("{.field label_counts} is read-only.")
+      table(private$.y)
+    }
+  ),
+  private = list(
+    .id = NULL,
+    .x = NULL,
+    .y = NULL,
+    .x_val = NULL,
+    .y_val = NULL,
+    .handles = list()
+  )
+)
+
+#' Create federated clients
+#'
+#' `fed_node()` creates one [Node]. `fed_nodes()` creates many: from a data
+#' set split by a [partition][partition_iid] (optionally holding out a share
+#' of each client's rows for validation), or from a simulated federated data
+#' set such as [synthetic_fedprox()] (whose per-client test splits become the
+#' nodes' validation data).
+#'
+#' @param x Numeric matrix or data frame of features, one row per sample; or,
+#'   for `fed_nodes()`, a `fed_data` object.
+#' @param y Labels (factor, logical, or class codes from 0) or responses.
+#' @param id Identifier of the node.
+#' @param x_val,y_val Optional held-out data of the node.
+#' @return `fed_node()`: a [Node]. `fed_nodes()`: a named list of nodes.
+#' @examples
+#' x <- matrix(rnorm(200), 100)
+#' y <- as.integer(x[, 1] + x[, 2] > 0)
+#' nodes <- fed_nodes(x, y, partition_iid(100, 4, seed = 1), validation = 0.2, seed = 1)
+#' nodes[[1]]
+#' @export
+fed_node <- function(x, y, id = "client", x_val = NULL, y_val = NULL) {
+  Node$new(x = x, y = y, id = id, x_val = x_val, y_val = y_val)
+}
+
+#' @rdname fed_node
+#' @param partition A `fed_partition` or a list of row-index vectors.
+#' @param validation Share of each client's rows held out for validation
+#'   (0 for none).
+#' @param seed Seed of the validation split.
+#' @param ids Node identifiers (default `client01`, `client02`, ...).
+#' @export
+fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL, ids = NULL) {
+  if (inherits(x, "fed_data")) {
+    clients <- x$clients
+    ids <- ids %||% names(clients)
+    nodes <- Map(function(cl, id) {
+      Node$new(cl$x, cl$y, id = id, x_val = cl$x_test, y_val = cl$y_test)
+    }, clients, ids)
+    return(stats::setNames(nodes, ids))
+  }
+  if (is.null(partition)) fedagg_abort("{.arg partition} is needed unless {.arg x} is a {.cls fed_data}.")
+  parts <- if (is.list(partition)) lapply(unclass(partition), identity) else partition
+  if (!is.list(parts) || !length(parts)) fedagg_abort("{.arg partition} must be a non-empty list of index vectors.")
+  validation <- assert_number(validation, 0, 1, upper_open = TRUE)
+  x <- as_feature_matrix(x, "x")
+  if (length(y) != nrow(x)) fedagg_abort("{.arg y} has {length(y)} values for {nrow(x)} rows of {.arg x}.")
+  ids <- ids %||% names(parts) %||% paste0("client", seq_along(parts))
+  if (length(ids) != length(parts) || anyDuplicated(ids)) {
+    fedagg_abort("{.arg ids} must be {length(parts)} distinct strings.")
+  }
+  splits <- with_seed(seed, lapply(parts, function(idx) {
+    n_val <- floor(validation * length(idx))
+    if (n_val > 0) {
+      held <- idx[sample.int(length(idx), n_val)]
+      list(train = setdiff(idx, held), val = held)
+    } else list(train = idx, val = NULL)
+  }))
+  nodes <- Map(function(s, id) {
+    if (!length(s$train)) {
+      fedagg_abort("Client {.val {id}} has no training rows in {.arg partition}.", class = "client", client = id)
+    }
+    if (is.null(s$val)) Node$new(x[s$train, , drop = FALSE], y[s$train], id = id)
+    else Node$new(x[s$train, , drop = FALSE], y[s$train], id = id,
+                  x_val = x[s$val, , drop = FALSE], y_val = y[s$val])
+  }, splits, ids)
+  stats::setNames(nodes, ids)
+}
+
+# Labels are checked here only for presence and length; coding against a
+# model happens when a model is known.
+check_raw_labels <- function(y, n, arg, x_arg, client) {
+  if (is.null(y) || !is.atomic(y) || is.matrix(y)) {
+    abort_data("{.arg {arg}} must be a vector or factor, not {obj_desc(y)}.", client)
+  }
+  if (length(y) != n) {
+    abort_data("{.arg {arg}} has {length(y)} value{?s} for {n} row{?s} of {.arg {x_arg}}.", client)
+  }
+  if (anyNA(y)) abort_data("{.arg {arg}} has {sum(is.na(y))} missing value{?s}.", client)
+  if (is.character(y)) y <- factor(y)
+  y
+}
+
+abort_client_failure <- function(client, message, round = NULL, call = rlang::caller_env()) {
+  where <- if (is.null(round)) "" else sprintf(" in round %d", round)
+  fedagg_abort(c("Client {.val {client}} failed{where}.", x = "{message}"),
+               class = "client", client = client, round = round, call = call)
+}
+
+metric_frame <- function(client, n, loss, metric, model) {
+  out <- data.frame(client = client, n = n, loss = loss, metric = metric, stringsAsFactors = FALSE)
+  names(out)[4] <- metric_name(model)
+  out
+}
+
+metric_name <- function(model) if (model$task == "classification") "accuracy" else "rmse"
+
+# Loss and metric of a model on one data set (labels already coded).
+evaluate_model <- function(model, params, x, y) {
+  if (is_builtin(model)) {
+    flat <- flatten_params(model, params)
+    handle <- rs_dataset(as.double(x), nrow(x), ncol(x), y)
+    out <- call_rust(rs_evaluate(model$sizes, model$head, flat, list(handle), 1L))
+    if (!isTRUE(out$ok)) fedagg_abort(out$message)
+    return(list(n = out$n, loss = out$loss, metric = out$metric))
+  }
+  loss <- model$loss_grad(params, x, y)$loss
+  pred <- model$predict(params, x)
+  metric <- if (model$task == "classification") mean(scores_to_class(pred) == y)
+            else sqrt(mean((as.vector(pred) - y)^2))
+  list(n = nrow(x), loss = loss, metric = metric)
+}

@@ -1,0 +1,212 @@
+#' Local training settings
+#'
+#' What a server sends to each client with the global parameters: the model
+#' and the settings of local minibatch SGD. Each step uses the mean gradient
+#' of a minibatch plus `weight_decay * params`; with momentum `mu` the step is
+#' `v <- mu * v + g; params <- params - lr * v` (the velocity starts at zero
+#' on every call). The training loss reported is the mean over all samples
+#' seen, each scored just before its step.
+#'
+#' @param model A [model][models].
+#' @param algorithm `"fedavg"` (local SGD, send parameters) or `"fedsgd"`
+#'   (send the full-batch gradient at the given parameters).
+#' @param epochs Local epochs E.
+#' @param batch_size Minibatch size B; `Inf` for full batch.
+#' @param lr Learning rate.
+#' @param weight_decay L2 penalty added to every gradient.
+#' @param momentum Momentum in `[0, 1)`.
+#' @param shuffle Shuffle the samples every epoch (seeded by `seed`)?
+#' @param seed Seed of the sample order.
+#' @param stream The client's own random stream (servers pass the client's
+#'   position), so its order does not depend on which others train.
+#' @return A `fed_train_config` list.
+#' @examples
+#' train_config(model_softmax(60, 10), epochs = 1, batch_size = 10, lr = 0.01)
+#' @export
+train_config <- function(model, algorithm = c("fedavg", "fedsgd"), epochs = 1, batch_size = 10, lr = 0.01,
+                         weight_decay = 0, momentum = 0, shuffle = TRUE, seed = 1, stream = 1) {
+  assert_model(model)
+  algorithm <- match.arg(algorithm)
+  if (!identical(batch_size, Inf)) batch_size <- assert_count(batch_size, min = 1L)
+  structure(list(
+    model = model,
+    algorithm = algorithm,
+    epochs = assert_count(epochs, min = 1L),
+    batch_size = as.double(batch_size),
+    lr = assert_number(lr, 0, lower_open = TRUE),
+    weight_decay = assert_number(weight_decay, 0),
+    momentum = assert_number(momentum, 0, 1, upper_open = TRUE),
+    shuffle = assert_flag(shuffle),
+    seed = assert_count(seed),
+    stream = assert_count(stream)
+  ), class = "fed_train_config")
+}
+
+#' @export
+format.fed_train_config <- function(x, ...) {
+  what <- if (x$algorithm == "fedsgd") "FedSGD: one full-batch gradient" else
+    sprintf("FedAvg: E = %d, B = %s, %s", x$epochs, format(x$batch_size),
+            if (x$shuffle) "shuffled" else "in order")
+  sprintf("<fed_train_config> %s; lr = %s, weight_decay = %s, momentum = %s",
+          what, format(x$lr), format(x$weight_decay), format(x$momentum))
+}
+
+#' @export
+print.fed_train_config <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
+}
+
+assert_train_config <- function(config, call = rlang::caller_env()) {
+  if (!inherits(config, "fed_train_config")) {
+    fedagg_abort("{.arg config} must come from {.fn train_config}, not {obj_desc(config)}.", call = call)
+  }
+  config
+}
+
+rust_config <- function(config, weights) {
+  list(work = if (config$algorithm == "fedsgd") "gradient" else "sgd", weights = weights,
+       epochs = as.double(config$epochs), batch_size = config$batch_size, lr = config$lr,
+       weight_decay = config$weight_decay, momentum = config$momentum, shuffle = config$shuffle,
+       seed = as.double(config$seed))
+}
+
+# Local training of a custom R model: the same algorithm as the Rust solver.
+custom_local_train <- function(model, params, x, y, config, client) {
+  template <- params
+  theta <- flatten_any(params, "params", NULL)
+  n <- nrow(x)
+  loss_grad_at <- function(theta, rows) {
+    out <- tryCatch(model$loss_grad(relist_like(theta, template), x[rows, , drop = FALSE], y[rows]),
+                    error = function(e) local_failure(paste("loss_grad() failed:", conditionMessage(e))))
+    grad <- if (is.list(out)) unlist(out$grad, use.names = FALSE)
+    if (!is.numeric(grad) || length(grad) != length(theta) || !is.numeric(out$loss) || length(out$loss) != 1L) {
+      local_failure("the custom loss_grad() must return list(loss = <number>, grad = <shaped like params>)")
+    }
+    list(loss = out$loss, grad = grad + config$weight_decay * theta)
+  }
+  if (config$algorithm == "fedsgd") {
+    out <- loss_grad_at(theta, seq_len(n))
+    return(list(vector = out$grad, n_samples = n, train_loss = out$loss))
+  }
+  batch <- if (is.finite(config$batch_size)) min(config$batch_size, n) else n
+  velocity <- numeric(length(theta))
+  order <- seq_len(n)
+  loss_sum <- 0
+  for (epoch in seq_len(config$epochs)) {
+    if (config$shuffle) {
+      order <- with_seed(derive_seed(config$seed, config$stream, epoch), order[sample.int(n)])
+    }
+    for (start in seq(1L, n, by = batch)) {
+      rows <- order[start:min(start + batch - 1L, n)]
+      out <- loss_grad_at(theta, rows)
+      loss_sum <- loss_sum + out$loss * length(rows)
+      if (config$momentum > 0) {
+        velocity <- config$momentum * velocity + out$grad
+        theta <- theta - config$lr * velocity
+      } else {
+        theta <- theta - config$lr * out$grad
+      }
+    }
+    if (!all(is.finite(theta))) {
+      local_failure("training diverged: the parameters became non-finite (try a smaller learning rate)")
+    }
+  }
+  list(vector = theta, n_samples = n, train_loss = loss_sum / (n * config$epochs))
+}
+
+# A failure inside one client's local work; callers add the client and round.
+local_failure <- function(message) {
+  rlang::abort(message, class = "fedagg_local_failure")
+}
+
+# A seed for (seed, a, b) that stays a valid integer seed.
+derive_seed <- function(seed, a, b = 0) {
+  as.integer((as.double(seed) * 1000003 + as.double(a) * 7919 + b) %% 2147483647)
+}
+
+#' Learning-rate schedules
+#'
+#' The learning rate clients use in round `r` (counting from 1), given the
+#' initial rate `lr`:
+#' * `lr_constant()`: `lr`.
+#' * `lr_step(gamma, every)`: `lr * gamma^floor((r - 1) / every)` (the
+#'   seed project decayed by 0.9 every 3 rounds).
+#' * `lr_exponential(gamma)`: `lr * gamma^(r - 1)`.
+#' * `lr_cosine(min_lr, period)`: `min_lr + (lr - min_lr) * (1 + cos(pi *
+#'   (r - 1) / period)) / 2`; `period` defaults to the last round of the
+#'   current `fit()`.
+#'
+#' @param gamma Decay factor in (0, 1].
+#' @param every Rounds between step decays.
+#' @param min_lr Floor of the cosine schedule.
+#' @param period Rounds of one cosine half-period (`NULL`: until the end of
+#'   the `fit()` call).
+#' @return A `fed_lr_schedule`: call it as `schedule(lr, round, rounds)`.
+#' @examples
+#' s <- lr_step(0.9, every = 3)
+#' s
+#' s(0.1, 1:7)
+#' lr_cosine()(0.1, 1:5, rounds = 5)
+#' @name lr_schedules
+NULL
+
+#' @rdname lr_schedules
+#' @export
+lr_constant <- function() {
+  new_lr_schedule("constant", function(lr, round, rounds = NULL) rep(lr, length(round)))
+}
+
+#' @rdname lr_schedules
+#' @export
+lr_step <- function(gamma = 0.9, every = 3) {
+  gamma <- assert_number(gamma, 0, 1, lower_open = TRUE)
+  every <- assert_count(every, min = 1L)
+  new_lr_schedule(sprintf("step (x%s every %d rounds)", format(gamma), every),
+                  function(lr, round, rounds = NULL) lr * gamma^floor((round - 1) / every))
+}
+
+#' @rdname lr_schedules
+#' @export
+lr_exponential <- function(gamma = 0.98) {
+  gamma <- assert_number(gamma, 0, 1, lower_open = TRUE)
+  new_lr_schedule(sprintf("exponential (x%s per round)", format(gamma)),
+                  function(lr, round, rounds = NULL) lr * gamma^(round - 1))
+}
+
+#' @rdname lr_schedules
+#' @export
+lr_cosine <- function(min_lr = 0, period = NULL) {
+  min_lr <- assert_number(min_lr, 0)
+  period <- assert_count(period, min = 1L, allow_null = TRUE)
+  new_lr_schedule(sprintf("cosine (to %s%s)", format(min_lr), if (is.null(period)) "" else sprintf(" over %d rounds", period)),
+                  function(lr, round, rounds = NULL) {
+                    t <- period %||% rounds %||% max(round)
+                    progress <- pmin((round - 1) / max(t - 1, 1), 1)
+                    min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2
+                  })
+}
+
+new_lr_schedule <- function(label, fun) {
+  structure(fun, label = label, class = "fed_lr_schedule")
+}
+
+#' @export
+format.fed_lr_schedule <- function(x, ...) paste0("<fed_lr_schedule> ", attr(x, "label"))
+
+#' @export
+print.fed_lr_schedule <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
+}
+
+as_lr_schedule <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
+  if (inherits(x, "fed_lr_schedule")) return(x)
+  if (is.character(x) && length(x) == 1L) {
+    return(switch(x, constant = lr_constant(), step = lr_step(), exponential = lr_exponential(),
+                  cosine = lr_cosine(),
+                  fedagg_abort("{.arg {arg}} must be {.or {.val {c('constant', 'step', 'exponential', 'cosine')}}}, not {.val {x}}.",
+                               call = call)))
+  }
+  fedagg_abort("{.arg {arg}} must be a schedule such as {.code lr_step()}, not {obj_desc(x)}.", call = call)
+}
