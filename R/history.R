@@ -115,7 +115,8 @@ print.summary.fed_history <- function(x, ...) {
 main_metric <- function(x) {
   candidates <- c("test_accuracy", "val_accuracy", "test_rmse", "val_rmse", "test_loss", "val_loss", "train_loss")
   present <- candidates[candidates %in% names(x)]
-  present[vapply(present, function(col) any(!is.na(x[[col]])), logical(1))][1] %||% NULL
+  present <- present[vapply(present, function(col) any(!is.na(x[[col]])), logical(1))]
+  if (length(present)) present[1] else NULL
 }
 
 metric_panels <- function(x, metric = NULL) {

@@ -135,7 +135,9 @@ new_builtin_model <- function(type, n_features, hidden, n_out, output, init,
 is_builtin <- function(model) inherits(model, "fed_model_builtin")
 
 #' @export
-format.fed_model <- function(x, ...) {
+format.fed_model <- function(x, ...) paste("<fed_model>", model_description(x))
+
+model_description <- function(x) {
   what <- switch(x$type,
     linear = "linear regression",
     logistic = "logistic regression",
@@ -146,7 +148,7 @@ format.fed_model <- function(x, ...) {
   detail <- sprintf("%d features", x$n_features)
   if (!is.null(x$n_classes)) detail <- paste0(detail, sprintf(", %d classes", x$n_classes))
   if (is_builtin(x)) detail <- paste0(detail, sprintf(", %d parameters", n_params(x)))
-  sprintf("<fed_model> %s: %s", what, detail)
+  sprintf("%s: %s", what, detail)
 }
 
 #' @export
@@ -380,8 +382,7 @@ abort_data <- function(message, client = NULL, call = rlang::caller_env(), .envi
   if (is.null(client)) {
     fedagg_abort(message, call = call, .envir = .envir)
   } else {
-    message <- c(cli::format_inline("Client {.val {client}}: ", .envir = environment()), message)
-    message <- c(paste0(message[1], message[2]), message[-(1:2)])
+    message[1] <- paste0(cli::format_inline("Client {.val {client}}: "), message[1])
     fedagg_abort(message, class = "client", client = client, call = call, .envir = .envir)
   }
 }

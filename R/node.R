@@ -53,7 +53,7 @@ Node <- R6::R6Class("Node",
       return <- match.arg(return)
       assert_train_config(config)
       model <- config$model
-      self$check_model(model)
+      private$.check_width(model)
       flat <- flatten_params(model, params)
       result <- if (is_builtin(model)) {
         out <- call_rust(rs_train_round(model$sizes, model$head, flat, list(self$data_handle(model)),
@@ -61,8 +61,7 @@ Node <- R6::R6Class("Node",
         if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message)
         list(vector = out$collected[[1]], n_samples = out$n_samples, train_loss = out$train_loss)
       } else {
-        tryCatch(custom_local_train(model, params, private$.x, encode_labels(private$.y, model, "y", private$.id),
-                                    config, private$.id),
+        tryCatch(custom_local_train(model, params, private$.x, private$.labels(model, "train"), config),
                  fedagg_local_failure = function(e) abort_client_failure(private$.id, conditionMessage(e)))
       }
       new <- unflatten_params(model, result$vector, params)
@@ -79,13 +78,19 @@ Node <- R6::R6Class("Node",
     #'   or `rmse`.
     evaluate = function(params, model, data = c("validation", "train")) {
       data <- match.arg(data)
-      self$check_model(model)
+      private$.check_width(model)
       if (data == "validation" && !self$has_validation) {
         abort_data("has no validation data; create it with {.arg x_val} and {.arg y_val}.", private$.id)
       }
-      x <- if (data == "train") private$.x else private$.x_val
-      y <- if (data == "train") private$.y else private$.y_val
-      ev <- evaluate_model(model, params, x, encode_labels(y, model, "y", private$.id))
+      ev <- if (is_builtin(model)) {
+        out <- call_rust(rs_evaluate(model$sizes, model$head, flatten_params(model, params),
+                                     list(self$data_handle(model, data)), 1L))
+        if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message)
+        out
+      } else {
+        x <- if (data == "train") private$.x else private$.x_val
+        evaluate_custom(model, params, x, private$.labels(model, data))
+      }
       metric_frame(private$.id, ev$n, ev$loss, ev$metric, model)
     },
 
@@ -93,12 +98,9 @@ Node <- R6::R6Class("Node",
     #'   raises a classed error naming the node if not.
     #' @param model A [model][models].
     check_model = function(model) {
-      assert_model(model)
-      if (ncol(private$.x) != model$n_features) {
-        abort_data("{.arg x} has {ncol(private$.x)} column{?s}, the model expects {model$n_features}.", private$.id)
-      }
-      encode_labels(private$.y, model, "y", private$.id)
-      if (self$has_validation) encode_labels(private$.y_val, model, "y_val", private$.id)
+      private$.check_width(model)
+      private$.labels(model, "train")
+      if (self$has_validation) private$.labels(model, "validation")
       invisible(self)
     },
 
@@ -113,9 +115,7 @@ Node <- R6::R6Class("Node",
       handle <- private$.handles[[key]]
       if (is.null(handle) || !rs_dataset_valid(handle)) {
         x <- if (split == "train") private$.x else private$.x_val
-        y <- if (split == "train") private$.y else private$.y_val
-        y <- encode_labels(y, model, if (split == "train") "y" else "y_val", private$.id)
-        handle <- rs_dataset(as.double(x), nrow(x), ncol(x), y)
+        handle <- rs_dataset(as.double(x), nrow(x), ncol(x), private$.labels(model, split))
         private$.handles[[key]] <- handle
       }
       handle
@@ -169,7 +169,21 @@ Node <- R6::R6Class("Node",
     .y = NULL,
     .x_val = NULL,
     .y_val = NULL,
-    .handles = list()
+    .handles = list(),
+
+    .check_width = function(model, call = rlang::caller_env()) {
+      assert_model(model, call = call)
+      if (ncol(private$.x) != model$n_features) {
+        abort_data("{.arg x} has {ncol(private$.x)} column{?s}, the model expects {model$n_features}.",
+                   private$.id, call)
+      }
+    },
+
+    # The labels of a split coded for a model (0-based classes or responses).
+    .labels = function(model, split) {
+      if (split == "train") encode_labels(private$.y, model, "y", private$.id)
+      else encode_labels(private$.y_val, model, "y_val", private$.id)
+    }
   )
 )
 
@@ -269,15 +283,9 @@ metric_frame <- function(client, n, loss, metric, model) {
 
 metric_name <- function(model) if (model$task == "classification") "accuracy" else "rmse"
 
-# Loss and metric of a model on one data set (labels already coded).
-evaluate_model <- function(model, params, x, y) {
-  if (is_builtin(model)) {
-    flat <- flatten_params(model, params)
-    handle <- rs_dataset(as.double(x), nrow(x), ncol(x), y)
-    out <- call_rust(rs_evaluate(model$sizes, model$head, flat, list(handle), 1L))
-    if (!isTRUE(out$ok)) fedagg_abort(out$message)
-    return(list(n = out$n, loss = out$loss, metric = out$metric))
-  }
+# Loss and metric of a custom R model on one data set (labels already coded);
+# built-in models are evaluated in Rust on a data handle.
+evaluate_custom <- function(model, params, x, y) {
   loss <- model$loss_grad(params, x, y)$loss
   pred <- model$predict(params, x)
   metric <- if (model$task == "classification") mean(scores_to_class(pred) == y)

@@ -63,8 +63,8 @@ Server <- R6::R6Class("Server",
       private$.threads <- threads
       resolve_threads(threads)
       private$.hooks <- assert_hooks(hooks)
-      private$.flat <- flatten_params(model, params %||% init_params(model, private$.seed))
       private$.template <- params %||% init_params(model, private$.seed)
+      private$.flat <- flatten_params(model, private$.template)
       invisible(self)
     },
 
@@ -174,16 +174,15 @@ Server <- R6::R6Class("Server",
         sprintf("E = %d, B = %s", loc$epochs, format(loc$batch_size))
       weights <- if (is.function(private$.weights)) "custom function" else private$.weights
       out <- c(
-        sprintf("<Server> %s, %s", algorithm_label(private$.algorithm), sub("^<fed_model> ", "", format(private$.model))),
+        sprintf("<Server> %s, %s", algorithm_label(private$.algorithm), model_description(private$.model)),
         sprintf("  clients: %d (%d per round, %s); weights: %s", length(private$.nodes), m, how, weights),
         sprintf("  local:   %s, lr = %s, %s", local, format(loc$lr), attr(private$.lr_schedule, "label")),
         sprintf("  rounds:  %d done, seed %d", private$.round, private$.seed)
       )
       if (private$.round > 0L) {
-        last <- utils::tail(self$history, 1L)
-        metric <- intersect(c("test_accuracy", "test_rmse", "val_accuracy", "val_rmse"), names(last))
-        metric <- metric[!is.na(unlist(last[metric]))][1]
-        if (!is.na(metric)) out <- c(out, sprintf("  latest:  %s = %.4f, train loss %.4f", metric, last[[metric]], last$train_loss))
+        last <- private$.records[[private$.round]]
+        metric <- main_metric(last)
+        out <- c(out, sprintf("  latest:  %s = %.4f, train loss %.4f", metric, last[[metric]], last$train_loss))
       }
       out
     },
@@ -259,7 +258,7 @@ Server <- R6::R6Class("Server",
     settings = function(value) {
       if (!missing(value)) fedagg_abort("{.field settings} is read-only.")
       loc <- private$.local
-      list(algorithm = private$.algorithm, model = sub("^<fed_model> ", "", format(private$.model)),
+      list(algorithm = private$.algorithm, model = model_description(private$.model),
            n_clients = length(private$.nodes), fraction = private$.fraction,
            clients_per_round = self$clients_per_round,
            weights = if (is.function(private$.weights)) "custom" else private$.weights,
@@ -390,7 +389,7 @@ Server <- R6::R6Class("Server",
         out <- call_rust(rs_evaluate(model$sizes, model$head, flat, list(test$handle), resolve_threads(private$.threads)))
         return(list(n = out$n, loss = out$loss, metric = out$metric))
       }
-      evaluate_model(model, relist_like(flat, private$.template), test$x, test$y)
+      evaluate_custom(model, relist_like(flat, private$.template), test$x, test$y)
     },
 
     .evaluate_clients = function(flat) {
@@ -595,7 +594,7 @@ custom_round <- function(nodes, model, flat, template, config, idx, rule) {
       val <- if (want_val && node$has_validation) node$evaluate(out$params, model) else NULL
       list(ok = TRUE, vector = flatten_any(out$params, "params", NULL), n_samples = out$n_samples,
            train_loss = out$train_loss, val_loss = if (is.null(val)) NA_real_ else val$loss,
-           val_metric = if (is.null(val)) NA_real_ else val[[4]])
+           val_metric = if (is.null(val)) NA_real_ else val[[metric_name(model)]])
     }, fedagg_error_client = function(e) {
       list(ok = FALSE, message = cli::ansi_strip(paste(e$body %||% conditionMessage(e), collapse = " ")))
     })
@@ -612,10 +611,9 @@ use_future <- function() {
     !inherits(future::plan(), "sequential")
 }
 
-progress_status <- function(row) {
-  metric <- intersect(c("test_accuracy", "val_accuracy", "test_rmse", "val_rmse"), names(row))
-  metric <- metric[!vapply(row[metric], is.na, logical(1))][1]
-  out <- sprintf("loss %.4f", row$train_loss)
-  if (!is.na(metric)) out <- paste0(out, sprintf(" | %s %.4f", sub("_", " ", metric), row[[metric]]))
+progress_status <- function(record) {
+  out <- sprintf("loss %.4f", record$train_loss)
+  metric <- main_metric(record)
+  if (metric != "train_loss") out <- paste0(out, sprintf(" | %s %.4f", sub("_", " ", metric), record[[metric]]))
   out
 }

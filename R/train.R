@@ -72,7 +72,7 @@ rust_config <- function(config, weights) {
 }
 
 # Local training of a custom R model: the same algorithm as the Rust solver.
-custom_local_train <- function(model, params, x, y, config, client) {
+custom_local_train <- function(model, params, x, y, config) {
   template <- params
   theta <- flatten_any(params, "params", NULL)
   n <- nrow(x)

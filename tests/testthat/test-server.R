@@ -175,7 +175,7 @@ test_that("a failed round leaves the server as it was and names the client", {
   srv2 <- fed_server(flaky, nodes, fraction = 1, batch_size = Inf, lr = 0.1, seed = 2)
   srv2$fit(2, verbose = FALSE)
   before <- list(srv2$params, srv2$history, srv2$client_log)
-  srv2$nodes # a fourth, failing node cannot be added: build a new server with it
+  # A failing fourth node joins a new server started from srv2's parameters.
   bad <- fed_server(flaky, c(nodes, fed_node(d$x[1:7, ], d$y[1:7], id = "site-7")), fraction = 1,
                     batch_size = Inf, lr = 0.1, seed = 2, params = srv2$params)
   expect_snapshot(bad$round(), error = TRUE)
@@ -237,8 +237,6 @@ test_that("custom models train in parallel through future.apply with the same re
     list(srv$params, srv$client_log)
   }
   sequential <- run()
-  builtin <- fed_server(model_softmax(4, 3), nodes, fraction = 0.5, batch_size = 5, lr = 0.1, seed = 3,
-                        shuffle = FALSE)
   future::plan(future::multisession, workers = 2)
   withr::defer(future::plan(future::sequential))
   expect_equal(run(), sequential, tolerance = 1e-12)

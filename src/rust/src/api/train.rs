@@ -6,8 +6,7 @@ use fedagg_core::train::{self, ClientJob, LocalWork, SgdConfig, WeightRule};
 use fedagg_core::CoreError;
 
 fn network(sizes: &Robj, head: i32) -> Result<Network> {
-    let sizes = sizes.as_real_slice().ok_or_else(|| Error::Other("`sizes` must be double".into()))?;
-    let sizes: Vec<usize> = sizes.iter().map(|&s| s as usize).collect();
+    let sizes: Vec<usize> = doubles(sizes, "sizes")?.iter().map(|&s| s as usize).collect();
     Network::new(&sizes, Head::from_code(head).map_err(core_err)?).map_err(core_err)
 }
 
