@@ -100,7 +100,7 @@ robust_aggregate <- function(updates,
                              method = c("median", "trimmed_mean", "krum", "multi_krum", "geometric_median"),
                              weights = NULL, trim = 0.1, f = NULL, m = NULL,
                              tol = 1e-8, max_iter = 100L, threads = NULL) {
-  method <- rlang::arg_match(method)
+  method <- assert_choice(method, c("median", "trimmed_mean", "krum", "multi_krum", "geometric_median"))
   set <- as_update_set(updates)
   k <- set$n_clients
   weights <- assert_weights(weights, k)

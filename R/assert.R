@@ -59,12 +59,25 @@ assert_weights <- function(weights, n_clients, arg = rlang::caller_arg(weights),
   as.double(weights)
 }
 
-# NULL (option `fedagg.threads`, else all cores) or a whole number >= 1.
-# Returns an integer for Rust, where 0 means all cores.
+# Requests above this are mistakes, not machines; the Rust core also never
+# runs more threads than there are cores (results do not depend on it).
+max_threads <- 1024L
+
+# NULL (option `fedagg.threads`, else all cores) or a whole number in
+# 1..max_threads. Returns an integer for Rust, where 0 means all cores.
 resolve_threads <- function(threads, arg = rlang::caller_arg(threads), call = rlang::caller_env()) {
-  if (is.null(threads)) threads <- getOption("fedagg.threads")
-  if (is.null(threads)) return(0L)
-  assert_count(threads, min = 1L, arg = arg, call = call)
+  what <- cli::format_inline("{.arg {arg}}")
+  if (is.null(threads)) {
+    threads <- getOption("fedagg.threads")
+    if (is.null(threads)) return(0L)
+    what <- cli::format_inline("The option {.code fedagg.threads}")
+  }
+  ok <- is.numeric(threads) && length(threads) == 1L && !is.na(threads) && threads == round(threads) &&
+    threads >= 1 && threads <= max_threads
+  if (!ok) {
+    fedagg_abort("{what} must be a whole number from 1 to {max_threads}, not {obj_desc(threads)}.", call = call)
+  }
+  as.integer(threads)
 }
 
 obj_desc <- function(x) {

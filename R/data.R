@@ -111,7 +111,7 @@ summary.fed_data <- function(object, ...) {
 #' @export
 pool_clients <- function(data, split = c("train", "test")) {
   if (!inherits(data, "fed_data")) fedagg_abort("{.arg data} must be a {.cls fed_data}, not {obj_desc(data)}.")
-  split <- match.arg(split)
+  split <- assert_choice(split, c("train", "test"))
   xs <- if (split == "train") "x" else "x_test"
   ys <- if (split == "train") "y" else "y_test"
   list(x = do.call(rbind, lapply(data$clients, `[[`, xs)),
@@ -139,8 +139,8 @@ pool_clients <- function(data, split = c("train", "test")) {
 #' read_idx(f)
 #' @export
 read_idx <- function(path) {
-  if (!is.character(path) || length(path) != 1L || !file.exists(path)) {
-    fedagg_abort("{.arg path} must be an existing file, not {.val {path}}.")
+  if (!is.character(path) || length(path) != 1L || is.na(path) || !file.exists(path) || dir.exists(path)) {
+    fedagg_abort("{.arg path} must be an existing file, not {obj_desc(path)}.")
   }
   con <- gzfile(path, "rb") # reads plain files too
   on.exit(close(con))
@@ -151,19 +151,28 @@ read_idx <- function(path) {
   type <- as.integer(magic[3])
   n_dims <- as.integer(magic[4])
   dims <- if (n_dims) readBin(con, "integer", n_dims, size = 4L, endian = "big") else integer()
-  if (length(dims) != n_dims || any(dims < 0)) fedagg_abort("{.path {path}} has a truncated or invalid header.")
-  n <- prod(dims)
-  values <- switch(as.character(type),
-    "8" = readBin(con, "integer", n, size = 1L, signed = FALSE),
-    "9" = readBin(con, "integer", n, size = 1L, signed = TRUE),
-    "11" = readBin(con, "integer", n, size = 2L, endian = "big"),
-    "12" = readBin(con, "integer", n, size = 4L, endian = "big"),
-    "13" = readBin(con, "double", n, size = 4L, endian = "big"),
-    "14" = readBin(con, "double", n, size = 8L, endian = "big"),
-    fedagg_abort("{.path {path}} has unknown IDX type code {type}.")
-  )
+  if (length(dims) != n_dims || anyNA(dims) || any(dims < 0)) fedagg_abort("{.path {path}} has a truncated or invalid header.")
+  spec <- idx_types[[as.character(type)]]
+  if (is.null(spec)) fedagg_abort("{.path {path}} has unknown IDX type code {type}.")
+  n <- prod(as.double(dims))
+  if (n > 2^31 - 1) {
+    fedagg_abort("{.path {path}} claims {format(n, big.mark = ',')} values; at most 2^31 - 1 can be read into R.")
+  }
+  # The header is not trusted with memory: a plain file is checked against
+  # its size, and a compressed one is read in chunks, so a short file never
+  # reserves what its header claims.
+  expected_bytes <- 4 + 4 * n_dims + n * spec$size
+  size <- file.size(path)
+  if (!is_gzip(path) && size != expected_bytes) {
+    what <- if (size < expected_bytes) "is truncated" else "has data beyond what its header describes"
+    fedagg_abort("{.path {path}} {what}: {size} bytes, where its header describes {format(expected_bytes, scientific = FALSE)}.")
+  }
+  values <- read_idx_values(con, spec, n)
   if (length(values) != n) {
-    fedagg_abort("{.path {path}} is truncated: {length(values)} of {n} values.")
+    fedagg_abort("{.path {path}} is truncated: {length(values)} of {format(n, scientific = FALSE)} values.")
+  }
+  if (length(readBin(con, "raw", 1L))) {
+    fedagg_abort("{.path {path}} has data beyond the {format(n, scientific = FALSE)} values its header describes.")
   }
   if (n_dims <= 1L) return(values)
   # IDX is row-major: fill the reversed dimensions, then turn them around.
@@ -171,6 +180,35 @@ read_idx <- function(path) {
   arr <- aperm(arr, rev(seq_len(n_dims)))
   if (n_dims == 2L) arr <- matrix(arr, dims[1], dims[2])
   arr
+}
+
+idx_types <- list(
+  "8" = list(what = "integer", size = 1L, signed = FALSE),
+  "9" = list(what = "integer", size = 1L, signed = TRUE),
+  "11" = list(what = "integer", size = 2L, signed = TRUE),
+  "12" = list(what = "integer", size = 4L, signed = TRUE),
+  "13" = list(what = "double", size = 4L, signed = TRUE),
+  "14" = list(what = "double", size = 8L, signed = TRUE)
+)
+
+is_gzip <- function(path) {
+  con <- file(path, "rb")
+  on.exit(close(con))
+  identical(readBin(con, "raw", 2L), as.raw(c(0x1f, 0x8b)))
+}
+
+read_idx_values <- function(con, spec, n, chunk = 2^24) {
+  read <- function(k) readBin(con, spec$what, k, size = spec$size, signed = spec$signed, endian = "big")
+  if (n <= chunk) return(read(n))
+  pieces <- list()
+  left <- n
+  while (left > 0) {
+    piece <- read(min(chunk, left))
+    pieces[[length(pieces) + 1L]] <- piece
+    left <- left - length(piece)
+    if (length(piece) < min(chunk, left + length(piece))) break
+  }
+  unlist(pieces, use.names = FALSE)
 }
 
 #' Load Fashion-MNIST from IDX files
@@ -210,7 +248,12 @@ load_fashion_mnist <- function(dir = "/usr/share/datasets/fashion-mnist", normal
     images <- read_idx(find(paste0(prefix, "-images-idx3-ubyte")))
     labels <- read_idx(find(paste0(prefix, "-labels-idx1-ubyte")))
     n <- dim(images)[1]
+    if (length(dim(images)) != 3L) fedagg_abort("{prefix}: the images file must hold n x rows x cols values.")
     if (length(labels) != n) fedagg_abort("{prefix}: {n} images but {length(labels)} labels.")
+    bad <- which(is.na(labels) | labels < 0 | labels > 9)
+    if (length(bad)) {
+      fedagg_abort("{prefix}: label {labels[bad[1]]} of image {bad[1]} is not a class code 0..9.")
+    }
     # Row i = image i with pixels in reading order (row by row).
     x <- matrix(aperm(images, c(1, 3, 2)), n)
     storage.mode(x) <- "double"

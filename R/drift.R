@@ -24,7 +24,7 @@
 #' ks_test(rnorm(5000), runif(5000), alternative = "greater")
 ks_test <- function(x, y, alternative = c("two.sided", "less", "greater"), exact = NULL, threads = NULL) {
   data_name <- paste(deparse1(substitute(x)), "and", deparse1(substitute(y)))
-  alternative <- rlang::arg_match(alternative)
+  alternative <- assert_choice(alternative, c("two.sided", "less", "greater"))
   x <- ks_sample(x)
   y <- ks_sample(y)
   if (!is.null(exact)) exact <- assert_flag(exact)
@@ -90,7 +90,7 @@ ks_sample <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env())
 #' ks_drift(ref$dose, cur$dose)
 ks_drift <- function(reference, current, alpha = 0.05, adjust = "none", threads = NULL) {
   alpha <- assert_number(alpha, 0, 1, lower_open = TRUE, upper_open = TRUE)
-  adjust <- rlang::arg_match(adjust, stats::p.adjust.methods)
+  adjust <- assert_choice(adjust, stats::p.adjust.methods)
   ref <- drift_columns(reference)
   cur <- drift_columns(current)
   if (!identical(names(ref), names(cur))) {

@@ -1,14 +1,27 @@
 # Every error fedagg raises has class "fedagg_error" and a more specific one:
-#   fedagg_error_input   an argument is malformed or out of range
-#   fedagg_error_client  one client's update is malformed (field `client`)
-fedagg_abort <- function(message, class = "input", ..., call = rlang::caller_env(),
+#   fedagg_error_input     an argument is malformed or out of range
+#   fedagg_error_client    one client's data or update is malformed (fields
+#                          `client`, and `round` during a round)
+#   fedagg_error_diverged  training produced a non-finite loss or parameters
+#   fedagg_error_memory    a size would not fit in memory
+#   fedagg_error_user_code a function the user supplied failed (field `round`)
+#   fedagg_error_rust      anything else the Rust core reported
+#
+# `message` is a cli template written in this package. Text from elsewhere (a
+# Rust message, a user's error) must never be part of the template: pass it
+# as `foreign`, which is shown as it is, braces and all.
+fedagg_abort <- function(message, class = "input", ..., foreign = NULL, call = rlang::caller_env(),
                          .envir = parent.frame()) {
+  formatted <- vapply(message, cli::format_inline, character(1), .envir = .envir, USE.NAMES = FALSE)
+  names(formatted) <- names(message)
+  message <- c(formatted, foreign)
+  # Already formatted: keep cli from reading braces in the result a second time.
+  message <- gsub("\\{", "{{", gsub("\\}", "}}", message))
   cli::cli_abort(
     message,
     class = c(paste0("fedagg_error_", class), "fedagg_error"),
     ...,
-    call = call,
-    .envir = .envir
+    call = call
   )
 }
 
@@ -16,11 +29,56 @@ fedagg_warn <- function(message, class, .envir = parent.frame()) {
   cli::cli_warn(message, class = c(paste0("fedagg_warning_", class), "fedagg_warning"), .envir = .envir)
 }
 
-# Rust-side errors arrive as plain R errors; keep the message, add our classes.
+# The Rust core tags its messages "[kind] text"; the kind becomes the class.
+rust_error_kinds <- c("input", "memory", "client", "diverged")
+
 call_rust <- function(expr, call = rlang::caller_env()) {
   tryCatch(expr, error = function(e) {
     if (inherits(e, "fedagg_error")) stop(e)
-    fedagg_abort(c("Computation failed in fedagg's Rust core.", x = conditionMessage(e)),
-                 class = "rust", call = call)
+    parsed <- parse_rust_message(conditionMessage(e))
+    headline <- switch(parsed$kind,
+      memory = "Not enough memory for this computation.",
+      diverged = "Training diverged.",
+      "Computation failed in fedagg's Rust core."
+    )
+    fedagg_abort(headline, class = parsed$kind, foreign = c(x = parsed$text), call = call)
   })
+}
+
+parse_rust_message <- function(text) {
+  kind <- sub("^\\[(\\w+)\\] .*$", "\\1", text)
+  if (identical(kind, text) || !kind %in% rust_error_kinds) return(list(kind = "rust", text = text))
+  list(kind = kind, text = sub("^\\[\\w+\\] ", "", text))
+}
+
+# Runs a function the user supplied (a selection rule, a hook, a weights
+# function, a custom model's parts). Its errors become fedagg_error_user_code
+# naming what failed, the round and the node, with the original as parent.
+# Conditions meant to steer fedagg (stop_training()) pass through.
+call_user <- function(fun, args, what, round = NULL, client = NULL, call = rlang::caller_env()) {
+  what <- cli::format_inline(what)
+  withCallingHandlers(
+    do.call(fun, args),
+    error = function(e) {
+      if (inherits(e, "fedagg_stop_training") || inherits(e, "fedagg_error")) return()
+      where <- c(if (!is.null(round)) sprintf("round %d", round),
+                 if (!is.null(client)) sprintf("client \"%s\"", client))
+      where <- if (length(where)) paste0(" (", paste(where, collapse = ", "), ")") else ""
+      # The user's own message is shown once, as the parent ("Caused by").
+      fedagg_abort("{what} failed{where}.", class = "user_code", round = round, client = client, parent = e,
+                   call = call)
+    }
+  )
+}
+
+# One check for every argument that takes one of a few strings. The default
+# (the whole vector of choices, as in match.arg) gives the first; a unique
+# prefix is accepted as match.arg does.
+assert_choice <- function(x, choices, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
+  if (identical(x, choices)) return(choices[1])
+  if (is.character(x) && length(x) == 1L && !is.na(x) && nzchar(x)) {
+    hit <- pmatch(x, choices)
+    if (!is.na(hit)) return(choices[hit])
+  }
+  fedagg_abort("{.arg {arg}} must be one of {.or {.val {choices}}}, not {obj_desc(x)}.", call = call)
 }

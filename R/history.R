@@ -9,12 +9,18 @@
 #'   of non-IID drift);
 #' * `test_loss`, `test_accuracy` (or `test_rmse`): on the server's test set;
 #' * `val_loss`, `val_accuracy` (or `val_rmse`): on all nodes' held-out
-#'   data, weighted by its size;
-#' * `elapsed`: seconds for the round, evaluation included.
+#'   data, weighted by its size.
 #'
-#' Metrics are `NA` in rounds that were not evaluated (`eval_every`).
-#' `plot()` draws loss and accuracy curves with base graphics; `autoplot()`
-#' does it with ggplot2 when installed. [fed_compare()] overlays several runs.
+#' Metrics are `NA` in rounds that were not evaluated (`eval_every`). The
+#' history holds no wall-clock times, so runs with the same seed give
+#' `identical()` histories; times per round are in `server$timings`.
+#'
+#' Note that `train_loss` is measured on each client's own data while it
+#' trains: on non-IID clients it can be low even when the global model is
+#' poor (each client fits its own skewed labels), so judge a run by
+#' `test_loss` or `val_loss`. `plot()` draws the losses and the accuracy (or
+#' RMSE) with base graphics; `autoplot()` does it with ggplot2 when
+#' installed. [fed_compare()] overlays several runs.
 #'
 #' @param x,object A `fed_history`.
 #' @param metric For `plot()` and `autoplot()`: the columns to draw (default:
@@ -36,7 +42,7 @@ NULL
 new_fed_history <- function(records, model, settings) {
   m <- metric_name(model)
   columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
-               "val_loss", paste0("val_", m), "elapsed")
+               "val_loss", paste0("val_", m))
   df <- if (length(records)) {
     as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
       vapply(records, function(r) as.double(r[[col]]), numeric(1))
@@ -59,10 +65,11 @@ history_label <- function(x) {
 #' @export
 format.fed_history <- function(x, ...) {
   s <- attr(x, "settings")
+  local <- if (is.null(s)) NULL else if (identical(s$algorithm, "fedsgd")) "full-batch gradients"
+           else sprintf("E = %d, B = %s", s$epochs, format(s$batch_size))
   c(sprintf("<fed_history> %s: %d round%s", history_label(x), nrow(x), if (nrow(x) == 1L) "" else "s"),
-    if (!is.null(s)) sprintf("%d of %d clients per round, E = %d, B = %s, lr = %s (%s), weights: %s",
-                             s$clients_per_round, s$n_clients, s$epochs, format(s$batch_size), format(s$lr),
-                             s$lr_schedule, s$weights))
+    if (!is.null(s)) sprintf("%d of %d clients per round, %s, lr = %s (%s), weights: %s",
+                             s$clients_per_round, s$n_clients, local, format(s$lr), s$lr_schedule, s$weights))
 }
 
 #' @rdname fed_history
@@ -94,17 +101,14 @@ summary.fed_history <- function(object, ...) {
     best = if (length(best)) values[best] else NA_real_,
     best_round = if (length(best)) object$round[best] else NA_integer_,
     final_train_loss = if (nrow(object)) object$train_loss[nrow(object)] else NA_real_,
-    mean_loss_spread = mean(object$loss_spread, na.rm = TRUE),
-    seconds = sum(object$elapsed),
-    seconds_per_round = mean(object$elapsed)
+    mean_loss_spread = if (any(!is.na(object$loss_spread))) mean(object$loss_spread, na.rm = TRUE) else NA_real_
   ), class = "summary.fed_history")
 }
 
 #' @export
 print.summary.fed_history <- function(x, ...) {
-  cat(sprintf("%s: %d rounds in %.2f s (%.1f ms per round)\n", x$label, x$rounds, x$seconds,
-              1000 * x$seconds_per_round))
-  if (!is.null(x$metric)) {
+  cat(sprintf("%s: %d round%s\n", x$label, x$rounds, if (x$rounds == 1L) "" else "s"))
+  if (!is.null(x$metric) && !is.na(x$best_round)) {
     cat(sprintf("  %s: final %.4f, best %.4f (round %d)\n", x$metric, x$final, x$best, x$best_round))
   }
   cat(sprintf("  train loss: final %.4f; mean spread across clients %.4f\n", x$final_train_loss,
@@ -131,25 +135,43 @@ metric_panels <- function(x, metric = NULL) {
   Filter(length, list(losses, scores))
 }
 
+# Readable names of history columns, for axes and legends.
+metric_labels <- c(
+  round = "Round", clients = "Clients per round", lr = "Learning rate",
+  train_loss = "Training loss (clients' own data)", loss_spread = "Spread of clients' training losses",
+  test_loss = "Test loss", test_accuracy = "Test accuracy", test_rmse = "Test RMSE",
+  val_loss = "Validation loss", val_accuracy = "Validation accuracy", val_rmse = "Validation RMSE"
+)
+
+metric_label <- function(col) ifelse(col %in% names(metric_labels), metric_labels[col], col)
+
 #' @rdname fed_history
 #' @export
 plot.fed_history <- function(x, metric = NULL, ...) {
   panels <- metric_panels(x, metric)
-  old <- graphics::par(mfrow = c(1, length(panels)), mar = c(4, 4, 3, 1))
+  if (!length(panels) || !nrow(x)) fedagg_abort("There is nothing to plot: the history has no rounds or no values.")
+  old <- graphics::par(mfrow = c(1, length(panels)), mar = c(4, 4, 3, 1), oma = c(0, 0, 1.5, 0))
   on.exit(graphics::par(old))
   cols <- c("#1b9e77", "#d95f02", "#7570b3", "#e7298a")
   for (cols_here in panels) {
-    ok <- !is.na(unlist(x[cols_here]))
-    y <- range(unlist(x[cols_here])[ok])
-    plot(range(x$round), y, type = "n", xlab = "round", ylab = paste(unique(sub("^.*_", "", cols_here)), collapse = "/"),
-         main = paste(cols_here, collapse = ", "), ...)
+    values <- unlist(x[cols_here])
+    y <- range(values[!is.na(values)])
+    is_loss <- all(grepl("loss", cols_here))
+    ylab <- if (length(cols_here) == 1L) metric_label(cols_here) else if (is_loss) "Loss" else "Metric"
+    # Room above the curves for the legend, so it never hides them.
+    ylim <- if (length(cols_here) > 1L) c(y[1], y[2] + 0.25 * diff(y) + 1e-12) else y
+    plot(range(x$round), ylim, type = "n", xlab = "Round", ylab = ylab,
+         main = if (is_loss) "Loss" else ylab, ...)
     for (i in seq_along(cols_here)) {
       keep <- !is.na(x[[cols_here[i]]])
       graphics::lines(x$round[keep], x[[cols_here[i]]][keep], col = cols[i], lwd = 2, type = if (sum(keep) < 2) "p" else "l")
     }
-    graphics::legend("topright", legend = cols_here, col = cols[seq_along(cols_here)], lwd = 2, bty = "n", cex = 0.8)
+    if (length(cols_here) > 1L) {
+      graphics::legend("top", legend = metric_label(cols_here), col = cols[seq_along(cols_here)], lwd = 2,
+                       bty = "n", cex = 0.8, horiz = length(cols_here) <= 2L, ncol = if (length(cols_here) > 2L) 2L else 1L)
+    }
   }
-  graphics::mtext(history_label(x), side = 3, line = -1.2, outer = TRUE, cex = 0.8)
+  graphics::mtext(history_label(x), side = 3, line = 0.2, outer = TRUE, cex = 0.85)
   invisible(x)
 }
 
@@ -164,7 +186,9 @@ autoplot.fed_history <- function(object, metric = NULL, ...) {
 #' Puts several [fed_history] objects side by side, e.g. FedAvg on IID and
 #' on Dirichlet(0.1) partitions, or two learning rates.
 #'
-#' @param ... Named `fed_history` objects (names label the runs).
+#' @param ... `fed_history` objects, or one list of them. Names label the
+#'   runs; unnamed runs are labelled by their settings (`"FedAvg, softmax
+#'   regression ..."`), or `run1`, `run2`, ... when those are not unique.
 #' @param x,object A `fed_comparison`.
 #' @param metric Column to draw (default: accuracy if present, else loss).
 #' @param main Plot title.
@@ -183,14 +207,21 @@ autoplot.fed_history <- function(object, metric = NULL, ...) {
 #' @export
 fed_compare <- function(...) {
   runs <- list(...)
+  if (length(runs) == 1L && is.list(runs[[1]]) && !is.data.frame(runs[[1]])) runs <- runs[[1]]
   if (!length(runs)) fedagg_abort("Give at least one {.cls fed_history}.")
-  labels <- names(runs) %||% rep("", length(runs))
-  labels[!nzchar(labels)] <- paste0("run", which(!nzchar(labels)))
   not_history <- which(!vapply(runs, inherits, logical(1), "fed_history"))
   if (length(not_history)) {
-    fedagg_abort("Argument {not_history[1]} is {obj_desc(runs[[not_history[1]]])}, not a {.cls fed_history}.")
+    fedagg_abort("Run {not_history[1]} is {obj_desc(runs[[not_history[1]]])}, not a {.cls fed_history}.")
   }
-  if (anyDuplicated(labels)) fedagg_abort("Runs must have distinct names.")
+  labels <- names(runs) %||% rep("", length(runs))
+  labels[is.na(labels)] <- ""
+  unnamed <- !nzchar(labels)
+  labels[unnamed] <- vapply(runs[unnamed], history_label, character(1))
+  if (anyDuplicated(labels[unnamed]) || any(labels[unnamed] %in% labels[!unnamed])) {
+    labels[unnamed] <- paste0("run", which(unnamed))
+  }
+  if (anyDuplicated(labels)) fedagg_abort("Runs must have distinct names; {.val {labels[duplicated(labels)][1]}} is used twice.")
+  names(runs) <- labels
   columns <- Reduce(union, lapply(runs, names))
   rows <- Map(function(h, label) {
     h <- as.data.frame(h)
@@ -210,8 +241,7 @@ summary.fed_comparison <- function(object, ...) {
     s <- summary(attr(object, "histories")[[label]])
     data.frame(run = label, rounds = s$rounds, metric = s$metric %||% NA_character_, final = s$final,
                best = s$best, best_round = s$best_round, final_train_loss = s$final_train_loss,
-               loss_spread = s$mean_loss_spread, ms_per_round = 1000 * s$seconds_per_round,
-               stringsAsFactors = FALSE)
+               loss_spread = s$mean_loss_spread, stringsAsFactors = FALSE)
   }))
   out
 }
@@ -240,14 +270,15 @@ plot.fed_comparison <- function(x, metric = NULL, main = NULL, ...) {
   d <- x[keep, ]
   runs <- levels(x$run)
   cols <- grDevices::hcl.colors(max(3, length(runs)), "Dark 3")[seq_along(runs)]
-  plot(range(d$round), range(d[[metric]]), type = "n", xlab = "round", ylab = metric,
-       main = main %||% paste(metric, "by round"), ...)
+  y <- range(d[[metric]])
+  # Room above the curves for the legend, so it never hides them.
+  plot(range(d$round), c(y[1], y[2] + 0.08 * length(runs) * diff(y) + 1e-12), type = "n", xlab = "Round",
+       ylab = metric_label(metric), main = main %||% paste(metric_label(metric), "by round"), ...)
   for (i in seq_along(runs)) {
     r <- d[d$run == runs[i], ]
     graphics::lines(r$round, r[[metric]], col = cols[i], lwd = 2)
   }
-  where <- if (grepl("accuracy", metric)) "bottomright" else "topright"
-  graphics::legend(where, legend = runs, col = cols, lwd = 2, bty = "n")
+  graphics::legend("top", legend = runs, col = cols, lwd = 2, bty = "n", cex = 0.85)
   invisible(x)
 }
 
@@ -265,8 +296,10 @@ autoplot.fed_comparison <- function(object, metric = NULL, ...) {
     keep <- !is.na(object[[m]])
     data.frame(run = object$run[keep], round = object$round[keep], metric = m, value = object[[m]][keep])
   }))
+  long$metric <- factor(metric_label(long$metric), levels = unique(metric_label(metric)))
   ggplot2::ggplot(long, ggplot2::aes(.data$round, .data$value, colour = .data$run)) +
     ggplot2::geom_line() +
     ggplot2::facet_wrap(~metric, scales = "free_y") +
-    ggplot2::labs(x = "round", y = NULL, colour = "run")
+    ggplot2::labs(x = "Round", y = NULL, colour = "Run") +
+    ggplot2::theme(legend.position = "bottom")
 }

@@ -22,6 +22,12 @@
 #' @param init Initial parameters: `"zeros"` (the default for the convex
 #'   models) or `"glorot"` (Glorot-uniform weights, He-scaled before ReLU;
 #'   the default, and needed, for an MLP).
+#' @param classes Optional class labels, in the order of the model's outputs
+#'   (for logistic regression: the negative class, then the positive one).
+#'   When `NULL`, a [Server] takes them from its nodes' labels: the union of
+#'   their factor levels, or the sorted union of their character labels, so
+#'   that one class has one code on every node. Numeric labels are class
+#'   codes `0, ..., n_classes - 1` and need no `classes`.
 #' @return A `fed_model` object.
 #' @seealso [init_params()], [loss_grad()], [fed_server()]
 #' @examples
@@ -35,36 +41,46 @@ NULL
 #' @rdname models
 #' @export
 model_linear <- function(n_features, init = c("zeros", "glorot")) {
-  new_builtin_model("linear", n_features, integer(), 1L, "linear", match.arg(init))
+  new_builtin_model("linear", n_features, integer(), 1L, "linear", assert_choice(init, c("zeros", "glorot")))
 }
 
 #' @rdname models
 #' @export
-model_logistic <- function(n_features, init = c("zeros", "glorot")) {
-  new_builtin_model("logistic", n_features, integer(), 1L, "logistic", match.arg(init))
+model_logistic <- function(n_features, init = c("zeros", "glorot"), classes = NULL) {
+  classes <- assert_classes(classes, 2L)
+  new_builtin_model("logistic", n_features, integer(), 1L, "logistic", assert_choice(init, c("zeros", "glorot")),
+                    classes)
 }
 
 #' @rdname models
 #' @export
-model_softmax <- function(n_features, n_classes, init = c("zeros", "glorot")) {
+model_softmax <- function(n_features, n_classes = length(classes), init = c("zeros", "glorot"), classes = NULL) {
   n_classes <- assert_count(n_classes, min = 2L)
-  new_builtin_model("softmax", n_features, integer(), n_classes, "softmax", match.arg(init))
+  classes <- assert_classes(classes, n_classes)
+  new_builtin_model("softmax", n_features, integer(), n_classes, "softmax", assert_choice(init, c("zeros", "glorot")),
+                    classes)
 }
 
 #' @rdname models
 #' @export
 model_mlp <- function(n_features, hidden = 32, n_classes = NULL,
-                      output = c("softmax", "logistic", "linear"), init = c("glorot", "zeros")) {
-  output <- match.arg(output)
+                      output = c("softmax", "logistic", "linear"), init = c("glorot", "zeros"),
+                      classes = NULL) {
+  output <- assert_choice(output, c("softmax", "logistic", "linear"))
   if (!is.numeric(hidden) || length(hidden) < 1L || anyNA(hidden) || any(hidden < 1) ||
       any(hidden != round(hidden))) {
     fedagg_abort("{.arg hidden} must be one or more whole numbers >= 1, not {obj_desc(hidden)}.")
   }
   n_out <- if (output == "softmax") {
-    if (is.null(n_classes)) fedagg_abort("{.arg n_classes} is needed for a softmax output.")
+    n_classes <- n_classes %||% if (!is.null(classes)) length(classes)
+    if (is.null(n_classes)) fedagg_abort("{.arg n_classes} (or {.arg classes}) is needed for a softmax output.")
     assert_count(n_classes, min = 2L)
   } else 1L
-  new_builtin_model("mlp", n_features, as.integer(hidden), n_out, output, match.arg(init))
+  classes <- switch(output, softmax = assert_classes(classes, n_out), logistic = assert_classes(classes, 2L),
+                    linear = if (!is.null(classes)) fedagg_abort("{.arg classes} is only for classification outputs."))
+  if (any(hidden > .Machine$integer.max)) fedagg_abort("{.arg hidden} sizes must be below 2^31.")
+  new_builtin_model("mlp", n_features, as.integer(hidden), n_out, output, assert_choice(init, c("glorot", "zeros")),
+                    classes)
 }
 
 #' @rdname models
@@ -89,27 +105,46 @@ model_mlp <- function(n_features, hidden = 32, n_classes = NULL,
 #' )
 #' lin
 model_custom <- function(init, loss_grad, predict, task = c("classification", "regression"),
-                         n_features, n_classes = if (task == "classification") 2L else NULL,
-                         name = "custom") {
-  task <- match.arg(task)
+                         n_features, n_classes = if (task == "classification") max(2L, length(classes)) else NULL,
+                         name = "custom", classes = NULL) {
+  task <- assert_choice(task, c("classification", "regression"))
   for (arg in c("init", "loss_grad", "predict")) {
     f <- get(arg)
     if (!is.function(f)) fedagg_abort("{.arg {arg}} must be a function, not {obj_desc(f)}.")
   }
   n_features <- assert_count(n_features, min = 1L)
-  if (task == "classification") n_classes <- assert_count(n_classes, min = 2L)
+  if (!is.character(name) || length(name) != 1L || is.na(name)) {
+    fedagg_abort("{.arg name} must be a single string, not {obj_desc(name)}.")
+  }
+  if (task == "classification") {
+    n_classes <- assert_count(n_classes, min = 2L)
+    classes <- assert_classes(classes, n_classes)
+  } else if (!is.null(classes)) {
+    fedagg_abort("{.arg classes} is only for classification models.")
+  }
   structure(list(type = "custom", name = name, task = task, n_features = n_features,
-                 n_classes = n_classes, init = init, loss_grad = loss_grad, predict = predict),
+                 n_classes = n_classes, classes = classes, init = init, loss_grad = loss_grad, predict = predict),
             class = c("fed_model_custom", "fed_model"))
 }
 
 # Output heads as the Rust core numbers them.
 head_codes <- c(linear = 0L, logistic = 1L, softmax = 2L)
 
-new_builtin_model <- function(type, n_features, hidden, n_out, output, init,
+# Largest parameter count of a built-in model: R's standard vector length, and
+# 16 GB a copy; a wider network is a typo or out of reach on one machine.
+max_params <- .Machine$integer.max
+
+new_builtin_model <- function(type, n_features, hidden, n_out, output, init, classes = NULL,
                               call = rlang::caller_env()) {
   n_features <- assert_count(n_features, min = 1L, call = call)
   sizes <- c(n_features, hidden, n_out)
+  size_d <- as.double(sizes)
+  n_par <- sum(size_d[-length(size_d)] * size_d[-1L] + size_d[-1L])
+  if (n_par > max_params) {
+    fedagg_abort(c("This model would have {format(n_par, big.mark = ',')} parameters ({format_bytes(8 * n_par)} a copy).",
+                   i = "At most {format(max_params, big.mark = ',')} are supported; check {.arg n_features} and {.arg hidden}."),
+                 class = "memory", call = call)
+  }
   n_layers <- length(sizes) - 1L
   shapes <- lapply(seq_len(n_layers), function(l) c(sizes[l], sizes[l + 1L]))
   layers <- unlist(lapply(seq_len(n_layers), function(l) {
@@ -124,6 +159,7 @@ new_builtin_model <- function(type, n_features, hidden, n_out, output, init,
     task = if (output == "linear") "regression" else "classification",
     n_features = n_features,
     n_classes = if (output == "softmax") n_out else if (output == "logistic") 2L else NULL,
+    classes = classes,
     output = output,
     sizes = as.double(sizes),
     head = head_codes[[output]],
@@ -161,6 +197,22 @@ n_params <- function(model) {
   sum(vapply(model$layers, prod, numeric(1)))
 }
 
+assert_classes <- function(classes, n_classes, arg = rlang::caller_arg(classes), call = rlang::caller_env()) {
+  force(arg)
+  if (is.null(classes)) return(NULL)
+  if (is.factor(classes)) classes <- as.character(classes)
+  if (!is.character(classes) || anyNA(classes) || anyDuplicated(classes) || length(classes) != n_classes) {
+    fedagg_abort("{.arg {arg}} must be {n_classes} distinct labels, not {obj_desc(classes)}.", call = call)
+  }
+  classes
+}
+
+format_bytes <- function(bytes) {
+  units <- c("B", "KB", "MB", "GB", "TB", "PB")
+  i <- max(1L, min(length(units), floor(log(max(bytes, 1), 1024)) + 1L))
+  sprintf("%.3g %s", bytes / 1024^(i - 1L), units[i])
+}
+
 assert_model <- function(model, arg = rlang::caller_arg(model), call = rlang::caller_env()) {
   if (!inherits(model, "fed_model")) {
     fedagg_abort(c("{.arg {arg}} must be a model from {.fn model_softmax}, {.fn model_mlp}, ...",
@@ -182,8 +234,17 @@ assert_model <- function(model, arg = rlang::caller_arg(model), call = rlang::ca
 init_params <- function(model, seed = 1) {
   assert_model(model)
   seed <- assert_count(seed)
-  if (!is_builtin(model)) return(model$init(seed))
-  flat <- rs_model_init(model$sizes, model$head, if (model$init == "zeros") 0L else 1L, as.double(seed))
+  if (!is_builtin(model)) {
+    params <- call_user(model$init, list(seed), "The custom model's {.fn init}")
+    flat <- if (is.list(params) || is.numeric(params)) unlist(params, use.names = FALSE)
+    if (!is.numeric(flat) || !length(flat) || !all(is.finite(flat))) {
+      fedagg_abort(c("The custom model's {.fn init} must return finite numbers (a list of numeric layers).",
+                     x = "It returned {obj_desc(params)}{if (is.numeric(flat) && length(flat)) ' with NA, NaN or Inf values' else ''}."),
+                   class = "user_code")
+    }
+    return(params)
+  }
+  flat <- call_rust(rs_model_init(model$sizes, model$head, if (model$init == "zeros") 0L else 1L, as.double(seed)))
   unflatten_params(model, flat)
 }
 
@@ -207,9 +268,13 @@ flatten_params <- function(model, params, arg = "params", call = rlang::caller_e
   flat
 }
 
-flatten_any <- function(params, arg, call) {
+flatten_any <- function(params, arg, call, length = NULL) {
   flat <- unlist(params, use.names = FALSE)
   if (!is.numeric(flat)) fedagg_abort("{.arg {arg}} must be a list of numeric layers.", call = call)
+  if (!is.null(length) && length(flat) != length) {
+    fedagg_abort("{.arg {arg}} must have {length} numbers in all, not {length(flat)}.", call = call)
+  }
+  if (!all(is.finite(flat))) fedagg_abort("{.arg {arg}} must be finite (it has NA, NaN or Inf).", call = call)
   as.double(flat)
 }
 
@@ -263,7 +328,7 @@ relist_like <- function(flat, template) {
 loss_grad <- function(model, params, x, y) {
   assert_model(model)
   data <- check_xy(x, y, model, "x", "y")
-  if (!is_builtin(model)) return(model$loss_grad(params, data$x, data$y))
+  if (!is_builtin(model)) return(call_user(model$loss_grad, list(params, data$x, data$y), "The custom model's {.fn loss_grad}"))
   flat <- flatten_params(model, params)
   out <- call_rust(rs_loss_grad(model$sizes, model$head, flat, as.double(data$x), nrow(data$x),
                                 ncol(data$x), data$y))
@@ -276,29 +341,71 @@ loss_grad <- function(model, params, x, y) {
 #' @param params Parameters, as from [init_params()] or `server$params`.
 #' @param newdata Numeric matrix (or data frame) of features.
 #' @param type `"response"`: fitted values (regression), the probability of
-#'   class 1 (logistic) or a matrix of class probabilities (softmax);
-#'   `"class"`: predicted class codes `0, ..., n_classes - 1`.
+#'   the positive class (logistic) or a matrix of class probabilities with
+#'   one column per class (softmax); `"class"`: the predicted class, as a
+#'   factor with the model's `classes` as levels when it has them (set by a
+#'   [Server] from factor or character labels), else as codes `0, ...,
+#'   n_classes - 1`.
 #' @param ... Unused.
-#' @return A numeric vector or matrix.
+#' @return A numeric vector or matrix, or a factor.
 #' @examples
 #' m <- model_softmax(2, 3)
 #' predict(m, init_params(m), matrix(rnorm(4), 2))
 #' @export
 predict.fed_model <- function(object, params, newdata, type = c("response", "class"), ...) {
-  type <- match.arg(type)
+  assert_model(object, arg = "object")
+  type <- assert_choice(type, c("response", "class"))
   x <- check_features(newdata, object, "newdata")
   scores <- if (is_builtin(object)) {
     flat <- flatten_params(object, params)
     out <- call_rust(rs_predict(object$sizes, object$head, flat, as.double(x), nrow(x), ncol(x)))
     if (object$head == head_codes[["softmax"]]) matrix(out, nrow(x)) else out
   } else {
-    object$predict(params, x)
+    custom_predict(object, params, x)
   }
   if (type == "class") {
     if (object$task != "classification") fedagg_abort("{.code type = \"class\"} needs a classification model.")
-    return(scores_to_class(scores))
+    return(decode_classes(scores_to_class(scores), object))
   }
+  if (is.matrix(scores) && ncol(scores) > 1L) colnames(scores) <- class_names(object, ncol(scores))
   scores
+}
+
+# Column names of class scores: the model's classes, else the codes.
+class_names <- function(model, k) {
+  out <- as.character(seq_len(k) - 1L)
+  if (!is.null(model$classes)) out[seq_along(model$classes)] <- model$classes
+  out
+}
+
+decode_classes <- function(codes, model) {
+  if (is.null(model$classes)) return(codes)
+  factor(model$classes[codes + 1L], levels = model$classes)
+}
+
+# A custom model's predictions, checked: a length-n vector (regression,
+# binary) or an n x n_classes matrix of scores.
+custom_predict <- function(model, params, x, client = NULL, round = NULL, call = rlang::caller_env()) {
+  pred <- call_user(model$predict, list(params, x), "The custom model's {.fn predict}", round = round,
+                    client = client, call = call)
+  n <- nrow(x)
+  k <- model$n_classes %||% 1L
+  ok_vector <- is.numeric(pred) && length(pred) == n && (is.null(dim(pred)) || identical(dim(pred), c(n, 1L)))
+  ok_matrix <- model$task == "classification" && is.numeric(pred) && is.matrix(pred) && nrow(pred) == n &&
+    ncol(pred) == k
+  wants <- if (model$task == "regression") "{n} fitted value{?s}"
+           else if (k == 2L) "{n} probabilit{?y/ies} of class 1 (or an {n} x 2 matrix of scores)"
+           else "an {n} x {k} matrix of class scores"
+  if (!(ok_vector && (model$task == "regression" || k == 2L)) && !ok_matrix) {
+    got <- if (is.matrix(pred)) sprintf("a %d x %d %s matrix", nrow(pred), ncol(pred), typeof(pred)) else obj_desc(pred)
+    fedagg_abort(c(paste("The custom model's {.fn predict} must return", wants, "for {n} row{?s}."), x = "It returned {got}."),
+                 class = "user_code", round = round, client = client, call = call)
+  }
+  if (!all(is.finite(pred))) {
+    fedagg_abort("The custom model's {.fn predict} returned NA, NaN or Inf values.", class = "user_code",
+                 round = round, client = client, call = call)
+  }
+  pred
 }
 
 scores_to_class <- function(scores) {
@@ -341,7 +448,10 @@ as_feature_matrix <- function(x, arg, client = NULL, call = rlang::caller_env())
   x
 }
 
-# Labels coded for a model: 0-based class codes, or responses.
+# Labels coded for a model: 0-based class codes, or responses. Factor and
+# character labels are coded by the model's `classes` when it has them (a
+# server sets them for the whole federation); a model without them codes a
+# factor by its levels and characters by their sorted values.
 encode_labels <- function(y, model, arg, client = NULL, call = rlang::caller_env()) {
   if (anyNA(y)) abort_data("{.arg {arg}} has {sum(is.na(y))} missing value{?s}.", client, call)
   if (model$task == "regression") {
@@ -349,6 +459,17 @@ encode_labels <- function(y, model, arg, client = NULL, call = rlang::caller_env
     if (!all(is.finite(y))) abort_data("{.arg {arg}} has non-finite values.", client, call)
     return(as.double(y))
   }
+  named <- is.factor(y) || is.character(y)
+  if (named && !is.null(model$classes)) {
+    codes <- match(as.character(y), model$classes) - 1L
+    unknown <- unique(as.character(y)[is.na(codes)])
+    if (length(unknown)) {
+      abort_data(c("{.arg {arg}} has label{?s} {.val {unknown}} that {?is/are} not among the model's classes.",
+                   i = "The classes are {.val {model$classes}}."), client, call)
+    }
+    return(as.double(codes))
+  }
+  if (is.character(y)) y <- factor(y)
   codes <- if (is.factor(y)) {
     as.integer(y) - 1L
   } else if (is.logical(y)) {

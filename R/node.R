@@ -1,5 +1,6 @@
 #' A federated client holding its own data
 #'
+#' @description
 #' A `Node` keeps its training data and optional held-out (validation) data
 #' private: other objects only see what [Node]`$train()` and `$evaluate()`
 #' return. For built-in models the data are copied into Rust once (row-major,
@@ -8,6 +9,13 @@
 #'
 #' Use [fed_node()] to create one and [fed_nodes()] to create many from a
 #' partition or a simulated data set.
+#'
+#' @details
+#' A node's `train()` needs only what a server sends (the parameters and a
+#' [train_config()]) and returns only what it would send back, so a node can
+#' later live in another process. Labels stay as given (factor, character,
+#' logical or codes); a [Server] tells every node the federation's classes
+#' through its model, so one class has one code everywhere.
 #'
 #' @examples
 #' m <- model_logistic(2)
@@ -19,7 +27,7 @@
 #' node$evaluate(out$params, m, data = "train")
 #' @export
 Node <- R6::R6Class("Node",
-  cloneable = FALSE,
+  cloneable = TRUE,
   public = list(
     #' @description Create a node (see [fed_node()] for the arguments).
     #' @param x,y,id,x_val,y_val See [fed_node()].
@@ -50,7 +58,7 @@ Node <- R6::R6Class("Node",
     #'   given).
     #' @return A list: `params` or `delta`, `n_samples`, `train_loss`.
     train = function(params, config, return = c("params", "delta")) {
-      return <- match.arg(return)
+      return <- assert_choice(return, c("params", "delta"))
       assert_train_config(config)
       model <- config$model
       private$.check_width(model)
@@ -58,11 +66,13 @@ Node <- R6::R6Class("Node",
       result <- if (is_builtin(model)) {
         out <- call_rust(rs_train_round(model$sizes, model$head, flat, list(self$data_handle(model)),
                                         list(NULL), as.double(config$stream %||% 1), rust_config(config, "collect"), 1L))
-        if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message)
+        if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message, kind = out$kind)
         list(vector = out$collected[[1]], n_samples = out$n_samples, train_loss = out$train_loss)
       } else {
         tryCatch(custom_local_train(model, params, private$.x, private$.labels(model, "train"), config),
-                 fedagg_local_failure = function(e) abort_client_failure(private$.id, conditionMessage(e)))
+                 fedagg_local_failure = function(e) {
+                   abort_client_failure(private$.id, e$message, kind = e$kind, parent = e$parent)
+                 })
       }
       new <- unflatten_params(model, result$vector, params)
       value <- if (return == "params") new else unflatten_params(model, result$vector - flat, params)
@@ -77,7 +87,7 @@ Node <- R6::R6Class("Node",
     #' @return A one-row data frame: `client`, `n`, `loss`, and `accuracy`
     #'   or `rmse`.
     evaluate = function(params, model, data = c("validation", "train")) {
-      data <- match.arg(data)
+      data <- assert_choice(data, c("validation", "train"))
       private$.check_width(model)
       if (data == "validation" && !self$has_validation) {
         abort_data("has no validation data; create it with {.arg x_val} and {.arg y_val}.", private$.id)
@@ -85,11 +95,11 @@ Node <- R6::R6Class("Node",
       ev <- if (is_builtin(model)) {
         out <- call_rust(rs_evaluate(model$sizes, model$head, flatten_params(model, params),
                                      list(self$data_handle(model, data)), 1L))
-        if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message)
+        if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message, kind = out$kind)
         out
       } else {
         x <- if (data == "train") private$.x else private$.x_val
-        evaluate_custom(model, params, x, private$.labels(model, data))
+        evaluate_custom(model, params, x, private$.labels(model, data), client = private$.id)
       }
       metric_frame(private$.id, ev$n, ev$loss, ev$metric, model)
     },
@@ -109,13 +119,13 @@ Node <- R6::R6Class("Node",
     #' @param model A built-in [model][models].
     #' @param split `"train"` or `"validation"`.
     data_handle = function(model, split = c("train", "validation")) {
-      split <- match.arg(split)
+      split <- assert_choice(split, c("train", "validation"))
       if (split == "validation" && !self$has_validation) return(NULL)
-      key <- paste(split, model$task, model$n_classes %||% 0L, sep = ":")
+      key <- paste(split, model$task, model$n_classes %||% 0L, paste(model$classes, collapse = "\r"), sep = ":")
       handle <- private$.handles[[key]]
       if (is.null(handle) || !rs_dataset_valid(handle)) {
         x <- if (split == "train") private$.x else private$.x_val
-        handle <- rs_dataset(as.double(x), nrow(x), ncol(x), private$.labels(model, split))
+        handle <- call_rust(rs_dataset(as.double(x), nrow(x), ncol(x), private$.labels(model, split)))
         private$.handles[[key]] <- handle
       }
       handle
@@ -161,6 +171,14 @@ Node <- R6::R6Class("Node",
     label_counts = function(value) {
       if (!missing(value)) fedagg_abort("{.field label_counts} is read-only.")
       table(private$.y)
+    },
+    #' @field label_levels The names of this node's classes, if its labels
+    #'   are a factor (`kind = "factor"`, its levels) or character (`kind =
+    #'   "character"`, the sorted distinct values); `NULL` for numeric or
+    #'   logical labels. A server codes the whole federation from these.
+    label_levels = function(value) {
+      if (!missing(value)) fedagg_abort("{.field label_levels} is read-only.")
+      label_levels(private$.y, private$.y_val)
     }
   ),
   private = list(
@@ -221,22 +239,20 @@ fed_node <- function(x, y, id = "client", x_val = NULL, y_val = NULL) {
 fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL, ids = NULL) {
   if (inherits(x, "fed_data")) {
     clients <- x$clients
-    ids <- ids %||% names(clients)
+    ids <- assert_node_ids(ids %||% names(clients), length(clients))
     nodes <- Map(function(cl, id) {
       Node$new(cl$x, cl$y, id = id, x_val = cl$x_test, y_val = cl$y_test)
     }, clients, ids)
     return(stats::setNames(nodes, ids))
   }
   if (is.null(partition)) fedagg_abort("{.arg partition} is needed unless {.arg x} is a {.cls fed_data}.")
-  parts <- if (is.list(partition)) lapply(unclass(partition), identity) else partition
-  if (!is.list(parts) || !length(parts)) fedagg_abort("{.arg partition} must be a non-empty list of index vectors.")
   validation <- assert_number(validation, 0, 1, upper_open = TRUE)
   x <- as_feature_matrix(x, "x")
-  if (length(y) != nrow(x)) fedagg_abort("{.arg y} has {length(y)} values for {nrow(x)} rows of {.arg x}.")
-  ids <- ids %||% names(parts) %||% paste0("client", seq_along(parts))
-  if (length(ids) != length(parts) || anyDuplicated(ids)) {
-    fedagg_abort("{.arg ids} must be {length(parts)} distinct strings.")
+  if (is.null(y) || length(y) != nrow(x)) {
+    fedagg_abort("{.arg y} has {length(y)} value{?s} for {nrow(x)} row{?s} of {.arg x}.")
   }
+  parts <- assert_partition(partition, nrow(x))
+  ids <- assert_node_ids(ids %||% names(parts) %||% paste0("client", seq_along(parts)), length(parts))
   splits <- with_seed(seed, lapply(parts, function(idx) {
     n_val <- floor(validation * length(idx))
     if (n_val > 0) {
@@ -255,6 +271,44 @@ fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL
   stats::setNames(nodes, ids)
 }
 
+# A partition: a non-empty list of whole-number row indices within 1..n, no
+# row given twice to one client (a row given to two clients is allowed: the
+# data are then duplicated, as some experiments want).
+assert_partition <- function(partition, n, arg = "partition", call = rlang::caller_env()) {
+  if (!is.list(partition) || !length(partition)) {
+    fedagg_abort("{.arg {arg}} must be a non-empty list of row-index vectors, not {obj_desc(partition)}.", call = call)
+  }
+  parts <- lapply(unclass(partition), identity)
+  labels <- names(parts) %||% paste0("client ", seq_along(parts))
+  for (k in seq_along(parts)) {
+    idx <- parts[[k]]
+    where <- sprintf("%s (element %d)", labels[k], k)
+    if (!is.numeric(idx) || is.object(idx)) {
+      fedagg_abort("{.arg {arg}} {where} must be row indices, not {obj_desc(idx)}.", class = "client",
+                   client = labels[k], call = call)
+    }
+    bad <- which(is.na(idx) | idx < 1 | idx > n | idx != round(idx))
+    if (length(bad)) {
+      fedagg_abort(c("{.arg {arg}} {where} has invalid row indices.",
+                     x = "Index {format(idx[bad[1]])} (position {bad[1]}) is not a whole number in 1..{n}."),
+                   class = "client", client = labels[k], call = call)
+    }
+    if (anyDuplicated(idx)) {
+      fedagg_abort("{.arg {arg}} {where} lists row {idx[anyDuplicated(idx)]} twice.", class = "client",
+                   client = labels[k], call = call)
+    }
+    parts[[k]] <- as.integer(idx)
+  }
+  parts
+}
+
+assert_node_ids <- function(ids, n, arg = "ids", call = rlang::caller_env()) {
+  if (!is.character(ids) || length(ids) != n || anyNA(ids) || !all(nzchar(ids)) || anyDuplicated(ids)) {
+    fedagg_abort("{.arg {arg}} must be {n} distinct non-empty strings, not {obj_desc(ids)}.", call = call)
+  }
+  ids
+}
+
 # Labels are checked here only for presence and length; coding against a
 # model happens when a model is known.
 check_raw_labels <- function(y, n, arg, x_arg, client) {
@@ -265,14 +319,31 @@ check_raw_labels <- function(y, n, arg, x_arg, client) {
     abort_data("{.arg {arg}} has {length(y)} value{?s} for {n} row{?s} of {.arg {x_arg}}.", client)
   }
   if (anyNA(y)) abort_data("{.arg {arg}} has {sum(is.na(y))} missing value{?s}.", client)
-  if (is.character(y)) y <- factor(y)
+  if (!is.numeric(y) && !is.logical(y) && !is.character(y) && !is.factor(y)) {
+    abort_data("{.arg {arg}} must be numeric, logical, character or a factor, not {obj_desc(y)}.", client)
+  }
   y
 }
 
-abort_client_failure <- function(client, message, round = NULL, call = rlang::caller_env()) {
+label_levels <- function(...) {
+  ys <- Filter(Negate(is.null), list(...))
+  if (any(vapply(ys, is.factor, logical(1)))) {
+    levels <- unique(unlist(lapply(ys, function(y) if (is.factor(y)) levels(y) else sort(unique(as.character(y))))))
+    return(list(kind = "factor", levels = levels))
+  }
+  if (any(vapply(ys, is.character, logical(1)))) {
+    return(list(kind = "character", levels = sort(unique(unlist(lapply(ys, as.character))))))
+  }
+  NULL
+}
+
+abort_client_failure <- function(client, message, round = NULL, kind = NULL, parent = NULL,
+                                 call = rlang::caller_env()) {
   where <- if (is.null(round)) "" else sprintf(" in round %d", round)
-  fedagg_abort(c("Client {.val {client}} failed{where}.", x = "{message}"),
-               class = "client", client = client, round = round, call = call)
+  kind <- kind %||% "client"
+  class <- if (kind == "client") "client" else c(kind, "client")
+  fedagg_abort("Client {.val {client}} failed{where}.", foreign = c(x = message),
+               class = class, client = client, round = round, parent = parent, call = call)
 }
 
 metric_frame <- function(client, n, loss, metric, model) {
@@ -285,9 +356,15 @@ metric_name <- function(model) if (model$task == "classification") "accuracy" el
 
 # Loss and metric of a custom R model on one data set (labels already coded);
 # built-in models are evaluated in Rust on a data handle.
-evaluate_custom <- function(model, params, x, y) {
-  loss <- model$loss_grad(params, x, y)$loss
-  pred <- model$predict(params, x)
+evaluate_custom <- function(model, params, x, y, client = NULL, round = NULL, call = rlang::caller_env()) {
+  out <- call_user(model$loss_grad, list(params, x, y), "The custom model's {.fn loss_grad}", round = round,
+                   client = client, call = call)
+  loss <- if (is.list(out)) out$loss
+  if (!is.numeric(loss) || length(loss) != 1L || !is.finite(loss)) {
+    fedagg_abort("The custom model's {.fn loss_grad} must return a finite {.field loss}, not {obj_desc(loss)}.",
+                 class = "user_code", round = round, client = client, call = call)
+  }
+  pred <- custom_predict(model, params, x, client = client, round = round, call = call)
   metric <- if (model$task == "classification") mean(scores_to_class(pred) == y)
             else sqrt(mean((as.vector(pred) - y)^2))
   list(n = nrow(x), loss = loss, metric = metric)

@@ -67,6 +67,7 @@ partition_dirichlet <- function(y, n_clients, alpha, min_size = 10, seed = NULL,
   }
   by_class <- split(seq_len(n), y)
   cap <- n / n_clients
+  best_min <- 0L
   parts <- with_seed(seed, {
     result <- NULL
     for (try in seq_len(max_tries)) {
@@ -84,6 +85,7 @@ partition_dirichlet <- function(y, n_clients, alpha, min_size = 10, seed = NULL,
           if (cuts[k] > from[k]) parts[[k]] <- c(parts[[k]], idx[(from[k] + 1):cuts[k]])
         }
       }
+      best_min <- max(best_min, min(lengths(parts)))
       if (min(lengths(parts)) >= min_size) {
         result <- parts
         break
@@ -92,8 +94,11 @@ partition_dirichlet <- function(y, n_clients, alpha, min_size = 10, seed = NULL,
     result
   })
   if (is.null(parts)) {
+    n_classes <- length(by_class)
     fedagg_abort(c("Could not give every client {.arg min_size} = {min_size} samples in {max_tries} draws.",
-                   i = "Use a larger {.arg alpha}, a smaller {.arg min_size} or fewer clients."))
+                   x = "With {n_classes} class{?es} and {.arg alpha} = {alpha}, the best draw gave its smallest client {best_min} sample{?s}.",
+                   i = if (best_min > 0) "Use a larger {.arg alpha} (e.g. {format(alpha * 5)}), a smaller {.arg min_size} (e.g. {best_min}), or fewer than {n_clients} clients."
+                       else "Use a larger {.arg alpha} (e.g. {format(alpha * 5)}) or fewer than {n_clients} clients."))
   }
   new_fed_partition(lapply(parts, sort), y = y, method = "dirichlet", params = list(alpha = alpha))
 }
@@ -124,7 +129,7 @@ partition_quantity <- function(n, n_clients, distribution = c("lognormal", "powe
                                shape = 1.5, min_size = 1, seed = NULL) {
   n <- assert_count(n, min = 1L)
   n_clients <- assert_n_clients(n_clients, n)
-  distribution <- rlang::arg_match(distribution)
+  distribution <- assert_choice(distribution, c("lognormal", "powerlaw"))
   sdlog <- assert_number(sdlog, 0)
   shape <- assert_number(shape, 0, lower_open = TRUE)
   min_size <- assert_count(min_size, min = 0L)
@@ -132,10 +137,13 @@ partition_quantity <- function(n, n_clients, distribution = c("lognormal", "powe
     fedagg_abort("{.arg min_size} = {min_size} for {n_clients} clients needs {min_size * n_clients} samples; there are {n}.")
   }
   parts <- with_seed(seed, {
-    w <- switch(distribution,
-      lognormal = stats::rlnorm(n_clients, 0, sdlog),
-      powerlaw = stats::runif(n_clients)^(-1 / shape)
+    # Log-scale weights, shifted before exp(): extreme sdlog or shape
+    # would overflow rlnorm() or u^(-1 / shape) to Inf.
+    log_w <- switch(distribution,
+      lognormal = stats::rnorm(n_clients, 0, sdlog),
+      powerlaw = -log(stats::runif(n_clients)) / shape
     )
+    w <- exp(log_w - max(log_w))
     spare <- n - min_size * n_clients
     sizes <- min_size + floor(w / sum(w) * spare)
     left <- n - sum(sizes)
@@ -165,6 +173,7 @@ with_seed <- function(seed, expr) {
 }
 
 assert_n_clients <- function(n_clients, n, arg = rlang::caller_arg(n_clients), call = rlang::caller_env()) {
+  force(arg)
   n_clients <- assert_count(n_clients, min = 1L, arg = arg, call = call)
   if (n_clients > n) {
     fedagg_abort("{.arg {arg}} = {n_clients} is more than the {n} samples: some clients would be empty.",
@@ -174,6 +183,7 @@ assert_n_clients <- function(n_clients, n, arg = rlang::caller_arg(n_clients), c
 }
 
 assert_labels <- function(y, arg = rlang::caller_arg(y), call = rlang::caller_env()) {
+  force(arg)
   if (!(is.atomic(y) || is.factor(y)) || length(y) == 0L) {
     fedagg_abort("{.arg {arg}} must be a non-empty vector of labels, not {obj_desc(y)}.", call = call)
   }

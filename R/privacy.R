@@ -29,7 +29,7 @@
 #' # Valid for large epsilon too:
 #' gaussian_noise_sd(1, epsilon = 8, delta = 1e-5)
 gaussian_noise_sd <- function(sensitivity, epsilon, delta, method = c("analytic", "classic")) {
-  method <- rlang::arg_match(method)
+  method <- assert_choice(method, c("analytic", "classic"))
   check_dp_params(sensitivity, epsilon, delta)
   if (method == "classic" && epsilon >= 1) {
     fedagg_warn(c("The classic Gaussian mechanism is only proven for {.arg epsilon} < 1 (here {epsilon}).",
@@ -72,6 +72,11 @@ check_dp_params <- function(sensitivity, epsilon, delta, call = rlang::caller_en
 add_gaussian_noise <- function(x, sensitivity, epsilon, delta, seed = NULL,
                                method = c("analytic", "classic"), sd = NULL, threads = NULL) {
   single <- as_single_update(x, arg = "x")
+  threads <- resolve_threads(threads)
+  loc <- call_rust(rs_find_non_finite(single$layers, 1L, threads))
+  if (!is.null(loc)) {
+    fedagg_abort("{.arg x} must be finite (no NA, NaN or Inf); position {loc[3]} is not.")
+  }
   if (is.null(sd)) {
     sd <- gaussian_noise_sd(sensitivity, epsilon, delta, method = method)
   } else {
@@ -83,7 +88,6 @@ add_gaussian_noise <- function(x, sensitivity, epsilon, delta, seed = NULL,
              seed != round(seed)) {
     fedagg_abort("{.arg seed} must be a whole number in [0, 2^53), not {obj_desc(seed)}.")
   }
-  threads <- resolve_threads(threads)
   noisy <- call_rust(rs_add_gaussian_noise(single$layers, sd, as.double(seed), threads))
   out <- restore_shape(noisy, single$template)
   attr(out, "sd") <- sd

@@ -1,27 +1,42 @@
 #' A federated server: selection, aggregation, rounds
 #'
+#' @description
 #' A `Server` holds the global model and the [Node]s, and runs rounds: it
 #' selects clients, sends them the global parameters and a [train_config()],
-#' aggregates what they return, and evaluates. With a built-in model, all the
-#' clients selected in a round train in ONE call into Rust, in parallel, and
-#' their results are folded into a running weighted sum as they finish (no
-#' clients x parameters matrix is ever built). Custom R models train in R,
-#' through `future.apply` when a `future::plan()` other than sequential is
-#' set.
+#' aggregates what they return, and evaluates. Create one with
+#' [fed_server()], which documents every lever.
 #'
-#' Create one with [fed_server()]; see there for the levers.
+#' @details
+#' With a built-in model, all the clients selected in a round train in ONE
+#' call into Rust, in parallel, and their results are folded into a running
+#' weighted sum as they finish (no clients x parameters matrix is ever
+#' built). Custom R models train in R, through `future.apply` when a
+#' `future::plan()` other than sequential is set.
 #'
-#' A round either completes or changes nothing: if any client fails (bad
-#' data, divergence, an error in a custom model), the server's parameters,
-#' history and client log stay as they were, and a `fedagg_error_client`
-#' condition names the client and round.
+#' **Rounds are atomic.** If any part of a round fails (a client's data, a
+#' diverging client, an error in a custom model, a selection rule or a hook
+#' before the commit), the server's parameters, history and client log stay
+#' as they were, and the error names the round and the client. A round cannot
+#' be started from inside another (for example from a hook).
 #'
-#' Hooks (`hooks = list(...)`) are where later strategies plug in:
+#' **Hooks** (`hooks = list(...)`) are where later strategies plug in:
 #' * `round_start(server, round, clients)` before training;
 #' * `server_update(old, proposed, round, lr)` returns the new global
 #'   parameters as one flat vector (server optimisers, momentum);
 #' * `round_end(server, round, record)` after the round is committed
-#'   (logging, early stopping by raising a condition, custom metrics).
+#'   (logging, custom metrics). Calling [stop_training()] there ends `fit()`
+#'   cleanly, keeping every round done; `fit(stop_when = early_stopping())`
+#'   does this for the usual rule.
+#'
+#' **Reproducibility.** The same seed gives `identical()` histories,
+#' parameters and client logs, whatever the number of threads; wall-clock
+#' times are kept apart, in `$timings`.
+#'
+#' **Saving and resuming.** A server is an ordinary R object: `saveRDS(srv,
+#' f)` then `srv <- readRDS(f); srv$fit(more)` continues exactly as an
+#' uninterrupted run would (the nodes' Rust copies of their data are rebuilt
+#' on first use). `srv$clone(deep = TRUE)` makes an independent copy to
+#' branch a run, for example to try two learning rates from the same round.
 #'
 #' @examples
 #' data <- synthetic_fedprox(1, 1, n_clients = 10, seed = 1)
@@ -30,9 +45,15 @@
 #'                   seed = 1)
 #' srv$fit(3, verbose = FALSE)
 #' srv
+#'
+#' # Save mid-run and continue where it stopped
+#' f <- tempfile(fileext = ".rds")
+#' saveRDS(srv, f)
+#' resumed <- readRDS(f)
+#' resumed$fit(2, verbose = FALSE)
 #' @export
 Server <- R6::R6Class("Server",
-  cloneable = FALSE,
+  cloneable = TRUE,
   public = list(
     #' @description Create a server (see [fed_server()] for the arguments).
     #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params
@@ -42,9 +63,13 @@ Server <- R6::R6Class("Server",
                           batch_size = 10, lr = 0.01, lr_schedule = lr_constant(), weight_decay = 0,
                           momentum = 0, shuffle = TRUE, test_data = NULL, eval_every = 1, seed = NULL,
                           threads = NULL, hooks = list(), params = NULL) {
-      private$.model <- assert_model(model)
-      private$.nodes <- assert_nodes(nodes, model)
-      private$.algorithm <- match.arg(algorithm)
+      assert_model(model)
+      node_list <- as_node_list(nodes)
+      # One class coding for the whole federation, before any label is coded.
+      private$.model <- federation_model(model, node_list, test_data)
+      model <- private$.model
+      private$.nodes <- assert_nodes(node_list, model)
+      private$.algorithm <- assert_choice(algorithm, c("fedavg", "fedsgd"))
       private$.fraction <- assert_number(fraction, 0, 1, lower_open = TRUE)
       private$.min_clients <- assert_count(min_clients, min = 1L)
       if (private$.min_clients > length(private$.nodes)) {
@@ -60,10 +85,10 @@ Server <- R6::R6Class("Server",
       private$.test <- if (!is.null(test_data)) assert_test_data(test_data, model)
       private$.eval_every <- assert_count(eval_every, min = 1L)
       private$.seed <- if (is.null(seed)) sample.int(.Machine$integer.max, 1L) else assert_count(seed)
-      private$.threads <- threads
       resolve_threads(threads)
+      private$.threads <- threads
       private$.hooks <- assert_hooks(hooks)
-      private$.template <- params %||% init_params(model, private$.seed)
+      private$.template <- if (is.null(params)) init_params(model, private$.seed) else params
       private$.flat <- flatten_params(model, private$.template)
       invisible(self)
     },
@@ -88,8 +113,9 @@ Server <- R6::R6Class("Server",
       if (is.function(private$.selection)) {
         clients <- data.frame(id = ids, n_samples = vapply(private$.nodes, function(n) n$n_samples, numeric(1)),
                               stringsAsFactors = FALSE)
-        chosen <- private$.selection(round = round, n = m, clients = clients)
-        return(check_ids(chosen, ids, "the `selection` function"))
+        chosen <- call_user(private$.selection, list(round = round, n = m, clients = clients),
+                            "The {.arg selection} function", round = round)
+        return(check_ids(chosen, ids, sprintf("The `selection` function (round %d)", round)))
       }
       ids[with_seed(derive_seed(private$.seed, round, 1L), sort(sample.int(length(ids), m)))]
     },
@@ -114,23 +140,37 @@ Server <- R6::R6Class("Server",
     #' @param rounds Number of rounds.
     #' @param verbose Show a progress bar (default: in interactive sessions;
     #'   option `fedagg.verbose`).
+    #' @param stop_when `NULL`, an [early_stopping()] rule, or
+    #'   `function(history)` returning `TRUE` to stop after the current
+    #'   round. A hook can also call [stop_training()].
     #' @return The [fed_history] of all rounds so far.
-    fit = function(rounds, verbose = getOption("fedagg.verbose", interactive())) {
+    fit = function(rounds, verbose = getOption("fedagg.verbose", interactive()), stop_when = NULL) {
       rounds <- assert_count(rounds, min = 1L)
       verbose <- assert_flag(verbose)
+      stop_when <- assert_stop_rule(stop_when)
+      if (private$.busy) abort_reentrant()
       first <- private$.round + 1L
       last <- private$.round + rounds
+      private$.stopped <- NULL
       status <- ""
       if (verbose) {
         cli::cli_progress_bar("Federated training", total = rounds, clear = FALSE,
                               format = "Round {cli::pb_current}/{cli::pb_total} {cli::pb_bar} {status} | ETA {cli::pb_eta}")
       }
       for (r in first:last) {
-        private$.run_round(r, last_round = last)
+        reason <- tryCatch({
+          private$.run_round(r, last_round = last)
+          if (!is.null(stop_when)) stop_reason(stop_when, self$history)
+        }, fedagg_stop_training = function(cnd) cnd$reason)
         if (verbose) {
           row <- private$.records[[length(private$.records)]]
-          status <- progress_status(row)
+          if (!is.null(row)) status <- progress_status(row)
           cli::cli_progress_update()
+        }
+        if (!is.null(reason)) {
+          private$.stopped <- list(round = private$.round, reason = reason)
+          if (verbose) cli::cli_inform(c(i = "Stopped after round {private$.round}: {reason}"))
+          break
         }
       }
       if (verbose) cli::cli_progress_done()
@@ -157,9 +197,10 @@ Server <- R6::R6Class("Server",
 
     #' @description Predictions of the global model.
     #' @param x Features.
-    #' @param type See [predict.fed_model()].
+    #' @param type See [predict.fed_model()]: `"class"` gives the labels
+    #'   the nodes were given (a factor when they were factors or strings).
     predict = function(x, type = c("response", "class")) {
-      stats::predict(private$.model, self$params, x, type = match.arg(type))
+      stats::predict(private$.model, self$params, x, type = assert_choice(type, c("response", "class")))
     },
 
     #' @description A short description.
@@ -170,12 +211,12 @@ Server <- R6::R6Class("Server",
       how <- if (!is.null(private$.schedule)) "from a schedule"
              else if (is.function(private$.selection)) "by a custom selection"
              else sprintf("uniform, fraction %s", format(private$.fraction))
-      local <- if (private$.algorithm == "fedsgd") "full-batch gradient" else
+      local <- if (private$.algorithm == "fedsgd") "one full-batch gradient per client" else
         sprintf("E = %d, B = %s", loc$epochs, format(loc$batch_size))
       weights <- if (is.function(private$.weights)) "custom function" else private$.weights
       out <- c(
         sprintf("<Server> %s, %s", algorithm_label(private$.algorithm), model_description(private$.model)),
-        sprintf("  clients: %d (%d per round, %s); weights: %s", length(private$.nodes), m, how, weights),
+        sprintf("  clients: %d nodes, %d per round (%s); weights: %s", length(private$.nodes), m, how, weights),
         sprintf("  local:   %s, lr = %s, %s", local, format(loc$lr), attr(private$.lr_schedule, "label")),
         sprintf("  rounds:  %d done, seed %d", private$.round, private$.seed)
       )
@@ -183,6 +224,9 @@ Server <- R6::R6Class("Server",
         last <- private$.records[[private$.round]]
         metric <- main_metric(last)
         out <- c(out, sprintf("  latest:  %s = %.4f, train loss %.4f", metric, last[[metric]], last$train_loss))
+      }
+      if (!is.null(private$.stopped)) {
+        out <- c(out, sprintf("  stopped: after round %d (%s)", private$.stopped$round, private$.stopped$reason))
       }
       out
     },
@@ -199,13 +243,29 @@ Server <- R6::R6Class("Server",
     #'   set (validated) to warm-start.
     params = function(value) {
       if (missing(value)) return(unflatten_params(private$.model, private$.flat, private$.template))
-      private$.flat <- flatten_params(private$.model, value, arg = "params")
+      if (private$.busy) abort_reentrant()
+      flat <- if (is_builtin(private$.model)) flatten_params(private$.model, value, arg = "params")
+              else flatten_any(value, "params", rlang::current_env(), length = length(private$.flat))
+      private$.flat <- flat
       invisible(self)
     },
     #' @field history The [fed_history] of the rounds run (read-only).
     history = function(value) {
       if (!missing(value)) fedagg_abort("{.field history} is read-only.")
       new_fed_history(private$.records, private$.model, self$settings)
+    },
+    #' @field timings Wall-clock seconds per round, evaluation included
+    #'   (read-only data frame; kept out of the history so that same-seed
+    #'   histories are `identical()`).
+    timings = function(value) {
+      if (!missing(value)) fedagg_abort("{.field timings} is read-only.")
+      data.frame(round = seq_along(private$.seconds), seconds = as.double(private$.seconds))
+    },
+    #' @field stopped `NULL`, or how the last `fit()` ended early: a list of
+    #'   `round` and `reason` (read-only).
+    stopped = function(value) {
+      if (!missing(value)) fedagg_abort("{.field stopped} is read-only.")
+      private$.stopped
     },
     #' @field client_log Per round and client: samples, training loss and
     #'   aggregation weight (read-only data frame).
@@ -233,7 +293,7 @@ Server <- R6::R6Class("Server",
       if (!missing(value)) fedagg_abort("{.field nodes} is read-only.")
       private$.nodes
     },
-    #' @field model The model (read-only).
+    #' @field model The model, with the federation's `classes` (read-only).
     model = function(value) {
       if (!missing(value)) fedagg_abort("{.field model} is read-only.")
       private$.model
@@ -272,12 +332,26 @@ Server <- R6::R6Class("Server",
     .selection = NULL, .schedule = NULL, .weights = NULL, .local = NULL, .lr_schedule = NULL,
     .test = NULL, .eval_every = NULL, .seed = NULL, .threads = NULL, .hooks = NULL,
     .flat = NULL, .template = NULL, .round = 0L, .records = list(), .client_log = list(),
+    .seconds = numeric(), .stopped = NULL, .busy = FALSE,
+
+    # A deep clone gets its own nodes, so later per-node state cannot leak
+    # between the copies.
+    deep_clone = function(name, value) {
+      if (name == ".nodes") return(lapply(value, function(n) n$clone(deep = TRUE)))
+      value
+    },
 
     .run_round = function(r, last_round) {
+      if (private$.busy) abort_reentrant()
+      private$.busy <- TRUE
+      on.exit(private$.busy <- FALSE, add = TRUE)
       started <- proc.time()[["elapsed"]]
       ids <- self$select(r)
-      lr <- private$.lr_schedule(private$.local$lr, r, last_round)
-      call_hook(private$.hooks$round_start, server = self, round = r, clients = ids)
+      lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)
+      if (!is.null(private$.hooks$round_start)) {
+        call_user(private$.hooks$round_start, list(server = self, round = r, clients = ids),
+                  "The {.code round_start} hook", round = r)
+      }
       config <- private$.local
       config$lr <- lr
       config$seed <- derive_seed(private$.seed, r, 2L)
@@ -285,29 +359,34 @@ Server <- R6::R6Class("Server",
       old <- private$.flat
       proposed <- if (private$.algorithm == "fedsgd") old - lr * result$aggregate else result$aggregate
       if (!is.null(private$.hooks$server_update)) {
-        proposed <- private$.hooks$server_update(old = old, proposed = proposed, round = r, lr = lr)
+        proposed <- call_user(private$.hooks$server_update, list(old = old, proposed = proposed, round = r, lr = lr),
+                              "The {.code server_update} hook", round = r)
         if (!is.numeric(proposed) || length(proposed) != length(old)) {
-          fedagg_abort("The {.code server_update} hook must return {length(old)} numbers.", class = "hook")
+          fedagg_abort("The {.code server_update} hook must return {length(old)} numbers, not {obj_desc(proposed)} (round {r}).",
+                       class = "user_code", round = r)
         }
       }
       if (!all(is.finite(proposed))) {
         fedagg_abort(c("Round {r} produced non-finite global parameters; the model is unchanged.",
-                       i = "Try a smaller {.arg lr}."), class = "diverged")
+                       i = "Try a smaller {.arg lr}."), class = "diverged", round = r)
       }
       evaluated <- r %% private$.eval_every == 0L || r == last_round
-      metrics <- if (evaluated) private$.evaluate_all(proposed) else list()
+      metrics <- if (evaluated) private$.evaluate_all(proposed, r) else list()
       info <- result$info
       record <- c(list(round = r, clients = length(ids), lr = lr,
                        train_loss = stats::weighted.mean(info$train_loss, info$weight),
                        loss_spread = if (length(ids) > 1L) stats::sd(info$train_loss) else NA_real_),
-                  private$.metric_slots(metrics),
-                  list(elapsed = proc.time()[["elapsed"]] - started))
+                  private$.metric_slots(metrics))
       # Commit: nothing above changed the server.
       private$.flat <- as.double(proposed)
       private$.round <- r
       private$.records[[length(private$.records) + 1L]] <- record
       private$.client_log[[length(private$.client_log) + 1L]] <- c(list(round = r), info)
-      call_hook(private$.hooks$round_end, server = self, round = r, record = record)
+      private$.seconds[r] <- proc.time()[["elapsed"]] - started
+      if (!is.null(private$.hooks$round_end)) {
+        call_user(private$.hooks$round_end, list(server = self, round = r, record = record),
+                  sprintf("The `round_end` hook (round %d is kept)", r), round = r)
+      }
       invisible(record)
     },
 
@@ -331,7 +410,7 @@ Server <- R6::R6Class("Server",
         out <- call_rust(rs_train_round(model$sizes, model$head, private$.flat, unname(train), unname(val),
                                         as.double(idx), rust_config(config, rule),
                                         resolve_threads(private$.threads)))
-        if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round)
+        if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
         # A plain list: a data frame per round costs more than a small round.
         info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,
                      val_loss = nan_to_na(out$val_loss), val_metric = nan_to_na(out$val_metric),
@@ -339,9 +418,12 @@ Server <- R6::R6Class("Server",
         if (rule != "collect") return(list(aggregate = out$aggregate, info = info))
         vectors <- out$collected
       } else {
-        res <- custom_round(nodes, model, private$.flat, private$.template, config, idx, rule)
+        res <- custom_round(nodes, model, private$.flat, private$.template, config, idx, rule, round)
         failed <- which(!vapply(res, function(x) isTRUE(x$ok), logical(1)))
-        if (length(failed)) abort_client_failure(ids[failed[1]], res[[failed[1]]]$message, round)
+        if (length(failed)) {
+          f <- res[[failed[1]]]
+          abort_client_failure(ids[failed[1]], f$message, round, kind = f$kind, parent = f$parent)
+        }
         vectors <- lapply(res, `[[`, "vector")
         info <- list(client = ids, n_samples = vapply(res, `[[`, numeric(1), "n_samples"),
                      train_loss = vapply(res, `[[`, numeric(1), "train_loss"),
@@ -354,21 +436,21 @@ Server <- R6::R6Class("Server",
       }
       if (rule == "collect") info$weight <- call_weight_function(private$.weights, info, round)
       if (sum(info$weight) <= 0) {
-        fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights")
+        fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
       }
       list(aggregate = weighted_aggregate(vectors, weights = info$weight, threads = private$.threads),
            info = info)
     },
 
-    .evaluate_all = function(flat) {
+    .evaluate_all = function(flat, round = NULL) {
       out <- list()
       m <- metric_name(private$.model)
       if (!is.null(private$.test)) {
-        ev <- private$.evaluate_test(flat)
+        ev <- private$.evaluate_test(flat, round)
         out$test_loss <- ev$loss
         out[[paste0("test_", m)]] <- ev$metric
       }
-      per_client <- private$.evaluate_clients(flat)
+      per_client <- private$.evaluate_clients(flat, round)
       if (!is.null(per_client)) {
         w <- per_client$n
         out$val_loss <- sum(w * per_client$loss) / sum(w)
@@ -378,28 +460,28 @@ Server <- R6::R6Class("Server",
       out
     },
 
-    .evaluate_test = function(flat) {
+    .evaluate_test = function(flat, round = NULL) {
       model <- private$.model
       test <- private$.test
       if (is_builtin(model)) {
         if (is.null(test$handle) || !rs_dataset_valid(test$handle)) {
-          test$handle <- rs_dataset(as.double(test$x), nrow(test$x), ncol(test$x), test$y)
+          test$handle <- call_rust(rs_dataset(as.double(test$x), nrow(test$x), ncol(test$x), test$y))
           private$.test <- test
         }
         out <- call_rust(rs_evaluate(model$sizes, model$head, flat, list(test$handle), resolve_threads(private$.threads)))
         return(list(n = out$n, loss = out$loss, metric = out$metric))
       }
-      evaluate_custom(model, relist_like(flat, private$.template), test$x, test$y)
+      evaluate_custom(model, relist_like(flat, private$.template), test$x, test$y, round = round)
     },
 
-    .evaluate_clients = function(flat) {
+    .evaluate_clients = function(flat, round = NULL) {
       model <- private$.model
       nodes <- Filter(function(n) n$has_validation, private$.nodes)
       if (!length(nodes)) return(NULL)
       if (is_builtin(model)) {
         handles <- lapply(nodes, function(n) n$data_handle(model, "validation"))
         out <- call_rust(rs_evaluate(model$sizes, model$head, flat, unname(handles), resolve_threads(private$.threads)))
-        if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message)
+        if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, round, kind = out$kind)
         return(metric_frame(names(nodes), out$n, out$loss, out$metric, model))
       }
       params <- relist_like(flat, private$.template)
@@ -408,212 +490,38 @@ Server <- R6::R6Class("Server",
   )
 )
 
-#' Build a federated simulation
-#'
-#' `fed_server()` creates a [Server] from a model and nodes, with every lever
-#' of a FedAvg or FedSGD run. Then `$fit(rounds)` runs it and returns a
-#' [fed_history].
-#'
-#' * **FedAvg** (McMahan et al. 2017): each selected client runs `epochs`
-#'   epochs of minibatch SGD from the global parameters; the server takes the
-#'   weighted mean of the returned models.
-#' * **FedSGD**: each selected client returns its full-batch gradient at the
-#'   global parameters; the server steps `params - lr * weighted mean
-#'   gradient`.
-#'
-#' @param model A [model][models].
-#' @param nodes A list of [Node]s (see [fed_nodes()]), or one node.
-#' @param algorithm `"fedavg"` or `"fedsgd"`.
-#' @param fraction Client fraction C in (0, 1]: `max(min_clients,
-#'   floor(C * n_nodes))` clients per round, sampled uniformly without
-#'   replacement with a seed derived from `seed` and the round.
-#' @param min_clients Minimum clients per round.
-#' @param selection `"uniform"` or `function(round, n, clients)` returning
-#'   node ids (`clients` is a data frame of `id` and `n_samples`): the place
-#'   for other selection strategies.
-#' @param schedule Optional list with the node ids (or positions) of every
-#'   round, to replay another tool's run; overrides `fraction` and
-#'   `selection`.
-#' @param weights Aggregation weights: `"samples"` (FedAvg's default),
-#'   `"equal"`, `"accuracy"` (each trained model's accuracy on its node's
-#'   validation data; every node needs validation data), or
-#'   `function(info)` returning one non-negative weight per row of `info`
-#'   (a data frame of `client`, `n_samples`, `train_loss`, `val_loss`,
-#'   `val_metric`).
-#' @param epochs,batch_size,weight_decay,momentum,shuffle Local training
-#'   settings (see [train_config()]); `batch_size = Inf` is full batch.
-#' @param lr Initial learning rate.
-#' @param lr_schedule A [learning-rate schedule][lr_schedules] or its name.
-#' @param test_data Optional global test set, `list(x = , y = )`.
-#' @param eval_every Evaluate every this many rounds (and at the last round
-#'   of each `fit()`).
-#' @param seed Seed of selection, shuffling and initialisation (`NULL`: drawn
-#'   from R's RNG, so `set.seed()` applies).
-#' @param threads Threads for Rust (`NULL`: option `fedagg.threads`, else all
-#'   cores). Results do not depend on it.
-#' @param hooks Named list of functions: `round_start`, `server_update`,
-#'   `round_end` (see [Server]).
-#' @param params Optional starting parameters (default: [init_params()]).
-#' @return A [Server].
-#' @examples
-#' data <- synthetic_fedprox(1, 1, n_clients = 20, seed = 42)
-#' srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.25,
-#'                   epochs = 1, batch_size = 10, lr = 0.05,
-#'                   test_data = pool_clients(data, "test"), seed = 1)
-#' hist <- srv$fit(10, verbose = FALSE)
-#' hist
-#' summary(hist)
-#' plot(hist)
-#' @export
-fed_server <- function(model, nodes, algorithm = c("fedavg", "fedsgd"), fraction = 0.1, min_clients = 1,
-                       selection = "uniform", schedule = NULL, weights = "samples", epochs = 1,
-                       batch_size = 10, lr = 0.01, lr_schedule = lr_constant(), weight_decay = 0,
-                       momentum = 0, shuffle = TRUE, test_data = NULL, eval_every = 1, seed = NULL,
-                       threads = NULL, hooks = list(), params = NULL) {
-  Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
-             min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
-             epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,
-             weight_decay = weight_decay, momentum = momentum, shuffle = shuffle, test_data = test_data,
-             eval_every = eval_every, seed = seed, threads = threads, hooks = hooks, params = params)
+abort_reentrant <- function(call = rlang::caller_env()) {
+  fedagg_abort(c("A round is already running on this server.",
+                 i = "Hooks and selection functions must not call {.code $round()}, {.code $fit()} or set {.field params}."),
+               class = "reentrant", call = call)
+}
+
+# The learning rate of a round, checked: a schedule never makes a round
+# train with a rate that is zero, negative, non-finite or above the base rate.
+scheduled_lr <- function(schedule, base, round, last_round, call = rlang::caller_env()) {
+  lr <- schedule(base, round, last_round)
+  if (!is.numeric(lr) || length(lr) != 1L || !is.finite(lr) || lr <= 0) {
+    fedagg_abort(c("The learning-rate schedule gave lr = {format(lr)} for round {round}.",
+                   i = "A round needs a positive learning rate; use a slower decay or fewer rounds."),
+                 class = "input", round = round, call = call)
+  }
+  if (lr > base * (1 + 1e-12)) {
+    fedagg_abort("The learning-rate schedule raised lr above the base rate {base} in round {round} (to {lr}).",
+                 class = "input", round = round, call = call)
+  }
+  lr
 }
 
 algorithm_label <- function(algorithm) c(fedavg = "FedAvg", fedsgd = "FedSGD")[[algorithm]]
-
-assert_nodes <- function(nodes, model, call = rlang::caller_env()) {
-  if (inherits(nodes, "Node")) nodes <- list(nodes)
-  if (!is.list(nodes) || !length(nodes)) {
-    fedagg_abort("{.arg nodes} must be a non-empty list of nodes from {.fn fed_nodes}, not {obj_desc(nodes)}.", call = call)
-  }
-  not_node <- which(!vapply(nodes, inherits, logical(1), "Node"))
-  if (length(not_node)) {
-    fedagg_abort("{.arg nodes} element {not_node[1]} is {obj_desc(nodes[[not_node[1]]])}, not a {.cls Node}.", call = call)
-  }
-  ids <- vapply(nodes, function(n) n$id, character(1))
-  dup <- ids[duplicated(ids)]
-  if (length(dup)) fedagg_abort("{.arg nodes} must have distinct ids; {.val {dup[1]}} appears twice.", call = call)
-  for (n in nodes) n$check_model(model)
-  stats::setNames(nodes, ids)
-}
-
-assert_selection <- function(selection, call = rlang::caller_env()) {
-  if (is.function(selection) || identical(selection, "uniform")) return(selection)
-  fedagg_abort("{.arg selection} must be {.val uniform} or a function, not {obj_desc(selection)}.", call = call)
-}
-
-assert_schedule <- function(schedule, ids, call = rlang::caller_env()) {
-  if (is.null(schedule)) return(NULL)
-  if (!is.list(schedule) || !length(schedule)) {
-    fedagg_abort("{.arg schedule} must be a list with the node ids of each round, not {obj_desc(schedule)}.", call = call)
-  }
-  lapply(seq_along(schedule), function(r) {
-    check_ids(schedule[[r]], ids, sprintf("`schedule` round %d", r), call = call)
-  })
-}
-
-check_ids <- function(chosen, ids, what, call = rlang::caller_env()) {
-  if (is.numeric(chosen)) {
-    if (any(is.na(chosen)) || any(chosen < 1 | chosen > length(ids) | chosen != round(chosen))) {
-      fedagg_abort("{what} has positions outside 1..{length(ids)}.", class = "schedule", call = call)
-    }
-    chosen <- ids[chosen]
-  }
-  if (!is.character(chosen) || !length(chosen)) {
-    fedagg_abort("{what} must give at least one node id, not {obj_desc(chosen)}.", class = "schedule", call = call)
-  }
-  unknown <- setdiff(chosen, ids)
-  if (length(unknown)) fedagg_abort("{what} names unknown node{?s} {.val {unknown}}.", class = "schedule", call = call)
-  if (anyDuplicated(chosen)) fedagg_abort("{what} selects a node twice.", class = "schedule", call = call)
-  chosen
-}
-
-assert_weight_rule <- function(weights, model, nodes, call = rlang::caller_env()) {
-  if (is.function(weights)) return(weights)
-  rules <- c("samples", "equal", "accuracy")
-  if (!is.character(weights) || length(weights) != 1L || !weights %in% rules) {
-    fedagg_abort("{.arg weights} must be {.or {.val {rules}}} or a function, not {obj_desc(weights)}.", call = call)
-  }
-  if (weights == "accuracy") {
-    missing_val <- names(nodes)[!vapply(nodes, function(n) n$has_validation, logical(1))]
-    if (length(missing_val)) {
-      fedagg_abort(c("{.code weights = \"accuracy\"} needs validation data on every node.",
-                     x = "Node{?s} {.val {missing_val}} ha{?s/ve} none; see {.arg validation} in {.fn fed_nodes}."),
-                   class = "client", client = missing_val[1], call = call)
-    }
-  }
-  weights
-}
-
-call_weight_function <- function(fun, info, round, call = rlang::caller_env()) {
-  info <- as.data.frame(info[c("client", "n_samples", "train_loss", "val_loss", "val_metric")],
-                        stringsAsFactors = FALSE)
-  w <- tryCatch(fun(info),
-                error = function(e) fedagg_abort(c("The {.arg weights} function failed in round {round}.",
-                                                   x = conditionMessage(e)), class = "weights", call = call))
-  assert_weights(w, nrow(info), arg = "weights", call = call)
-}
-
-assert_test_data <- function(test_data, model, call = rlang::caller_env()) {
-  if (!is.list(test_data) || !all(c("x", "y") %in% names(test_data))) {
-    fedagg_abort("{.arg test_data} must be {.code list(x = , y = )}, not {obj_desc(test_data)}.", call = call)
-  }
-  check_xy(test_data$x, test_data$y, model, "test_data$x", "test_data$y", call = call)
-}
-
-assert_hooks <- function(hooks, call = rlang::caller_env()) {
-  known <- c("round_start", "server_update", "round_end")
-  if (!is.list(hooks) || (length(hooks) && is.null(names(hooks)))) {
-    fedagg_abort("{.arg hooks} must be a named list of functions.", call = call)
-  }
-  unknown <- setdiff(names(hooks), known)
-  if (length(unknown)) {
-    fedagg_abort(c("{.arg hooks} has an unknown hook {.val {unknown[1]}}.", i = "Hooks are {.val {known}}."), call = call)
-  }
-  not_fun <- names(hooks)[!vapply(hooks, is.function, logical(1))]
-  if (length(not_fun)) fedagg_abort("Hook {.val {not_fun[1]}} must be a function.", call = call)
-  hooks
-}
-
-nan_to_na <- function(x) {
-  x[is.nan(x)] <- NA_real_
-  x
-}
-
-call_hook <- function(hook, ...) if (!is.null(hook)) hook(...)
-
-# Trains custom-model clients in R: in parallel with future.apply when the
-# user has set a non-sequential plan, else one after the other.
-custom_round <- function(nodes, model, flat, template, config, idx, rule) {
-  params <- relist_like(flat, template)
-  want_val <- rule %in% c("accuracy", "collect")
-  work <- function(j) {
-    node <- nodes[[j]]
-    cfg <- config
-    cfg$stream <- idx[j]
-    tryCatch({
-      out <- node$train(params, cfg)
-      val <- if (want_val && node$has_validation) node$evaluate(out$params, model) else NULL
-      list(ok = TRUE, vector = flatten_any(out$params, "params", NULL), n_samples = out$n_samples,
-           train_loss = out$train_loss, val_loss = if (is.null(val)) NA_real_ else val$loss,
-           val_metric = if (is.null(val)) NA_real_ else val[[metric_name(model)]])
-    }, fedagg_error_client = function(e) {
-      list(ok = FALSE, message = cli::ansi_strip(paste(e$body %||% conditionMessage(e), collapse = " ")))
-    })
-  }
-  if (use_future()) {
-    future.apply::future_lapply(seq_along(nodes), work, future.seed = FALSE)
-  } else {
-    lapply(seq_along(nodes), work)
-  }
-}
-
-use_future <- function() {
-  requireNamespace("future.apply", quietly = TRUE) && requireNamespace("future", quietly = TRUE) &&
-    !inherits(future::plan(), "sequential")
-}
 
 progress_status <- function(record) {
   out <- sprintf("loss %.4f", record$train_loss)
   metric <- main_metric(record)
   if (metric != "train_loss") out <- paste0(out, sprintf(" | %s %.4f", sub("_", " ", metric), record[[metric]]))
   out
+}
+
+nan_to_na <- function(x) {
+  x[is.nan(x)] <- NA_real_
+  x
 }

@@ -7,6 +7,19 @@
 #' on every call). The training loss reported is the mean over all samples
 #' seen, each scored just before its step.
 #'
+#' Conventions a reference implementation needs to match fedagg exactly:
+#' * Each epoch visits every row once, in minibatches of `batch_size` rows;
+#'   when `batch_size` does not divide the rows, the short last minibatch is
+#'   kept and its gradient is the mean over its own rows.
+#' * With `shuffle = TRUE` the order is a seeded permutation drawn anew each
+#'   epoch; with `shuffle = FALSE` rows are used in their stored order.
+#' * FedSGD (`algorithm = "fedsgd"`): the client's gradient is the full-batch
+#'   mean gradient at the global parameters plus `weight_decay * params`
+#'   (weight decay enters FedSGD's gradient too); the training loss reported
+#'   is the full-batch loss at the global parameters, without the penalty.
+#' * A local run fails (class `fedagg_error_diverged`) as soon as its loss or
+#'   parameters are not finite.
+#'
 #' @param model A [model][models].
 #' @param algorithm `"fedavg"` (local SGD, send parameters) or `"fedsgd"`
 #'   (send the full-batch gradient at the given parameters).
@@ -26,7 +39,7 @@
 train_config <- function(model, algorithm = c("fedavg", "fedsgd"), epochs = 1, batch_size = 10, lr = 0.01,
                          weight_decay = 0, momentum = 0, shuffle = TRUE, seed = 1, stream = 1) {
   assert_model(model)
-  algorithm <- match.arg(algorithm)
+  algorithm <- assert_choice(algorithm, c("fedavg", "fedsgd"))
   if (!identical(batch_size, Inf)) batch_size <- assert_count(batch_size, min = 1L)
   structure(list(
     model = model,
@@ -78,10 +91,16 @@ custom_local_train <- function(model, params, x, y, config) {
   n <- nrow(x)
   loss_grad_at <- function(theta, rows) {
     out <- tryCatch(model$loss_grad(relist_like(theta, template), x[rows, , drop = FALSE], y[rows]),
-                    error = function(e) local_failure(paste("loss_grad() failed:", conditionMessage(e))))
+                    error = function(e) local_failure("the custom model's loss_grad() failed", "user_code", e))
     grad <- if (is.list(out)) unlist(out$grad, use.names = FALSE)
     if (!is.numeric(grad) || length(grad) != length(theta) || !is.numeric(out$loss) || length(out$loss) != 1L) {
-      local_failure("the custom loss_grad() must return list(loss = <number>, grad = <shaped like params>)")
+      local_failure("the custom loss_grad() must return list(loss = <number>, grad = <shaped like params>)",
+                    "user_code")
+    }
+    if (!is.finite(out$loss) || !all(is.finite(grad))) {
+      local_failure(sprintf("training diverged: loss_grad() returned a non-finite %s (try a smaller learning rate)",
+                            if (!is.finite(out$loss)) sprintf("loss (%s)", format(out$loss)) else "gradient"),
+                    "diverged")
     }
     list(loss = out$loss, grad = grad + config$weight_decay * theta)
   }
@@ -109,15 +128,16 @@ custom_local_train <- function(model, params, x, y, config) {
       }
     }
     if (!all(is.finite(theta))) {
-      local_failure("training diverged: the parameters became non-finite (try a smaller learning rate)")
+      local_failure("training diverged: the parameters became non-finite (try a smaller learning rate)", "diverged")
     }
   }
   list(vector = theta, n_samples = n, train_loss = loss_sum / (n * config$epochs))
 }
 
 # A failure inside one client's local work; callers add the client and round.
-local_failure <- function(message) {
-  rlang::abort(message, class = "fedagg_local_failure")
+# `kind` is the class the caller raises: "client", "diverged" or "user_code".
+local_failure <- function(message, kind = "client", parent = NULL) {
+  rlang::abort(message, class = "fedagg_local_failure", kind = kind, parent = parent)
 }
 
 # A seed for (seed, a, b) that stays a valid integer seed.
@@ -130,24 +150,32 @@ derive_seed <- function(seed, a, b = 0) {
 #' The learning rate clients use in round `r` (counting from 1), given the
 #' initial rate `lr`:
 #' * `lr_constant()`: `lr`.
-#' * `lr_step(gamma, every)`: `lr * gamma^floor((r - 1) / every)` (the
-#'   seed project decayed by 0.9 every 3 rounds).
+#' * `lr_step(gamma, every)`: `lr * gamma^floor((r - 1) / every)` (for
+#'   example 0.9 every 3 rounds).
 #' * `lr_exponential(gamma)`: `lr * gamma^(r - 1)`.
-#' * `lr_cosine(min_lr, period)`: `min_lr + (lr - min_lr) * (1 + cos(pi *
-#'   (r - 1) / period)) / 2`; `period` defaults to the last round of the
-#'   current `fit()`.
+#' * `lr_cosine(period, min_lr)`: cosine annealing as PyTorch's
+#'   `CosineAnnealingLR`, `min_lr + (lr - min_lr) * (1 + cos(pi * min(r - 1,
+#'   period) / period)) / 2`, so the last round of a period still trains
+#'   (its rate is above `min_lr`); `period` defaults to the number of rounds
+#'   of the current `fit()`.
+#'
+#' No schedule raises the rate above `lr`, and a server refuses a round
+#' whose rate is not a positive finite number (an exponential decay run
+#' long enough underflows to 0), with an error naming the round.
 #'
 #' @param gamma Decay factor in (0, 1].
 #' @param every Rounds between step decays.
-#' @param min_lr Floor of the cosine schedule.
-#' @param period Rounds of one cosine half-period (`NULL`: until the end of
-#'   the `fit()` call).
+#' @param min_lr Floor of the cosine schedule, `>= 0` and below the base
+#'   rate.
+#' @param period Rounds of one cosine half-period (`NULL`: the rounds of the
+#'   `fit()` call).
 #' @return A `fed_lr_schedule`: call it as `schedule(lr, round, rounds)`.
 #' @examples
 #' s <- lr_step(0.9, every = 3)
 #' s
 #' s(0.1, 1:7)
 #' lr_cosine()(0.1, 1:5, rounds = 5)
+#' lr_cosine(period = 20, min_lr = 0.001)
 #' @name lr_schedules
 NULL
 
@@ -176,13 +204,16 @@ lr_exponential <- function(gamma = 0.98) {
 
 #' @rdname lr_schedules
 #' @export
-lr_cosine <- function(min_lr = 0, period = NULL) {
-  min_lr <- assert_number(min_lr, 0)
+lr_cosine <- function(period = NULL, min_lr = 0) {
   period <- assert_count(period, min = 1L, allow_null = TRUE)
+  min_lr <- assert_number(min_lr, 0)
   new_lr_schedule(sprintf("cosine (to %s%s)", format(min_lr), if (is.null(period)) "" else sprintf(" over %d rounds", period)),
                   function(lr, round, rounds = NULL) {
+                    if (min_lr >= lr) {
+                      fedagg_abort("The cosine schedule's {.arg min_lr} ({min_lr}) must be below the base learning rate ({lr}).")
+                    }
                     t <- period %||% rounds %||% max(round)
-                    progress <- pmin((round - 1) / max(t - 1, 1), 1)
+                    progress <- pmin(round - 1, t) / t
                     min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2
                   })
 }
@@ -202,11 +233,10 @@ print.fed_lr_schedule <- function(x, ...) {
 
 as_lr_schedule <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
   if (inherits(x, "fed_lr_schedule")) return(x)
-  if (is.character(x) && length(x) == 1L) {
-    return(switch(x, constant = lr_constant(), step = lr_step(), exponential = lr_exponential(),
-                  cosine = lr_cosine(),
-                  fedagg_abort("{.arg {arg}} must be {.or {.val {c('constant', 'step', 'exponential', 'cosine')}}}, not {.val {x}}.",
-                               call = call)))
+  if (is.character(x) && length(x) == 1L && !is.na(x)) {
+    name <- assert_choice(x, c("constant", "step", "exponential", "cosine"), arg = arg, call = call)
+    return(switch(name, constant = lr_constant(), step = lr_step(), exponential = lr_exponential(),
+                  cosine = lr_cosine()))
   }
   fedagg_abort("{.arg {arg}} must be a schedule such as {.code lr_step()}, not {obj_desc(x)}.", call = call)
 }

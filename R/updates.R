@@ -58,8 +58,30 @@ shape_attrs <- function(x) {
   a[!vapply(a, is.null, logical(1))]
 }
 
+# Named coordinates are matched by name, not position: c(a = 1, b = 2) and
+# c(b = 3, a = 4) average to c(a = 2.5, b = 2.5). Clients whose names differ
+# from client 1's (other names, some missing, duplicates) are an error.
+align_names <- function(x, first, k, what, arg, call) {
+  ref <- names(first)
+  if (is.null(ref) && is.null(names(x))) return(x)
+  if (!is.null(dim(first)) || !is.null(dim(x))) return(x)
+  if (!is.null(ref) && anyDuplicated(ref)) {
+    fedagg_abort("Client 1{what} in {.arg {arg}} has duplicated names ({.val {ref[duplicated(ref)][1]}}).",
+                 class = "client", client = 1L, call = call)
+  }
+  if (identical(names(x), ref)) return(x)
+  if (is.null(ref) || is.null(names(x)) || anyDuplicated(names(x)) || !setequal(names(x), ref)) {
+    show <- function(v) if (is.null(v)) "no names" else cli::format_inline("names {.val {utils::head(v, 5)}}")
+    fedagg_abort(c("Client updates in {.arg {arg}} must have the same names.",
+                   x = "Client {k}{what} has {show(names(x))}; client 1 has {show(ref)}."),
+                 class = "client", client = k, call = call)
+  }
+  x[ref]
+}
+
 update_set_from_vectors <- function(updates, arg, call) {
   first <- client_array(updates[[1]], 1L, "", arg, call)
+  align_names(first, first, 1L, "", arg, call)
   clients <- vector("list", length(updates))
   for (k in seq_along(updates)) {
     if (is.list(updates[[k]])) {
@@ -69,7 +91,7 @@ update_set_from_vectors <- function(updates, arg, call) {
     }
     x <- client_array(updates[[k]], k, "", arg, call)
     check_same_shape(x, first, k, "", arg, call)
-    clients[[k]] <- x
+    clients[[k]] <- align_names(x, first, k, "", arg, call)
   }
   list(layers = list(clients), n_clients = length(updates),
        template = list(kind = "vector", attrs = shape_attrs(first)), names = names(updates))
@@ -82,6 +104,10 @@ update_set_from_layers <- function(updates, arg, call) {
     fedagg_abort("Client 1 in {.arg {arg}} has no layers.", class = "client", client = 1L, call = call)
   }
   n_layers <- length(first)
+  if (!is.null(layer_names) && (anyNA(layer_names) || anyDuplicated(layer_names))) {
+    fedagg_abort("Client 1 in {.arg {arg}} has duplicated or missing layer names.", class = "client", client = 1L,
+                 call = call)
+  }
   layers <- rep(list(vector("list", length(updates))), n_layers)
   for (k in seq_along(updates)) {
     u <- updates[[k]]
@@ -89,6 +115,11 @@ update_set_from_layers <- function(updates, arg, call) {
       fedagg_abort(c("Client updates in {.arg {arg}} must all be vectors or all be lists of layers.",
                      x = "Client {k} is {obj_desc(u)}, client 1 is a list."),
                    class = "client", client = k, call = call)
+    }
+    # Layers, too, are matched by name.
+    if (!is.null(layer_names) && length(u) == n_layers && !anyDuplicated(names(u)) &&
+        setequal(names(u), layer_names)) {
+      u <- u[layer_names]
     }
     if (length(u) != n_layers || !identical(names(u), layer_names)) {
       describe <- function(v) if (is.null(names(v))) paste(length(v), "unnamed layers")
@@ -100,8 +131,9 @@ update_set_from_layers <- function(updates, arg, call) {
     for (l in seq_len(n_layers)) {
       what <- paste0(", layer ", if (is.null(layer_names)) l else encodeString(layer_names[l], quote = "\""))
       x <- client_array(u[[l]], k, what, arg, call)
-      check_same_shape(x, updates[[1]][[l]], k, what, arg, call)
-      layers[[l]][[k]] <- x
+      first_l <- client_array(first[[l]], 1L, what, arg, call)
+      check_same_shape(x, first_l, k, what, arg, call)
+      layers[[l]][[k]] <- align_names(x, first_l, k, what, arg, call)
     }
   }
   template <- list(kind = "layers", names = layer_names,

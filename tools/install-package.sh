@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs fedagg from this checkout into the first writable library, making
 # the user library when there is none (as R's install.packages() offers to).
+# It builds the source tarball first, so the vignettes are installed too
+# (vignette("simulation", package = "fedagg")).
 set -euo pipefail
 R=${R:-R}
 lib=$(Rscript -e 'w <- .libPaths()[file.access(.libPaths(), 2) == 0]; cat(if (length(w)) w[1] else "")')
@@ -9,4 +11,11 @@ if [ -z "$lib" ]; then
   mkdir -p "$lib"
   echo "Installing into the user library $lib"
 fi
-"$R" CMD INSTALL --no-multiarch --library="$lib" .
+root=$(pwd)
+build=$(mktemp -d)
+trap 'rm -rf "$build"' EXIT
+# One cargo target directory for the build's own install and the final one.
+export FEDAGG_CARGO_TARGET_DIR="${FEDAGG_CARGO_TARGET_DIR:-$root/check/cargo-target}"
+mkdir -p "$FEDAGG_CARGO_TARGET_DIR"
+(cd "$build" && "$R" CMD build --no-manual "$root")
+"$R" CMD INSTALL --no-multiarch --library="$lib" "$build"/fedagg_*.tar.gz

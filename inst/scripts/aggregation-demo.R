@@ -8,10 +8,11 @@
 # land to the true update, then show clipping, DP noise and a drift check.
 #
 # Run: Rscript inst/scripts/aggregation-demo.R [output.png]
+# (without a path, the plot goes to a temporary file, not the working tree)
 suppressPackageStartupMessages(library(fedagg))
 
 args <- commandArgs(trailingOnly = TRUE)
-out_png <- if (length(args)) args[1] else "fedagg-aggregation.png"
+out_png <- if (length(args)) args[1] else file.path(tempdir(), "fedagg-aggregation.png")
 set.seed(2026)
 
 n_clients <- 40

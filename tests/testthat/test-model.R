@@ -78,7 +78,8 @@ test_that("predictions match plain R", {
   p <- random_params(m, 1)
   z <- ref_forward(p, d$x, "softmax")$out
   probs <- exp(z) / rowSums(exp(z))
-  expect_equal(predict(m, p, d$x), probs, tolerance = 1e-12)
+  expect_equal(unname(predict(m, p, d$x)), probs, tolerance = 1e-12)
+  expect_identical(colnames(predict(m, p, d$x)), c("0", "1", "2"))
   expect_identical(predict(m, p, d$x, type = "class"), max.col(z, "first") - 1L)
   lm <- model_logistic(4)
   lp <- random_params(lm, 3)

@@ -144,7 +144,11 @@ test_that("aggregation weights: equal, accuracy and functions match plain R", {
 test_that("learning-rate schedules follow their closed forms", {
   expect_equal(lr_step(0.9, 3)(0.1, 1:7), 0.1 * 0.9^c(0, 0, 0, 1, 1, 1, 2))
   expect_equal(lr_exponential(0.5)(1, 1:4), c(1, 0.5, 0.25, 0.125))
-  expect_equal(lr_cosine(0.01)(0.1, c(1, 3, 5), rounds = 5), c(0.1, 0.055, 0.01))
+  # PyTorch's CosineAnnealingLR: eta_min + (eta_max - eta_min) * (1 + cos(pi * t / T)) / 2, t = r - 1.
+  cosine_ref <- function(r, T, lr, min_lr) min_lr + (lr - min_lr) * (1 + cos(pi * (r - 1) / T)) / 2
+  expect_equal(lr_cosine(min_lr = 0.01)(0.1, 1:5, rounds = 5), cosine_ref(1:5, 5, 0.1, 0.01))
+  expect_equal(lr_cosine(4)(0.1, 1:6), c(cosine_ref(1:5, 4, 0.1, 0), 0))
+  expect_true(all(lr_cosine()(0.1, 1:30, rounds = 30) > 0))
   expect_equal(lr_constant()(0.3, 1:3), rep(0.3, 3))
   d <- toy_classes(60, seed = 26)
   srv <- fed_server(model_softmax(4, 3), split_nodes(d, 3), fraction = 1, lr = 0.2, lr_schedule = "step", seed = 1)
