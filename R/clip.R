@@ -77,6 +77,9 @@ update_norms <- function(updates, threads = NULL) {
   if (!is.null(labels)) {
     for (l in seq_len(n_layers)) out[[labels[l]]] <- per_layer[, l]
   }
-  out$norm <- sqrt(rowSums(per_layer^2))
+  # Scaled by each row's largest layer norm, so huge norms do not overflow.
+  scale <- apply(per_layer, 1, max)
+  scale[scale == 0] <- 1
+  out$norm <- scale * sqrt(rowSums((per_layer / scale)^2))
   out
 }

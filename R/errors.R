@@ -39,6 +39,7 @@ call_rust <- function(expr, call = rlang::caller_env()) {
     headline <- switch(parsed$kind,
       memory = "Not enough memory for this computation.",
       diverged = "Training diverged.",
+      input = "fedagg's Rust core cannot use this input.",
       "Computation failed in fedagg's Rust core."
     )
     fedagg_abort(headline, class = parsed$kind, foreign = c(x = parsed$text), call = call)

@@ -143,7 +143,18 @@ metric_labels <- c(
   val_loss = "Validation loss", val_accuracy = "Validation accuracy", val_rmse = "Validation RMSE"
 )
 
-metric_label <- function(col) ifelse(col %in% names(metric_labels), metric_labels[col], col)
+metric_label <- function(col) unname(ifelse(col %in% names(metric_labels), metric_labels[col], col))
+
+# In a panel of one kind of value, the legend names only the data split.
+split_label <- function(cols) {
+  unname(c(train = "Training (clients' own data)", test = "Test", val = "Validation")[sub("_.*$", "", cols)])
+}
+
+panel_title <- function(cols) {
+  kind <- unique(sub("^[a-z]+_", "", cols))
+  if (length(kind) != 1L) return(paste(metric_label(cols), collapse = ", "))
+  c(loss = "Loss", accuracy = "Accuracy", rmse = "RMSE")[[kind]] %||% kind
+}
 
 #' @rdname fed_history
 #' @export
@@ -156,19 +167,20 @@ plot.fed_history <- function(x, metric = NULL, ...) {
   for (cols_here in panels) {
     values <- unlist(x[cols_here])
     y <- range(values[!is.na(values)])
-    is_loss <- all(grepl("loss", cols_here))
-    ylab <- if (length(cols_here) == 1L) metric_label(cols_here) else if (is_loss) "Loss" else "Metric"
+    ylab <- if (length(cols_here) == 1L) metric_label(cols_here) else panel_title(cols_here)
     # Room above the curves for the legend, so it never hides them.
-    ylim <- if (length(cols_here) > 1L) c(y[1], y[2] + 0.25 * diff(y) + 1e-12) else y
-    plot(range(x$round), ylim, type = "n", xlab = "Round", ylab = ylab,
-         main = if (is_loss) "Loss" else ylab, ...)
+    ylim <- if (length(cols_here) > 1L) c(y[1], y[2] + 0.12 * length(cols_here) * diff(y) + 1e-12) else y
+    plot(range(x$round), ylim, type = "n", xlab = "Round", ylab = ylab, main = panel_title(cols_here), ...)
     for (i in seq_along(cols_here)) {
       keep <- !is.na(x[[cols_here[i]]])
-      graphics::lines(x$round[keep], x[[cols_here[i]]][keep], col = cols[i], lwd = 2, type = if (sum(keep) < 2) "p" else "l")
+      # Later curves are dashed so that equal curves (a test set that is the
+      # nodes' validation data) stay visible.
+      graphics::lines(x$round[keep], x[[cols_here[i]]][keep], col = cols[i], lwd = 2, lty = i,
+                      type = if (sum(keep) < 2) "p" else "l")
     }
     if (length(cols_here) > 1L) {
-      graphics::legend("top", legend = metric_label(cols_here), col = cols[seq_along(cols_here)], lwd = 2,
-                       bty = "n", cex = 0.8, horiz = length(cols_here) <= 2L, ncol = if (length(cols_here) > 2L) 2L else 1L)
+      graphics::legend("topright", legend = split_label(cols_here), col = cols[seq_along(cols_here)], lwd = 2,
+                       lty = seq_along(cols_here), bty = "n", cex = 0.8)
     }
   }
   graphics::mtext(history_label(x), side = 3, line = 0.2, outer = TRUE, cex = 0.85)

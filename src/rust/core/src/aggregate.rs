@@ -112,7 +112,7 @@ pub fn weighted_mean_into(set: &UpdateSet, weights: &[f64], out: &mut [&mut [f64
 
 /// Weighted mean of every layer, allocating the result.
 pub fn weighted_mean(set: &UpdateSet, weights: &[f64]) -> CoreResult<Vec<Vec<f64>>> {
-    let mut out = set.zeroed_like();
+    let mut out = set.zeroed_like("the aggregated update")?;
     let mut views: Vec<&mut [f64]> = out.iter_mut().map(|v| v.as_mut_slice()).collect();
     weighted_mean_into(set, weights, &mut views)?;
     Ok(out)

@@ -1,5 +1,6 @@
 //! Two-sample Kolmogorov-Smirnov test, matching R's `stats::ks.test`.
 
+use crate::alloc::{try_copy, try_with_capacity};
 use crate::error::{invalid, CoreResult};
 use rayon::prelude::*;
 
@@ -23,15 +24,15 @@ pub struct KsResult {
 /// Samples larger than this are sorted in parallel.
 const PAR_SORT_MIN: usize = 1 << 15;
 
-fn sorted(x: &[f64]) -> Vec<f64> {
-    let mut v = x.to_vec();
+fn sorted(x: &[f64]) -> CoreResult<Vec<f64>> {
+    let mut v = try_copy(x, "a sorted copy of the sample")?;
     let cmp = |a: &f64, b: &f64| a.partial_cmp(b).expect("NaN is removed before sorting");
     if v.len() >= PAR_SORT_MIN {
         v.par_sort_unstable_by(cmp);
     } else {
         v.sort_unstable_by(cmp);
     }
-    v
+    Ok(v)
 }
 
 /// Walks the pooled sample in order. At the end of every run of equal values
@@ -151,6 +152,7 @@ pub fn ks_two_sample(x: &[f64], y: &[f64], alternative: Alternative, exact: Opti
         return invalid("x", "must not contain NaN");
     }
     let (xs, ys) = rayon::join(|| sorted(x), || sorted(y));
+    let (xs, ys) = (xs?, ys?);
     let (nx, ny) = (xs.len(), ys.len());
     let (mut d_plus, mut d_minus) = (0i128, 0i128);
     let mut groups = 0usize;
@@ -169,7 +171,8 @@ pub fn ks_two_sample(x: &[f64], y: &[f64], alternative: Alternative, exact: Opti
     let statistic = d_scaled as f64 / scale;
     let exact = exact.unwrap_or(scale < 10_000.0);
     let p_value = if exact {
-        let mut pooled: Vec<f64> = xs.iter().chain(&ys).copied().collect();
+        let mut pooled = try_with_capacity(nx + ny, "the pooled sample")?;
+        pooled.extend(xs.iter().chain(&ys).copied());
         pooled.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap());
         let boundary: Vec<bool> = (0..pooled.len())
             .map(|k| k + 1 == pooled.len() || pooled[k] != pooled[k + 1])

@@ -7,6 +7,7 @@
 //! order: the same inputs give bitwise-identical outputs on 1 or 64 threads.
 
 pub mod aggregate;
+pub mod alloc;
 pub mod error;
 pub mod ks;
 pub mod model;

@@ -7,7 +7,8 @@
 //! Flattening R's named list `list(W1, b1, W2, b2, ...)` with `unlist()` gives
 //! exactly this buffer, so nothing is reordered crossing the boundary.
 
-use crate::error::{invalid, CoreResult};
+use crate::alloc::{byte_size, try_copy, try_zeroed};
+use crate::error::{invalid, CoreError, CoreResult};
 use crate::rng::Rng;
 
 /// What the last layer's outputs mean, and which loss they are scored by.
@@ -66,20 +67,20 @@ pub struct Dataset {
 impl Dataset {
     /// From R's column-major `n x p` matrix.
     pub fn from_col_major(x: &[f64], n: usize, p: usize, y: &[f64]) -> CoreResult<Dataset> {
-        if x.len() != n * p {
+        if n.checked_mul(p) != Some(x.len()) {
             return invalid("x", format!("has {} values, expected {n} x {p}", x.len()));
         }
         if y.len() != n {
             return invalid("y", format!("has {} values for {n} rows of `x`", y.len()));
         }
-        let mut rows = vec![0.0; n * p];
+        let mut rows = try_zeroed(x.len(), "the row-major copy of a client's data")?;
         for j in 0..p {
             let col = &x[j * n..(j + 1) * n];
             for (i, v) in col.iter().enumerate() {
                 rows[i * p + j] = *v;
             }
         }
-        Ok(Dataset { x: rows, y: y.to_vec(), n, p })
+        Ok(Dataset { x: rows, y: try_copy(y, "a client's labels")?, n, p })
     }
 
     #[inline]
@@ -103,7 +104,7 @@ impl Network {
         if sizes.len() < 2 {
             return invalid("sizes", "needs at least an input and an output size");
         }
-        if sizes.iter().any(|&s| s == 0) {
+        if sizes.contains(&0) {
             return invalid("sizes", "every layer needs at least one unit");
         }
         let outputs = *sizes.last().unwrap();
@@ -114,19 +115,31 @@ impl Network {
             Head::Softmax if outputs < 2 => return invalid("sizes", "a softmax head needs at least 2 classes"),
             _ => {}
         }
+        let too_many = || {
+            CoreError::Memory(format!("a network with layer sizes {sizes:?} has more parameters than can be addressed"))
+        };
         let mut layers = Vec::with_capacity(sizes.len() - 1);
-        let mut offset = 0;
+        let mut offset: usize = 0;
         for pair in sizes.windows(2) {
             let (inputs, outputs) = (pair[0], pair[1]);
-            layers.push(Layer { inputs, outputs, w: offset, b: offset + inputs * outputs });
-            offset += inputs * outputs + outputs;
+            let b = inputs.checked_mul(outputs).and_then(|n| n.checked_add(offset)).ok_or_else(too_many)?;
+            layers.push(Layer { inputs, outputs, w: offset, b });
+            offset = b.checked_add(outputs).ok_or_else(too_many)?;
         }
+        // Every later buffer indexes parameters in bytes, so they must fit too.
+        byte_size::<f64>(offset, "the model parameters").map_err(|_| too_many())?;
         let widest = *sizes.iter().max().unwrap();
         Ok(Network { layers, head, n_params: offset, widest })
     }
 
     pub fn n_params(&self) -> usize {
         self.n_params
+    }
+
+    /// A zeroed buffer of one value per parameter (parameters, gradients,
+    /// velocities): `what` names it in the error when memory runs short.
+    pub fn zeroed_params(&self, what: &str) -> CoreResult<Vec<f64>> {
+        try_zeroed(self.n_params, what)
     }
 
     pub fn n_inputs(&self) -> usize {
@@ -137,17 +150,20 @@ impl Network {
         self.layers.last().unwrap().outputs
     }
 
-    pub fn workspace(&self) -> Workspace {
+    pub fn workspace(&self) -> CoreResult<Workspace> {
+        let what = "the per-sample workspace of the model";
         let mut acts = vec![Vec::new()];
-        acts.extend(self.layers.iter().map(|l| vec![0.0; l.outputs]));
-        Workspace { acts, delta: vec![0.0; self.widest], delta_prev: vec![0.0; self.widest] }
+        for layer in &self.layers {
+            acts.push(try_zeroed(layer.outputs, what)?);
+        }
+        Ok(Workspace { acts, delta: try_zeroed(self.widest, what)?, delta_prev: try_zeroed(self.widest, what)? })
     }
 
     /// Seeded initial parameters. `scheme` 0: all zeros (the usual start for
     /// convex models); 1: Glorot-uniform weights and zero biases, with He
     /// scaling for layers that feed a ReLU.
     pub fn init(&self, scheme: i32, seed: u64) -> CoreResult<Vec<f64>> {
-        let mut params = vec![0.0; self.n_params];
+        let mut params = self.zeroed_params("the model parameters")?;
         match scheme {
             0 => {}
             1 => {
@@ -317,8 +333,8 @@ impl Network {
 
     /// Mean loss and the task metric (accuracy for classifiers, RMSE for
     /// regression) on a whole data set.
-    pub fn evaluate(&self, params: &[f64], data: &Dataset) -> Evaluation {
-        let mut ws = self.workspace();
+    pub fn evaluate(&self, params: &[f64], data: &Dataset) -> CoreResult<Evaluation> {
+        let mut ws = self.workspace()?;
         let last = self.layers.len();
         let (mut loss, mut metric) = (0.0, 0.0);
         for i in 0..data.n {
@@ -334,7 +350,7 @@ impl Network {
         }
         let n = data.n as f64;
         let metric = if self.head == Head::Identity { (metric / n).sqrt() } else { metric / n };
-        Evaluation { loss: loss / n, metric, n: data.n }
+        Ok(Evaluation { loss: loss / n, metric, n: data.n })
     }
 
     /// Checks that a data set fits this network: width and label range.
@@ -434,7 +450,7 @@ mod tests {
         let mut rng = Rng::new(9, 1);
         params.iter_mut().for_each(|p| *p += 0.1 * rng.normal());
         let rows: Vec<usize> = (0..data.n).collect();
-        let mut ws = net.workspace();
+        let mut ws = net.workspace().unwrap();
         let mut grad = vec![0.0; net.n_params()];
         net.loss_grad(&params, &data, &rows, &mut grad, &mut ws);
         let mut scratch = vec![0.0; net.n_params()];
@@ -466,6 +482,34 @@ mod tests {
         assert_eq!(net.n_params(), 3 * 4 + 4 + 4 * 2 + 2);
         assert_eq!(net.layers[1].w, 16);
         assert_eq!(net.layers[1].b, 24);
+    }
+
+    #[test]
+    fn parameter_count_overflow_is_a_memory_error() {
+        let err = Network::new(&[usize::MAX / 2, 3, 1], Head::Identity).unwrap_err();
+        assert!(matches!(&err, CoreError::Memory(m) if m.contains("more parameters than can be addressed")), "{err}");
+        // Fits in usize but not in bytes.
+        assert!(matches!(Network::new(&[1 << 61, 1], Head::Identity), Err(CoreError::Memory(_))));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_network_too_large_for_memory_fails_to_init_instead_of_aborting() {
+        // model_mlp(60, hidden = .Machine$integer.max, 10): about 1.2 TiB of parameters.
+        let net = Network::new(&[60, 2_147_483_647, 10], Head::Softmax).unwrap();
+        assert_eq!(net.n_params(), 60 * 2_147_483_647 + 2_147_483_647 + 2_147_483_647 * 10 + 10);
+        for scheme in [0, 1] {
+            let err = net.init(scheme, 1).unwrap_err();
+            let CoreError::Memory(msg) = &err else { panic!("{err:?}") };
+            assert!(msg.contains("the model parameters") && msg.contains(&format!("{} bytes", 8 * net.n_params())), "{msg}");
+        }
+    }
+
+    #[test]
+    fn dataset_size_is_checked_without_overflow() {
+        assert!(Dataset::from_col_major(&[0.0; 4], usize::MAX / 2, 4, &[0.0; 1]).is_err());
+        let d = Dataset::from_col_major(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3, &[0.0, 1.0]).unwrap();
+        assert_eq!(d.x, vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
     }
 
     #[test]

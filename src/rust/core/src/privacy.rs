@@ -42,35 +42,85 @@ pub fn classic_sigma(sensitivity: f64, epsilon: f64, delta: f64) -> CoreResult<f
     Ok(sensitivity * (2.0 * (1.25 / delta).ln()).sqrt() / epsilon)
 }
 
+/// `(exp(eps) - 1) * pnorm(x)`: `expm1` keeps the digits of a small `eps`,
+/// log space keeps a large `eps` from overflowing.
+fn excess_mass(eps: f64, x: f64) -> f64 {
+    if eps <= 1.0 {
+        libm::expm1(eps) * pnorm(x)
+    } else {
+        exp_times_pnorm(eps, x) - pnorm(x)
+    }
+}
+
+/// `pnorm(-a) - pnorm(-b)` for 0 <= a <= b: from `erf` near 0, where the two
+/// tails are close to 1/2 and their difference would cancel, else from the
+/// tails themselves, which `erfc` gives to full relative precision.
+fn mass_between(a: f64, b: f64) -> f64 {
+    let (a, b) = (a / std::f64::consts::SQRT_2, b / std::f64::consts::SQRT_2);
+    if b < 1.0 {
+        0.5 * (libm::erf(b) - libm::erf(a))
+    } else {
+        0.5 * (libm::erfc(a) - libm::erfc(b))
+    }
+}
+
 /// Analytic Gaussian mechanism (Balle and Wang 2018, Algorithm 1): the smallest
 /// sigma that gives (epsilon, delta)-DP, valid for every epsilon > 0.
+///
+/// Balle and Wang's B+(v) = pnorm(sqrt(eps v)) - exp(eps) pnorm(-sqrt(eps (v + 2)))
+/// and B-(u) = pnorm(-sqrt(eps u)) - exp(eps) pnorm(-sqrt(eps (u + 2))) are
+/// evaluated as a mass between two normal quantiles minus (exp(eps) - 1) times a
+/// tail: written as printed, both subtract two numbers near 1/2 and lose every
+/// digit of delta once epsilon is small.
 pub fn analytic_sigma(sensitivity: f64, epsilon: f64, delta: f64) -> CoreResult<f64> {
     check_dp(sensitivity, epsilon, delta)?;
     let eps = epsilon;
-    let delta0 = pnorm(0.0) - exp_times_pnorm(eps, -(2.0 * eps).sqrt());
-    let b_plus = |v: f64| pnorm((eps * v).sqrt()) - exp_times_pnorm(eps, -(eps * (v + 2.0)).sqrt());
-    let b_minus = |u: f64| pnorm(-(eps * u).sqrt()) - exp_times_pnorm(eps, -(eps * (u + 2.0)).sqrt());
+    let b_plus = |v: f64| {
+        let (t, t2) = ((eps * v).sqrt(), (eps * (v + 2.0)).sqrt());
+        0.5 * libm::erf(t / std::f64::consts::SQRT_2) + 0.5 * libm::erf(t2 / std::f64::consts::SQRT_2)
+            - excess_mass(eps, -t2)
+    };
+    let b_minus = |u: f64| {
+        let (t, t2) = ((eps * u).sqrt(), (eps * (u + 2.0)).sqrt());
+        mass_between(t, t2) - excess_mass(eps, -t2)
+    };
+    let delta0 = b_plus(0.0);
     let alpha = if delta >= delta0 {
-        // v* = sup{v >= 0 : B+(v) <= delta}; B+ increases in v.
+        // v* = sup{v >= 0 : B+(v) <= delta}; B+ increases in v. The printed
+        // sqrt(1 + v/2) - sqrt(v/2) cancels to 0 for the huge v* of a tiny epsilon.
         let v = bisect_threshold(|v| b_plus(v) <= delta);
-        (1.0 + v / 2.0).sqrt() - (v / 2.0).sqrt()
+        v.map(|v| 1.0 / ((1.0 + v / 2.0).sqrt() + (v / 2.0).sqrt()))
     } else {
         // u* = inf{u >= 0 : B-(u) <= delta}; B- decreases in u.
         let u = bisect_threshold(|u| b_minus(u) > delta);
-        (1.0 + u / 2.0).sqrt() + (u / 2.0).sqrt()
+        u.map(|u| (1.0 + u / 2.0).sqrt() + (u / 2.0).sqrt())
     };
-    Ok(alpha * sensitivity / (2.0 * eps).sqrt())
+    let Some(alpha) = alpha else {
+        return invalid(
+            "epsilon",
+            format!("is too small to calibrate the analytic Gaussian mechanism in double precision (epsilon = {eps:e}, delta = {delta:e})"),
+        );
+    };
+    let sigma = alpha * sensitivity / (2.0 * eps).sqrt();
+    if !(sigma.is_finite() && sigma > 0.0) {
+        return invalid(
+            "sensitivity",
+            format!("gives a noise standard deviation outside the double range (sensitivity = {sensitivity:e}, epsilon = {eps:e})"),
+        );
+    }
+    Ok(sigma)
 }
 
 /// The point where `below(t)` turns from true to false on [0, inf), found by
-/// doubling then bisection to full double precision.
-fn bisect_threshold(below: impl Fn(f64) -> bool) -> f64 {
+/// doubling then bisection to full double precision; `None` when `below`
+/// still holds past 1e300, where no threshold can be located.
+fn bisect_threshold(below: impl Fn(f64) -> bool) -> Option<f64> {
     let (mut lo, mut hi) = (0.0_f64, 1.0_f64);
     while below(hi) {
         lo = hi;
         hi *= 2.0;
         if hi > 1e300 {
-            return hi;
+            return None;
         }
     }
     for _ in 0..200 {
@@ -84,7 +134,7 @@ fn bisect_threshold(below: impl Fn(f64) -> bool) -> f64 {
             hi = mid;
         }
     }
-    0.5 * (lo + hi)
+    Some(0.5 * (lo + hi))
 }
 
 /// Adds N(0, sigma^2) noise to `x` in place. Block `b` of layer `layer` draws
@@ -105,6 +155,7 @@ pub fn add_noise_in_place(x: &mut [f64], sigma: f64, seed: u64, layer: u64) -> C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::CoreError;
 
     /// Balle and Wang (2018), Theorem 8: the exact delta of the Gaussian mechanism.
     fn exact_delta(sigma: f64, sens: f64, eps: f64) -> f64 {
@@ -120,6 +171,48 @@ mod tests {
             let got = exact_delta(s, 1.0, eps);
             assert!((got - delta).abs() / delta < 1e-6, "eps {eps}: delta {got} vs {delta}");
         }
+    }
+
+    /// 10^-30, 10^-29, ..., 10^1.
+    fn epsilon_grid() -> Vec<f64> {
+        (-30..=1).map(|e| 10f64.powi(e)).collect()
+    }
+
+    #[test]
+    fn analytic_sigma_over_thirty_decades_of_epsilon() {
+        for delta in [1e-5, 1e-8, 0.4] {
+            let sigmas: Vec<f64> = epsilon_grid().iter().map(|&eps| analytic_sigma(1.0, eps, delta).unwrap()).collect();
+            for (&eps, &s) in epsilon_grid().iter().zip(&sigmas) {
+                assert!(s.is_finite() && s > 0.0, "eps {eps}, delta {delta}: sigma {s}");
+                let got = exact_delta(s, 1.0, eps);
+                assert!((got - delta).abs() / delta < 1e-6, "eps {eps}, delta {delta}: exact delta {got}");
+            }
+            // sigma falls as epsilon grows, except where the two values are
+            // both the epsilon -> 0 limit to double precision: there the true
+            // change, about epsilon / delta relative, is below one ulp.
+            let limit = sigmas[0];
+            for w in sigmas.windows(2).zip(epsilon_grid().windows(2)) {
+                let ((s0, s1), (e0, e1)) = ((w.0[0], w.0[1]), (w.1[0], w.1[1]));
+                let at_limit = (s0 - limit).abs() <= 4.0 * f64::EPSILON * limit && (s1 - limit).abs() <= 4.0 * f64::EPSILON * limit;
+                assert!(s1 < s0 || at_limit, "delta {delta}: sigma({e1}) = {s1} vs sigma({e0}) = {s0}");
+            }
+            // The plateau (about 1e-30 to 1e-16, depending on delta) ends
+            // before 1e-12, the 19th value: from there on every step is strict.
+            let plateau = sigmas.iter().take_while(|&&s| (s - limit).abs() <= 4.0 * f64::EPSILON * limit).count();
+            assert!(plateau < 19, "delta {delta}: {plateau} values on the plateau");
+        }
+        // The total-variation limit: N(0, s^2) and N(1, s^2) are delta apart.
+        for delta in [1e-5, 1e-8] {
+            let s = analytic_sigma(1.0, 1e-30, delta).unwrap();
+            let tv = 1.0 / (delta * (2.0 * std::f64::consts::PI).sqrt());
+            assert!((s - tv).abs() / tv < 1e-6, "delta {delta}: {s} vs {tv}");
+        }
+    }
+
+    #[test]
+    fn analytic_sigma_errors_where_it_cannot_be_computed() {
+        assert!(matches!(analytic_sigma(1.0, 1e-310, 1e-5), Err(CoreError::InvalidArgument("epsilon", _))));
+        assert!(matches!(analytic_sigma(1e307, 1e-10, 1e-5), Err(CoreError::InvalidArgument("sensitivity", _))));
     }
 
     #[test]

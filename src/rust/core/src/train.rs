@@ -7,9 +7,10 @@
 
 use rayon::prelude::*;
 
+use crate::alloc::{try_copy, try_with_capacity, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
-use crate::parallel::with_threads;
+use crate::parallel::{effective_threads, with_threads};
 use crate::rng::Rng;
 
 /// Minibatch SGD settings of one local run.
@@ -79,13 +80,13 @@ unsafe fn local_sgd_avx2(net: &Network, params: &mut [f64], data: &Dataset, cfg:
 fn local_sgd_body(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdConfig, stream: u64) -> CoreResult<LocalOutcome> {
     let n = data.n;
     let batch = if cfg.batch_size == 0 || cfg.batch_size > n { n } else { cfg.batch_size };
-    let mut ws = net.workspace();
-    let mut grad = vec![0.0; net.n_params()];
-    let mut velocity = if cfg.momentum > 0.0 { vec![0.0; net.n_params()] } else { Vec::new() };
-    let mut order: Vec<usize> = (0..n).collect();
+    let mut ws = net.workspace()?;
+    let mut grad = net.zeroed_params("the gradient")?;
+    let mut velocity = if cfg.momentum > 0.0 { net.zeroed_params("the momentum velocity")? } else { Vec::new() };
+    let mut order = all_rows(n)?;
     let mut rng = Rng::new(cfg.seed, stream);
     let (mut loss_sum, mut steps) = (0.0, 0);
-    for _ in 0..cfg.epochs {
+    for epoch in 1..=cfg.epochs {
         if cfg.shuffle {
             for i in (1..n).rev() {
                 let j = rng.below(i as u64 + 1) as usize;
@@ -94,8 +95,16 @@ fn local_sgd_body(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdCo
         }
         for rows in order.chunks(batch) {
             let loss = net.loss_grad(params, data, rows, &mut grad, &mut ws);
-            loss_sum += loss * rows.len() as f64;
             steps += 1;
+            // Checked every step because it costs nothing: a diverging run
+            // stops at once instead of spending its epochs on Inf and NaN.
+            if !loss.is_finite() {
+                return Err(CoreError::Diverged(format!(
+                    "the training loss became {loss} at step {steps} (epoch {epoch}); the learning rate {} is probably too large",
+                    cfg.lr
+                )));
+            }
+            loss_sum += loss * rows.len() as f64;
             if cfg.weight_decay > 0.0 {
                 for (g, p) in grad.iter_mut().zip(params.iter()) {
                     *g += cfg.weight_decay * p;
@@ -112,22 +121,36 @@ fn local_sgd_body(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdCo
                 }
             }
         }
-        if !params.iter().all(|p| p.is_finite()) {
-            return Err(diverged());
+        // Once per epoch: a scan of every parameter costs as much as a step.
+        if let Some(bad) = params.iter().find(|p| !p.is_finite()) {
+            return Err(CoreError::Diverged(format!(
+                "a parameter became {bad} in epoch {epoch}; the learning rate {} is probably too large",
+                cfg.lr
+            )));
         }
     }
-    Ok(LocalOutcome { n_samples: n, train_loss: loss_sum / (n * cfg.epochs) as f64, steps })
+    let train_loss = loss_sum / (n * cfg.epochs) as f64;
+    if !train_loss.is_finite() {
+        return Err(CoreError::Diverged(format!(
+            "the mean training loss overflowed to {train_loss}; the learning rate {} is probably too large",
+            cfg.lr
+        )));
+    }
+    Ok(LocalOutcome { n_samples: n, train_loss, steps })
 }
 
-fn diverged() -> CoreError {
-    CoreError::InvalidArgument("lr", "training diverged: the parameters became non-finite (try a smaller learning rate)".into())
+/// Row indices 0..n, the sample order of a run.
+fn all_rows(n: usize) -> CoreResult<Vec<usize>> {
+    let mut rows = try_with_capacity(n, "the sample order")?;
+    rows.extend(0..n);
+    Ok(rows)
 }
 
 /// Full-batch gradient at `params` (with weight decay) and the mean loss: the
 /// work of a FedSGD client.
 pub fn full_gradient(net: &Network, params: &[f64], data: &Dataset, weight_decay: f64, grad: &mut [f64]) -> CoreResult<LocalOutcome> {
-    let rows: Vec<usize> = (0..data.n).collect();
-    let mut ws = net.workspace();
+    let rows = all_rows(data.n)?;
+    let mut ws = net.workspace()?;
     let loss = net.loss_grad(params, data, &rows, grad, &mut ws);
     if weight_decay > 0.0 {
         for (g, p) in grad.iter_mut().zip(params) {
@@ -135,7 +158,9 @@ pub fn full_gradient(net: &Network, params: &[f64], data: &Dataset, weight_decay
         }
     }
     if !loss.is_finite() || !grad.iter().all(|g| g.is_finite()) {
-        return Err(CoreError::InvalidArgument("params", "the loss or gradient is not finite at the global parameters".into()));
+        return Err(CoreError::Diverged(
+            "the loss or gradient is not finite at the global parameters; the learning rate is probably too large".into(),
+        ));
     }
     Ok(LocalOutcome { n_samples: data.n, train_loss: loss, steps: 1 })
 }
@@ -191,7 +216,10 @@ fn chunk_len(threads: usize) -> usize {
 
 /// One federated round: local work on every client in `jobs` starting from
 /// `global`, in parallel, then the weighted mean. A failing client is
-/// reported as `CoreError::Client(index in jobs, message)`.
+/// reported as `CoreError::Client(index in jobs, message)`, or as
+/// `CoreError::ClientDiverged` when its training diverged or it returned a
+/// non-finite loss or vector; running out of memory stays a `Memory` error.
+/// The first failure in client order is reported, on any number of threads.
 pub fn run_round(
     net: &Network,
     global: &[f64],
@@ -209,26 +237,35 @@ pub fn run_round(
     }
     cfg.check()?;
     let d = net.n_params();
-    let effective = with_threads(threads, rayon::current_num_threads);
+    // The thread count sets only how many clients are in memory at once,
+    // never the result.
+    let effective = effective_threads(threads);
     let one_client = |k: usize| -> CoreResult<(Vec<f64>, ClientReport)> {
         let job = &jobs[k];
-        let fail = |e: CoreError| CoreError::Client(k, strip_argument(e));
+        let fail = |e: CoreError| in_client(k, e);
         net.check_data(job.train).map_err(fail)?;
-        let mut vector = global.to_vec();
+        let mut vector = try_copy(global, "a client's copy of the parameters").map_err(fail)?;
         let outcome = match work {
             LocalWork::Sgd => local_sgd(net, &mut vector, job.train, cfg, job.stream).map_err(fail)?,
             LocalWork::Gradient => {
-                let mut grad = vec![0.0; d];
+                let mut grad = net.zeroed_params("a client's gradient").map_err(fail)?;
                 let out = full_gradient(net, global, job.train, cfg.weight_decay, &mut grad).map_err(fail)?;
                 vector = grad;
                 out
             }
         };
+        // Whatever the local work, nothing non-finite may reach the aggregate.
+        if !outcome.train_loss.is_finite() {
+            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite training loss ({})", outcome.train_loss)));
+        }
+        if let Some(i) = vector.iter().position(|v| !v.is_finite()) {
+            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite value ({}) at position {}", vector[i], i + 1)));
+        }
         let validation = match job.validation {
             Some(v) => {
                 net.check_data(v).map_err(fail)?;
                 let at = if work == LocalWork::Sgd { &vector[..] } else { global };
-                Some(net.evaluate(at, v))
+                Some(net.evaluate(at, v).map_err(fail)?)
             }
             None => None,
         };
@@ -245,7 +282,7 @@ pub fn run_round(
     };
 
     with_threads(threads, || {
-        let mut sum = if rule == WeightRule::Collect { Vec::new() } else { vec![0.0; d] };
+        let mut sum = if rule == WeightRule::Collect { Vec::new() } else { try_zeroed(d, "the round's aggregate")? };
         let mut reports = Vec::with_capacity(jobs.len());
         let mut collected = Vec::new();
         let indices: Vec<usize> = (0..jobs.len()).collect();
@@ -269,6 +306,12 @@ pub fn run_round(
                 return invalid("weights", "the clients' weights sum to zero (every selected client has zero validation accuracy?)");
             }
             sum.iter_mut().for_each(|s| *s /= total);
+            // Finite vectors can still sum past the largest double.
+            if sum.iter().any(|s| !s.is_finite()) {
+                return Err(CoreError::Diverged(
+                    "the weighted mean of the clients' vectors overflowed; the learning rate is probably too large".into(),
+                ));
+            }
         }
         Ok(RoundOutput { aggregate: sum, reports, collected })
     })
@@ -279,21 +322,27 @@ pub fn evaluate_many(net: &Network, params: &[f64], data: &[&Dataset], threads: 
     if params.len() != net.n_params() {
         return invalid("params", format!("has {} values, the model has {}", params.len(), net.n_params()));
     }
-    with_threads(threads, || {
+    let results: Vec<CoreResult<Evaluation>> = with_threads(threads, || {
         data.par_iter()
             .enumerate()
             .map(|(k, d)| {
-                net.check_data(d).map_err(|e| CoreError::Client(k, strip_argument(e)))?;
-                Ok(net.evaluate(params, d))
+                net.check_data(d).map_err(|e| in_client(k, e))?;
+                net.evaluate(params, d).map_err(|e| in_client(k, e))
             })
             .collect()
-    })
+    });
+    // Collected in order, so the first failing client is the one reported,
+    // however the threads happened to finish.
+    results.into_iter().collect()
 }
 
-fn strip_argument(e: CoreError) -> String {
+/// An error of client `k`'s work, attributed to it and kept in its class.
+fn in_client(k: usize, e: CoreError) -> CoreError {
     match e {
-        CoreError::InvalidArgument(arg, msg) => format!("`{arg}` {msg}"),
-        CoreError::Client(_, msg) => msg,
+        CoreError::InvalidArgument(arg, msg) => CoreError::Client(k, format!("`{arg}` {msg}")),
+        CoreError::Client(_, msg) => CoreError::Client(k, msg),
+        CoreError::Diverged(msg) | CoreError::ClientDiverged(_, msg) => CoreError::ClientDiverged(k, msg),
+        CoreError::Memory(msg) => CoreError::Memory(format!("client {}: {msg}", k + 1)),
     }
 }
 
@@ -326,10 +375,10 @@ mod tests {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         let data = blobs(60, 1, 0.0);
         let mut params = net.init(0, 0).unwrap();
-        let before = net.evaluate(&params, &data).loss;
+        let before = net.evaluate(&params, &data).unwrap().loss;
         let out = local_sgd(&net, &mut params, &data, &cfg(), 0).unwrap();
         assert_eq!(out.steps, 2 * 12);
-        assert!(net.evaluate(&params, &data).loss < 0.5 * before);
+        assert!(net.evaluate(&params, &data).unwrap().loss < 0.5 * before);
     }
 
     #[test]
@@ -386,6 +435,58 @@ mod tests {
         data.x.iter_mut().for_each(|v| *v *= 1e3);
         let mut params = net.init(0, 0).unwrap();
         let c = SgdConfig { lr: 10.0, epochs: 20, ..cfg() };
-        assert!(local_sgd(&net, &mut params, &data, &c, 0).is_err());
+        assert!(matches!(local_sgd(&net, &mut params, &data, &c, 0), Err(CoreError::Diverged(_))));
+    }
+
+    /// Regression data on which SGD with a huge learning rate blows up.
+    fn regression(n: usize, seed: u64) -> Dataset {
+        let mut rng = Rng::new(seed, 0);
+        let x: Vec<f64> = (0..n * 3).map(|_| rng.normal()).collect();
+        let y: Vec<f64> = (0..n).map(|i| x[i] - 2.0 * x[n + i] + rng.normal()).collect();
+        Dataset::from_col_major(&x, n, 3, &y).unwrap()
+    }
+
+    #[test]
+    fn a_diverging_linear_model_stops_at_the_first_non_finite_loss() {
+        // lr = 1e3 used to run on with loss Inf and parameters near 1e304.
+        let net = Network::new(&[3, 1], Head::Identity).unwrap();
+        let data = regression(50, 1);
+        let c = SgdConfig { lr: 1e3, epochs: 30, batch_size: 10, momentum: 0.0, weight_decay: 0.0, ..cfg() };
+        let mut params = net.init(0, 0).unwrap();
+        let err = local_sgd(&net, &mut params, &data, &c, 0).unwrap_err();
+        let CoreError::Diverged(msg) = &err else { panic!("{err:?}") };
+        assert!(msg.contains("training loss") && msg.contains("learning rate"), "{msg}");
+        assert_eq!(err.kind(), "diverged");
+    }
+
+    #[test]
+    fn a_diverging_client_is_named_and_classed_in_a_round() {
+        let net = Network::new(&[3, 1], Head::Identity).unwrap();
+        let sets: Vec<Dataset> = (0..5).map(|k| regression(20 + k, k as u64)).collect();
+        let mut jobs: Vec<ClientJob> = sets.iter().enumerate().map(|(k, d)| ClientJob { train: d, validation: None, stream: k as u64 }).collect();
+        let global = net.init(0, 0).unwrap();
+        let c = SgdConfig { lr: 1e3, epochs: 200, batch_size: 0, momentum: 0.0, weight_decay: 0.0, ..cfg() };
+        for threads in [1, 2] {
+            let err = run_round(&net, &global, &jobs, LocalWork::Sgd, &c, WeightRule::Samples, threads).err().unwrap();
+            // Every client diverges; the first in client order is reported.
+            assert!(matches!(&err, CoreError::ClientDiverged(0, _)), "{err:?}");
+            assert_eq!(err.client(), Some(0));
+            assert!(err.to_string().starts_with("client 1: "), "{err}");
+        }
+        // FedSGD from parameters where the gradient overflows.
+        let huge = vec![1e300; net.n_params()];
+        let err = run_round(&net, &huge, &jobs, LocalWork::Gradient, &cfg(), WeightRule::Samples, 2).err().unwrap();
+        assert!(matches!(err, CoreError::ClientDiverged(0, _)), "{err:?}");
+        // Data problems stay client errors.
+        let bad = Dataset::from_col_major(&[0.0; 4], 2, 2, &[0.0, 1.0]).unwrap();
+        jobs[2].train = &bad;
+        let err = run_round(&net, &global, &jobs, LocalWork::Sgd, &cfg(), WeightRule::Samples, 2).err().unwrap();
+        assert!(matches!(&err, CoreError::Client(2, _)), "{err:?}");
+        assert_eq!(err.kind(), "client");
+    }
+
+    #[test]
+    fn chunk_size_follows_the_capped_thread_count() {
+        assert_eq!(chunk_len(effective_threads(1000)), 4 * crate::parallel::available_threads());
     }
 }

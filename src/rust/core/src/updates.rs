@@ -1,5 +1,6 @@
 //! A set of client updates: borrowed slices, layer-major.
 
+use crate::alloc::try_zeroed;
 use crate::error::{invalid, CoreError, CoreResult};
 use rayon::prelude::*;
 
@@ -104,8 +105,8 @@ impl<'a> UpdateSet<'a> {
     }
 
     /// Allocates one zeroed output buffer per layer.
-    pub fn zeroed_like(&self) -> Vec<Vec<f64>> {
-        self.layer_lens().into_iter().map(|n| vec![0.0; n]).collect()
+    pub fn zeroed_like(&self, what: &str) -> CoreResult<Vec<Vec<f64>>> {
+        self.layer_lens().into_iter().map(|n| try_zeroed(n, what)).collect()
     }
 }
 

@@ -11,12 +11,14 @@ fn rs_weighted_mean(layers: List, n_clients: i32, weights: Robj, n_threads: i32)
     let objs = LayerObjects::new(&layers, n_clients as usize)?;
     let set = objs.update_set()?;
     let w = agg::normalize_weights(optional_slice(&weights), set.n_clients()).map_err(core_err)?;
-    let out = (0..set.n_layers()).map(|l| {
-        new_doubles(set.layer_len(l), |o| {
-            with_threads(threads(n_threads), || agg::weighted_sum_into(set.layer(l), &w, o))
+    let out = (0..set.n_layers())
+        .map(|l| {
+            new_doubles(set.layer_len(l), |o| {
+                with_threads(threads(n_threads), || agg::weighted_sum_into(set.layer(l), &w, o))
+            })
         })
-    });
-    Ok(List::from_values(out.collect::<Vec<_>>()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(List::from_values(out))
 }
 
 /// First non-finite value as c(client, layer, index) (1-based), or NULL.
@@ -37,7 +39,7 @@ fn rs_coordinate_median(layers: List, n_clients: i32, n_threads: i32) -> Result<
     let objs = LayerObjects::new(&layers, n_clients as usize)?;
     let set = objs.update_set()?;
     let out = with_threads(threads(n_threads), || robust::coordinate_median(&set)).map_err(core_err)?;
-    Ok(doubles_list(out))
+    doubles_list(out)
 }
 
 /// @noRd
@@ -46,7 +48,7 @@ fn rs_trimmed_mean(layers: List, n_clients: i32, trim: f64, n_threads: i32) -> R
     let objs = LayerObjects::new(&layers, n_clients as usize)?;
     let set = objs.update_set()?;
     let out = with_threads(threads(n_threads), || robust::trimmed_mean(&set, trim)).map_err(core_err)?;
-    Ok(doubles_list(out))
+    doubles_list(out)
 }
 
 /// @noRd
@@ -57,7 +59,7 @@ fn rs_multi_krum(layers: List, n_clients: i32, f: i32, m: i32, weights: Robj, n_
     let w = optional_slice(&weights);
     let r = with_threads(threads(n_threads), || robust::multi_krum(&set, f as usize, m as usize, w)).map_err(core_err)?;
     let selected: Vec<i32> = r.selected.iter().map(|&i| i as i32 + 1).collect();
-    Ok(list!(aggregate = doubles_list(r.aggregate), selected = selected, scores = r.scores))
+    Ok(list!(aggregate = doubles_list(r.aggregate)?, selected = selected, scores = r.scores))
 }
 
 /// @noRd
@@ -69,7 +71,7 @@ fn rs_geometric_median(layers: List, n_clients: i32, weights: Robj, tol: f64, ma
     let r = with_threads(threads(n_threads), || robust::geometric_median(&set, w, tol, max_iter.max(0) as usize))
         .map_err(core_err)?;
     Ok(list!(
-        aggregate = doubles_list(r.aggregate),
+        aggregate = doubles_list(r.aggregate)?,
         iterations = r.iterations as i32,
         converged = r.converged,
         objective = r.objective

@@ -2,11 +2,19 @@
 
 use extendr_api::prelude::*;
 use extendr_api::{rtype_to_sxp, Error, Result};
-use fedagg_core::{CoreError, UpdateSet};
+use fedagg_core::{alloc, CoreError, UpdateSet};
 
 /// Turns a core error into an extendr error (an R error with this message).
+/// The message starts with the error's class in brackets, `[input] `,
+/// `[client] `, `[memory] ` or `[diverged] `: the R side reads the tag back
+/// and raises a condition of class `fedagg_error_<tag>`.
 pub fn core_err(e: CoreError) -> Error {
-    Error::Other(e.to_string())
+    Error::Other(format!("[{}] {e}", e.kind()))
+}
+
+/// An input problem the adapters find themselves, tagged like the core's.
+pub fn input_err(msg: impl std::fmt::Display) -> Error {
+    Error::Other(format!("[input] {msg}"))
 }
 
 /// The elements of a layer list, kept alive while slices borrow from them.
@@ -26,7 +34,7 @@ impl LayerObjects {
             .map(|layer| match layer.as_list() {
                 Some(clients) => Ok(clients.values().collect()),
                 None if layer.is_real() => Ok(vec![layer]),
-                None => Err(Error::Other("each layer must be a list or a double vector".into())),
+                None => Err(input_err("each layer must be a list or a double vector")),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, n_clients })
@@ -38,12 +46,12 @@ impl LayerObjects {
         for (l, objs) in self.layers.iter().enumerate() {
             let slices = objs
                 .iter()
-                .map(|o| o.as_real_slice().ok_or_else(|| Error::Other(format!("layer {} is not double", l + 1))))
+                .map(|o| o.as_real_slice().ok_or_else(|| input_err(format!("layer {} is not double", l + 1))))
                 .collect::<Result<Vec<&[f64]>>>()?;
             if slices.len() == 1 && self.n_clients > 1 {
                 let all = slices[0];
                 if all.len() % self.n_clients != 0 {
-                    return Err(Error::Other(format!("layer {} does not split into {} clients", l + 1, self.n_clients)));
+                    return Err(input_err(format!("layer {} does not split into {} clients", l + 1, self.n_clients)));
                 }
                 let d = all.len() / self.n_clients;
                 // A zero-length layer still needs one (empty) slice per client.
@@ -57,15 +65,19 @@ impl LayerObjects {
 }
 
 /// A fresh R double vector filled by `fill`, written in place (no copy).
-pub fn new_doubles(len: usize, fill: impl FnOnce(&mut [f64])) -> Robj {
+/// The size is checked first: R's own allocation failure would unwind
+/// through these Rust frames.
+pub fn new_doubles(len: usize, fill: impl FnOnce(&mut [f64])) -> Result<Robj> {
+    alloc::check_request::<f64>(len, "a result vector").map_err(core_err)?;
     let mut robj = Robj::alloc_vector(rtype_to_sxp(Rtype::Doubles), len);
     fill(robj.as_real_slice_mut().expect("a freshly allocated double vector"));
-    robj
+    Ok(robj)
 }
 
 /// A list of R double vectors from owned buffers.
-pub fn doubles_list(values: Vec<Vec<f64>>) -> List {
-    List::from_values(values.into_iter().map(|v| new_doubles(v.len(), |o| o.copy_from_slice(&v))))
+pub fn doubles_list(values: Vec<Vec<f64>>) -> Result<List> {
+    let vectors = values.into_iter().map(|v| new_doubles(v.len(), |o| o.copy_from_slice(&v))).collect::<Result<Vec<_>>>()?;
+    Ok(List::from_values(vectors))
 }
 
 /// Thread count from R (0 = all cores).

@@ -1,6 +1,6 @@
-use super::convert::{core_err, threads};
+use super::convert::{core_err, input_err, threads};
 use extendr_api::prelude::*;
-use extendr_api::{Error, Result};
+use extendr_api::Result;
 use fedagg_core::ks::{ks_two_sample, Alternative};
 use fedagg_core::parallel::with_threads;
 
@@ -12,7 +12,7 @@ fn rs_ks_test(x: &[f64], y: &[f64], alternative: &str, exact: Rbool, n_threads: 
         "two.sided" => Alternative::TwoSided,
         "less" => Alternative::Less,
         "greater" => Alternative::Greater,
-        other => return Err(Error::Other(format!("unknown alternative `{other}`"))),
+        other => return Err(input_err(format!("unknown alternative `{other}`"))),
     };
     let exact = if exact.is_na() { None } else { Some(exact.is_true()) };
     let r = with_threads(threads(n_threads), || ks_two_sample(x, y, alternative, exact)).map_err(core_err)?;

@@ -24,7 +24,7 @@ fn rs_clip_update(layers: List, max_norm: f64, per_layer: bool, n_threads: i32) 
     let slices: Vec<&[f64]> = (0..set.n_layers()).map(|l| set.layer(l)[0]).collect();
     let (clipped, norms) =
         with_threads(threads(n_threads), || norms::clip_layers(&slices, max_norm, per_layer)).map_err(core_err)?;
-    Ok(list!(layers = doubles_list(clipped), norms = norms))
+    Ok(list!(layers = doubles_list(clipped)?, norms = norms))
 }
 
 extendr_module! {
