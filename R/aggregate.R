@@ -33,7 +33,7 @@
 #' weighted_aggregate(list(client(1), client(2), client(4)), weights = c(2, 1, 1))
 weighted_aggregate <- function(updates, weights = NULL, threads = NULL) {
   set <- as_update_set(updates)
-  weights <- assert_weights(weights, set$n_clients)
+  weights <- assert_weights(weights, set$n_clients, client_names = set$names)
   threads <- resolve_threads(threads)
   values <- call_rust(rs_weighted_mean(set$layers, set$n_clients, weights, threads))
   # A non-finite mean means a non-finite input (or overflow): find the client
@@ -103,7 +103,7 @@ robust_aggregate <- function(updates,
   method <- assert_choice(method, c("median", "trimmed_mean", "krum", "multi_krum", "geometric_median"))
   set <- as_update_set(updates)
   k <- set$n_clients
-  weights <- assert_weights(weights, k)
+  weights <- assert_weights(weights, k, client_names = set$names)
   threads <- resolve_threads(threads)
   if (!is.null(weights) && method %in% c("median", "trimmed_mean", "krum")) {
     fedagg_warn("{.arg weights} are ignored by method {.val {method}}.", class = "ignored_weights")

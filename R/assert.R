@@ -35,11 +35,21 @@ assert_flag <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env(
 }
 
 # Non-negative weights, one per client, not all zero. Returns doubles.
+# Named weights are matched to named clients by name.
 assert_weights <- function(weights, n_clients, arg = rlang::caller_arg(weights),
-                           call = rlang::caller_env()) {
+                           call = rlang::caller_env(), client_names = NULL) {
+  force(arg)
   if (is.null(weights)) return(NULL)
   if (!is.numeric(weights)) {
     fedagg_abort("{.arg {arg}} must be numeric, not {obj_desc(weights)}.", call = call)
+  }
+  if (!is.null(names(weights)) && !is.null(client_names) && !identical(names(weights), client_names)) {
+    if (anyDuplicated(names(weights)) || !setequal(names(weights), client_names) || length(weights) != n_clients) {
+      fedagg_abort(c("{.arg {arg}} must be named like the clients.",
+                     x = "Its names are {.val {utils::head(names(weights), 5)}}; the clients are {.val {utils::head(client_names, 5)}}."),
+                   call = call)
+    }
+    weights <- weights[client_names]
   }
   if (length(weights) != n_clients) {
     fedagg_abort(c("{.arg {arg}} must have one value per client.",
@@ -78,6 +88,14 @@ resolve_threads <- function(threads, arg = rlang::caller_arg(threads), call = rl
     fedagg_abort("{what} must be a whole number from 1 to {max_threads}, not {obj_desc(threads)}.", call = call)
   }
   as.integer(threads)
+}
+
+# Refuses a buffer R is about to allocate from user input when it cannot fit
+# in the memory available now (the same rule as the Rust core's buffers):
+# a classed error instead of "vector memory exhausted" or the OOM killer.
+check_memory <- function(bytes, what, call = rlang::caller_env()) {
+  call_rust(rs_check_memory(as.double(bytes), what), call = call)
+  invisible()
 }
 
 obj_desc <- function(x) {

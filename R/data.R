@@ -43,6 +43,7 @@ synthetic_fedprox <- function(alpha, beta, n_clients = 30, dim = 60, n_classes =
   iid <- assert_flag(iid)
   train_fraction <- assert_number(train_fraction, 0, 1, lower_open = TRUE)
   if (!identical(max_size, Inf)) max_size <- assert_count(max_size, min = 2L)
+  check_memory(8 * 4 * as.double(n_clients), sprintf("the sizes of %d clients", n_clients))
   sd_x <- sqrt(seq_len(dim)^-1.2)
   clients <- with_seed(seed, {
     sizes <- pmin(floor(stats::rlnorm(n_clients, 4, 2)) + 50, max_size)
@@ -57,6 +58,7 @@ synthetic_fedprox <- function(alpha, beta, n_clients = 30, dim = 60, n_classes =
       W <- if (iid) W_global else matrix(stats::rnorm(dim * n_classes, u[k], 1), dim, n_classes)
       b <- if (iid) b_global else stats::rnorm(n_classes, u[k], 1)
       n <- sizes[k]
+      if (k == 1L) check_memory(8 * 3 * sum(sizes) * (dim + 1), sprintf("%s samples of %d features", format(sum(sizes)), dim))
       x <- matrix(stats::rnorm(n * dim), n, dim) * rep(sd_x, each = n) + rep(v, each = n)
       # argmax of softmax(x W + b) is the argmax of the logits.
       y <- max.col(sweep(x %*% W, 2, b, `+`), ties.method = "first") - 1L
@@ -161,6 +163,7 @@ read_idx <- function(path) {
   # The header is not trusted with memory: a plain file is checked against
   # its size, and a compressed one is read in chunks, so a short file never
   # reserves what its header claims.
+  check_memory((if (spec$what == "double") 8 else 4) * n, sprintf("the %s values of an IDX file", format(n, scientific = FALSE)))
   expected_bytes <- 4 + 4 * n_dims + n * spec$size
   size <- file.size(path)
   if (!is_gzip(path) && size != expected_bytes) {
@@ -232,6 +235,13 @@ read_idx_values <- function(con, spec, n, chunk = 2^24) {
 #' }
 #' @export
 load_fashion_mnist <- function(dir = "/usr/share/datasets/fashion-mnist", normalize = TRUE) {
+  if (!is.character(dir) || length(dir) != 1L || is.na(dir) || !nzchar(dir)) {
+    fedagg_abort("{.arg dir} must be a single directory path, not {obj_desc(dir)}.")
+  }
+  if (!dir.exists(dir)) {
+    fedagg_abort(c("{.arg dir} ({.path {dir}}) is not a directory.",
+                   i = "On Debian: {.code apt-get install dataset-fashion-mnist}."))
+  }
   normalize <- assert_flag(normalize)
   find <- function(stem) {
     candidates <- file.path(dir, paste0(stem, c("", ".gz")))

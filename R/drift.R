@@ -28,6 +28,12 @@ ks_test <- function(x, y, alternative = c("two.sided", "less", "greater"), exact
   x <- ks_sample(x)
   y <- ks_sample(y)
   if (!is.null(exact)) exact <- assert_flag(exact)
+  # The exact p-value walks an nx x ny lattice: beyond this it takes minutes.
+  if (isTRUE(exact) && as.double(length(x)) * length(y) > max_exact_cells) {
+    fedagg_abort(c("The exact p-value for {length(x)} x {length(y)} samples would take too long.",
+                   i = "Use {.code exact = FALSE} (the asymptotic p-value) when {.code nx * ny} exceeds {format(max_exact_cells)}."),
+                 call = rlang::current_env())
+  }
   threads <- resolve_threads(threads)
   res <- call_rust(rs_ks_test(x, y, alternative, if (is.null(exact)) NA else exact, threads))
   if (res$ties && !res$exact) {
@@ -50,6 +56,8 @@ ks_test <- function(x, y, alternative = c("two.sided", "less", "greater"), exact
     class = "htest"
   )
 }
+
+max_exact_cells <- 1e8
 
 ks_sample <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
   force(arg)
@@ -93,6 +101,7 @@ ks_drift <- function(reference, current, alpha = 0.05, adjust = "none", threads 
   adjust <- assert_choice(adjust, stats::p.adjust.methods)
   ref <- drift_columns(reference)
   cur <- drift_columns(current)
+  if (!length(ref)) fedagg_abort("{.arg reference} must have at least one feature (column).")
   if (!identical(names(ref), names(cur))) {
     fedagg_abort(c("{.arg reference} and {.arg current} must have the same features.",
                    x = "{.arg reference} has {.val {names(ref)}}; {.arg current} has {.val {names(cur)}}."))

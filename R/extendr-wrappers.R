@@ -52,6 +52,11 @@ rs_available_threads <- function() .Call(wrap__rs_available_threads)
 #' @noRd
 rs_stream_sum <- function(vectors, n_threads) .Call(wrap__rs_stream_sum, vectors, n_threads)
 
+#' Checks that `bytes` (a double: R sizes can exceed 2^31) fit in the memory
+#' available now, for buffers R itself will allocate from user input.
+#' @noRd
+rs_check_memory <- function(bytes, what) .Call(wrap__rs_check_memory, bytes, what)
+
 #' Copies one client's data into Rust, row-major, once.
 #' @noRd
 rs_dataset <- function(x, n, p, y) .Call(wrap__rs_dataset, x, n, p, y)

@@ -125,6 +125,9 @@ main_metric <- function(x) {
 
 metric_panels <- function(x, metric = NULL) {
   if (!is.null(metric)) {
+    if (!is.character(metric) || !length(metric) || anyNA(metric)) {
+      fedagg_abort("{.arg metric} must be column names, not {obj_desc(metric)}.")
+    }
     unknown <- setdiff(metric, names(x))
     if (length(unknown)) fedagg_abort("{.arg metric} {.val {unknown}} is not a column of the history.")
     return(list(metric))
@@ -266,9 +269,12 @@ print.fed_comparison <- function(x, ...) {
   invisible(x)
 }
 
-comparison_metric <- function(x, metric) {
+comparison_metric <- function(x, metric, call = rlang::caller_env()) {
   if (!is.null(metric)) {
-    if (!metric %in% names(x)) fedagg_abort("{.arg metric} {.val {metric}} is not a column of the runs.")
+    if (!is.character(metric) || length(metric) != 1L || is.na(metric)) {
+      fedagg_abort("{.arg metric} must be one column name, not {obj_desc(metric)}.", call = call)
+    }
+    if (!metric %in% names(x)) fedagg_abort("{.arg metric} {.val {metric}} is not a column of the runs.", call = call)
     return(metric)
   }
   main_metric(x) %||% "train_loss"
@@ -303,7 +309,14 @@ autoplot.fed_comparison <- function(object, metric = NULL, ...) {
   metric <- if (is.null(metric)) {
     Filter(function(col) col %in% names(object) && any(!is.na(object[[col]])),
            c("train_loss", "test_loss", "val_loss", "test_accuracy", "val_accuracy", "test_rmse", "val_rmse"))
-  } else metric
+  } else {
+    if (!is.character(metric) || !length(metric) || anyNA(metric)) {
+      fedagg_abort("{.arg metric} must be column names, not {obj_desc(metric)}.")
+    }
+    unknown <- setdiff(metric, names(object))
+    if (length(unknown)) fedagg_abort("{.arg metric} {.val {unknown}} {?is/are} not a column of the runs.")
+    metric
+  }
   long <- do.call(rbind, lapply(metric, function(m) {
     keep <- !is.na(object[[m]])
     data.frame(run = object$run[keep], round = object$round[keep], metric = m, value = object[[m]][keep])

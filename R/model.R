@@ -248,6 +248,18 @@ init_params <- function(model, seed = 1) {
   unflatten_params(model, flat)
 }
 
+# A custom model's parameters must have the layers of its init(): same
+# names, same lengths (a wrong-length vector would be relisted silently).
+assert_same_layout <- function(params, template, arg = "params", call = rlang::caller_env()) {
+  same <- is.list(params) == is.list(template) && identical(names(params), names(template)) &&
+    identical(lengths(params), lengths(template))
+  if (!same) {
+    fedagg_abort(c("{.arg {arg}} must have the layers of the model's {.fn init}.",
+                   x = "{.fn init} gives {paste(names(template) %||% '', lengths(template), sep = ':', collapse = ', ')}; {.arg {arg}} has {paste(names(params) %||% '', lengths(params), sep = ':', collapse = ', ')}."),
+                 call = call)
+  }
+}
+
 # One flat double vector from a named list of layers, after checking shapes.
 flatten_params <- function(model, params, arg = "params", call = rlang::caller_env()) {
   if (!is_builtin(model)) return(flatten_any(params, arg, call))
@@ -328,7 +340,17 @@ relist_like <- function(flat, template) {
 loss_grad <- function(model, params, x, y) {
   assert_model(model)
   data <- check_xy(x, y, model, "x", "y")
-  if (!is_builtin(model)) return(call_user(model$loss_grad, list(params, data$x, data$y), "The custom model's {.fn loss_grad}"))
+  if (!is_builtin(model)) {
+    flat <- flatten_params(model, params)
+    out <- call_user(model$loss_grad, list(params, data$x, data$y), "The custom model's {.fn loss_grad}")
+    grad <- if (is.list(out) && is.list(out$grad)) unlist(out$grad, use.names = FALSE)
+    if (!is.list(out) || !is.numeric(out$loss) || length(out$loss) != 1L || !is.numeric(grad) ||
+        length(grad) != length(flat)) {
+      fedagg_abort(c("The custom model's {.fn loss_grad} must return {.code list(loss = <number>, grad = <list shaped like params>)}.",
+                     x = "It returned {obj_desc(out)}."), class = "user_code")
+    }
+    return(out)
+  }
   flat <- flatten_params(model, params)
   out <- call_rust(rs_loss_grad(model$sizes, model$head, flat, as.double(data$x), nrow(data$x),
                                 ncol(data$x), data$y))
@@ -354,8 +376,11 @@ loss_grad <- function(model, params, x, y) {
 #' @export
 predict.fed_model <- function(object, params, newdata, type = c("response", "class"), ...) {
   assert_model(object, arg = "object")
-  type <- assert_choice(type, c("response", "class"))
-  x <- check_features(newdata, object, "newdata")
+  model_predict(object, params, newdata, assert_choice(type, c("response", "class")), arg = "newdata")
+}
+
+model_predict <- function(object, params, newdata, type, arg, call = rlang::caller_env()) {
+  x <- check_features(newdata, object, arg, call = call)
   scores <- if (is_builtin(object)) {
     flat <- flatten_params(object, params)
     out <- call_rust(rs_predict(object$sizes, object$head, flat, as.double(x), nrow(x), ncol(x)))
@@ -364,7 +389,7 @@ predict.fed_model <- function(object, params, newdata, type = c("response", "cla
     custom_predict(object, params, x)
   }
   if (type == "class") {
-    if (object$task != "classification") fedagg_abort("{.code type = \"class\"} needs a classification model.")
+    if (object$task != "classification") fedagg_abort("{.code type = \"class\"} needs a classification model.", call = call)
     return(decode_classes(scores_to_class(scores), object))
   }
   if (is.matrix(scores) && ncol(scores) > 1L) colnames(scores) <- class_names(object, ncol(scores))

@@ -47,6 +47,7 @@
 #' partition_quantity(600, 8, sdlog = 1.5, seed = 1)
 partition_iid <- function(n, n_clients, seed = NULL) {
   n <- assert_count(n, min = 1L)
+  check_memory(16 * n, sprintf("a partition of %d samples", n))
   n_clients <- assert_n_clients(n_clients, n)
   idx <- with_seed(seed, sample.int(n))
   parts <- split(idx, cut_equal(n, n_clients))
@@ -128,6 +129,7 @@ partition_shards <- function(y, n_clients, shards_per_client = 2, seed = NULL) {
 partition_quantity <- function(n, n_clients, distribution = c("lognormal", "powerlaw"), sdlog = 1,
                                shape = 1.5, min_size = 1, seed = NULL) {
   n <- assert_count(n, min = 1L)
+  check_memory(16 * n, sprintf("a partition of %d samples", n))
   n_clients <- assert_n_clients(n_clients, n)
   distribution <- assert_choice(distribution, c("lognormal", "powerlaw"))
   sdlog <- assert_number(sdlog, 0)
@@ -143,7 +145,8 @@ partition_quantity <- function(n, n_clients, distribution = c("lognormal", "powe
       lognormal = stats::rnorm(n_clients, 0, sdlog),
       powerlaw = -log(stats::runif(n_clients)) / shape
     )
-    w <- exp(log_w - max(log_w))
+    # With a vanishing Pareto shape the largest draw takes everything.
+    w <- if (all(is.finite(log_w))) exp(log_w - max(log_w)) else as.double(log_w == max(log_w))
     spare <- n - min_size * n_clients
     sizes <- min_size + floor(w / sum(w) * spare)
     left <- n - sum(sizes)

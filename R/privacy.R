@@ -89,6 +89,10 @@ add_gaussian_noise <- function(x, sensitivity, epsilon, delta, seed = NULL,
     fedagg_abort("{.arg seed} must be a whole number in [0, 2^53), not {obj_desc(seed)}.")
   }
   noisy <- call_rust(rs_add_gaussian_noise(single$layers, sd, as.double(seed), threads))
+  if (!all(vapply(noisy, function(v) all(is.finite(v)), logical(1)))) {
+    fedagg_abort(c("Adding noise with sd = {format(sd)} overflowed: the result is not finite.",
+                   i = "Scale {.arg x} down, or use a smaller noise."))
+  }
   out <- restore_shape(noisy, single$template)
   attr(out, "sd") <- sd
   attr(out, "seed") <- seed

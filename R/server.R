@@ -88,7 +88,11 @@ Server <- R6::R6Class("Server",
       resolve_threads(threads)
       private$.threads <- threads
       private$.hooks <- assert_hooks(hooks)
-      private$.template <- if (is.null(params)) init_params(model, private$.seed) else params
+      private$.template <- init_params(model, private$.seed)
+      if (!is.null(params)) {
+        if (!is_builtin(model)) assert_same_layout(params, private$.template)
+        private$.template <- params
+      }
       private$.flat <- flatten_params(model, private$.template)
       invisible(self)
     },
@@ -200,7 +204,7 @@ Server <- R6::R6Class("Server",
     #' @param type See [predict.fed_model()]: `"class"` gives the labels
     #'   the nodes were given (a factor when they were factors or strings).
     predict = function(x, type = c("response", "class")) {
-      stats::predict(private$.model, self$params, x, type = assert_choice(type, c("response", "class")))
+      model_predict(private$.model, self$params, x, assert_choice(type, c("response", "class")), arg = "x")
     },
 
     #' @description A short description.
@@ -244,8 +248,8 @@ Server <- R6::R6Class("Server",
     params = function(value) {
       if (missing(value)) return(unflatten_params(private$.model, private$.flat, private$.template))
       if (private$.busy) abort_reentrant()
-      flat <- if (is_builtin(private$.model)) flatten_params(private$.model, value, arg = "params")
-              else flatten_any(value, "params", rlang::current_env(), length = length(private$.flat))
+      if (!is_builtin(private$.model)) assert_same_layout(value, private$.template)
+      flat <- flatten_params(private$.model, value, arg = "params")
       private$.flat <- flat
       invisible(self)
     },
@@ -345,6 +349,14 @@ Server <- R6::R6Class("Server",
       if (private$.busy) abort_reentrant()
       private$.busy <- TRUE
       on.exit(private$.busy <- FALSE, add = TRUE)
+      # Every fedagg error raised during a round names the round.
+      tryCatch(private$.round_body(r, last_round), fedagg_error = function(e) {
+        if (is.null(e$round)) e$round <- r
+        stop(e)
+      })
+    },
+
+    .round_body = function(r, last_round) {
       started <- proc.time()[["elapsed"]]
       ids <- self$select(r)
       lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)

@@ -15,8 +15,12 @@ as_update_set <- function(updates, arg = rlang::caller_arg(updates), call = rlan
   if (length(updates) == 0L) {
     fedagg_abort("{.arg {arg}} must contain at least one client update; it is empty.", call = call)
   }
-  if (is.list(updates[[1]])) update_set_from_layers(updates, arg, call)
-  else update_set_from_vectors(updates, arg, call)
+  set <- if (is.list(updates[[1]]) && !is.data.frame(updates[[1]])) update_set_from_layers(updates, arg, call)
+         else update_set_from_vectors(updates, arg, call)
+  if (sum(vapply(set$layers, function(l) if (is.list(l)) length(l[[1]]) else length(l), numeric(1))) == 0) {
+    fedagg_abort("Client updates in {.arg {arg}} must have at least one value; they are empty.", call = call)
+  }
+  set
 }
 
 update_set_from_matrix <- function(m, arg, call) {
@@ -25,6 +29,9 @@ update_set_from_matrix <- function(m, arg, call) {
   }
   if (ncol(m) == 0L) {
     fedagg_abort("{.arg {arg}} must have at least one column (client); it has none.", call = call)
+  }
+  if (nrow(m) == 0L) {
+    fedagg_abort("{.arg {arg}} must have at least one row (value); it has none.", call = call)
   }
   if (!is.double(m)) storage.mode(m) <- "double"
   template <- list(kind = "vector", attrs = if (!is.null(rownames(m))) list(names = rownames(m)))
@@ -155,6 +162,11 @@ restore_shape <- function(values, template) {
 
 # Shape template of a single update (one client), with its layers for Rust.
 as_single_update <- function(update, arg = rlang::caller_arg(update), call = rlang::caller_env()) {
+  force(arg)
+  if (is.data.frame(update) || (!is.numeric(update) && !is.logical(update) && !is.list(update))) {
+    fedagg_abort("{.arg {arg}} must be a numeric vector or array, or a list of numeric layers, not {obj_desc(update)}.",
+                 call = call)
+  }
   set <- as_update_set(list(update), arg = arg, call = call)
   layers <- lapply(set$layers, function(l) l[[1]])
   list(layers = layers, template = set$template)
