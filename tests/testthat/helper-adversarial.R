@@ -365,6 +365,12 @@ adv_atomic_child <- function(loader, which = NULL) {
   # `client` (TRUE: any selected node id); round: FALSE when the error need
   # not name the round; recover: turn the flag off and check that a round
   # then runs; kept: the failure comes after the commit (round kept).
+  # A custom model that fails from round 2 on, on client1.
+  custom_case <- function(name, model, nodes, lr, class) {
+    force(model)
+    list(name = name, make = function() fed_server(model, nodes, fraction = 1, lr = lr, seed = 1),
+         good = 1, class = class, client = "client1", recover = TRUE)
+  }
   scenarios <- list(
     # A loss that is huge but finite is reported, not refused: the round
     # fails once the loss or the parameters stop being finite.
@@ -442,30 +448,20 @@ adv_atomic_child <- function(loader, which = NULL) {
          class = "fedagg_error_user_code", recover = TRUE),
     list(name = "learning-rate schedule underflows to 0 in round 3",
          make = function() srv_reg(lr_schedule = lr_exponential(1e-200)), good = 2, class = "fedagg_error_input"),
-    list(name = "custom model: loss_grad returns a NaN loss",
-         make = function() fed_server(custom_reg("nan"), reg_nodes, fraction = 1, lr = 0.01, seed = 1),
-         good = 1, class = "fedagg_error_diverged", client = "client1", recover = TRUE),
-    list(name = "custom model: loss_grad returns a NaN gradient",
-         make = function() fed_server(custom_reg("nan_grad"), reg_nodes, fraction = 1, lr = 0.01, seed = 1),
-         good = 1, class = "fedagg_error_diverged", client = "client1", recover = TRUE),
-    list(name = "custom model: loss_grad throws",
-         make = function() fed_server(custom_reg("throw"), reg_nodes, fraction = 1, lr = 0.01, seed = 1),
-         good = 1, class = "fedagg_error_user_code", client = "client1", recover = TRUE),
-    list(name = "custom model: loss_grad returns a gradient missing a layer",
-         make = function() fed_server(custom_reg("short_grad"), reg_nodes, fraction = 1, lr = 0.01, seed = 1),
-         good = 1, class = "fedagg_error_user_code", client = "client1", recover = TRUE),
-    list(name = "custom model: loss_grad returns a string",
-         make = function() fed_server(custom_reg("garbage"), reg_nodes, fraction = 1, lr = 0.01, seed = 1),
-         good = 1, class = "fedagg_error_user_code", client = "client1", recover = TRUE),
-    list(name = "custom model: predict returns the wrong shape (validation)",
-         make = function() fed_server(custom_cls("shape"), cls_nodes, fraction = 1, lr = 0.1, seed = 1),
-         good = 1, class = "fedagg_error_user_code", client = "client1", recover = TRUE),
-    list(name = "custom model: predict drops a row (validation)",
-         make = function() fed_server(custom_cls("rows"), cls_nodes, fraction = 1, lr = 0.1, seed = 1),
-         good = 1, class = "fedagg_error_user_code", client = "client1", recover = TRUE),
-    list(name = "custom model: predict returns NaN (validation)",
-         make = function() fed_server(custom_cls("nan"), cls_nodes, fraction = 1, lr = 0.1, seed = 1),
-         good = 1, class = "fedagg_error_user_code", client = "client1", recover = TRUE),
+    custom_case("custom model: loss_grad returns a NaN loss", custom_reg("nan"), reg_nodes, 0.01, "fedagg_error_diverged"),
+    custom_case("custom model: loss_grad returns a NaN gradient", custom_reg("nan_grad"), reg_nodes, 0.01,
+                "fedagg_error_diverged"),
+    custom_case("custom model: loss_grad throws", custom_reg("throw"), reg_nodes, 0.01, "fedagg_error_user_code"),
+    custom_case("custom model: loss_grad returns a gradient missing a layer", custom_reg("short_grad"), reg_nodes, 0.01,
+                "fedagg_error_user_code"),
+    custom_case("custom model: loss_grad returns a string", custom_reg("garbage"), reg_nodes, 0.01,
+                "fedagg_error_user_code"),
+    custom_case("custom model: predict returns the wrong shape (validation)", custom_cls("shape"), cls_nodes, 0.1,
+                "fedagg_error_user_code"),
+    custom_case("custom model: predict drops a row (validation)", custom_cls("rows"), cls_nodes, 0.1,
+                "fedagg_error_user_code"),
+    custom_case("custom model: predict returns NaN (validation)", custom_cls("nan"), cls_nodes, 0.1,
+                "fedagg_error_user_code"),
     list(name = "custom model: predict throws (test data)",
          make = function() fed_server(custom_cls("throw"), fed_nodes(x, ycls, part), fraction = 1, lr = 0.1,
                                       seed = 1, test_data = list(x = x, y = ycls)),

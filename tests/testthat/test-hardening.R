@@ -337,3 +337,14 @@ test_that("every R chunk of the README runs", {
     expect(is.null(err), sprintf("README chunk at line %d failed: %s", s, if (!is.null(err)) conditionMessage(err)))
   }
 })
+
+test_that("headers describe what each algorithm does", {
+  d <- toy_classes(60, seed = 37)
+  nodes <- fed_nodes(d$x, d$y, partition_iid(60, 3, seed = 1))
+  sgd <- fed_server(model_softmax(4, 3), nodes, algorithm = "fedsgd", fraction = 1, seed = 1)
+  h <- sgd$fit(1, verbose = FALSE)
+  expect_match(format(h)[2], "full-batch gradients")
+  expect_no_match(format(h)[2], "E = ")
+  expect_match(sgd$format()[2], "3 nodes, 3 per round")
+  expect_match(sgd$format()[3], "one full-batch gradient per client")
+})
