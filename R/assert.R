@@ -76,15 +76,16 @@ max_threads <- 1024L
 # NULL (option `fedagg.threads`, else all cores) or a whole number in
 # 1..max_threads. Returns an integer for Rust, where 0 means all cores.
 resolve_threads <- function(threads, arg = rlang::caller_arg(threads), call = rlang::caller_env()) {
-  what <- cli::format_inline("{.arg {arg}}")
-  if (is.null(threads)) {
+  from_option <- is.null(threads)
+  if (from_option) {
     threads <- getOption("fedagg.threads")
     if (is.null(threads)) return(0L)
-    what <- cli::format_inline("The option {.code fedagg.threads}")
   }
   ok <- is.numeric(threads) && length(threads) == 1L && !is.na(threads) && threads == round(threads) &&
     threads >= 1 && threads <= max_threads
   if (!ok) {
+    # Formatted only here: this check runs on every kernel call.
+    what <- if (from_option) cli::format_inline("The option {.code fedagg.threads}") else cli::format_inline("{.arg {arg}}")
     fedagg_abort("{what} must be a whole number from 1 to {max_threads}, not {obj_desc(threads)}.", call = call)
   }
   as.integer(threads)
