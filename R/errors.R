@@ -57,11 +57,12 @@ parse_rust_message <- function(text) {
 # naming what failed, the round and the node, with the original as parent.
 # Conditions meant to steer fedagg (stop_training()) pass through.
 call_user <- function(fun, args, what, round = NULL, client = NULL, call = rlang::caller_env()) {
-  what <- cli::format_inline(what)
   withCallingHandlers(
     do.call(fun, args),
     error = function(e) {
       if (inherits(e, "fedagg_stop_training") || inherits(e, "fedagg_error")) return()
+      # Formatted only on failure: this wrapper runs on every hook call.
+      what <- cli::format_inline(what)
       where <- c(if (!is.null(round)) sprintf("round %d", round),
                  if (!is.null(client)) sprintf("client \"%s\"", client))
       where <- if (length(where)) paste0(" (", paste(where, collapse = ", "), ")") else ""
