@@ -101,6 +101,7 @@ check_memory <- function(bytes, what, call = rlang::caller_env()) {
 
 obj_desc <- function(x) {
   if (is.null(x)) return("NULL")
+  if (is.function(x)) return("a function")
   if (is.atomic(x) && length(x) == 1L && !is.object(x)) {
     if (is.na(x)) return("NA")
     return(switch(typeof(x),

@@ -3,19 +3,28 @@
 
 # Trains custom-model clients in R: in parallel with future.apply when the
 # user has set a non-sequential plan, else one after the other.
-custom_round <- function(nodes, model, flat, template, config, idx, rule, round) {
-  params <- relist_like(flat, template)
+# Each node returns its update (flat), what it reports, and its new state;
+# nothing is committed here. A client algorithm written in R runs this way
+# for built-in models too.
+custom_round <- function(nodes, model, flat, template, config, idx, rule, round, epochs, algorithm) {
+  params <- unflatten_params(model, flat, template)
   want_val <- rule %in% c("accuracy", "collect")
   work <- function(j) {
     node <- nodes[[j]]
     cfg <- config
     cfg$stream <- idx[j]
+    cfg$epochs <- epochs[[j]]
     tryCatch({
-      out <- node$train(params, cfg)
-      val <- if (want_val && node$has_validation) node$evaluate(out$params, model) else NULL
-      list(ok = TRUE, vector = flatten_any(out$params, "params", NULL), n_samples = out$n_samples,
-           train_loss = out$train_loss, val_loss = if (is.null(val)) NA_real_ else val$loss,
-           val_metric = if (is.null(val)) NA_real_ else val[[metric_name(model)]])
+      out <- if (algorithm$kind == "custom") {
+        user_local_work(algorithm, node, params, cfg, round, length(flat))
+      } else {
+        res <- node$train(params, cfg, return = "delta", epochs = epochs[[j]])
+        list(delta = flatten_any(res$delta, "delta", NULL), n_samples = res$n_samples, train_loss = res$train_loss,
+             steps = res$steps, state = res$state)
+      }
+      val <- if (want_val && node$has_validation) node$evaluate(unflatten_params(model, flat + out$delta, template), model)
+      c(list(ok = TRUE, val_loss = if (is.null(val)) NA_real_ else val$loss,
+             val_metric = if (is.null(val)) NA_real_ else val[[metric_name(model)]]), out)
     }, fedagg_error = function(e) {
       # Reported as data, so the first failing client (in node order, as
       # with built-in models) is named whatever the future plan.
@@ -30,6 +39,21 @@ custom_round <- function(nodes, model, flat, template, config, idx, rule, round)
   } else {
     lapply(seq_along(nodes), work)
   }
+}
+
+user_local_work <- function(algorithm, node, params, config, round, d) {
+  out <- call_user(algorithm$local, list(node = node, params = params, config = config, state = node$state$custom),
+                   sprintf("The client algorithm %s's `local()`", encodeString(algorithm$label, quote = '"')),
+                   round = round, client = node$id)
+  delta <- if (is.list(out)) unlist(out$delta, use.names = FALSE)
+  ok <- is.list(out) && is.numeric(delta) && length(delta) == d && all(is.finite(delta)) &&
+    is.numeric(out$n_samples) && length(out$n_samples) == 1L && is.numeric(out$train_loss) && length(out$train_loss) == 1L
+  if (!ok) {
+    fedagg_abort(c("The client algorithm's {.fn local} must return {.code list(delta = <{d} finite numbers>, n_samples = , train_loss = , state = )}.",
+                   x = "It returned {obj_desc(out)}."), class = "user_code", round = round, client = node$id)
+  }
+  list(delta = as.double(delta), n_samples = out$n_samples, train_loss = out$train_loss, steps = NA_real_,
+       state = out$state)
 }
 
 use_future <- function() {

@@ -73,9 +73,16 @@ rs_model_init <- function(sizes, head, scheme, seed) .Call(wrap__rs_model_init, 
 #' @noRd
 rs_loss_grad <- function(sizes, head, params, x, n, p, y) .Call(wrap__rs_loss_grad, sizes, head, params, x, n, p, y)
 
-#' One federated round over the clients' data handles.
+#' One federated round over the clients' data handles: local work, fold,
+#' server step.
 #' @noRd
 rs_train_round <- function(sizes, head, global, train, validation, streams, config, n_threads) .Call(wrap__rs_train_round, sizes, head, global, train, validation, streams, config, n_threads)
+
+#' Fold and server step of a round whose client updates were computed in R
+#' (custom models, weight functions written in R): the same fold as
+#' `rs_train_round`'s.
+#' @noRd
+rs_fold_round <- function(global, deltas, weights, a, config, n_threads) .Call(wrap__rs_fold_round, global, deltas, weights, a, config, n_threads)
 
 #' Loss and metric of one parameter vector on many data handles.
 #' @noRd

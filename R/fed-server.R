@@ -3,27 +3,43 @@
 #' Build a federated simulation
 #'
 #' `fed_server()` creates a [Server] from a model and nodes, with every lever
-#' of a FedAvg or FedSGD run. Then `$fit(rounds)` runs it and returns a
-#' [fed_history].
+#' of a round, then `$fit(rounds)` runs it and returns a [fed_history]. A
+#' round is a pipeline of replaceable parts:
 #'
-#' * **FedAvg** (McMahan et al. 2017): each selected client runs `epochs`
-#'   epochs of minibatch SGD from the global parameters; the server takes the
-#'   weighted mean of the returned models.
-#' * **FedSGD**: each selected client returns its full-batch gradient at the
-#'   global parameters; the server steps `params - lr * weighted mean
-#'   gradient`.
+#' **selection** (who trains) -> **client algorithm** (what they do, with a
+#' **local optimizer**) -> **aggregator** (weighted mean of their updates)
+#' -> **server optimizer** (how the global model moves) -> commit.
+#'
+#' Each part is an object made by a short constructor ([select_uniform()],
+#' [fedprox()], [local_adam()], [agg_weighted()], [server_adam()], ...),
+#' shown by `print(server)` and listed in `server$settings`. Each can be
+#' written in R (see the "Writing your own" sections of their help pages).
+#' With a built-in model and built-in parts, all the numeric work of a round
+#' (every client's local training, the aggregation, the diagnostics and the
+#' server step) is ONE call into Rust, parallel over clients and
+#' thread-invariant. Update transforms (clipping, compression, privacy noise)
+#' will plug in between the client algorithm and the aggregator.
+#'
+#' **Why is it slow?** Every round records diagnostics in the history:
+#' `update_norm` (the global update), `client_norm_mean` and
+#' `client_norm_sd` (how far the clients moved), `cosine_mean` (the mean
+#' cosine between each client's update and their aggregate: low values mean
+#' client drift) and `gradient_diversity` (`sum ||Delta_i||^2 / ||sum
+#' Delta_i||^2`, Yin et al. 2018: near `1 / K` when the clients agree, large
+#' when they pull apart). `plot(history, "diagnostics")` draws them.
 #'
 #' @param model A [model][models].
 #' @param nodes A list of [Node]s (see [fed_nodes()]), or one node.
-#' @param algorithm `"fedavg"` or `"fedsgd"`.
+#' @param algorithm A [client algorithm][client_algorithms] ([fedavg()],
+#'   [fedsgd()], [fedprox()], [scaffold()], [fednova()], or
+#'   [fed_algorithm()]) or its name.
 #' @param fraction Client fraction C in (0, 1]: `max(min_clients,
-#'   floor(C * n_nodes))` clients per round, sampled uniformly without
-#'   replacement with a seed derived from `seed` and the round.
+#'   floor(C * n_nodes))` clients per round.
 #' @param min_clients Minimum clients per round.
-#' @param selection `"uniform"` or `function(round, n, clients)` returning
-#'   node ids (`clients` is a data frame of `id` and `n_samples`): the place
-#'   for other selection strategies. An error in it fails the round with a
-#'   `fedagg_error_user_code` naming the round.
+#' @param selection A [selection rule][selection] ([select_uniform()],
+#'   [select_by_size()], [select_poisson()], [select_power_of_choice()],
+#'   [select_score()]), its name (`"uniform"`, `"by_size"`), or
+#'   `function(round, n, clients)` returning node ids.
 #' @param schedule Optional list with the node ids (or positions) of every
 #'   round, to replay another tool's run; overrides `fraction` and
 #'   `selection`.
@@ -32,16 +48,35 @@
 #'   validation data; every node needs validation data), or
 #'   `function(info)` returning one non-negative weight per row of `info`
 #'   (a data frame of `client`, `n_samples`, `train_loss`, `val_loss`,
-#'   `val_metric`).
-#' @param epochs,batch_size,weight_decay,momentum,shuffle Local training
-#'   settings (see [train_config()]); `batch_size = Inf` is full batch.
-#' @param lr Initial learning rate.
+#'   `val_metric`). An error in the function becomes a
+#'   `fedagg_error_user_code` naming the round.
+#' @param epochs Local epochs: one number, or one per node (heterogeneous
+#'   local work, as in the FedProx paper's experiments).
+#' @param batch_size,shuffle Local minibatches (see [train_config()]);
+#'   `batch_size = Inf` is full batch.
+#' @param lr Initial client learning rate.
 #' @param lr_schedule A [learning-rate schedule][lr_schedules] or its name.
+#' @param weight_decay,momentum Shorthands for `local_optimizer =
+#'   local_sgd(momentum, weight_decay)`.
+#' @param local_optimizer A [local optimizer][local_optimizers] (`NULL`:
+#'   [local_sgd()] with `momentum` and `weight_decay`).
+#' @param server_optimizer A [server optimizer][server_optimizers]:
+#'   [server_sgd()] (the default, plain FedAvg), [server_adam()],
+#'   [server_yogi()], [server_adagrad()], or [server_optimizer()].
+#' @param aggregator How client updates are combined: [agg_weighted()].
+#' @param stragglers Share of each round's clients that are stragglers, in
+#'   `[0, 1]`: a seeded `round(stragglers * clients)` of them run a random
+#'   `1 .. E - 1` epochs (as in the FedProx paper).
+#' @param drop_stragglers If `TRUE`, stragglers are dropped from the round
+#'   instead (FedAvg as in the FedProx paper).
+#' @param diagnostics Compute the per-round diagnostics (needs the round's
+#'   client updates in memory, `clients x parameters` doubles; `FALSE`
+#'   aggregates them as they arrive).
 #' @param test_data Optional global test set, `list(x = , y = )`.
 #' @param eval_every Evaluate every this many rounds (and at the last round
 #'   of each `fit()`).
-#' @param seed Seed of selection, shuffling and initialisation (`NULL`: drawn
-#'   from R's RNG, so `set.seed()` applies).
+#' @param seed Seed of selection, availability, stragglers, shuffling and
+#'   initialisation (`NULL`: drawn from R's RNG, so `set.seed()` applies).
 #' @param threads Threads for Rust (`NULL`: option `fedagg.threads`, else all
 #'   cores; see [fedagg_threads()] for the limits). Results do not depend on
 #'   it.
@@ -60,20 +95,33 @@
 #'                   test_data = pool_clients(data, "test"), seed = 1)
 #' hist <- srv$fit(10, verbose = FALSE)
 #' hist
-#' srv$timings[1:3, ]
 #' summary(hist)
 #' plot(hist)
+#' srv$timings[1:3, ]
+#'
+#' # The levers: FedProx clients taking momentum steps, an adaptive server
+#' # (FedAdam), and half of each round's clients straggling.
+#' srv2 <- fed_server(model_softmax(60, 10), fed_nodes(data), algorithm = fedprox(0.01),
+#'                    local_optimizer = local_sgd(momentum = 0.5), server_optimizer = server_adam(0.01),
+#'                    epochs = 5, stragglers = 0.5, fraction = 0.25, lr = 0.01,
+#'                    test_data = pool_clients(data, "test"), seed = 1)
+#' srv2
+#' plot(srv2$fit(10, verbose = FALSE), "diagnostics")
 #' @export
-fed_server <- function(model, nodes, algorithm = c("fedavg", "fedsgd"), fraction = 0.1, min_clients = 1,
-                       selection = "uniform", schedule = NULL, weights = "samples", epochs = 1,
+fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
+                       selection = select_uniform(), schedule = NULL, weights = "samples", epochs = 1,
                        batch_size = 10, lr = 0.01, lr_schedule = lr_constant(), weight_decay = 0,
                        momentum = 0, shuffle = TRUE, test_data = NULL, eval_every = 1, seed = NULL,
-                       threads = NULL, hooks = list(), params = NULL) {
+                       threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
+                       server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
+                       drop_stragglers = FALSE, diagnostics = TRUE) {
   Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
              min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
              epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,
              weight_decay = weight_decay, momentum = momentum, shuffle = shuffle, test_data = test_data,
-             eval_every = eval_every, seed = seed, threads = threads, hooks = hooks, params = params)
+             eval_every = eval_every, seed = seed, threads = threads, hooks = hooks, params = params,
+             local_optimizer = local_optimizer, server_optimizer = server_optimizer, aggregator = aggregator,
+             stragglers = stragglers, drop_stragglers = drop_stragglers, diagnostics = diagnostics)
 }
 
 as_node_list <- function(nodes, call = rlang::caller_env()) {
@@ -126,9 +174,16 @@ assert_nodes <- function(nodes, model, call = rlang::caller_env()) {
   stats::setNames(nodes, ids)
 }
 
-assert_selection <- function(selection, call = rlang::caller_env()) {
-  if (is.function(selection)) return(selection)
-  assert_choice(selection, "uniform", arg = "selection", call = call)
+# Local epochs: one count for all nodes, or one per node (named by id, or in
+# node order).
+assert_node_epochs <- function(epochs, ids, call = rlang::caller_env()) {
+  if (!is.numeric(epochs) || !(length(epochs) %in% c(1L, length(ids))) || anyNA(epochs) ||
+      any(!is.finite(epochs) | epochs < 1 | epochs != round(epochs) | epochs > .Machine$integer.max)) {
+    fedagg_abort("{.arg epochs} must be one whole number >= 1, or one per node ({length(ids)}), not {obj_desc(epochs)}.",
+                 call = call)
+  }
+  out <- as.integer(per_node(epochs, ids, "epochs", call = call))
+  stats::setNames(out, ids)
 }
 
 assert_schedule <- function(schedule, ids, call = rlang::caller_env()) {

@@ -9,7 +9,10 @@
 #'   of non-IID drift);
 #' * `test_loss`, `test_accuracy` (or `test_rmse`): on the server's test set;
 #' * `val_loss`, `val_accuracy` (or `val_rmse`): on all nodes' held-out
-#'   data, weighted by its size.
+#'   data, weighted by its size;
+#' * diagnostics of the round's updates (see [fed_server()]): `update_norm`,
+#'   `client_norm_mean`, `client_norm_sd`, `cosine_mean`,
+#'   `gradient_diversity`.
 #'
 #' Metrics are `NA` in rounds that were not evaluated (`eval_every`). The
 #' history holds no wall-clock times, so runs with the same seed give
@@ -24,7 +27,8 @@
 #'
 #' @param x,object A `fed_history`.
 #' @param metric For `plot()` and `autoplot()`: the columns to draw (default:
-#'   the losses, then accuracy or RMSE, in two panels).
+#'   the losses, then accuracy or RMSE, in two panels), or `"diagnostics"`
+#'   for the update diagnostics in four panels.
 #' @param ... Passed on to `plot()` for base graphics; unused otherwise.
 #' @return `summary()` a `summary.fed_history` list; `plot()` `x`,
 #'   invisibly; `autoplot()` a ggplot.
@@ -39,13 +43,15 @@
 #' @name fed_history
 NULL
 
+diagnostic_columns <- c("update_norm", "client_norm_mean", "client_norm_sd", "cosine_mean", "gradient_diversity")
+
 new_fed_history <- function(records, model, settings) {
   m <- metric_name(model)
   columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
-               "val_loss", paste0("val_", m))
+               "val_loss", paste0("val_", m), diagnostic_columns)
   df <- if (length(records)) {
     as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
-      vapply(records, function(r) as.double(r[[col]]), numeric(1))
+      vapply(records, function(r) as.double(r[[col]] %||% NA_real_), numeric(1))
     }))
   } else {
     as.data.frame(stats::setNames(rep(list(numeric()), length(columns)), columns))
@@ -58,7 +64,7 @@ new_fed_history <- function(records, model, settings) {
 history_label <- function(x) {
   s <- attr(x, "settings")
   if (is.null(s)) return("run")
-  sprintf("%s, %s", algorithm_label(s$algorithm), s$model)
+  sprintf("%s, %s", s$algorithm_label %||% s$algorithm, s$model)
 }
 
 #' @rdname fed_history
@@ -66,7 +72,7 @@ history_label <- function(x) {
 format.fed_history <- function(x, ...) {
   s <- attr(x, "settings")
   local <- if (is.null(s)) NULL else if (identical(s$algorithm, "fedsgd")) "full-batch gradients"
-           else sprintf("E = %d, B = %s", s$epochs, format(s$batch_size))
+           else sprintf("E = %s, B = %s", format(s$epochs), format(s$batch_size))
   c(sprintf("<fed_history> %s: %d round%s", history_label(x), nrow(x), if (nrow(x) == 1L) "" else "s"),
     if (!is.null(s)) sprintf("%d of %d clients per round, %s, lr = %s (%s), weights: %s",
                              s$clients_per_round, s$n_clients, local, format(s$lr), s$lr_schedule, s$weights))
@@ -77,7 +83,8 @@ format.fed_history <- function(x, ...) {
 print.fed_history <- function(x, ...) {
   cat(format(x), sep = "\n")
   if (!nrow(x)) return(invisible(x))
-  shown <- as.data.frame(x)
+  # The diagnostics are many columns: plot(x, "diagnostics") shows them.
+  shown <- as.data.frame(x)[setdiff(names(x), setdiff(diagnostic_columns, "cosine_mean"))]
   shown <- shown[, vapply(shown, function(col) !all(is.na(col)), logical(1)), drop = FALSE]
   if (nrow(shown) > 10L) shown <- shown[c(1:5, (nrow(shown) - 4L):nrow(shown)), ]
   print(format(shown, digits = 4), row.names = FALSE)
@@ -124,6 +131,9 @@ main_metric <- function(x) {
 }
 
 metric_panels <- function(x, metric = NULL) {
+  if (identical(metric, "diagnostics")) {
+    return(list("update_norm", c("client_norm_mean", "client_norm_sd"), "cosine_mean", "gradient_diversity"))
+  }
   if (!is.null(metric)) {
     if (!is.character(metric) || !length(metric) || anyNA(metric)) {
       fedagg_abort("{.arg metric} must be column names, not {obj_desc(metric)}.")
@@ -143,17 +153,23 @@ metric_labels <- c(
   round = "Round", clients = "Clients per round", lr = "Learning rate",
   train_loss = "Training loss (clients' own data)", loss_spread = "Spread of clients' training losses",
   test_loss = "Test loss", test_accuracy = "Test accuracy", test_rmse = "Test RMSE",
-  val_loss = "Validation loss", val_accuracy = "Validation accuracy", val_rmse = "Validation RMSE"
+  val_loss = "Validation loss", val_accuracy = "Validation accuracy", val_rmse = "Validation RMSE",
+  update_norm = "Norm of the global update", client_norm_mean = "Mean norm of client updates",
+  client_norm_sd = "Spread (sd) of client update norms", cosine_mean = "Mean cosine, client vs aggregate",
+  gradient_diversity = "Gradient diversity"
 )
 
 metric_label <- function(col) unname(ifelse(col %in% names(metric_labels), metric_labels[col], col))
 
 # In a panel of one kind of value, the legend names only the data split.
 split_label <- function(cols) {
-  unname(c(train = "Training (clients' own data)", test = "Test", val = "Validation")[sub("_.*$", "", cols)])
+  known <- c(train = "Training (clients' own data)", test = "Test", val = "Validation")
+  prefix <- sub("_.*$", "", cols)
+  unname(ifelse(prefix %in% names(known), known[prefix], metric_label(cols)))
 }
 
 panel_title <- function(cols) {
+  if (any(cols %in% diagnostic_columns)) return(if (length(cols) == 1L) metric_label(cols) else "Client update norms")
   kind <- unique(sub("^[a-z]+_", "", cols))
   if (length(kind) != 1L) return(paste(metric_label(cols), collapse = ", "))
   c(loss = "Loss", accuracy = "Accuracy", rmse = "RMSE")[[kind]] %||% kind
@@ -164,7 +180,8 @@ panel_title <- function(cols) {
 plot.fed_history <- function(x, metric = NULL, ...) {
   panels <- metric_panels(x, metric)
   if (!length(panels) || !nrow(x)) fedagg_abort("There is nothing to plot: the history has no rounds or no values.")
-  old <- graphics::par(mfrow = c(1, length(panels)), mar = c(4, 4, 3, 1), oma = c(0, 0, 1.5, 0))
+  layout <- if (length(panels) > 3L) c(2, ceiling(length(panels) / 2)) else c(1, length(panels))
+  old <- graphics::par(mfrow = layout, mar = c(4, 4, 3, 1), oma = c(0, 0, 1.5, 0))
   on.exit(graphics::par(old))
   cols <- c("#1b9e77", "#d95f02", "#7570b3", "#e7298a")
   for (cols_here in panels) {

@@ -30,12 +30,13 @@ Node <- R6::R6Class("Node",
   cloneable = TRUE,
   public = list(
     #' @description Create a node (see [fed_node()] for the arguments).
-    #' @param x,y,id,x_val,y_val See [fed_node()].
-    initialize = function(x, y, id, x_val = NULL, y_val = NULL) {
+    #' @param x,y,id,x_val,y_val,availability See [fed_node()].
+    initialize = function(x, y, id, x_val = NULL, y_val = NULL, availability = 1) {
       if (!is.character(id) || length(id) != 1L || is.na(id) || !nzchar(id)) {
         fedagg_abort("{.arg id} must be a single non-empty string, not {obj_desc(id)}.")
       }
       private$.id <- id
+      private$.availability <- assert_number(availability, 0, 1, lower_open = TRUE, arg = "availability")
       private$.x <- as_feature_matrix(x, "x", client = id)
       private$.y <- check_raw_labels(y, nrow(private$.x), "y", "x", id)
       if (!is.null(x_val) || !is.null(y_val)) {
@@ -51,32 +52,57 @@ Node <- R6::R6Class("Node",
       invisible(self)
     },
 
-    #' @description Local training from the given parameters.
+    #' @description Local training from the given parameters: what a
+    #'   client does in a round, from what the server sends (the parameters
+    #'   and a [train_config()], whose `control` carries SCAFFOLD's server
+    #'   variate) to what it sends back. The node's own state (SCAFFOLD's
+    #'   `c_i`) is read but not changed: the new state is returned, and a
+    #'   server keeps it only when its round commits.
     #' @param params Global parameters (named list of layers).
     #' @param config A [train_config()].
     #' @param return `"params"` (the new parameters) or `"delta"` (new minus
     #'   given).
-    #' @return A list: `params` or `delta`, `n_samples`, `train_loss`.
-    train = function(params, config, return = c("params", "delta")) {
+    #' @param epochs Local epochs for this run (default: `config$epochs`).
+    #' @return A list: `params` or `delta`, `n_samples`, `train_loss`,
+    #'   `steps` (local steps taken) and `state` (the node's new state).
+    train = function(params, config, return = c("params", "delta"), epochs = config$epochs) {
       return <- assert_choice(return, c("params", "delta"))
       assert_train_config(config)
+      epochs <- assert_count(epochs, min = 1L)
       model <- config$model
       private$.check_width(model)
       flat <- flatten_params(model, params)
+      c_i <- private$.state$control
       result <- if (is_builtin(model)) {
+        round_cfg <- list(control = config$control, client_controls = list(c_i))
         out <- call_rust(rs_train_round(model$sizes, model$head, flat, list(self$data_handle(model)),
-                                        list(NULL), as.double(config$stream %||% 1), rust_config(config, "collect"), 1L))
+                                        list(NULL), as.double(config$stream %||% 1),
+                                        rust_config(config, "collect", epochs, round_cfg), 1L))
         if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message, kind = out$kind)
-        list(vector = out$collected[[1]], n_samples = out$n_samples, train_loss = out$train_loss)
+        list(vector = flat + out$collected[[1]], n_samples = out$n_samples, train_loss = out$train_loss,
+             steps = out$steps, control = out$client_controls[[1]])
       } else {
-        tryCatch(custom_local_train(model, params, private$.x, private$.labels(model, "train"), config),
+        tryCatch(custom_local_train(model, params, private$.x, private$.labels(model, "train"), config, epochs, c_i),
                  fedagg_local_failure = function(e) {
                    abort_client_failure(private$.id, e$message, kind = e$kind, parent = e$parent)
                  })
       }
       new <- unflatten_params(model, result$vector, params)
       value <- if (return == "params") new else unflatten_params(model, result$vector - flat, params)
-      stats::setNames(list(value, result$n_samples, result$train_loss), c(return, "n_samples", "train_loss"))
+      state <- private$.state
+      if (config$algorithm$kind == "scaffold") state$control <- result$control
+      stats::setNames(list(value, result$n_samples, result$train_loss, result$steps, state),
+                      c(return, "n_samples", "train_loss", "steps", "state"))
+    },
+
+    #' @description Internal: keep the state a committed round produced
+    #'   (called by a [Server]).
+    #' @param state A named list (SCAFFOLD's `control`, the node's
+    #'   `last_update`, a custom algorithm's state).
+    commit_state = function(state) {
+      if (!is.list(state)) fedagg_abort("{.arg state} must be a list, not {obj_desc(state)}.")
+      private$.state <- state
+      invisible(self)
     },
 
     #' @description Loss and accuracy (classification) or RMSE (regression)
@@ -161,6 +187,19 @@ Node <- R6::R6Class("Node",
       if (!missing(value)) fedagg_abort("{.field n_features} is read-only.")
       ncol(private$.x)
     },
+    #' @field availability Probability that the node is reachable in a
+    #'   round, in (0, 1] (validated when set).
+    availability = function(value) {
+      if (missing(value)) return(private$.availability)
+      private$.availability <- assert_number(value, 0, 1, lower_open = TRUE, arg = "availability")
+    },
+    #' @field state What the node keeps between rounds (read-only): a list
+    #'   with SCAFFOLD's `control` variate, its `last_update`, or a custom
+    #'   client algorithm's state.
+    state = function(value) {
+      if (!missing(value)) fedagg_abort("{.field state} is read-only; a server sets it when a round commits.")
+      private$.state
+    },
     #' @field has_validation Whether the node holds validation data.
     has_validation = function(value) {
       if (!missing(value)) fedagg_abort("{.field has_validation} is read-only.")
@@ -187,6 +226,8 @@ Node <- R6::R6Class("Node",
     .y = NULL,
     .x_val = NULL,
     .y_val = NULL,
+    .availability = 1,
+    .state = list(),
     .handles = list(),
 
     .check_width = function(model, call = rlang::caller_env()) {
@@ -218,6 +259,8 @@ Node <- R6::R6Class("Node",
 #' @param y Labels (factor, logical, or class codes from 0) or responses.
 #' @param id Identifier of the node.
 #' @param x_val,y_val Optional held-out data of the node.
+#' @param availability Probability that a node is reachable in a round, in
+#'   (0, 1]: one for all nodes, or one per node (see [selection]).
 #' @return `fed_node()`: a [Node]. `fed_nodes()`: a named list of nodes.
 #' @examples
 #' x <- matrix(rnorm(200), 100)
@@ -225,8 +268,8 @@ Node <- R6::R6Class("Node",
 #' nodes <- fed_nodes(x, y, partition_iid(100, 4, seed = 1), validation = 0.2, seed = 1)
 #' nodes[[1]]
 #' @export
-fed_node <- function(x, y, id = "client", x_val = NULL, y_val = NULL) {
-  Node$new(x = x, y = y, id = id, x_val = x_val, y_val = y_val)
+fed_node <- function(x, y, id = "client", x_val = NULL, y_val = NULL, availability = 1) {
+  Node$new(x = x, y = y, id = id, x_val = x_val, y_val = y_val, availability = availability)
 }
 
 #' @rdname fed_node
@@ -236,13 +279,14 @@ fed_node <- function(x, y, id = "client", x_val = NULL, y_val = NULL) {
 #' @param seed Seed of the validation split.
 #' @param ids Node identifiers (default `client01`, `client02`, ...).
 #' @export
-fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL, ids = NULL) {
+fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL, ids = NULL, availability = 1) {
   if (inherits(x, "fed_data")) {
     clients <- x$clients
     ids <- assert_node_ids(ids %||% names(clients), length(clients))
-    nodes <- Map(function(cl, id) {
-      Node$new(cl$x, cl$y, id = id, x_val = cl$x_test, y_val = cl$y_test)
-    }, clients, ids)
+    avail <- per_node(availability, ids, "availability")
+    nodes <- Map(function(cl, id, p) {
+      Node$new(cl$x, cl$y, id = id, x_val = cl$x_test, y_val = cl$y_test, availability = p)
+    }, clients, ids, avail)
     return(stats::setNames(nodes, ids))
   }
   if (is.null(partition)) fedagg_abort("{.arg partition} is needed unless {.arg x} is a {.cls fed_data}.")
@@ -253,6 +297,7 @@ fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL
   }
   parts <- assert_partition(partition, nrow(x))
   ids <- assert_node_ids(ids %||% names(parts) %||% paste0("client", seq_along(parts)), length(parts))
+  avail <- per_node(availability, ids, "availability")
   splits <- with_seed(seed, lapply(parts, function(idx) {
     n_val <- floor(validation * length(idx))
     if (n_val > 0) {
@@ -260,14 +305,14 @@ fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL
       list(train = setdiff(idx, held), val = held)
     } else list(train = idx, val = NULL)
   }))
-  nodes <- Map(function(s, id) {
+  nodes <- Map(function(s, id, p) {
     if (!length(s$train)) {
       fedagg_abort("Client {.val {id}} has no training rows in {.arg partition}.", class = "client", client = id)
     }
-    if (is.null(s$val)) Node$new(x[s$train, , drop = FALSE], y[s$train], id = id)
+    if (is.null(s$val)) Node$new(x[s$train, , drop = FALSE], y[s$train], id = id, availability = p)
     else Node$new(x[s$train, , drop = FALSE], y[s$train], id = id,
-                  x_val = x[s$val, , drop = FALSE], y_val = y[s$val])
-  }, splits, ids)
+                  x_val = x[s$val, , drop = FALSE], y_val = y[s$val], availability = p)
+  }, splits, ids, avail)
   stats::setNames(nodes, ids)
 }
 
@@ -300,6 +345,18 @@ assert_partition <- function(partition, n, arg = "partition", call = rlang::call
     parts[[k]] <- as.integer(idx)
   }
   parts
+}
+
+# One value for every node, or one per node (in node order, or named by id).
+per_node <- function(value, ids, arg, call = rlang::caller_env()) {
+  if (!is.numeric(value) || !(length(value) %in% c(1L, length(ids)))) {
+    fedagg_abort("{.arg {arg}} must be one number or one per node ({length(ids)}), not {obj_desc(value)}.", call = call)
+  }
+  if (!is.null(names(value)) && length(value) == length(ids)) {
+    if (!setequal(names(value), ids)) fedagg_abort("{.arg {arg}} is named, but not by the node ids.", call = call)
+    value <- value[ids]
+  }
+  rep_len(unname(value), length(ids))
 }
 
 assert_node_ids <- function(ids, n, arg = "ids", call = rlang::caller_env()) {

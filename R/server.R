@@ -56,31 +56,44 @@ Server <- R6::R6Class("Server",
   cloneable = TRUE,
   public = list(
     #' @description Create a server (see [fed_server()] for the arguments).
-    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params
+    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics
     #'   See [fed_server()].
-    initialize = function(model, nodes, algorithm = c("fedavg", "fedsgd"), fraction = 0.1, min_clients = 1,
-                          selection = "uniform", schedule = NULL, weights = "samples", epochs = 1,
+    initialize = function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
+                          selection = select_uniform(), schedule = NULL, weights = "samples", epochs = 1,
                           batch_size = 10, lr = 0.01, lr_schedule = lr_constant(), weight_decay = 0,
                           momentum = 0, shuffle = TRUE, test_data = NULL, eval_every = 1, seed = NULL,
-                          threads = NULL, hooks = list(), params = NULL) {
+                          threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
+                          server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
+                          drop_stragglers = FALSE, diagnostics = TRUE) {
       assert_model(model)
       node_list <- as_node_list(nodes)
       # One class coding for the whole federation, before any label is coded.
       private$.model <- federation_model(model, node_list, test_data)
       model <- private$.model
       private$.nodes <- assert_nodes(node_list, model)
-      private$.algorithm <- assert_choice(algorithm, c("fedavg", "fedsgd"))
+      private$.algorithm <- as_algorithm(algorithm)
       private$.fraction <- assert_number(fraction, 0, 1, lower_open = TRUE)
       private$.min_clients <- assert_count(min_clients, min = 1L)
       if (private$.min_clients > length(private$.nodes)) {
         fedagg_abort("{.arg min_clients} = {private$.min_clients} is more than the {length(private$.nodes)} nodes.")
       }
-      private$.selection <- assert_selection(selection)
+      private$.selection <- as_selection(selection)
       private$.schedule <- assert_schedule(schedule, names(private$.nodes))
       private$.weights <- assert_weight_rule(weights, model, private$.nodes)
+      private$.epochs <- assert_node_epochs(epochs, names(private$.nodes))
+      if (!is.null(local_optimizer) && (!identical(momentum, 0) || !identical(weight_decay, 0))) {
+        fedagg_abort("Give {.arg momentum} and {.arg weight_decay} to {.arg local_optimizer}, not to {.fn fed_server}, when you give both.")
+      }
+      if (!is.null(local_optimizer)) assert_local_optimizer(local_optimizer)
       # Validated now so a bad setting fails here, not in round 1.
-      private$.local <- train_config(model, private$.algorithm, epochs, batch_size, lr, weight_decay,
-                                     momentum, shuffle)
+      private$.local <- train_config(model, private$.algorithm, max(private$.epochs), batch_size, lr, weight_decay,
+                                     momentum, shuffle, optimizer = local_optimizer)
+      private$.server_opt <- assert_server_optimizer(server_optimizer)
+      private$.aggregator <- assert_aggregator(aggregator)
+      private$.stragglers <- assert_number(stragglers, 0, 1)
+      private$.drop_stragglers <- assert_flag(drop_stragglers)
+      private$.diagnostics <- assert_flag(diagnostics)
+      private$.reach <- stats::setNames(integer(length(private$.nodes)), names(private$.nodes))
       private$.lr_schedule <- as_lr_schedule(lr_schedule)
       private$.test <- if (!is.null(test_data)) assert_test_data(test_data, model)
       private$.eval_every <- assert_count(eval_every, min = 1L)
@@ -105,23 +118,7 @@ Server <- R6::R6Class("Server",
     #' @return Node ids.
     select = function(round = private$.round + 1L) {
       round <- assert_count(round, min = 1L)
-      ids <- names(private$.nodes)
-      if (!is.null(private$.schedule)) {
-        if (round > length(private$.schedule)) {
-          fedagg_abort("The {.arg schedule} has {length(private$.schedule)} rounds; round {round} is not in it.",
-                       class = "schedule")
-        }
-        return(private$.schedule[[round]])
-      }
-      m <- self$clients_per_round
-      if (is.function(private$.selection)) {
-        clients <- data.frame(id = ids, n_samples = vapply(private$.nodes, function(n) n$n_samples, numeric(1)),
-                              stringsAsFactors = FALSE)
-        chosen <- call_user(private$.selection, list(round = round, n = m, clients = clients),
-                            "The {.arg selection} function", round = round)
-        return(check_ids(chosen, ids, sprintf("The `selection` function (round %d)", round)))
-      }
-      ids[with_seed(derive_seed(private$.seed, round, 1L), sort(sample.int(length(ids), m)))]
+      private$.select_round(round)$ids
     },
 
     #' @description Weighted mean of client parameter lists (the FedAvg
@@ -213,15 +210,20 @@ Server <- R6::R6Class("Server",
       loc <- private$.local
       m <- self$clients_per_round
       how <- if (!is.null(private$.schedule)) "from a schedule"
-             else if (is.function(private$.selection)) "by a custom selection"
-             else sprintf("uniform, fraction %s", format(private$.fraction))
-      local <- if (private$.algorithm == "fedsgd") "one full-batch gradient per client" else
-        sprintf("E = %d, B = %s", loc$epochs, format(loc$batch_size))
+             else if (private$.selection$kind == "uniform") sprintf("uniform, fraction %s", format(private$.fraction))
+             else private$.selection$label
+      local <- if (private$.algorithm$kind == "fedsgd") "one full-batch gradient per client" else
+        sprintf("E = %s, B = %s, %s", epochs_label(private$.epochs), format(loc$batch_size), loc$optimizer$label)
       weights <- if (is.function(private$.weights)) "custom function" else private$.weights
+      slow <- if (private$.stragglers > 0) {
+        sprintf("; %s%% stragglers (%s)", format(100 * private$.stragglers),
+                if (private$.drop_stragglers) "dropped" else "fewer epochs")
+      } else ""
       out <- c(
-        sprintf("<Server> %s, %s", algorithm_label(private$.algorithm), model_description(private$.model)),
-        sprintf("  clients: %d nodes, %d per round (%s); weights: %s", length(private$.nodes), m, how, weights),
+        sprintf("<Server> %s, %s", private$.algorithm$label, model_description(private$.model)),
+        sprintf("  clients: %d nodes, %d per round (%s); weights: %s%s", length(private$.nodes), m, how, weights, slow),
         sprintf("  local:   %s, lr = %s, %s", local, format(loc$lr), attr(private$.lr_schedule, "label")),
+        sprintf("  server:  %s, %s", private$.server_opt$label, private$.aggregator$label),
         sprintf("  rounds:  %d done, seed %d", private$.round, private$.seed)
       )
       if (private$.round > 0L) {
@@ -276,16 +278,37 @@ Server <- R6::R6Class("Server",
     client_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field client_log} is read-only.")
       if (!length(private$.client_log)) {
-        return(data.frame(round = integer(), client = character(), n_samples = numeric(),
-                          train_loss = numeric(), val_loss = numeric(), val_metric = numeric(),
-                          weight = numeric()))
+        return(data.frame(round = integer(), client = character(), n_samples = numeric(), epochs = numeric(),
+                          steps = numeric(), train_loss = numeric(), val_loss = numeric(), val_metric = numeric(),
+                          weight = numeric(), update_norm = numeric(), cosine = numeric()))
       }
-      columns <- c("round", "client", "n_samples", "train_loss", "val_loss", "val_metric", "weight")
+      columns <- c("round", "client", "n_samples", "epochs", "steps", "train_loss", "val_loss", "val_metric", "weight",
+                   "update_norm", "cosine")
       out <- lapply(stats::setNames(columns, columns), function(col) {
         unlist(lapply(private$.client_log, function(entry) rep_len(entry[[col]], length(entry$client))))
       })
       out$round <- as.integer(out$round)
       as.data.frame(out, stringsAsFactors = FALSE)
+    },
+    #' @field selection_log Per round, the candidates of the selection rule
+    #'   with their `score` (the local loss for power-of-choice, the
+    #'   contribution score for [select_score()], `NA` for random rules,
+    #'   which log only their picks) and whether each was `picked`
+    #'   (read-only data frame).
+    selection_log = function(value) {
+      if (!missing(value)) fedagg_abort("{.field selection_log} is read-only.")
+      cols <- c("round", "client", "score", "picked")
+      out <- lapply(stats::setNames(cols, cols), function(col) unlist(lapply(private$.selection_log, `[[`, col)))
+      if (!length(private$.selection_log)) {
+        out <- list(round = integer(), client = character(), score = numeric(), picked = logical())
+      }
+      as.data.frame(out, stringsAsFactors = FALSE)
+    },
+    #' @field server_state The server optimizer's state (`m`, `v`) and
+    #'   SCAFFOLD's server `control` variate (read-only).
+    server_state = function(value) {
+      if (!missing(value)) fedagg_abort("{.field server_state} is read-only.")
+      c(private$.server_state, list(control = private$.control))
     },
     #' @field rounds_done Number of rounds run (read-only).
     rounds_done = function(value) {
@@ -322,13 +345,17 @@ Server <- R6::R6Class("Server",
     settings = function(value) {
       if (!missing(value)) fedagg_abort("{.field settings} is read-only.")
       loc <- private$.local
-      list(algorithm = private$.algorithm, model = model_description(private$.model),
+      list(algorithm = private$.algorithm$kind, algorithm_label = private$.algorithm$label,
+           model = model_description(private$.model),
            n_clients = length(private$.nodes), fraction = private$.fraction,
            clients_per_round = self$clients_per_round,
+           selection = if (!is.null(private$.schedule)) "schedule" else private$.selection$label,
            weights = if (is.function(private$.weights)) "custom" else private$.weights,
-           epochs = loc$epochs, batch_size = loc$batch_size, lr = loc$lr,
-           lr_schedule = attr(private$.lr_schedule, "label"), weight_decay = loc$weight_decay,
-           momentum = loc$momentum, seed = private$.seed)
+           epochs = epochs_label(private$.epochs), batch_size = loc$batch_size, lr = loc$lr,
+           lr_schedule = attr(private$.lr_schedule, "label"), local_optimizer = loc$optimizer$label,
+           weight_decay = loc$optimizer$weight_decay, momentum = loc$optimizer$momentum,
+           server_optimizer = private$.server_opt$label, aggregator = private$.aggregator$label,
+           stragglers = private$.stragglers, drop_stragglers = private$.drop_stragglers, seed = private$.seed)
     }
   ),
   private = list(
@@ -337,6 +364,9 @@ Server <- R6::R6Class("Server",
     .test = NULL, .eval_every = NULL, .seed = NULL, .threads = NULL, .hooks = NULL,
     .flat = NULL, .template = NULL, .round = 0L, .records = list(), .client_log = list(),
     .seconds = numeric(), .stopped = NULL, .busy = FALSE,
+    .epochs = NULL, .server_opt = NULL, .server_state = list(), .aggregator = NULL, .control = NULL,
+    .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
+    .last_delta = NULL,
 
     # A deep clone gets its own nodes, so later per-node state cannot leak
     # between the copies.
@@ -358,18 +388,25 @@ Server <- R6::R6Class("Server",
 
     .round_body = function(r, last_round) {
       started <- proc.time()[["elapsed"]]
-      ids <- self$select(r)
+      picked <- private$.select_round(r)
+      ids <- picked$ids
       lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)
+      work <- private$.local_work(ids, r)
       if (!is.null(private$.hooks$round_start)) {
-        call_user(private$.hooks$round_start, list(server = self, round = r, clients = ids),
+        call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
                   "The {.code round_start} hook", round = r)
       }
       config <- private$.local
       config$lr <- lr
       config$seed <- derive_seed(private$.seed, r, 2L)
-      result <- private$.train_selected(match(ids, names(private$.nodes)), config, r)
+      config$control <- private$.control
       old <- private$.flat
-      proposed <- if (private$.algorithm == "fedsgd") old - lr * result$aggregate else result$aggregate
+      result <- if (length(work$ids)) {
+        private$.train_selected(match(work$ids, names(private$.nodes)), config, work$epochs, r)
+      } else {
+        empty_round(old, private$.server_state, private$.control)
+      }
+      proposed <- result$params
       if (!is.null(private$.hooks$server_update)) {
         proposed <- call_user(private$.hooks$server_update, list(old = old, proposed = proposed, round = r, lr = lr),
                               "The {.code server_update} hook", round = r)
@@ -385,21 +422,110 @@ Server <- R6::R6Class("Server",
       evaluated <- r %% private$.eval_every == 0L || r == last_round
       metrics <- if (evaluated) private$.evaluate_all(proposed, r) else list()
       info <- result$info
-      record <- c(list(round = r, clients = length(ids), lr = lr,
-                       train_loss = stats::weighted.mean(info$train_loss, info$weight),
-                       loss_spread = if (length(ids) > 1L) stats::sd(info$train_loss) else NA_real_),
-                  private$.metric_slots(metrics))
-      # Commit: nothing above changed the server.
+      record <- c(list(round = r, clients = length(work$ids), lr = lr,
+                       train_loss = if (length(work$ids)) stats::weighted.mean(info$train_loss, info$weight) else NA_real_,
+                       loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
+                  private$.metric_slots(metrics), result$diagnostics)
+      # Commit: nothing above changed the server or a node.
       private$.flat <- as.double(proposed)
       private$.round <- r
       private$.records[[length(private$.records) + 1L]] <- record
       private$.client_log[[length(private$.client_log) + 1L]] <- c(list(round = r), info)
+      private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
+      private$.reach <- private$.reach + picked$available
+      private$.server_state <- result$server_state
+      private$.control <- result$control
+      if (!is.null(result$aggregate)) private$.last_delta <- result$aggregate
+      for (k in seq_along(result$node_states)) {
+        private$.nodes[[names(result$node_states)[k]]]$commit_state(result$node_states[[k]])
+      }
       private$.seconds[r] <- proc.time()[["elapsed"]] - started
       if (!is.null(private$.hooks$round_end)) {
         call_user(private$.hooks$round_end, list(server = self, round = r, record = record),
                   sprintf("The `round_end` hook (round %d is kept)", r), round = r)
       }
       invisible(record)
+    },
+
+    # Reachable nodes, then the selection rule among them (or the schedule).
+    # Pure: nothing is kept until the round commits.
+    .select_round = function(r) {
+      ids <- names(private$.nodes)
+      p <- vapply(private$.nodes, function(n) n$availability, numeric(1))
+      available <- if (all(p == 1)) rep(TRUE, length(ids))
+                   else with_seed(derive_seed(private$.seed, r, 3L), stats::runif(length(ids))) < p
+      names(available) <- ids
+      if (!is.null(private$.schedule)) {
+        if (r > length(private$.schedule)) {
+          fedagg_abort("The {.arg schedule} has {length(private$.schedule)} rounds; round {r} is not in it.",
+                       class = "schedule")
+        }
+        chosen <- private$.schedule[[r]]
+        return(list(ids = chosen, available = available, log = selection_log_rows(r, chosen, NULL)))
+      }
+      sel <- private$.selection
+      clients <- data.frame(id = ids, n_samples = vapply(private$.nodes, function(n) n$n_samples, numeric(1)),
+                            available = unname(available), reach_share = unname((private$.reach + available) / r),
+                            stringsAsFactors = FALSE)
+      if ("last_update" %in% sel$needs) clients$last_cosine <- private$.last_cosines()
+      ctx <- list(round = r, n = self$clients_per_round, clients = clients, seed = derive_seed(private$.seed, r, 1L),
+                  loss = function(chosen) private$.local_losses(chosen, r))
+      out <- sel$select(ctx)
+      if (is.data.frame(out)) {
+        chosen <- out$client[out$picked]
+        log <- selection_log_rows(r, out$client, out$score, out$picked)
+      } else {
+        chosen <- out
+        log <- selection_log_rows(r, chosen, NULL)
+      }
+      # Node order, so that a round does not depend on how a rule lists its picks.
+      chosen <- ids[ids %in% chosen]
+      list(ids = chosen, available = available, log = log)
+    },
+
+    # Epochs of each selected client: its own, or fewer for a straggler (which
+    # is dropped instead with drop_stragglers = TRUE).
+    .local_work = function(ids, r) {
+      epochs <- private$.epochs[ids]
+      straggler <- rep(FALSE, length(ids))
+      n_slow <- round(private$.stragglers * length(ids))
+      if (n_slow > 0) {
+        with_seed(derive_seed(private$.seed, r, 4L), {
+          slow <- sort(sample.int(length(ids), n_slow))
+          straggler[slow] <- TRUE
+          epochs[slow] <- vapply(epochs[slow], function(e) if (e > 1L) sample.int(e - 1L, 1L) else 1L, integer(1))
+        })
+      }
+      if (private$.drop_stragglers) {
+        return(list(ids = ids[!straggler], epochs = epochs[!straggler], straggler = straggler[!straggler]))
+      }
+      list(ids = ids, epochs = epochs, straggler = straggler)
+    },
+
+    # Local loss of the current global model on each node's training data
+    # (power-of-choice selection).
+    .local_losses = function(chosen, r) {
+      model <- private$.model
+      nodes <- private$.nodes[chosen]
+      if (is_builtin(model)) {
+        handles <- lapply(nodes, function(n) n$data_handle(model, "train"))
+        out <- call_rust(rs_evaluate(model$sizes, model$head, private$.flat, unname(handles),
+                                     resolve_threads(private$.threads)))
+        if (!isTRUE(out$ok)) abort_client_failure(chosen[out$client], out$message, r, kind = out$kind)
+        return(out$loss)
+      }
+      params <- relist_like(private$.flat, private$.template)
+      vapply(nodes, function(n) n$evaluate(params, model, data = "train")$loss, numeric(1))
+    },
+
+    .last_cosines = function() {
+      d <- private$.last_delta
+      vapply(private$.nodes, function(n) {
+        u <- n$state$last_update
+        if (is.null(u) || is.null(d)) return(NA_real_)
+        denom <- sqrt(sum(u^2)) * sqrt(sum(d^2))
+        if (denom > 0) sum(u * d) / denom else NA_real_
+      }, numeric(1))
     },
 
     .metric_slots = function(metrics) {
@@ -410,48 +536,91 @@ Server <- R6::R6Class("Server",
       out
     },
 
-    .train_selected = function(idx, config, round) {
+    # Local work of the selected clients, aggregation and the server step.
+    .train_selected = function(idx, config, epochs, round) {
       model <- private$.model
       nodes <- private$.nodes[idx]
       ids <- names(nodes)
-      rule <- if (is.function(private$.weights)) "collect" else private$.weights
-      if (is_builtin(model)) {
+      alg <- private$.algorithm
+      keep_updates <- "last_update" %in% private$.selection$needs
+      rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
+      fold_cfg <- list(algorithm = rust_config(config, rule)$algorithm,
+                       server = rust_server_config(private$.server_opt, private$.server_state),
+                       diagnostics = private$.diagnostics, control = private$.control,
+                       client_controls = lapply(nodes, function(n) n$state$control), n_nodes = length(private$.nodes))
+      if (is_builtin(model) && alg$kind != "custom") {
         train <- lapply(nodes, function(n) n$data_handle(model, "train"))
-        val <- if (rule %in% c("accuracy", "collect")) lapply(nodes, function(n) n$data_handle(model, "validation"))
-               else rep(list(NULL), length(nodes))
+        val <- if (rule == "collect" || private$.weights %in% "accuracy") {
+          lapply(nodes, function(n) n$data_handle(model, "validation"))
+        } else rep(list(NULL), length(nodes))
         out <- call_rust(rs_train_round(model$sizes, model$head, private$.flat, unname(train), unname(val),
-                                        as.double(idx), rust_config(config, rule),
+                                        as.double(idx), rust_config(config, rule, epochs, fold_cfg),
                                         resolve_threads(private$.threads)))
         if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
-        # A plain list: a data frame per round costs more than a small round.
         info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,
                      val_loss = nan_to_na(out$val_loss), val_metric = nan_to_na(out$val_metric),
-                     weight = out$weight)
-        if (rule != "collect") return(list(aggregate = out$aggregate, info = info))
-        vectors <- out$collected
+                     weight = out$weight, epochs = as.double(epochs), steps = out$steps)
+        deltas <- out$collected
+        a <- out$a
+        new_controls <- out$client_controls
+        custom_states <- NULL
       } else {
-        res <- custom_round(nodes, model, private$.flat, private$.template, config, idx, rule, round)
+        res <- custom_round(nodes, model, private$.flat, private$.template, config, idx, rule, round, epochs, alg)
         failed <- which(!vapply(res, function(x) isTRUE(x$ok), logical(1)))
         if (length(failed)) {
           f <- res[[failed[1]]]
           abort_client_failure(ids[failed[1]], f$message, round, kind = f$kind, parent = f$parent)
         }
-        vectors <- lapply(res, `[[`, "vector")
-        info <- list(client = ids, n_samples = vapply(res, `[[`, numeric(1), "n_samples"),
-                     train_loss = vapply(res, `[[`, numeric(1), "train_loss"),
-                     val_loss = vapply(res, `[[`, numeric(1), "val_loss"),
-                     val_metric = vapply(res, `[[`, numeric(1), "val_metric"))
-        info$weight <- switch(if (rule == "collect") "function" else rule,
-          samples = info$n_samples, equal = rep(1, length(ids)),
-          accuracy = if (model$task == "classification") info$val_metric else 1 / (1 + info$val_metric),
-          `function` = NA_real_)
+        field <- function(name) vapply(res, function(x) as.double(x[[name]] %||% NA_real_), numeric(1))
+        info <- list(client = ids, n_samples = field("n_samples"), train_loss = field("train_loss"),
+                     val_loss = field("val_loss"), val_metric = field("val_metric"), weight = NA_real_,
+                     epochs = as.double(epochs), steps = field("steps"))
+        deltas <- lapply(res, `[[`, "delta")
+        a <- if (alg$kind == "fednova") fednova_a(info$steps, config$optimizer$momentum)
+        new_controls <- if (alg$kind == "scaffold") lapply(res, function(x) x$state$control)
+        custom_states <- if (alg$kind == "custom") lapply(res, `[[`, "state")
+        out <- NULL
       }
-      if (rule == "collect") info$weight <- call_weight_function(private$.weights, info, round)
-      if (sum(info$weight) <= 0) {
-        fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
+      if (is.null(out) || rule == "collect") {
+        info$weight <- if (is.function(private$.weights)) call_weight_function(private$.weights, info, round)
+                       else rule_weights(private$.weights, info, model)
+        if (sum(info$weight) <= 0) {
+          fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
+        }
+        fold_cfg$client_controls_new <- new_controls
+        out_fold <- call_rust(rs_fold_round(private$.flat, unname(deltas), info$weight, a, fold_cfg,
+                                            resolve_threads(private$.threads)))
+      } else {
+        out_fold <- out
       }
-      list(aggregate = weighted_aggregate(vectors, weights = info$weight, threads = private$.threads),
-           info = info)
+      params <- out_fold$params
+      server_state <- list(m = out_fold$server_m, v = out_fold$server_v)
+      diagnostics <- out_fold$diagnostics
+      if (private$.server_opt$kind == "custom") {
+        stepped <- call_user(private$.server_opt$step,
+                             list(params = private$.flat, delta = out_fold$aggregate, state = private$.server_state$custom,
+                                  round = round),
+                             "The server optimizer's {.fn step}", round = round)
+        if (!is.list(stepped) || !is.numeric(stepped$params) || length(stepped$params) != length(private$.flat)) {
+          fedagg_abort("The server optimizer's {.fn step} must return {.code list(params = <{length(private$.flat)} numbers>, state = )}.",
+                       class = "user_code", round = round)
+        }
+        params <- as.double(stepped$params)
+        server_state <- list(custom = stepped$state)
+        diagnostics$update_norm <- sqrt(sum((params - private$.flat)^2))
+      }
+      info$update_norm <- out_fold$client_norms
+      info$cosine <- nan_to_na(out_fold$cosines)
+      node_states <- lapply(seq_along(nodes), function(k) {
+        state <- nodes[[k]]$state
+        if (alg$kind == "scaffold") state$control <- new_controls[[k]]
+        if (keep_updates) state$last_update <- deltas[[k]]
+        if (!is.null(custom_states)) state$custom <- custom_states[[k]]
+        state
+      })
+      names(node_states) <- ids
+      list(params = params, aggregate = out_fold$aggregate, server_state = server_state, control = out_fold$control,
+           info = info, diagnostics = lapply(diagnostics, nan_to_na), node_states = node_states)
     },
 
     .evaluate_all = function(flat, round = NULL) {
@@ -502,6 +671,31 @@ Server <- R6::R6Class("Server",
   )
 )
 
+# A round in which nobody was selected (Poisson sampling, all stragglers
+# dropped): the model stays as it is.
+empty_round <- function(flat, server_state, control) {
+  list(params = flat, aggregate = NULL, server_state = server_state, control = control,
+       info = list(client = character(), n_samples = numeric(), train_loss = numeric(), val_loss = numeric(),
+                   val_metric = numeric(), weight = numeric(), epochs = numeric(), steps = numeric(),
+                   update_norm = numeric(), cosine = numeric()),
+       diagnostics = list(update_norm = 0, client_norm_mean = NA_real_, client_norm_sd = NA_real_,
+                          cosine_mean = NA_real_, gradient_diversity = NA_real_),
+       node_states = list())
+}
+
+selection_log_rows <- function(round, clients, score, picked = rep(TRUE, length(clients))) {
+  list(round = rep(as.integer(round), length(clients)), client = as.character(clients),
+       score = if (is.null(score)) rep(NA_real_, length(clients)) else as.double(score), picked = picked)
+}
+
+# Aggregation weights of a rule, from what the clients reported.
+rule_weights <- function(rule, info, model) {
+  switch(rule,
+    samples = info$n_samples,
+    equal = rep(1, length(info$client)),
+    accuracy = if (model$task == "classification") info$val_metric else 1 / (1 + info$val_metric))
+}
+
 abort_reentrant <- function(call = rlang::caller_env()) {
   fedagg_abort(c("A round is already running on this server.",
                  i = "Hooks and selection functions must not call {.code $round()}, {.code $fit()} or set {.field params}."),
@@ -524,7 +718,9 @@ scheduled_lr <- function(schedule, base, round, last_round, call = rlang::caller
   lr
 }
 
-algorithm_label <- function(algorithm) c(fedavg = "FedAvg", fedsgd = "FedSGD")[[algorithm]]
+epochs_label <- function(epochs) {
+  if (length(unique(epochs)) == 1L) format(epochs[1]) else sprintf("%d-%d (per node)", min(epochs), max(epochs))
+}
 
 progress_status <- function(record) {
   out <- sprintf("loss %.4f", record$train_loss)

@@ -21,13 +21,16 @@
 #'   parameters are not finite.
 #'
 #' @param model A [model][models].
-#' @param algorithm `"fedavg"` (local SGD, send parameters) or `"fedsgd"`
-#'   (send the full-batch gradient at the given parameters).
+#' @param algorithm A [client algorithm][client_algorithms] or its name:
+#'   `"fedavg"` (local training), `"fedsgd"` (one full-batch gradient),
+#'   `"fedprox"`, `"scaffold"`, `"fednova"`.
 #' @param epochs Local epochs E.
 #' @param batch_size Minibatch size B; `Inf` for full batch.
 #' @param lr Learning rate.
-#' @param weight_decay L2 penalty added to every gradient.
-#' @param momentum Momentum in `[0, 1)`.
+#' @param weight_decay,momentum Shorthands for `optimizer = local_sgd(momentum,
+#'   weight_decay)`, used when `optimizer` is `NULL`.
+#' @param optimizer A [local optimizer][local_optimizers] (`NULL`:
+#'   [local_sgd()] with `momentum` and `weight_decay`).
 #' @param shuffle Shuffle the samples every epoch (seeded by `seed`)?
 #' @param seed Seed of the sample order.
 #' @param stream The client's own random stream (servers pass the client's
@@ -37,31 +40,36 @@
 #' train_config(model_softmax(60, 10), epochs = 1, batch_size = 10, lr = 0.01)
 #' @export
 train_config <- function(model, algorithm = c("fedavg", "fedsgd"), epochs = 1, batch_size = 10, lr = 0.01,
-                         weight_decay = 0, momentum = 0, shuffle = TRUE, seed = 1, stream = 1) {
+                         weight_decay = 0, momentum = 0, shuffle = TRUE, seed = 1, stream = 1, optimizer = NULL) {
   assert_model(model)
-  algorithm <- assert_choice(algorithm, c("fedavg", "fedsgd"))
+  algorithm <- as_algorithm(algorithm)
   if (!identical(batch_size, Inf)) batch_size <- assert_count(batch_size, min = 1L)
+  optimizer <- if (is.null(optimizer)) local_sgd(momentum, weight_decay) else assert_local_optimizer(optimizer)
+  if (algorithm$kind == "fednova" && optimizer$kind != "sgd") {
+    fedagg_abort("{.fn fednova} normalises plain or momentum SGD steps: its local optimizer must be {.fn local_sgd}, not {optimizer$label}.")
+  }
   structure(list(
     model = model,
     algorithm = algorithm,
+    optimizer = optimizer,
     epochs = assert_count(epochs, min = 1L),
     batch_size = as.double(batch_size),
     lr = assert_number(lr, 0, lower_open = TRUE),
-    weight_decay = assert_number(weight_decay, 0),
-    momentum = assert_number(momentum, 0, 1, upper_open = TRUE),
     shuffle = assert_flag(shuffle),
     seed = assert_count(seed),
-    stream = assert_count(stream)
+    stream = assert_count(stream),
+    control = NULL
   ), class = "fed_train_config")
 }
 
+is_fedsgd <- function(config) config$algorithm$kind == "fedsgd"
+
 #' @export
 format.fed_train_config <- function(x, ...) {
-  what <- if (x$algorithm == "fedsgd") "FedSGD: one full-batch gradient" else
-    sprintf("FedAvg: E = %d, B = %s, %s", x$epochs, format(x$batch_size),
+  what <- if (is_fedsgd(x)) "FedSGD: one full-batch gradient" else
+    sprintf("%s: E = %d, B = %s, %s", x$algorithm$label, x$epochs, format(x$batch_size),
             if (x$shuffle) "shuffled" else "in order")
-  sprintf("<fed_train_config> %s; lr = %s, weight_decay = %s, momentum = %s",
-          what, format(x$lr), format(x$weight_decay), format(x$momentum))
+  sprintf("<fed_train_config> %s; lr = %s, local optimizer %s", what, format(x$lr), x$optimizer$label)
 }
 
 #' @export
@@ -77,18 +85,41 @@ assert_train_config <- function(config, call = rlang::caller_env()) {
   config
 }
 
-rust_config <- function(config, weights) {
-  list(work = if (config$algorithm == "fedsgd") "gradient" else "sgd", weights = weights,
-       epochs = as.double(config$epochs), batch_size = config$batch_size, lr = config$lr,
-       weight_decay = config$weight_decay, momentum = config$momentum, shuffle = config$shuffle,
-       seed = as.double(config$seed))
+# The Rust core's round settings. `epochs` may be one per client; `round`
+# carries the server's part (controls, server optimizer, diagnostics).
+rust_config <- function(config, weights, epochs = config$epochs, round = list()) {
+  opt <- config$optimizer
+  alg <- config$algorithm
+  c(list(work = if (is_fedsgd(config)) "gradient" else "sgd", weights = weights,
+         epochs = as.double(epochs), batch_size = config$batch_size, lr = config$lr,
+         weight_decay = opt$weight_decay, momentum = opt$momentum, shuffle = config$shuffle,
+         seed = as.double(config$seed),
+         algorithm = if (alg$kind %in% c("fedprox", "scaffold", "fednova")) alg$kind else "fedavg",
+         mu = alg$settings$mu %||% 0, optimizer = opt$kind, beta1 = opt$beta1, beta2 = opt$beta2, eps = opt$eps,
+         alpha = opt$alpha),
+    utils::modifyList(list(control = NULL, client_controls = NULL, n_nodes = 1, diagnostics = TRUE,
+                           server = list(kind = "sgd", lr = 1, momentum = 0, beta1 = 0, beta2 = 0, tau = 1e-3,
+                                         m = NULL, v = NULL)),
+                      round, keep.null = TRUE))
 }
 
-# Local training of a custom R model: the same algorithm as the Rust solver.
-custom_local_train <- function(model, params, x, y, config) {
+# FedNova's normaliser a_i of tau local steps with momentum rho.
+fednova_a <- function(tau, rho) if (rho > 0) (tau - rho * (1 - rho^tau) / (1 - rho)) / (1 - rho) else tau
+
+# Local training of a custom R model: the same client algorithms and local
+# optimizers as the Rust solver. Returns the client's new parameters, its
+# steps and, for SCAFFOLD, its new control variate.
+custom_local_train <- function(model, params, x, y, config, epochs = config$epochs, c_i = NULL) {
   template <- params
   theta <- flatten_any(params, "params", NULL)
+  global <- theta
   n <- nrow(x)
+  opt <- config$optimizer
+  alg <- config$algorithm
+  mu <- alg$settings$mu %||% 0
+  scaffold <- alg$kind == "scaffold"
+  c_server <- if (scaffold) config$control %||% numeric(length(theta))
+  c_i <- if (scaffold) c_i %||% numeric(length(theta))
   loss_grad_at <- function(theta, rows) {
     out <- tryCatch(model$loss_grad(relist_like(theta, template), x[rows, , drop = FALSE], y[rows]),
                     error = function(e) local_failure("the custom model's loss_grad() failed", "user_code", e))
@@ -102,17 +133,19 @@ custom_local_train <- function(model, params, x, y, config) {
                             if (!is.finite(out$loss)) sprintf("loss (%s)", format(out$loss)) else "gradient"),
                     "diverged")
     }
-    list(loss = out$loss, grad = grad + config$weight_decay * theta)
+    list(loss = out$loss, grad = grad + opt$weight_decay * theta)
   }
-  if (config$algorithm == "fedsgd") {
+  if (is_fedsgd(config)) {
     out <- loss_grad_at(theta, seq_len(n))
-    return(list(vector = out$grad, n_samples = n, train_loss = out$loss))
+    return(list(vector = theta - config$lr * out$grad, n_samples = n, train_loss = out$loss, steps = 1))
   }
   batch <- if (is.finite(config$batch_size)) min(config$batch_size, n) else n
-  velocity <- numeric(length(theta))
+  first <- numeric(length(theta))
+  second <- numeric(length(theta))
   order <- seq_len(n)
   loss_sum <- 0
-  for (epoch in seq_len(config$epochs)) {
+  t <- 0
+  for (epoch in seq_len(epochs)) {
     if (config$shuffle) {
       order <- with_seed(derive_seed(config$seed, config$stream, epoch), order[sample.int(n)])
     }
@@ -120,18 +153,37 @@ custom_local_train <- function(model, params, x, y, config) {
       rows <- order[start:min(start + batch - 1L, n)]
       out <- loss_grad_at(theta, rows)
       loss_sum <- loss_sum + out$loss * length(rows)
-      if (config$momentum > 0) {
-        velocity <- config$momentum * velocity + out$grad
-        theta <- theta - config$lr * velocity
-      } else {
-        theta <- theta - config$lr * out$grad
-      }
+      g <- out$grad
+      if (mu > 0) g <- g + mu * (theta - global)
+      if (scaffold) g <- g - c_i + c_server
+      t <- t + 1
+      switch(opt$kind,
+        sgd = if (opt$momentum > 0) {
+          first <- opt$momentum * first + g
+          theta <- theta - config$lr * first
+        } else {
+          theta <- theta - config$lr * g
+        },
+        adam = {
+          first <- opt$beta1 * first + (1 - opt$beta1) * g
+          second <- opt$beta2 * second + (1 - opt$beta2) * g^2
+          theta <- theta - config$lr * (first / (1 - opt$beta1^t)) / (sqrt(second / (1 - opt$beta2^t)) + opt$eps)
+        },
+        rmsprop = {
+          second <- opt$alpha * second + (1 - opt$alpha) * g^2
+          theta <- theta - config$lr * g / (sqrt(second) + opt$eps)
+        },
+        adagrad = {
+          second <- second + g^2
+          theta <- theta - config$lr * g / (sqrt(second) + opt$eps)
+        })
     }
     if (!all(is.finite(theta))) {
       local_failure("training diverged: the parameters became non-finite (try a smaller learning rate)", "diverged")
     }
   }
-  list(vector = theta, n_samples = n, train_loss = loss_sum / (n * config$epochs))
+  list(vector = theta, n_samples = n, train_loss = loss_sum / (n * epochs), steps = t,
+       control = if (scaffold) c_i - c_server + (global - theta) / (t * config$lr))
 }
 
 # A failure inside one client's local work; callers add the client and round.

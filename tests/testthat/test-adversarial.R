@@ -421,6 +421,64 @@ adv_cases_model <- c(
   )
 )
 
+# --- The round pipeline's parts ------------------------------------------------
+
+adv_cases_pipeline <- c(
+  adv_group("client algorithms",
+    OK("the parts without settings", list(fedavg(), fedsgd(), scaffold(), fednova(), agg_weighted(), select_uniform(),
+                                          select_by_size()),
+       why = "constructors without arguments have no bad input of their own"),
+    S(fedprox(X), "mu", c("-1", "NA", "Inf", "chr", "len2")),
+    E("fed_algorithm without a function", fed_algorithm("x", 1), "local"),
+    E("fed_algorithm with a bad name", fed_algorithm(NA, function(...) NULL), "name"),
+    S(mk_srv(algorithm = X), "algorithm", c("bogus", "NA_chr", "1", "fun", "list")),
+    E("fednova with Adam", mk_srv(algorithm = fednova(), local_optimizer = local_adam()), "local_sgd"),
+    S(mk_srv(aggregator = X), "aggregator", c("bogus", "fun", "NULL"))
+  ),
+  adv_group("local optimizers",
+    S(local_sgd(momentum = X), "momentum", c("1", "-1", "NA")),
+    S(local_sgd(weight_decay = X), "weight_decay", c("-1", "Inf", "chr")),
+    S(local_adam(beta1 = X), "beta1", c("1", "-1", "NaN")),
+    S(local_adam(beta2 = X), "beta2", c("1", "chr")),
+    S(local_adam(eps = X), "eps", c("0", "-1", "Inf")),
+    S(local_rmsprop(alpha = X), "alpha", c("1", "-1", "NA")),
+    S(local_adagrad(eps = X), "eps", c("0", "NaN")),
+    S(mk_srv(local_optimizer = X), "local_optimizer", c("bogus", "fun", "list"))
+  ),
+  adv_group("server optimizers",
+    S(server_sgd(lr = X), "lr", c("0", "-1", "Inf", "NA")),
+    S(server_sgd(momentum = X), "momentum", c("1", "-1")),
+    S(server_adagrad(tau = X), "tau", c("0", "-1")),
+    S(server_adam(beta1 = X), "beta1", c("1", "NA")),
+    S(server_yogi(beta2 = X), "beta2", c("1", "-1")),
+    E("server_optimizer without a function", server_optimizer("x", 1), "step"),
+    S(mk_srv(server_optimizer = X), "server_optimizer", c("bogus", "fun", "NULL"))
+  ),
+  adv_group("selection rules",
+    S(select_poisson(X), "q", c("0", "-1", "2", "NA")),
+    S(select_power_of_choice(X), "d", c("0", "1.5", "NA", "chr")),
+    S(select_score(similarity = X), "similarity", c("-1", "NA")),
+    S(select_score(explore = X), "explore", c("2", "-1")),
+    S(mk_srv(selection = X), "selection", c("bogus", "NA_chr", "1", "list")),
+    E("power of choice with d below the clients per round",
+      mk_srv(selection = select_power_of_choice(1))$round(), "d")
+  ),
+  adv_group("heterogeneous work and availability",
+    S(mk_srv(epochs = X), "epochs", c("0", "1.5", "NA", "len2", "chr")),
+    S(mk_srv(stragglers = X), "stragglers", c("-1", "2", "NA")),
+    S(mk_srv(drop_stragglers = X), "drop_stragglers", adv_bad_flag),
+    S(mk_srv(diagnostics = X), "diagnostics", adv_bad_flag),
+    S(fed_nodes(d$x, d$y, partition_iid(30, 3, seed = 1), availability = X), "availability",
+      c("0", "-1", "2", "NA", "len2", "chr")),
+    S(fed_node(d$x, d$y, availability = X), "availability", c("0", "NA", "chr")),
+    E("momentum given twice", mk_srv(local_optimizer = local_sgd(), momentum = 0.5), "momentum")
+  )
+)
+
+test_that("the round pipeline's parts reject bad inputs with classed errors", {
+  adv_expect_all(adv_cases_pipeline, adv_run(adv_cases_pipeline))
+})
+
 test_that("models, settings, schedules and stopping rules reject bad inputs with classed errors", {
   adv_expect_all(adv_cases_model, adv_run(adv_cases_model))
 })
@@ -681,7 +739,7 @@ test_that("servers, their methods and bindings reject bad inputs with classed er
 
 test_that("the adversarial table covers every export with enough cases", {
   all_cases <- c(adv_cases_aggregate, adv_cases_privacy, adv_cases_partition, adv_cases_model, adv_cases_data,
-                 adv_cases_node, adv_cases_server)
+                 adv_cases_node, adv_cases_server, adv_cases_pipeline)
   expect_gte(length(all_cases), 150L)
   called <- unique(unlist(lapply(all_cases, function(cs) all.names(cs$expr))))
   exports <- getNamespaceExports("fedagg")

@@ -206,7 +206,7 @@ test_that("messages name the argument the user wrote", {
     partition_dirichlet(rep(0:1, 500), n_clients = 20, alpha = 0.1, seed = 1)
     withr::with_options(list(fedagg.threads = "two"), weighted_aggregate(list(1, 2)))
     weighted_aggregate(list(1, 2), threads = .Machine$integer.max)
-    fed_server(model_softmax(4, 3), fed_node(matrix(1:8, 2), 0:1), algorithm = "fedprox")
+    fed_server(model_softmax(4, 3), fed_node(matrix(1:8, 2), 0:1), algorithm = "fedmax")
   })
 })
 
@@ -221,7 +221,7 @@ test_that("every choice argument gives a classed error", {
     function() ks_test(1:3, 1:3, alternative = "both"),
     function() ks_drift(1:3, 1:3, adjust = "magic"),
     function() partition_quantity(10, 2, distribution = "zipf"),
-    function() train_config(m, algorithm = "fedprox"),
+    function() train_config(m, algorithm = "fedmax"),
     function() predict(m, init_params(m), matrix(1:2, 1), type = "link"),
     function() pool_clients(synthetic_fedprox(1, 1, n_clients = 2, seed = 1), "validation"),
     function() fed_node(matrix(1:4, 2), 0:1)$evaluate(init_params(m), m, data = "test"),

@@ -15,6 +15,7 @@ pub mod norms;
 pub mod parallel;
 pub mod privacy;
 pub mod rng;
+pub mod strategy;
 pub mod train;
 pub mod robust;
 pub mod updates;

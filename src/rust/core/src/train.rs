@@ -1,19 +1,28 @@
-//! Local training on one client, and a federated round over many clients.
+//! A federated round over many clients of a built-in model: local work on
+//! every selected client in parallel, then the fold and the server step of
+//! `strategy`.
 //!
-//! A round trains the selected clients in parallel and folds each result into
-//! one running weighted sum in client order, a chunk of clients at a time, so
-//! memory stays at (chunk x parameters) whatever the number of clients and
-//! the sum is the same on any number of threads.
+//! Clients are trained a chunk at a time and folded in client order, so the
+//! round is the same on any number of threads. Without diagnostics the fold
+//! keeps one running sum (memory: chunk x parameters whatever the number of
+//! clients); with them it keeps every client's update until D is known.
+
+use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::alloc::{try_copy, try_with_capacity, try_zeroed};
+use crate::alloc::try_copy;
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
 use crate::parallel::{effective_threads, with_threads};
-use crate::rng::Rng;
+use crate::strategy::client::{fednova_steps, local_run, scaffold_client_control};
+use crate::strategy::fold::scaffold_server_control;
+use crate::strategy::{finish_round, ClientAlgorithm, Fold, FoldRule, GradientCorrection, LocalConfig, LocalOptimizer, RoundUpdate, ServerStep};
 
-/// Minibatch SGD settings of one local run.
+pub use crate::strategy::client::{full_gradient, LocalOutcome};
+
+/// Minibatch SGD with momentum, FedAvg's local run: a shorthand for
+/// `strategy::client::local_run` with the SGD optimizer and no correction.
 #[derive(Clone, Copy, Debug)]
 pub struct SgdConfig {
     pub epochs: usize,
@@ -31,146 +40,35 @@ impl SgdConfig {
         if self.epochs == 0 {
             return invalid("epochs", "must be at least 1");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return invalid("lr", "must be a positive number");
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return invalid("weight_decay", "must be >= 0");
-        }
-        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
-            return invalid("momentum", "must be in [0, 1)");
-        }
-        Ok(())
+        self.local().check()
     }
-}
 
-/// What a client did in one local run.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LocalOutcome {
-    pub n_samples: usize,
-    /// Mean loss over every sample seen, each scored before its step.
-    pub train_loss: f64,
-    pub steps: usize,
+    /// The same settings as a local configuration of the strategy pipeline.
+    pub fn local(&self) -> LocalConfig {
+        LocalConfig {
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            shuffle: self.shuffle,
+            seed: self.seed,
+            optimizer: LocalOptimizer::Sgd { momentum: self.momentum },
+        }
+    }
 }
 
 /// Runs local minibatch SGD from `params` (updated in place). The sample
 /// order comes from the client's own stream `stream` of `cfg.seed`.
 pub fn local_sgd(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdConfig, stream: u64) -> CoreResult<LocalOutcome> {
     cfg.check()?;
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { local_sgd_avx2(net, params, data, cfg, stream) };
-        }
-    }
-    local_sgd_body(net, params, data, cfg, stream)
+    local_run(net, params, data, &cfg.local(), cfg.epochs, &GradientCorrection::default(), stream)
 }
 
-/// The same code compiled for AVX2: four doubles per instruction instead of
-/// two. No FMA, so every operation rounds exactly as in the portable build
-/// and results are the same on every x86-64 machine.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn local_sgd_avx2(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdConfig, stream: u64) -> CoreResult<LocalOutcome> {
-    local_sgd_body(net, params, data, cfg, stream)
-}
-
-#[inline(always)]
-fn local_sgd_body(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdConfig, stream: u64) -> CoreResult<LocalOutcome> {
-    let n = data.n;
-    let batch = if cfg.batch_size == 0 || cfg.batch_size > n { n } else { cfg.batch_size };
-    let mut ws = net.workspace()?;
-    let mut grad = net.zeroed_params("the gradient")?;
-    let mut velocity = if cfg.momentum > 0.0 { net.zeroed_params("the momentum velocity")? } else { Vec::new() };
-    let mut order = all_rows(n)?;
-    let mut rng = Rng::new(cfg.seed, stream);
-    let (mut loss_sum, mut steps) = (0.0, 0);
-    for epoch in 1..=cfg.epochs {
-        if cfg.shuffle {
-            for i in (1..n).rev() {
-                let j = rng.below(i as u64 + 1) as usize;
-                order.swap(i, j);
-            }
-        }
-        for rows in order.chunks(batch) {
-            let loss = net.loss_grad(params, data, rows, &mut grad, &mut ws);
-            steps += 1;
-            // Checked every step because it costs nothing: a diverging run
-            // stops at once instead of spending its epochs on Inf and NaN.
-            if !loss.is_finite() {
-                return Err(CoreError::Diverged(format!(
-                    "the training loss became {loss} at step {steps} (epoch {epoch}); the learning rate {} is probably too large",
-                    cfg.lr
-                )));
-            }
-            loss_sum += loss * rows.len() as f64;
-            if cfg.weight_decay > 0.0 {
-                for (g, p) in grad.iter_mut().zip(params.iter()) {
-                    *g += cfg.weight_decay * p;
-                }
-            }
-            if cfg.momentum > 0.0 {
-                for ((p, v), g) in params.iter_mut().zip(velocity.iter_mut()).zip(&grad) {
-                    *v = cfg.momentum * *v + g;
-                    *p -= cfg.lr * *v;
-                }
-            } else {
-                for (p, g) in params.iter_mut().zip(&grad) {
-                    *p -= cfg.lr * g;
-                }
-            }
-        }
-        // Once per epoch: a scan of every parameter costs as much as a step.
-        if let Some(bad) = params.iter().find(|p| !p.is_finite()) {
-            return Err(CoreError::Diverged(format!(
-                "a parameter became {bad} in epoch {epoch}; the learning rate {} is probably too large",
-                cfg.lr
-            )));
-        }
-    }
-    let train_loss = loss_sum / (n * cfg.epochs) as f64;
-    if !train_loss.is_finite() {
-        return Err(CoreError::Diverged(format!(
-            "the mean training loss overflowed to {train_loss}; the learning rate {} is probably too large",
-            cfg.lr
-        )));
-    }
-    Ok(LocalOutcome { n_samples: n, train_loss, steps })
-}
-
-/// Row indices 0..n, the sample order of a run.
-fn all_rows(n: usize) -> CoreResult<Vec<usize>> {
-    let mut rows = try_with_capacity(n, "the sample order")?;
-    rows.extend(0..n);
-    Ok(rows)
-}
-
-/// Full-batch gradient at `params` (with weight decay) and the mean loss: the
-/// work of a FedSGD client.
-pub fn full_gradient(net: &Network, params: &[f64], data: &Dataset, weight_decay: f64, grad: &mut [f64]) -> CoreResult<LocalOutcome> {
-    let rows = all_rows(data.n)?;
-    let mut ws = net.workspace()?;
-    let loss = net.loss_grad(params, data, &rows, grad, &mut ws);
-    if weight_decay > 0.0 {
-        for (g, p) in grad.iter_mut().zip(params) {
-            *g += weight_decay * p;
-        }
-    }
-    if !loss.is_finite() || !grad.iter().all(|g| g.is_finite()) {
-        return Err(CoreError::Diverged(
-            "the loss or gradient is not finite at the global parameters; the learning rate is probably too large".into(),
-        ));
-    }
-    Ok(LocalOutcome { n_samples: data.n, train_loss: loss, steps: 1 })
-}
-
-/// What each client sends back in a round.
+/// What each client computes in a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LocalWork {
-    /// FedAvg: local SGD, send the new parameters.
+    /// Local training; update = new minus global parameters.
     Sgd,
-    /// FedSGD: send the full-batch gradient at the global parameters.
+    /// FedSGD: the full-batch gradient g at the global parameters; update = -lr g.
     Gradient,
 }
 
@@ -182,8 +80,8 @@ pub enum WeightRule {
     /// The trained model's accuracy (or, for regression, 1 / (1 + RMSE)) on
     /// the client's validation data.
     Validation,
-    /// No aggregate: every client's vector is returned (for weights computed
-    /// in R after the round).
+    /// No fold and no server step: every client's update is returned (for
+    /// weights computed in R after the round).
     Collect,
 }
 
@@ -192,6 +90,41 @@ pub struct ClientJob<'a> {
     pub validation: Option<&'a Dataset>,
     /// Stream of the round seed this client draws its sample order from.
     pub stream: u64,
+    /// Local epochs of this client (clients may differ).
+    pub epochs: usize,
+    /// SCAFFOLD: this client's control c_i (absent = zeros).
+    pub control: Option<&'a [f64]>,
+}
+
+/// Everything about a round that is the same for all its clients.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundConfig<'a> {
+    pub work: LocalWork,
+    /// Ignored for `LocalWork::Gradient`.
+    pub algorithm: ClientAlgorithm,
+    pub local: LocalConfig,
+    pub rule: WeightRule,
+    pub server: ServerStep<'a>,
+    /// Keep every update for norms and cosines (K x parameters of memory).
+    pub diagnostics: bool,
+    /// SCAFFOLD: the server control c (absent = zeros).
+    pub control: Option<&'a [f64]>,
+    /// SCAFFOLD: the number N of all nodes, selected or not.
+    pub n_nodes: f64,
+}
+
+impl RoundConfig<'_> {
+    fn scaffold(&self) -> bool {
+        self.work == LocalWork::Sgd && self.algorithm == ClientAlgorithm::Scaffold
+    }
+
+    fn fold_rule(&self) -> FoldRule {
+        if self.work == LocalWork::Sgd && self.algorithm == ClientAlgorithm::FedNova {
+            FoldRule::Normalized
+        } else {
+            FoldRule::Mean
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -199,77 +132,120 @@ pub struct ClientReport {
     pub outcome: LocalOutcome,
     pub validation: Option<Evaluation>,
     pub weight: f64,
+    /// FedNova's effective steps a_i; the local steps tau_i otherwise.
+    pub effective_steps: f64,
 }
 
 pub struct RoundOutput {
-    /// Weighted mean of the clients' vectors (parameters or gradients);
-    /// empty for `WeightRule::Collect`.
-    pub aggregate: Vec<f64>,
     pub reports: Vec<ClientReport>,
+    /// The fold and server step; `None` for `WeightRule::Collect`.
+    pub update: Option<RoundUpdate>,
+    /// Every client's update Delta_i for `WeightRule::Collect`, else empty.
     pub collected: Vec<Vec<f64>>,
+    /// SCAFFOLD: the new server control c_new.
+    pub control: Option<Vec<f64>>,
+    /// SCAFFOLD: every selected client's new control c_i_new.
+    pub client_controls: Option<Vec<Vec<f64>>>,
 }
 
-/// Clients processed together before folding into the running sum.
+/// What one client sends back: its update, report and new control.
+type ClientResult = (Vec<f64>, ClientReport, Option<Vec<f64>>);
+
+/// Clients processed together before folding.
 fn chunk_len(threads: usize) -> usize {
     4 * threads.max(1)
 }
 
-/// One federated round: local work on every client in `jobs` starting from
-/// `global`, in parallel, then the weighted mean. A failing client is
-/// reported as `CoreError::Client(index in jobs, message)`, or as
-/// `CoreError::ClientDiverged` when its training diverged or it returned a
-/// non-finite loss or vector; running out of memory stays a `Memory` error.
-/// The first failure in client order is reported, on any number of threads.
-pub fn run_round(
-    net: &Network,
-    global: &[f64],
-    jobs: &[ClientJob<'_>],
-    work: LocalWork,
-    cfg: &SgdConfig,
-    rule: WeightRule,
-    threads: usize,
-) -> CoreResult<RoundOutput> {
-    if global.len() != net.n_params() {
-        return invalid("params", format!("has {} values, the model has {}", global.len(), net.n_params()));
+fn check_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &RoundConfig<'_>) -> CoreResult<()> {
+    let d = net.n_params();
+    if global.len() != d {
+        return invalid("params", format!("has {} values, the model has {d}", global.len()));
     }
     if jobs.is_empty() {
         return invalid("clients", "no clients selected");
     }
-    cfg.check()?;
+    cfg.local.check()?;
+    if let Some(k) = jobs.iter().position(|j| j.epochs == 0) {
+        return invalid("epochs", format!("must be at least 1 (client {})", k + 1));
+    }
+    if cfg.work == LocalWork::Sgd {
+        cfg.algorithm.check(&cfg.local.optimizer)?;
+    }
+    if cfg.rule != WeightRule::Collect {
+        cfg.server.optimizer.check()?;
+    }
+    if cfg.scaffold() {
+        if cfg.control.is_some_and(|c| c.len() != d) {
+            return invalid("control", format!("does not have {d} values"));
+        }
+        if let Some(k) = jobs.iter().position(|j| j.control.is_some_and(|c| c.len() != d)) {
+            return invalid("client_controls", format!("element {} does not have {d} values", k + 1));
+        }
+        if !(cfg.n_nodes.is_finite() && cfg.n_nodes >= 1.0) {
+            return invalid("n_nodes", "must be a number >= 1");
+        }
+    }
+    Ok(())
+}
+
+/// One federated round: local work on every client in `jobs` starting from
+/// `global`, in parallel, then the fold and the server step. A failing client
+/// is reported as `CoreError::Client(index in jobs, message)`, or as
+/// `CoreError::ClientDiverged` when its training diverged or it returned a
+/// non-finite loss or update; running out of memory stays a `Memory` error.
+/// The first failure in client order is reported, on any number of threads.
+pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &RoundConfig<'_>, threads: usize) -> CoreResult<RoundOutput> {
+    check_round(net, global, jobs, cfg)?;
     let d = net.n_params();
     // The thread count sets only how many clients are in memory at once,
     // never the result.
     let effective = effective_threads(threads);
-    let one_client = |k: usize| -> CoreResult<(Vec<f64>, ClientReport)> {
+    let scaffold = cfg.scaffold();
+    let rule = cfg.fold_rule();
+    let one_client = |k: usize| -> CoreResult<ClientResult> {
         let job = &jobs[k];
         let fail = |e: CoreError| in_client(k, e);
         net.check_data(job.train).map_err(fail)?;
         let mut vector = try_copy(global, "a client's copy of the parameters").map_err(fail)?;
-        let outcome = match work {
-            LocalWork::Sgd => local_sgd(net, &mut vector, job.train, cfg, job.stream).map_err(fail)?,
-            LocalWork::Gradient => {
-                let mut grad = net.zeroed_params("a client's gradient").map_err(fail)?;
-                let out = full_gradient(net, global, job.train, cfg.weight_decay, &mut grad).map_err(fail)?;
-                vector = grad;
-                out
+        let outcome = match cfg.work {
+            LocalWork::Sgd => {
+                let correction = match cfg.algorithm {
+                    ClientAlgorithm::FedProx { mu } => GradientCorrection { proximal: Some((mu, global)), ..Default::default() },
+                    ClientAlgorithm::Scaffold => {
+                        GradientCorrection { client_control: job.control, server_control: cfg.control, ..Default::default() }
+                    }
+                    ClientAlgorithm::FedAvg | ClientAlgorithm::FedNova => GradientCorrection::default(),
+                };
+                local_run(net, &mut vector, job.train, &cfg.local, job.epochs, &correction, job.stream).map_err(fail)?
             }
+            LocalWork::Gradient => full_gradient(net, global, job.train, cfg.local.weight_decay, &mut vector).map_err(fail)?,
         };
-        // Whatever the local work, nothing non-finite may reach the aggregate.
+        // Whatever the local work, nothing non-finite may reach the fold.
         if !outcome.train_loss.is_finite() {
             return Err(CoreError::ClientDiverged(k, format!("returned a non-finite training loss ({})", outcome.train_loss)));
-        }
-        if let Some(i) = vector.iter().position(|v| !v.is_finite()) {
-            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite value ({}) at position {}", vector[i], i + 1)));
         }
         let validation = match job.validation {
             Some(v) => {
                 net.check_data(v).map_err(fail)?;
-                let at = if work == LocalWork::Sgd { &vector[..] } else { global };
+                let at = if cfg.work == LocalWork::Sgd { &vector[..] } else { global };
                 Some(net.evaluate(at, v).map_err(fail)?)
             }
             None => None,
         };
-        let weight = match rule {
+        let new_control = if scaffold {
+            Some(scaffold_client_control(job.control, cfg.control, global, &vector, outcome.steps, cfg.local.lr).map_err(fail)?)
+        } else {
+            None
+        };
+        // `vector` becomes the update Delta_i in place.
+        match cfg.work {
+            LocalWork::Sgd => vector.iter_mut().zip(global).for_each(|(y, x)| *y -= x),
+            LocalWork::Gradient => vector.iter_mut().for_each(|g| *g *= -cfg.local.lr),
+        }
+        if let Some(i) = vector.iter().position(|v| !v.is_finite()) {
+            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite value ({}) at position {}", vector[i], i + 1)));
+        }
+        let weight = match cfg.rule {
             WeightRule::Samples => outcome.n_samples as f64,
             WeightRule::Equal | WeightRule::Collect => 1.0,
             WeightRule::Validation => match validation {
@@ -278,42 +254,44 @@ pub fn run_round(
                 None => return Err(CoreError::Client(k, "has no validation data for accuracy weights".into())),
             },
         };
-        Ok((vector, ClientReport { outcome, validation, weight }))
+        let effective_steps = match (cfg.work, cfg.algorithm, cfg.local.optimizer) {
+            (LocalWork::Sgd, ClientAlgorithm::FedNova, LocalOptimizer::Sgd { momentum }) => fednova_steps(outcome.steps, momentum),
+            _ => outcome.steps as f64,
+        };
+        Ok((vector, ClientReport { outcome, validation, weight, effective_steps }, new_control))
     };
 
     with_threads(threads, || {
-        let mut sum = if rule == WeightRule::Collect { Vec::new() } else { try_zeroed(d, "the round's aggregate")? };
+        let collect = cfg.rule == WeightRule::Collect;
+        let mut fold = if collect { None } else { Some(Fold::new(d, rule, cfg.diagnostics, jobs.len())?) };
         let mut reports = Vec::with_capacity(jobs.len());
         let mut collected = Vec::new();
+        let mut client_controls = Vec::new();
         let indices: Vec<usize> = (0..jobs.len()).collect();
         for chunk in indices.chunks(chunk_len(effective)) {
-            let results: Vec<CoreResult<(Vec<f64>, ClientReport)>> = chunk.par_iter().map(|&k| one_client(k)).collect();
+            let results: Vec<CoreResult<ClientResult>> = chunk.par_iter().map(|&k| one_client(k)).collect();
             for result in results {
-                let (vector, report) = result?;
-                if rule == WeightRule::Collect {
-                    collected.push(vector);
-                } else {
-                    for (s, v) in sum.iter_mut().zip(&vector) {
-                        *s += report.weight * v;
-                    }
+                let (update, report, new_control) = result?;
+                match &mut fold {
+                    Some(fold) => fold.add(Cow::Owned(update), report.weight, report.effective_steps)?,
+                    None => collected.push(update),
                 }
+                client_controls.extend(new_control);
                 reports.push(report);
             }
         }
-        if rule != WeightRule::Collect {
-            let total: f64 = reports.iter().map(|r| r.weight).sum();
-            if !(total > 0.0 && total.is_finite()) {
-                return invalid("weights", "the clients' weights sum to zero (every selected client has zero validation accuracy?)");
-            }
-            sum.iter_mut().for_each(|s| *s /= total);
-            // Finite vectors can still sum past the largest double.
-            if sum.iter().any(|s| !s.is_finite()) {
-                return Err(CoreError::Diverged(
-                    "the weighted mean of the clients' vectors overflowed; the learning rate is probably too large".into(),
-                ));
-            }
-        }
-        Ok(RoundOutput { aggregate: sum, reports, collected })
+        let (control, client_controls) = if scaffold {
+            let old: Vec<Option<&[f64]>> = jobs.iter().map(|j| j.control).collect();
+            let new: Vec<&[f64]> = client_controls.iter().map(|c| c.as_slice()).collect();
+            (Some(scaffold_server_control(cfg.control, &old, &new, cfg.n_nodes, d)?), Some(client_controls))
+        } else {
+            (None, None)
+        };
+        let update = match fold {
+            Some(fold) => Some(finish_round(global, fold, &cfg.server)?),
+            None => None,
+        };
+        Ok(RoundOutput { reports, update, collected, control, client_controls })
     })
 }
 
@@ -350,6 +328,8 @@ fn in_client(k: usize, e: CoreError) -> CoreError {
 mod tests {
     use super::*;
     use crate::model::Head;
+    use crate::rng::Rng;
+    use crate::strategy::{fold_round, ServerOptimizer};
 
     fn blobs(n: usize, seed: u64, shift: f64) -> Dataset {
         let mut rng = Rng::new(seed, 0);
@@ -370,6 +350,32 @@ mod tests {
         SgdConfig { epochs: 2, batch_size: 5, lr: 0.1, weight_decay: 0.01, momentum: 0.5, shuffle: true, seed: 42 }
     }
 
+    /// FedAvg with server SGD(1, 0): the round of the package before the
+    /// strategy pipeline.
+    fn fedavg(local: &SgdConfig, rule: WeightRule) -> RoundConfig<'static> {
+        RoundConfig {
+            work: LocalWork::Sgd,
+            algorithm: ClientAlgorithm::FedAvg,
+            local: local.local(),
+            rule,
+            server: ServerStep { optimizer: ServerOptimizer::Sgd { lr: 1.0, momentum: 0.0 }, m: None, v: None },
+            diagnostics: true,
+            control: None,
+            n_nodes: 1.0,
+        }
+    }
+
+    fn jobs_for<'a>(sets: &'a [Dataset], validation: bool, epochs: usize) -> Vec<ClientJob<'a>> {
+        sets.iter()
+            .enumerate()
+            .map(|(k, d)| ClientJob { train: d, validation: validation.then_some(d), stream: k as u64, epochs, control: None })
+            .collect()
+    }
+
+    fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
+    }
+
     #[test]
     fn local_sgd_lowers_the_loss() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
@@ -381,16 +387,126 @@ mod tests {
         assert!(net.evaluate(&params, &data).unwrap().loss < 0.5 * before);
     }
 
+    /// The local run written out as it was before the strategy pipeline:
+    /// minibatch SGD with weight decay and heavy-ball momentum.
+    fn reference_local_sgd(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdConfig, stream: u64) {
+        let n = data.n;
+        let batch = if cfg.batch_size == 0 || cfg.batch_size > n { n } else { cfg.batch_size };
+        let mut ws = net.workspace().unwrap();
+        let mut grad = vec![0.0; net.n_params()];
+        let mut velocity = vec![0.0; net.n_params()];
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = Rng::new(cfg.seed, stream);
+        for _ in 0..cfg.epochs {
+            if cfg.shuffle {
+                for i in (1..n).rev() {
+                    let j = rng.below(i as u64 + 1) as usize;
+                    order.swap(i, j);
+                }
+            }
+            for rows in order.chunks(batch) {
+                net.loss_grad(params, data, rows, &mut grad, &mut ws);
+                for ((p, v), g) in params.iter_mut().zip(velocity.iter_mut()).zip(&grad) {
+                    let g = g + cfg.weight_decay * *p;
+                    if cfg.momentum > 0.0 {
+                        *v = cfg.momentum * *v + g;
+                        *p -= cfg.lr * *v;
+                    } else {
+                        *p -= cfg.lr * g;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn local_sgd_keeps_its_definition_bit_for_bit() {
+        let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
+        let data = blobs(37, 3, 0.0);
+        for momentum in [0.0, 0.5] {
+            for shuffle in [false, true] {
+                let c = SgdConfig { momentum, shuffle, ..cfg() };
+                let mut got = net.init(1, 1).unwrap();
+                let mut expected = got.clone();
+                local_sgd(&net, &mut got, &data, &c, 4).unwrap();
+                reference_local_sgd(&net, &mut expected, &data, &c, 4);
+                assert_eq!(got, expected, "momentum {momentum}, shuffle {shuffle}");
+            }
+        }
+    }
+
     #[test]
     fn round_is_the_same_on_one_and_two_threads() {
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
         let sets: Vec<Dataset> = (0..11).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
-        let jobs: Vec<ClientJob> = sets.iter().enumerate().map(|(k, d)| ClientJob { train: d, validation: Some(d), stream: k as u64 }).collect();
+        let jobs = jobs_for(&sets, true, 2);
         let global = net.init(1, 3).unwrap();
         for rule in [WeightRule::Samples, WeightRule::Validation] {
-            let one = run_round(&net, &global, &jobs, LocalWork::Sgd, &cfg(), rule, 1).unwrap();
-            let two = run_round(&net, &global, &jobs, LocalWork::Sgd, &cfg(), rule, 2).unwrap();
-            assert_eq!(one.aggregate, two.aggregate);
+            let one = run_round(&net, &global, &jobs, &fedavg(&cfg(), rule), 1).unwrap();
+            let two = run_round(&net, &global, &jobs, &fedavg(&cfg(), rule), 2).unwrap();
+            assert_eq!(one.update, two.update);
+        }
+    }
+
+    /// Every part of the pipeline at once, on clients with different epochs.
+    #[test]
+    fn whole_rounds_with_diagnostics_and_controls_are_thread_invariant() {
+        let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
+        let d = net.n_params();
+        let sets: Vec<Dataset> = (0..11).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
+        let controls: Vec<Vec<f64>> = (0..11).map(|k| (0..d).map(|j| 0.01 * ((k * j) % 7) as f64 - 0.03).collect()).collect();
+        let server_control: Vec<f64> = (0..d).map(|j| 0.005 * (j % 5) as f64).collect();
+        let m: Vec<f64> = (0..d).map(|j| 0.001 * j as f64).collect();
+        let v: Vec<f64> = (0..d).map(|j| 0.002 * j as f64).collect();
+        let mut jobs = jobs_for(&sets, true, 1);
+        for (k, job) in jobs.iter_mut().enumerate() {
+            job.epochs = 1 + k % 3;
+            job.control = (k % 4 != 0).then(|| controls[k].as_slice());
+        }
+        let global = net.init(1, 3).unwrap();
+        let adam = LocalOptimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+        let cases = [
+            (ClientAlgorithm::Scaffold, LocalOptimizer::Sgd { momentum: 0.0 }, ServerOptimizer::Yogi { lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 }),
+            (ClientAlgorithm::FedNova, LocalOptimizer::Sgd { momentum: 0.9 }, ServerOptimizer::Sgd { lr: 1.0, momentum: 0.9 }),
+            (ClientAlgorithm::FedProx { mu: 0.1 }, adam, ServerOptimizer::Adam { lr: 0.05, beta1: 0.9, beta2: 0.99, tau: 1e-3 }),
+        ];
+        for (algorithm, optimizer, server) in cases {
+            let round = RoundConfig {
+                algorithm,
+                local: LocalConfig { optimizer, ..cfg().local() },
+                server: ServerStep { optimizer: server, m: Some(&m), v: Some(&v) },
+                control: Some(&server_control),
+                n_nodes: 20.0,
+                ..fedavg(&cfg(), WeightRule::Validation)
+            };
+            let one = run_round(&net, &global, &jobs, &round, 1).unwrap();
+            let two = run_round(&net, &global, &jobs, &round, 2).unwrap();
+            let update = one.update.as_ref().unwrap();
+            assert_eq!(one.update, two.update, "{algorithm:?}");
+            assert!(update.diagnostics.update_norm > 0.0 && update.diagnostics.gradient_diversity > 0.0);
+            assert!(update.cosines.iter().all(|c| c.is_finite()));
+            assert_eq!(one.control, two.control);
+            assert_eq!(one.client_controls, two.client_controls);
+            assert_eq!(one.control.is_some(), algorithm == ClientAlgorithm::Scaffold);
+            let a = |o: &RoundOutput| o.reports.iter().map(|r| r.effective_steps.to_bits()).collect::<Vec<_>>();
+            assert_eq!(a(&one), a(&two));
+        }
+    }
+
+    #[test]
+    fn clients_run_their_own_number_of_epochs() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        let sets: Vec<Dataset> = (0..4).map(|k| blobs(11 + k, k as u64, 0.0)).collect();
+        let mut jobs = jobs_for(&sets, false, 1);
+        for (k, job) in jobs.iter_mut().enumerate() {
+            job.epochs = k + 1;
+        }
+        let global = net.init(0, 0).unwrap();
+        let out = run_round(&net, &global, &jobs, &fedavg(&cfg(), WeightRule::Samples), 2).unwrap();
+        for (k, r) in out.reports.iter().enumerate() {
+            let batches = (11 + k).div_ceil(5);
+            assert_eq!(r.outcome.steps, (k + 1) * batches);
+            assert_eq!(r.effective_steps, r.outcome.steps as f64);
         }
     }
 
@@ -398,21 +514,166 @@ mod tests {
     fn round_matches_a_sequential_weighted_mean() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         let sets: Vec<Dataset> = (0..5).map(|k| blobs(10 + 7 * k, k as u64, 0.0)).collect();
-        let jobs: Vec<ClientJob> = sets.iter().enumerate().map(|(k, d)| ClientJob { train: d, validation: None, stream: k as u64 }).collect();
+        let jobs = jobs_for(&sets, false, 2);
         let global = net.init(0, 0).unwrap();
-        let out = run_round(&net, &global, &jobs, LocalWork::Sgd, &cfg(), WeightRule::Samples, 2).unwrap();
-        let mut expected = vec![0.0; net.n_params()];
+        let out = run_round(&net, &global, &jobs, &fedavg(&cfg(), WeightRule::Samples), 2).unwrap();
+        let update = out.update.unwrap();
+        let mut mean_params = vec![0.0; net.n_params()];
         let total: f64 = sets.iter().map(|s| s.n as f64).sum();
         for (k, s) in sets.iter().enumerate() {
             let mut p = global.clone();
             local_sgd(&net, &mut p, s, &cfg(), k as u64).unwrap();
-            for (e, v) in expected.iter_mut().zip(&p) {
+            for (e, v) in mean_params.iter_mut().zip(&p) {
                 *e += s.n as f64 / total * v;
             }
         }
-        for (a, b) in out.aggregate.iter().zip(&expected) {
-            assert!((a - b).abs() < 1e-12);
+        // Server SGD(1, 0) is FedAvg: x + D is the mean of the clients' parameters.
+        let expected_d: Vec<f64> = mean_params.iter().zip(&global).map(|(a, b)| a - b).collect();
+        assert!(close(&update.aggregate, &expected_d, 1e-12));
+        assert!(close(&update.params, &mean_params, 1e-12));
+        let x_plus_d: Vec<f64> = global.iter().zip(&update.aggregate).map(|(a, b)| a + b).collect();
+        assert_eq!(update.params, x_plus_d);
+        assert!(update.server.m.is_none() && update.server.v.is_none());
+    }
+
+    #[test]
+    fn fedsgd_update_is_minus_lr_times_the_gradient() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        let sets: Vec<Dataset> = (0..3).map(|k| blobs(9 + k, k as u64, 0.0)).collect();
+        let jobs = jobs_for(&sets, false, 1);
+        let global = net.init(1, 2).unwrap();
+        let round = RoundConfig { work: LocalWork::Gradient, rule: WeightRule::Collect, ..fedavg(&cfg(), WeightRule::Collect) };
+        let out = run_round(&net, &global, &jobs, &round, 2).unwrap();
+        for (k, s) in sets.iter().enumerate() {
+            let mut g = vec![0.0; net.n_params()];
+            full_gradient(&net, &global, s, cfg().weight_decay, &mut g).unwrap();
+            let expected: Vec<f64> = g.iter().map(|g| g * -cfg().lr).collect();
+            assert_eq!(out.collected[k], expected);
+            assert_eq!(out.reports[k].effective_steps, 1.0);
         }
+    }
+
+    #[test]
+    fn scaffold_round_updates_the_controls_by_their_formulas() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        let d = net.n_params();
+        let sets: Vec<Dataset> = (0..3).map(|k| blobs(12 + 5 * k, k as u64, 0.0)).collect();
+        let c_i: Vec<Vec<f64>> = (0..3).map(|k| (0..d).map(|j| 0.02 * (j as f64 - k as f64)).collect()).collect();
+        let c: Vec<f64> = (0..d).map(|j| 0.01 * (j % 3) as f64).collect();
+        let mut jobs = jobs_for(&sets, false, 2);
+        jobs[0].control = Some(&c_i[0]);
+        jobs[2].control = Some(&c_i[2]);
+        let global = net.init(1, 9).unwrap();
+        let local = SgdConfig { momentum: 0.0, ..cfg() }.local();
+        let round = RoundConfig { algorithm: ClientAlgorithm::Scaffold, local, control: Some(&c), n_nodes: 7.0, ..fedavg(&cfg(), WeightRule::Samples) };
+        let out = run_round(&net, &global, &jobs, &round, 2).unwrap();
+        let new = out.client_controls.as_ref().unwrap();
+        let mut change = vec![0.0; d];
+        for (k, job) in jobs.iter().enumerate() {
+            let mut y = global.clone();
+            let terms = GradientCorrection { client_control: job.control, server_control: Some(&c), ..Default::default() };
+            let outcome = local_run(&net, &mut y, &sets[k], &local, 2, &terms, k as u64).unwrap();
+            let tau = outcome.steps as f64;
+            let old = job.control.map_or(vec![0.0; d], |c| c.to_vec());
+            for j in 0..d {
+                let expected = old[j] - c[j] + (global[j] - y[j]) / (tau * local.lr);
+                assert!((new[k][j] - expected).abs() < 1e-12 * (1.0 + expected.abs()), "client {k}, {j}");
+                change[j] += new[k][j] - old[j];
+            }
+        }
+        let expected_c: Vec<f64> = c.iter().zip(&change).map(|(c, s)| c + s / 7.0).collect();
+        assert!(close(out.control.as_ref().unwrap(), &expected_c, 1e-13));
+        // Collecting the updates gives the same controls.
+        let collected = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, ..round }, 1).unwrap();
+        assert_eq!(collected.client_controls, out.client_controls);
+        assert_eq!(collected.control, out.control);
+    }
+
+    #[test]
+    fn fednova_round_normalises_by_effective_steps() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        let sets: Vec<Dataset> = (0..4).map(|k| blobs(10 + 6 * k, k as u64, 0.0)).collect();
+        let mut jobs = jobs_for(&sets, false, 1);
+        for (k, job) in jobs.iter_mut().enumerate() {
+            job.epochs = 1 + k;
+        }
+        let global = net.init(1, 5).unwrap();
+        for momentum in [0.0, 0.9] {
+            let local = SgdConfig { momentum, ..cfg() }.local();
+            let round = RoundConfig { algorithm: ClientAlgorithm::FedNova, local, ..fedavg(&cfg(), WeightRule::Samples) };
+            let out = run_round(&net, &global, &jobs, &round, 2).unwrap();
+            let collected = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, ..round }, 2).unwrap();
+            let p: Vec<f64> = sets.iter().map(|s| s.n as f64 / sets.iter().map(|s| s.n as f64).sum::<f64>()).collect();
+            let mut d = vec![0.0; net.n_params()];
+            let mut mean_a = 0.0;
+            for (k, r) in out.reports.iter().enumerate() {
+                let tau = r.outcome.steps as f64;
+                let a = if momentum == 0.0 { tau } else { (tau - momentum * (1.0 - momentum.powf(tau)) / (1.0 - momentum)) / (1.0 - momentum) };
+                assert!((r.effective_steps - a).abs() < 1e-12 * a, "momentum {momentum}, client {k}");
+                mean_a += p[k] * a;
+                for (o, u) in d.iter_mut().zip(&collected.collected[k]) {
+                    *o += p[k] * u / a;
+                }
+            }
+            d.iter_mut().for_each(|v| *v *= mean_a);
+            assert!(close(&out.update.unwrap().aggregate, &d, 1e-12), "momentum {momentum}");
+        }
+        // FedNova needs the SGD local optimizer.
+        let adam = LocalConfig { optimizer: LocalOptimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, ..cfg().local() };
+        let round = RoundConfig { algorithm: ClientAlgorithm::FedNova, local: adam, ..fedavg(&cfg(), WeightRule::Samples) };
+        let err = run_round(&net, &global, &jobs, &round, 1).err().unwrap();
+        assert!(matches!(err, CoreError::InvalidArgument("optimizer", _)), "{err:?}");
+    }
+
+    #[test]
+    fn fednova_with_equal_steps_and_plain_sgd_is_fedavg() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        // Same size for all: the same number of steps tau for every client.
+        let sets: Vec<Dataset> = (0..4).map(|k| blobs(15, k as u64, 0.2 * k as f64)).collect();
+        let jobs = jobs_for(&sets, false, 3);
+        let global = net.init(1, 6).unwrap();
+        let sgd = SgdConfig { momentum: 0.0, ..cfg() };
+        let plain = run_round(&net, &global, &jobs, &fedavg(&sgd, WeightRule::Equal), 2).unwrap().update.unwrap();
+        let nova_cfg = RoundConfig { algorithm: ClientAlgorithm::FedNova, ..fedavg(&sgd, WeightRule::Equal) };
+        let nova = run_round(&net, &global, &jobs, &nova_cfg, 2).unwrap().update.unwrap();
+        assert!(close(&nova.aggregate, &plain.aggregate, 1e-14));
+        assert_ne!(nova.aggregate, vec![0.0; net.n_params()]);
+    }
+
+    #[test]
+    fn a_collected_round_folded_later_gives_the_same_round() {
+        let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
+        let sets: Vec<Dataset> = (0..6).map(|k| blobs(14 + 2 * k, k as u64, 0.0)).collect();
+        let jobs = jobs_for(&sets, true, 2);
+        let global = net.init(1, 8).unwrap();
+        let server = ServerStep { optimizer: ServerOptimizer::Adagrad { lr: 0.1, beta1: 0.5, tau: 1e-2 }, m: None, v: None };
+        for algorithm in [ClientAlgorithm::FedAvg, ClientAlgorithm::FedNova] {
+            let round = RoundConfig { algorithm, server, ..fedavg(&cfg(), WeightRule::Validation) };
+            let whole = run_round(&net, &global, &jobs, &round, 2).unwrap();
+            let collected = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, ..round }, 2).unwrap();
+            let updates: Vec<&[f64]> = collected.collected.iter().map(|v| v.as_slice()).collect();
+            let weights: Vec<f64> = whole.reports.iter().map(|r| r.weight).collect();
+            let a: Vec<f64> = collected.reports.iter().map(|r| r.effective_steps).collect();
+            let rule = if algorithm == ClientAlgorithm::FedNova { FoldRule::Normalized } else { FoldRule::Mean };
+            let later = fold_round(&global, &updates, &weights, Some(&a), rule, &server, true, 1).unwrap();
+            assert_eq!(whole.update.unwrap(), later, "{algorithm:?}");
+        }
+    }
+
+    #[test]
+    fn diagnostics_can_be_switched_off() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        let sets: Vec<Dataset> = (0..3).map(|k| blobs(12, k as u64, 0.0)).collect();
+        let jobs = jobs_for(&sets, false, 1);
+        let global = net.init(0, 0).unwrap();
+        let on = run_round(&net, &global, &jobs, &fedavg(&cfg(), WeightRule::Samples), 1).unwrap().update.unwrap();
+        let round = RoundConfig { diagnostics: false, ..fedavg(&cfg(), WeightRule::Samples) };
+        let off = run_round(&net, &global, &jobs, &round, 1).unwrap().update.unwrap();
+        assert_eq!(on.params, off.params);
+        assert!(off.client_norms.iter().chain(&off.cosines).all(|v| v.is_nan()));
+        assert!(off.diagnostics.update_norm.is_nan() && off.diagnostics.cosine_mean.is_nan());
+        let change: f64 = on.params.iter().zip(&global).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        assert!((on.diagnostics.update_norm - change).abs() < 1e-14);
     }
 
     #[test]
@@ -420,11 +681,9 @@ mod tests {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         let good = blobs(10, 1, 0.0);
         let bad = Dataset::from_col_major(&[0.0; 6], 2, 3, &[0.0, 7.0]).unwrap();
-        let jobs = vec![
-            ClientJob { train: &good, validation: None, stream: 0 },
-            ClientJob { train: &bad, validation: None, stream: 1 },
-        ];
-        let err = run_round(&net, &net.init(0, 0).unwrap(), &jobs, LocalWork::Sgd, &cfg(), WeightRule::Samples, 2).err().unwrap();
+        let sets = [good, bad];
+        let jobs = jobs_for(&sets, false, 2);
+        let err = run_round(&net, &net.init(0, 0).unwrap(), &jobs, &fedavg(&cfg(), WeightRule::Samples), 2).err().unwrap();
         assert!(matches!(err, CoreError::Client(1, _)));
     }
 
@@ -463,11 +722,11 @@ mod tests {
     fn a_diverging_client_is_named_and_classed_in_a_round() {
         let net = Network::new(&[3, 1], Head::Identity).unwrap();
         let sets: Vec<Dataset> = (0..5).map(|k| regression(20 + k, k as u64)).collect();
-        let mut jobs: Vec<ClientJob> = sets.iter().enumerate().map(|(k, d)| ClientJob { train: d, validation: None, stream: k as u64 }).collect();
+        let mut jobs = jobs_for(&sets, false, 200);
         let global = net.init(0, 0).unwrap();
         let c = SgdConfig { lr: 1e3, epochs: 200, batch_size: 0, momentum: 0.0, weight_decay: 0.0, ..cfg() };
         for threads in [1, 2] {
-            let err = run_round(&net, &global, &jobs, LocalWork::Sgd, &c, WeightRule::Samples, threads).err().unwrap();
+            let err = run_round(&net, &global, &jobs, &fedavg(&c, WeightRule::Samples), threads).err().unwrap();
             // Every client diverges; the first in client order is reported.
             assert!(matches!(&err, CoreError::ClientDiverged(0, _)), "{err:?}");
             assert_eq!(err.client(), Some(0));
@@ -475,14 +734,32 @@ mod tests {
         }
         // FedSGD from parameters where the gradient overflows.
         let huge = vec![1e300; net.n_params()];
-        let err = run_round(&net, &huge, &jobs, LocalWork::Gradient, &cfg(), WeightRule::Samples, 2).err().unwrap();
+        let fedsgd = RoundConfig { work: LocalWork::Gradient, ..fedavg(&cfg(), WeightRule::Samples) };
+        let err = run_round(&net, &huge, &jobs, &fedsgd, 2).err().unwrap();
         assert!(matches!(err, CoreError::ClientDiverged(0, _)), "{err:?}");
         // Data problems stay client errors.
         let bad = Dataset::from_col_major(&[0.0; 4], 2, 2, &[0.0, 1.0]).unwrap();
         jobs[2].train = &bad;
-        let err = run_round(&net, &global, &jobs, LocalWork::Sgd, &cfg(), WeightRule::Samples, 2).err().unwrap();
+        jobs.iter_mut().for_each(|j| j.epochs = 2);
+        let err = run_round(&net, &global, &jobs, &fedavg(&cfg(), WeightRule::Samples), 2).err().unwrap();
         assert!(matches!(&err, CoreError::Client(2, _)), "{err:?}");
         assert_eq!(err.kind(), "client");
+    }
+
+    #[test]
+    fn a_diverging_server_step_is_a_round_error() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        let sets: Vec<Dataset> = (0..2).map(|k| blobs(12, k as u64, 0.0)).collect();
+        let jobs = jobs_for(&sets, false, 1);
+        let global = net.init(1, 1).unwrap();
+        // A velocity carried in from a round that had already run away.
+        let velocity = vec![1e308; net.n_params()];
+        let round = RoundConfig {
+            server: ServerStep { optimizer: ServerOptimizer::Sgd { lr: 10.0, momentum: 0.9 }, m: None, v: Some(&velocity) },
+            ..fedavg(&cfg(), WeightRule::Samples)
+        };
+        let err = run_round(&net, &global, &jobs, &round, 1).err().unwrap();
+        assert!(matches!(err, CoreError::Diverged(_)), "{err:?}");
     }
 
     #[test]

@@ -2,7 +2,11 @@ use super::convert::{core_err, doubles_list, input_err, new_doubles, threads};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use fedagg_core::model::{Dataset, Head, Network};
-use fedagg_core::train::{self, ClientJob, LocalWork, SgdConfig, WeightRule};
+use fedagg_core::strategy::fold::scaffold_server_control;
+use fedagg_core::strategy::{
+    fold_round, ClientAlgorithm, FoldRule, LocalConfig, LocalOptimizer, RoundUpdate, ServerOptimizer, ServerStep,
+};
+use fedagg_core::train::{self, ClientJob, LocalWork, RoundConfig, WeightRule};
 use fedagg_core::{alloc, CoreError};
 
 fn network(sizes: &Robj, head: i32) -> Result<Network> {
@@ -40,8 +44,19 @@ fn field(config: &List, name: &str) -> Result<Robj> {
         .ok_or_else(|| input_err(format!("config has no `{name}`")))
 }
 
+/// A field that may be NULL, where absent means NULL too: R drops a list
+/// element assigned NULL with `$<-`.
+fn nullable_field(config: &List, name: &str) -> Robj {
+    config.iter().find(|(n, _)| *n == name).map_or_else(|| ().into(), |(_, v)| v)
+}
+
+/// A double, or an integer (R's `length()` and `5L` are integers).
 fn number(config: &List, name: &str) -> Result<f64> {
-    field(config, name)?.as_real().ok_or_else(|| input_err(format!("config `{name}` must be a double")))
+    let value = field(config, name)?;
+    value
+        .as_real()
+        .or_else(|| value.as_integer().map(f64::from))
+        .ok_or_else(|| input_err(format!("config `{name}` must be a number")))
 }
 
 /// A client failure as data, so R can raise a classed error naming the
@@ -99,7 +114,169 @@ fn rs_loss_grad(sizes: Robj, head: i32, params: Robj, x: Robj, n: i32, p: i32, y
     Ok(list!(loss = loss, grad = grad))
 }
 
-/// One federated round over the clients' data handles.
+/// Doubles from an R double or integer vector (R users write `epochs = 2L`).
+fn numbers(x: &Robj, what: &str) -> Result<Vec<f64>> {
+    if let Some(v) = x.as_real_slice() {
+        return Ok(v.to_vec());
+    }
+    if let Some(v) = x.as_integer_slice() {
+        return Ok(v.iter().map(|&i| i as f64).collect());
+    }
+    Err(input_err(format!("`{what}` must be a numeric vector")))
+}
+
+/// NULL or a double vector, borrowed.
+fn optional_doubles<'a>(x: &'a Robj, what: &str) -> Result<Option<&'a [f64]>> {
+    if x.is_null() {
+        Ok(None)
+    } else {
+        doubles(x, what).map(Some)
+    }
+}
+
+fn text(config: &List, name: &str) -> Result<String> {
+    field(config, name)?
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| input_err(format!("config `{name}` must be a string")))
+}
+
+fn flag(config: &List, name: &str) -> Result<bool> {
+    field(config, name)?.as_bool().ok_or_else(|| input_err(format!("config `{name}` must be TRUE or FALSE")))
+}
+
+/// The elements of an R list of optional double vectors (NULL: none at
+/// all), kept alive while their slices are borrowed.
+fn list_elements(x: &Robj, what: &str) -> Result<Vec<Robj>> {
+    if x.is_null() {
+        return Ok(Vec::new());
+    }
+    let list = x.as_list().ok_or_else(|| input_err(format!("`{what}` must be a list")))?;
+    Ok(list.values().collect())
+}
+
+/// Borrows `elements` as optional vectors; an empty list means `n` absent
+/// ones (all zeros).
+fn optional_vectors<'a>(elements: &'a [Robj], n: usize, what: &str) -> Result<Vec<Option<&'a [f64]>>> {
+    if elements.is_empty() {
+        return Ok(vec![None; n]);
+    }
+    if elements.len() != n {
+        return Err(input_err(format!("`{what}` has {} elements for {n} clients", elements.len())));
+    }
+    elements.iter().map(|e| optional_doubles(e, what)).collect()
+}
+
+fn local_optimizer(config: &List) -> Result<LocalOptimizer> {
+    Ok(match text(config, "optimizer")?.as_str() {
+        "sgd" => LocalOptimizer::Sgd { momentum: number(config, "momentum")? },
+        "adam" => LocalOptimizer::Adam { beta1: number(config, "beta1")?, beta2: number(config, "beta2")?, eps: number(config, "eps")? },
+        "rmsprop" => LocalOptimizer::RmsProp { alpha: number(config, "alpha")?, eps: number(config, "eps")? },
+        "adagrad" => LocalOptimizer::Adagrad { eps: number(config, "eps")? },
+        other => return Err(input_err(format!("config `optimizer` \"{other}\" is not a known local optimizer"))),
+    })
+}
+
+fn client_algorithm(config: &List) -> Result<ClientAlgorithm> {
+    Ok(match text(config, "algorithm")?.as_str() {
+        "fedavg" => ClientAlgorithm::FedAvg,
+        "fedprox" => ClientAlgorithm::FedProx { mu: number(config, "mu")? },
+        "scaffold" => ClientAlgorithm::Scaffold,
+        "fednova" => ClientAlgorithm::FedNova,
+        other => return Err(input_err(format!("config `algorithm` \"{other}\" is not a known client algorithm"))),
+    })
+}
+
+/// The R objects of config `server`, held while their state is borrowed.
+struct ServerObjects {
+    settings: List,
+    m: Robj,
+    v: Robj,
+}
+
+impl ServerObjects {
+    fn new(config: &List) -> Result<Self> {
+        let settings = field(config, "server")?.as_list().ok_or_else(|| input_err("config `server` must be a list"))?;
+        let (m, v) = (nullable_field(&settings, "m"), nullable_field(&settings, "v"));
+        Ok(ServerObjects { settings, m, v })
+    }
+
+    fn step(&self) -> Result<ServerStep<'_>> {
+        let s = &self.settings;
+        let lr = number(s, "lr")?;
+        let optimizer = match text(s, "kind")?.as_str() {
+            "sgd" => ServerOptimizer::Sgd { lr, momentum: number(s, "momentum")? },
+            "adagrad" => ServerOptimizer::Adagrad { lr, beta1: number(s, "beta1")?, tau: number(s, "tau")? },
+            "adam" => ServerOptimizer::Adam { lr, beta1: number(s, "beta1")?, beta2: number(s, "beta2")?, tau: number(s, "tau")? },
+            "yogi" => ServerOptimizer::Yogi { lr, beta1: number(s, "beta1")?, beta2: number(s, "beta2")?, tau: number(s, "tau")? },
+            other => return Err(input_err(format!("config `server$kind` \"{other}\" is not a known server optimizer"))),
+        };
+        Ok(ServerStep { optimizer, m: optional_doubles(&self.m, "server$m")?, v: optional_doubles(&self.v, "server$v")? })
+    }
+}
+
+fn optional_vector(x: Option<&[f64]>) -> Result<Robj> {
+    match x {
+        Some(v) => new_doubles(v.len(), |o| o.copy_from_slice(v)),
+        None => Ok(().into()),
+    }
+}
+
+fn optional_vector_list(x: Option<Vec<Vec<f64>>>) -> Result<Robj> {
+    match x {
+        Some(v) => Ok(doubles_list(v)?.into()),
+        None => Ok(().into()),
+    }
+}
+
+/// The fields the fold and the server step add to a round's result. All
+/// NULL when there was none (collected updates).
+struct UpdateFields {
+    params: Robj,
+    aggregate: Robj,
+    server_m: Robj,
+    server_v: Robj,
+    client_norms: Robj,
+    cosines: Robj,
+    diagnostics: Robj,
+}
+
+impl UpdateFields {
+    fn new(update: Option<RoundUpdate>) -> Result<Self> {
+        let Some(u) = update else {
+            let null = || -> Robj { ().into() };
+            return Ok(UpdateFields {
+                params: null(),
+                aggregate: null(),
+                server_m: null(),
+                server_v: null(),
+                client_norms: null(),
+                cosines: null(),
+                diagnostics: null(),
+            });
+        };
+        let d = &u.diagnostics;
+        Ok(UpdateFields {
+            params: optional_vector(Some(&u.params))?,
+            aggregate: optional_vector(Some(&u.aggregate))?,
+            server_m: optional_vector(u.server.m.as_deref())?,
+            server_v: optional_vector(u.server.v.as_deref())?,
+            client_norms: u.client_norms.clone().into(),
+            cosines: u.cosines.clone().into(),
+            diagnostics: list!(
+                update_norm = d.update_norm,
+                client_norm_mean = d.client_norm_mean,
+                client_norm_sd = d.client_norm_sd,
+                cosine_mean = d.cosine_mean,
+                gradient_diversity = d.gradient_diversity
+            )
+            .into(),
+        })
+    }
+}
+
+/// One federated round over the clients' data handles: local work, fold,
+/// server step.
 /// @noRd
 #[extendr]
 fn rs_train_round(sizes: Robj, head: i32, global: Robj, train: List, validation: List, streams: Robj, config: List, n_threads: i32) -> Result<List> {
@@ -108,37 +285,62 @@ fn rs_train_round(sizes: Robj, head: i32, global: Robj, train: List, validation:
     let train_sets = datasets(&train)?;
     let validation_sets = datasets(&validation)?;
     let streams = doubles(&streams, "streams")?;
-    if validation_sets.len() != train_sets.len() || streams.len() != train_sets.len() {
+    let k = train_sets.len();
+    if validation_sets.len() != k || streams.len() != k {
         return Err(input_err("train, validation and streams differ in length"));
     }
-    let mut jobs = Vec::with_capacity(train_sets.len());
-    for (k, t) in train_sets.iter().enumerate() {
-        let train = t.ok_or_else(|| core_err(CoreError::Client(k, "has no training data".into())))?;
-        jobs.push(ClientJob { train, validation: validation_sets[k], stream: streams[k] as u64 });
+    let epochs = numbers(&field(&config, "epochs")?, "epochs")?;
+    if epochs.len() != 1 && epochs.len() != k {
+        return Err(input_err(format!("config `epochs` has {} values: give 1 or one per client ({k})", epochs.len())));
     }
-    let work = match field(&config, "work")?.as_str() {
-        Some("sgd") => LocalWork::Sgd,
-        Some("gradient") => LocalWork::Gradient,
+    if let Some(bad) = epochs.iter().find(|e| !(e.is_finite() && **e >= 1.0 && e.fract() == 0.0)) {
+        return Err(input_err(format!("config `epochs` has {bad}, not a count >= 1")));
+    }
+    // Borrowed from R here, on R's thread, before any parallel work.
+    let control_obj = nullable_field(&config, "control");
+    let control = optional_doubles(&control_obj, "control")?;
+    let client_control_objs = list_elements(&nullable_field(&config, "client_controls"), "client_controls")?;
+    let client_controls = optional_vectors(&client_control_objs, k, "client_controls")?;
+    let mut jobs = Vec::with_capacity(k);
+    for (i, t) in train_sets.iter().enumerate() {
+        let train = t.ok_or_else(|| core_err(CoreError::Client(i, "has no training data".into())))?;
+        let epochs = if epochs.len() == 1 { epochs[0] } else { epochs[i] } as usize;
+        jobs.push(ClientJob { train, validation: validation_sets[i], stream: streams[i] as u64, epochs, control: client_controls[i] });
+    }
+    let work = match text(&config, "work")?.as_str() {
+        "sgd" => LocalWork::Sgd,
+        "gradient" => LocalWork::Gradient,
         _ => return Err(input_err("config `work` must be \"sgd\" or \"gradient\"")),
     };
-    let rule = match field(&config, "weights")?.as_str() {
-        Some("samples") => WeightRule::Samples,
-        Some("equal") => WeightRule::Equal,
-        Some("accuracy") => WeightRule::Validation,
-        Some("collect") => WeightRule::Collect,
+    let rule = match text(&config, "weights")?.as_str() {
+        "samples" => WeightRule::Samples,
+        "equal" => WeightRule::Equal,
+        "accuracy" => WeightRule::Validation,
+        "collect" => WeightRule::Collect,
         _ => return Err(input_err("config `weights` is not a known rule")),
     };
     let batch = number(&config, "batch_size")?;
-    let cfg = SgdConfig {
-        epochs: number(&config, "epochs")? as usize,
+    let local = LocalConfig {
         batch_size: if batch.is_finite() { batch as usize } else { 0 },
         lr: number(&config, "lr")?,
         weight_decay: number(&config, "weight_decay")?,
-        momentum: number(&config, "momentum")?,
         shuffle: field(&config, "shuffle")?.as_bool().unwrap_or(true),
         seed: number(&config, "seed")? as u64,
+        optimizer: local_optimizer(&config)?,
     };
-    let out = match train::run_round(&net, global, &jobs, work, &cfg, rule, threads(n_threads)) {
+    let server = ServerObjects::new(&config)?;
+    let round = RoundConfig {
+        work,
+        // FedSGD sends a gradient whatever the algorithm says.
+        algorithm: if work == LocalWork::Gradient { ClientAlgorithm::FedAvg } else { client_algorithm(&config)? },
+        local,
+        rule,
+        server: server.step()?,
+        diagnostics: flag(&config, "diagnostics")?,
+        control,
+        n_nodes: number(&config, "n_nodes")?,
+    };
+    let out = match train::run_round(&net, global, &jobs, &round, threads(n_threads)) {
         Ok(out) => out,
         Err(e) => return client_failure(e),
     };
@@ -146,17 +348,81 @@ fn rs_train_round(sizes: Robj, head: i32, global: Robj, train: List, validation:
     let val = |f: fn(&fedagg_core::model::Evaluation) -> f64| -> Vec<f64> {
         reports.iter().map(|r| r.validation.as_ref().map(f).unwrap_or(f64::NAN)).collect()
     };
-    let aggregate = new_doubles(out.aggregate.len(), |o| o.copy_from_slice(&out.aggregate))?;
+    let fields = UpdateFields::new(out.update)?;
     Ok(list!(
         ok = true,
-        aggregate = aggregate,
+        aggregate = fields.aggregate,
         n_samples = reports.iter().map(|r| r.outcome.n_samples as f64).collect::<Vec<_>>(),
         train_loss = reports.iter().map(|r| r.outcome.train_loss).collect::<Vec<_>>(),
         steps = reports.iter().map(|r| r.outcome.steps as f64).collect::<Vec<_>>(),
         val_loss = val(|e| e.loss),
         val_metric = val(|e| e.metric),
         weight = reports.iter().map(|r| r.weight).collect::<Vec<_>>(),
-        collected = doubles_list(out.collected)?
+        collected = doubles_list(out.collected)?,
+        params = fields.params,
+        server_m = fields.server_m,
+        server_v = fields.server_v,
+        control = optional_vector(out.control.as_deref())?,
+        client_controls = optional_vector_list(out.client_controls)?,
+        a = reports.iter().map(|r| r.effective_steps).collect::<Vec<_>>(),
+        client_norms = fields.client_norms,
+        cosines = fields.cosines,
+        diagnostics = fields.diagnostics
+    ))
+}
+
+/// Fold and server step of a round whose client updates were computed in R
+/// (custom models, weight functions written in R): the same fold as
+/// `rs_train_round`'s.
+/// @noRd
+#[extendr]
+fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: List, n_threads: i32) -> Result<List> {
+    let global = doubles(&global, "global")?;
+    let delta_objs: Vec<Robj> = deltas.values().collect();
+    let updates = delta_objs.iter().map(|d| doubles(d, "deltas")).collect::<Result<Vec<&[f64]>>>()?;
+    let k = updates.len();
+    let weights = numbers(&weights, "weights")?;
+    let a = if a.is_null() { None } else { Some(numbers(&a, "a")?) };
+    let algorithm = text(&config, "algorithm")?;
+    let rule = match algorithm.as_str() {
+        "fednova" => FoldRule::Normalized,
+        "fedavg" | "fedprox" | "scaffold" | "fedsgd" => FoldRule::Mean,
+        other => return Err(input_err(format!("config `algorithm` \"{other}\" is not a known client algorithm"))),
+    };
+    let server = ServerObjects::new(&config)?;
+    let step = server.step()?;
+    let diagnostics = flag(&config, "diagnostics")?;
+    let control_obj = nullable_field(&config, "control");
+    let new_control_objs = list_elements(&nullable_field(&config, "client_controls_new"), "client_controls_new")?;
+    let control = if algorithm == "scaffold" && !new_control_objs.is_empty() {
+        let old_objs = list_elements(&nullable_field(&config, "client_controls"), "client_controls")?;
+        let old = optional_vectors(&old_objs, k, "client_controls")?;
+        let new = optional_vectors(&new_control_objs, k, "client_controls_new")?;
+        let new = new
+            .into_iter()
+            .map(|c| c.ok_or_else(|| input_err("`client_controls_new` must hold a vector for every client")))
+            .collect::<Result<Vec<&[f64]>>>()?;
+        let c = optional_doubles(&control_obj, "control")?;
+        let n_nodes = number(&config, "n_nodes")?;
+        Some(scaffold_server_control(c, &old, &new, n_nodes, global.len()).map_err(core_err)?)
+    } else {
+        None
+    };
+    let update = match fold_round(global, &updates, &weights, a.as_deref(), rule, &step, diagnostics, threads(n_threads)) {
+        Ok(update) => update,
+        Err(e) => return client_failure(e),
+    };
+    let fields = UpdateFields::new(Some(update))?;
+    Ok(list!(
+        ok = true,
+        params = fields.params,
+        aggregate = fields.aggregate,
+        server_m = fields.server_m,
+        server_v = fields.server_v,
+        control = optional_vector(control.as_deref())?,
+        client_norms = fields.client_norms,
+        cosines = fields.cosines,
+        diagnostics = fields.diagnostics
     ))
 }
 
@@ -215,6 +481,7 @@ extendr_module! {
     fn rs_model_init;
     fn rs_loss_grad;
     fn rs_train_round;
+    fn rs_fold_round;
     fn rs_evaluate;
     fn rs_predict;
 }

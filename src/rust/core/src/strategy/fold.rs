@@ -1,0 +1,422 @@
+//! The fold: client updates, one at a time and in client order, into the
+//! round's pseudo-gradient D, with per-round diagnostics of how the clients
+//! agree.
+//!
+//! Rounds trained in Rust and rounds whose clients trained in R (custom
+//! models, weight functions written in R) fold through this one type, so
+//! both give the same numbers.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use crate::alloc::{try_with_capacity, try_zeroed};
+use crate::error::{invalid, CoreError, CoreResult};
+use crate::norms::{l2_norm, layer_norms, sum_squares};
+use crate::parallel::{block_sums, reduction_block};
+use crate::updates::UpdateSet;
+
+/// How the updates are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldRule {
+    /// `D = sum_i p_i Delta_i`, `p_i = w_i / sum w`.
+    Mean,
+    /// FedNova: `D = (sum_i p_i a_i) sum_i p_i Delta_i / a_i`, every update
+    /// normalised by its effective number of steps a_i.
+    Normalized,
+}
+
+/// Updates longer than this are folded in parallel chunks. Each coordinate
+/// is still summed over clients in client order, so the result does not
+/// depend on the threads.
+const PARALLEL_FROM: usize = 1 << 18;
+const CHUNK: usize = 1 << 15;
+
+/// Per-round diagnostics of the client updates (NaN when not computed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientDiagnostics {
+    /// `||Delta_i||`.
+    pub norms: Vec<f64>,
+    /// `cos(Delta_i, D)`; NaN where either norm is 0.
+    pub cosines: Vec<f64>,
+    pub norm_mean: f64,
+    /// Sample standard deviation (K - 1); NaN for one client.
+    pub norm_sd: f64,
+    /// Mean of the finite cosines.
+    pub cosine_mean: f64,
+    /// `sum_i ||Delta_i||^2 / ||sum_i Delta_i||^2` (Yin et al. 2018):
+    /// 1/K when all updates agree, large when they cancel.
+    pub gradient_diversity: f64,
+}
+
+impl ClientDiagnostics {
+    pub fn not_computed(n_clients: usize) -> Self {
+        ClientDiagnostics {
+            norms: vec![f64::NAN; n_clients],
+            cosines: vec![f64::NAN; n_clients],
+            norm_mean: f64::NAN,
+            norm_sd: f64::NAN,
+            cosine_mean: f64::NAN,
+            gradient_diversity: f64::NAN,
+        }
+    }
+}
+
+pub struct FoldOutput {
+    /// The pseudo-gradient D.
+    pub aggregate: Vec<f64>,
+    pub diagnostics: ClientDiagnostics,
+}
+
+/// Every update of the round, for the diagnostics that need D, which is
+/// known only once all are in.
+struct Kept<'a> {
+    updates: Vec<Cow<'a, [f64]>>,
+    /// Unweighted `sum_i Delta_i`, for the gradient diversity.
+    plain_sum: Vec<f64>,
+}
+
+/// A running fold of client updates.
+pub struct Fold<'a> {
+    rule: FoldRule,
+    /// `sum_i w_i Delta_i` (Mean) or `sum_i (w_i / a_i) Delta_i` (Normalized).
+    weighted_sum: Vec<f64>,
+    weight_total: f64,
+    /// `sum_i w_i a_i` (Normalized only).
+    weighted_steps: f64,
+    n_clients: usize,
+    kept: Option<Kept<'a>>,
+}
+
+impl<'a> Fold<'a> {
+    /// An empty fold of updates of `n_params` values. With `diagnostics` the
+    /// updates are kept (K x d) until `finish`; without, memory stays at d.
+    pub fn new(n_params: usize, rule: FoldRule, diagnostics: bool, expected_clients: usize) -> CoreResult<Self> {
+        let kept = if diagnostics {
+            Some(Kept {
+                updates: try_with_capacity(expected_clients, "the round's client updates")?,
+                plain_sum: try_zeroed(n_params, "the unweighted sum of the client updates")?,
+            })
+        } else {
+            None
+        };
+        Ok(Fold {
+            rule,
+            weighted_sum: try_zeroed(n_params, "the round's aggregate")?,
+            weight_total: 0.0,
+            weighted_steps: 0.0,
+            n_clients: 0,
+            kept,
+        })
+    }
+
+    /// Adds the next client's update with its (unnormalised) weight and, for
+    /// FedNova, its effective number of steps `a`.
+    pub fn add(&mut self, update: Cow<'a, [f64]>, weight: f64, a: f64) -> CoreResult<()> {
+        let k = self.n_clients;
+        let d = self.weighted_sum.len();
+        if update.len() != d {
+            return Err(CoreError::Client(k, format!("has an update of {} values, the model has {d}", update.len())));
+        }
+        if let Some(i) = update.iter().position(|v| !v.is_finite()) {
+            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite value ({}) at position {}", update[i], i + 1)));
+        }
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(CoreError::Client(k, format!("weight {weight} is not a finite number >= 0")));
+        }
+        let coefficient = match self.rule {
+            FoldRule::Mean => weight,
+            FoldRule::Normalized => {
+                if !(a.is_finite() && a > 0.0) {
+                    return Err(CoreError::Client(k, format!("FedNova's effective steps a = {a} is not a positive number")));
+                }
+                self.weighted_steps += weight * a;
+                weight / a
+            }
+        };
+        self.weight_total += weight;
+        axpy(&mut self.weighted_sum, coefficient, &update);
+        if let Some(kept) = &mut self.kept {
+            add_into(&mut kept.plain_sum, &update);
+            kept.updates.push(update);
+        }
+        self.n_clients += 1;
+        Ok(())
+    }
+
+    /// Whether `finish` computes the diagnostics (else they are NaN).
+    pub fn diagnoses(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    /// D and the diagnostics.
+    pub fn finish(self) -> CoreResult<FoldOutput> {
+        if self.n_clients == 0 {
+            return invalid("clients", "no client updates to fold");
+        }
+        let total = self.weight_total;
+        if !(total > 0.0 && total.is_finite()) {
+            return invalid("weights", "the clients' weights sum to zero (every selected client has zero validation accuracy?)");
+        }
+        let mut aggregate = self.weighted_sum;
+        match self.rule {
+            FoldRule::Mean => aggregate.iter_mut().for_each(|s| *s /= total),
+            FoldRule::Normalized => {
+                let mean_steps = self.weighted_steps / total;
+                aggregate.iter_mut().for_each(|s| *s = mean_steps * (*s / total));
+            }
+        }
+        // Finite updates can still sum past the largest double.
+        if aggregate.iter().any(|s| !s.is_finite()) {
+            return Err(CoreError::Diverged(
+                "the weighted mean of the clients' updates overflowed; the learning rate is probably too large".into(),
+            ));
+        }
+        let diagnostics = match &self.kept {
+            Some(kept) => diagnose(kept, &aggregate)?,
+            None => ClientDiagnostics::not_computed(self.n_clients),
+        };
+        Ok(FoldOutput { aggregate, diagnostics })
+    }
+}
+
+/// `y += a x`.
+fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
+    let kernel = |(y, x): (&mut [f64], &[f64])| {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
+    };
+    if y.len() >= PARALLEL_FROM {
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(kernel);
+    } else {
+        kernel((y, x));
+    }
+}
+
+/// `y += x`.
+fn add_into(y: &mut [f64], x: &[f64]) {
+    let kernel = |(y, x): (&mut [f64], &[f64])| {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += x;
+        }
+    };
+    if y.len() >= PARALLEL_FROM {
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(kernel);
+    } else {
+        kernel((y, x));
+    }
+}
+
+fn diagnose(kept: &Kept<'_>, aggregate: &[f64]) -> CoreResult<ClientDiagnostics> {
+    let updates: Vec<&[f64]> = kept.updates.iter().map(|u| u.as_ref()).collect();
+    let k = updates.len();
+    let set = UpdateSet::from_vectors(updates.clone())?;
+    let norms: Vec<f64> = layer_norms(&set).into_iter().map(|n| n[0]).collect();
+    // All K dot products in one pass over D, in fixed blocks.
+    let dots = block_sums(aggregate.len(), reduction_block(k), k, |r, acc| {
+        let d = &aggregate[r.clone()];
+        for (a, u) in acc.iter_mut().zip(&updates) {
+            *a = u[r.clone()].iter().zip(d).map(|(x, y)| x * y).sum();
+        }
+    });
+    let aggregate_norm = l2_norm(aggregate);
+    let cosines: Vec<f64> = dots
+        .iter()
+        .zip(&norms)
+        .map(|(dot, n)| if *n == 0.0 || aggregate_norm == 0.0 { f64::NAN } else { dot / (n * aggregate_norm) })
+        .collect();
+    let norm_mean = norms.iter().sum::<f64>() / k as f64;
+    let norm_sd = if k > 1 {
+        (norms.iter().map(|n| (n - norm_mean).powi(2)).sum::<f64>() / (k - 1) as f64).sqrt()
+    } else {
+        f64::NAN
+    };
+    let finite: Vec<f64> = cosines.iter().copied().filter(|c| c.is_finite()).collect();
+    let cosine_mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
+    let spread = norms.iter().map(|n| n * n).sum::<f64>();
+    let agreement = sum_squares(&kept.plain_sum);
+    let gradient_diversity = if agreement == 0.0 { f64::NAN } else { spread / agreement };
+    Ok(ClientDiagnostics { norms, cosines, norm_mean, norm_sd, cosine_mean, gradient_diversity })
+}
+
+/// SCAFFOLD's new server control: `c + sum_i (c_i_new - c_i) / N` over the
+/// round's clients in client order, with N the number of all nodes (absent
+/// controls are zeros).
+pub fn scaffold_server_control(
+    server_control: Option<&[f64]>,
+    old_client_controls: &[Option<&[f64]>],
+    new_client_controls: &[&[f64]],
+    n_nodes: f64,
+    n_params: usize,
+) -> CoreResult<Vec<f64>> {
+    if !(n_nodes.is_finite() && n_nodes >= 1.0) {
+        return invalid("n_nodes", "must be a number >= 1");
+    }
+    if old_client_controls.len() != new_client_controls.len() {
+        return invalid("client_controls", "old and new client controls differ in number");
+    }
+    if server_control.is_some_and(|c| c.len() != n_params) {
+        return invalid("control", format!("does not have {n_params} values"));
+    }
+    let mut change = try_zeroed(n_params, "the change of the server control")?;
+    for (k, (old, new)) in old_client_controls.iter().zip(new_client_controls).enumerate() {
+        if new.len() != n_params || old.is_some_and(|c| c.len() != n_params) {
+            return invalid("client_controls", format!("element {} does not have {n_params} values", k + 1));
+        }
+        match old {
+            Some(old) => {
+                for ((s, n), o) in change.iter_mut().zip(*new).zip(*old) {
+                    *s += n - o;
+                }
+            }
+            None => add_into(&mut change, new),
+        }
+    }
+    let mut control = change;
+    for (j, s) in control.iter_mut().enumerate() {
+        *s = server_control.map_or(0.0, |c| c[j]) + *s / n_nodes;
+    }
+    if control.iter().any(|v| !v.is_finite()) {
+        return Err(CoreError::Diverged("the server control variate overflowed".into()));
+    }
+    Ok(control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::with_threads;
+    use crate::rng::Rng;
+
+    fn updates(k: usize, d: usize, seed: u64) -> Vec<Vec<f64>> {
+        let mut rng = Rng::new(seed, 1);
+        (0..k).map(|_| (0..d).map(|_| rng.normal()).collect()).collect()
+    }
+
+    fn fold(rule: FoldRule, ups: &[Vec<f64>], w: &[f64], a: &[f64], diagnostics: bool) -> FoldOutput {
+        let mut f = Fold::new(ups[0].len(), rule, diagnostics, ups.len()).unwrap();
+        for ((u, w), a) in ups.iter().zip(w).zip(a) {
+            f.add(Cow::Borrowed(u), *w, *a).unwrap();
+        }
+        f.finish().unwrap()
+    }
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    #[test]
+    fn mean_and_diagnostics_match_direct_computation() {
+        let ups = updates(4, 7, 1);
+        let w = [1.0, 3.0, 0.5, 2.0];
+        let out = fold(FoldRule::Mean, &ups, &w, &[1.0; 4], true);
+        let total: f64 = w.iter().sum();
+        let mut d = vec![0.0; 7];
+        for (u, wk) in ups.iter().zip(&w) {
+            for (o, v) in d.iter_mut().zip(u) {
+                *o += wk / total * v;
+            }
+        }
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-13 * (1.0 + b.abs());
+        assert!(out.aggregate.iter().zip(&d).all(|(a, b)| close(*a, *b)));
+        let diag = &out.diagnostics;
+        let norms: Vec<f64> = ups.iter().map(|u| dot(u, u).sqrt()).collect();
+        let d_norm = dot(&d, &d).sqrt();
+        for k in 0..4 {
+            assert!(close(diag.norms[k], norms[k]));
+            assert!(close(diag.cosines[k], dot(&ups[k], &d) / (norms[k] * d_norm)));
+        }
+        let mean = norms.iter().sum::<f64>() / 4.0;
+        let sd = (norms.iter().map(|n| (n - mean).powi(2)).sum::<f64>() / 3.0).sqrt();
+        assert!(close(diag.norm_mean, mean) && close(diag.norm_sd, sd));
+        assert!(close(diag.cosine_mean, diag.cosines.iter().sum::<f64>() / 4.0));
+        let plain: Vec<f64> = (0..7).map(|j| ups.iter().map(|u| u[j]).sum()).collect();
+        let diversity = norms.iter().map(|n| n * n).sum::<f64>() / dot(&plain, &plain);
+        assert!(close(diag.gradient_diversity, diversity));
+        // Without diagnostics: the same D, NaN diagnostics.
+        let lean = fold(FoldRule::Mean, &ups, &w, &[1.0; 4], false);
+        assert_eq!(lean.aggregate, out.aggregate);
+        assert!(lean.diagnostics.norms.iter().all(|n| n.is_nan()) && lean.diagnostics.gradient_diversity.is_nan());
+    }
+
+    #[test]
+    fn degenerate_diagnostics_are_nan() {
+        // One client: no sd. A zero update: no cosine, and the mean skips it.
+        let ups = vec![vec![0.0, 0.0], vec![1.0, 2.0]];
+        let out = fold(FoldRule::Mean, &ups, &[1.0, 1.0], &[1.0; 2], true);
+        assert!(out.diagnostics.cosines[0].is_nan());
+        assert!((out.diagnostics.cosines[1] - 1.0).abs() < 1e-15);
+        assert!((out.diagnostics.cosine_mean - 1.0).abs() < 1e-15);
+        let one = fold(FoldRule::Mean, &ups[1..], &[1.0], &[1.0], true);
+        assert!(one.diagnostics.norm_sd.is_nan());
+        assert!((one.diagnostics.gradient_diversity - 1.0).abs() < 1e-15);
+        // Updates that cancel: D = 0, so no cosines and no diversity.
+        let cancel = vec![vec![1.0, -1.0], vec![-1.0, 1.0]];
+        let out = fold(FoldRule::Mean, &cancel, &[1.0, 1.0], &[1.0; 2], true);
+        assert!(out.diagnostics.cosines.iter().all(|c| c.is_nan()) && out.diagnostics.cosine_mean.is_nan());
+        assert!(out.diagnostics.gradient_diversity.is_nan());
+    }
+
+    #[test]
+    fn fednova_normalises_by_effective_steps() {
+        let ups = updates(3, 5, 2);
+        let w = [2.0, 1.0, 1.0];
+        let a = [4.0, 10.0, 2.5];
+        let out = fold(FoldRule::Normalized, &ups, &w, &a, true);
+        let total: f64 = w.iter().sum();
+        let p: Vec<f64> = w.iter().map(|v| v / total).collect();
+        let mean_a: f64 = p.iter().zip(&a).map(|(p, a)| p * a).sum();
+        for (j, got) in out.aggregate.iter().enumerate() {
+            let expected = mean_a * (0..3).map(|k| p[k] * ups[k][j] / a[k]).sum::<f64>();
+            assert!((got - expected).abs() < 1e-14, "{j}");
+        }
+        // Equal a for every client: FedAvg's D, up to rounding.
+        let fedavg = fold(FoldRule::Mean, &ups, &w, &[1.0; 3], false);
+        let nova = fold(FoldRule::Normalized, &ups, &w, &[6.0; 3], false);
+        assert!(fedavg.aggregate.iter().zip(&nova.aggregate).all(|(a, b)| (a - b).abs() < 1e-15));
+    }
+
+    #[test]
+    fn bad_updates_weights_and_steps_name_the_client() {
+        let mut f = Fold::new(2, FoldRule::Normalized, true, 3).unwrap();
+        f.add(Cow::Owned(vec![1.0, 2.0]), 1.0, 1.0).unwrap();
+        assert!(matches!(f.add(Cow::Owned(vec![1.0]), 1.0, 1.0), Err(CoreError::Client(1, _))));
+        assert!(matches!(f.add(Cow::Owned(vec![1.0, f64::NAN]), 1.0, 1.0), Err(CoreError::ClientDiverged(1, _))));
+        assert!(matches!(f.add(Cow::Owned(vec![1.0, 1.0]), -1.0, 1.0), Err(CoreError::Client(1, _))));
+        assert!(matches!(f.add(Cow::Owned(vec![1.0, 1.0]), 1.0, 0.0), Err(CoreError::Client(1, _))));
+        let mut zero = Fold::new(2, FoldRule::Mean, false, 1).unwrap();
+        zero.add(Cow::Owned(vec![1.0, 2.0]), 0.0, 1.0).unwrap();
+        assert!(matches!(zero.finish(), Err(CoreError::InvalidArgument("weights", _))));
+    }
+
+    #[test]
+    fn large_folds_are_thread_invariant() {
+        let ups = updates(5, PARALLEL_FROM + 1001, 3);
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let one = with_threads(1, || fold(FoldRule::Mean, &ups, &w, &[1.0; 5], true));
+        let two = with_threads(2, || fold(FoldRule::Mean, &ups, &w, &[1.0; 5], true));
+        assert_eq!(one.aggregate, two.aggregate);
+        assert_eq!(one.diagnostics, two.diagnostics);
+        // Each coordinate is summed in client order, as a plain loop does.
+        let total: f64 = w.iter().sum();
+        let j = PARALLEL_FROM + 17;
+        let mut s = 0.0;
+        for (u, wk) in ups.iter().zip(&w) {
+            s += wk * u[j];
+        }
+        assert_eq!(one.aggregate[j], s / total);
+    }
+
+    #[test]
+    fn scaffold_server_control_adds_the_mean_change_over_all_nodes() {
+        let c = [0.5, -0.5];
+        let old = [Some(&[0.1, 0.2][..]), None];
+        let new = [&[0.3, 0.0][..], &[1.0, -1.0][..]];
+        let got = scaffold_server_control(Some(&c), &old, &new, 10.0, 2).unwrap();
+        let expected = [0.5 + ((0.3 - 0.1) + 1.0) / 10.0, -0.5 + ((0.0 - 0.2) - 1.0) / 10.0];
+        assert!(got.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-15), "{got:?}");
+        assert!(scaffold_server_control(None, &old, &new, 0.0, 2).is_err());
+        assert!(scaffold_server_control(None, &old, &new[..1], 3.0, 2).is_err());
+    }
+}
