@@ -17,6 +17,8 @@ pub mod privacy;
 pub mod rng;
 pub mod strategy;
 pub mod train;
+#[cfg(test)]
+mod test_data;
 pub mod robust;
 pub mod updates;
 

@@ -330,21 +330,8 @@ mod tests {
     use crate::model::Head;
     use crate::rng::Rng;
     use crate::strategy::{fold_round, ServerOptimizer};
+    use crate::test_data::blobs;
 
-    fn blobs(n: usize, seed: u64, shift: f64) -> Dataset {
-        let mut rng = Rng::new(seed, 0);
-        let p = 3;
-        let mut x = vec![0.0; n * p];
-        let mut y = vec![0.0; n];
-        for i in 0..n {
-            let class = rng.below(3) as usize;
-            y[i] = class as f64;
-            for j in 0..p {
-                x[j * n + i] = rng.normal() + if j == class { 2.0 + shift } else { 0.0 };
-            }
-        }
-        Dataset::from_col_major(&x, n, p, &y).unwrap()
-    }
 
     fn cfg() -> SgdConfig {
         SgdConfig { epochs: 2, batch_size: 5, lr: 0.1, weight_decay: 0.01, momentum: 0.5, shuffle: true, seed: 42 }

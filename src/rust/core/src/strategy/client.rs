@@ -299,21 +299,7 @@ pub fn scaffold_client_control(
 mod tests {
     use super::*;
     use crate::model::Head;
-
-    fn blobs(n: usize, seed: u64) -> Dataset {
-        let mut rng = Rng::new(seed, 0);
-        let p = 3;
-        let mut x = vec![0.0; n * p];
-        let mut y = vec![0.0; n];
-        for i in 0..n {
-            let class = rng.below(3) as usize;
-            y[i] = class as f64;
-            for j in 0..p {
-                x[j * n + i] = rng.normal() + if j == class { 2.0 } else { 0.0 };
-            }
-        }
-        Dataset::from_col_major(&x, n, p, &y).unwrap()
-    }
+    use crate::test_data::blobs;
 
     fn sgd(momentum: f64) -> LocalConfig {
         LocalConfig { batch_size: 4, lr: 0.1, weight_decay: 0.01, shuffle: true, seed: 7, optimizer: LocalOptimizer::Sgd { momentum } }
@@ -330,7 +316,7 @@ mod tests {
     #[test]
     fn local_runs_with_each_optimizer_match_a_direct_loop() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(11, 6);
+        let data = blobs(11, 6, 0.0);
         let global = random(net.n_params(), 6, 0.3);
         let optimizers = [
             LocalOptimizer::Sgd { momentum: 0.9 },
@@ -384,7 +370,7 @@ mod tests {
     #[test]
     fn fedprox_with_mu_zero_is_bitwise_fedavg() {
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
-        let data = blobs(23, 1);
+        let data = blobs(23, 1, 0.0);
         let global = net.init(1, 2).unwrap();
         for optimizer in [LocalOptimizer::Sgd { momentum: 0.9 }, LocalOptimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }] {
             let cfg = LocalConfig { optimizer, ..sgd(0.0) };
@@ -409,7 +395,7 @@ mod tests {
         // Full batch, one epoch: one step from y = x + offset, where the
         // proximal term is mu * offset.
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(10, 2);
+        let data = blobs(10, 2, 0.0);
         let global = random(net.n_params(), 1, 0.3);
         let start: Vec<f64> = global.iter().map(|v| v + 0.25).collect();
         let cfg = LocalConfig { batch_size: 0, shuffle: false, ..sgd(0.0) };
@@ -429,7 +415,7 @@ mod tests {
     #[test]
     fn scaffold_with_zero_controls_and_one_step_is_sgd() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(17, 3);
+        let data = blobs(17, 3, 0.0);
         let global = net.init(1, 4).unwrap();
         let zeros = vec![0.0; net.n_params()];
         let cfg = LocalConfig { batch_size: 0, ..sgd(0.0) };
@@ -445,7 +431,7 @@ mod tests {
     #[test]
     fn scaffold_correction_enters_every_step() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(8, 4);
+        let data = blobs(8, 4, 0.0);
         let global = random(net.n_params(), 2, 0.2);
         let (c_i, c) = (random(net.n_params(), 3, 0.1), random(net.n_params(), 4, 0.1));
         let cfg = LocalConfig { batch_size: 0, shuffle: false, weight_decay: 0.0, ..sgd(0.0) };
@@ -504,7 +490,7 @@ mod tests {
         assert_eq!(LocalConfig { batch_size: 50, ..cfg }.steps(10, 2), 2);
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         let mut p = net.init(0, 0).unwrap();
-        let out = local_run(&net, &mut p, &blobs(10, 5), &cfg, 3, &GradientCorrection::default(), 0).unwrap();
+        let out = local_run(&net, &mut p, &blobs(10, 5, 0.0), &cfg, 3, &GradientCorrection::default(), 0).unwrap();
         assert_eq!(out.steps, cfg.steps(10, 3));
     }
 }

@@ -137,7 +137,7 @@ impl<'a> Fold<'a> {
         self.weight_total += weight;
         axpy(&mut self.weighted_sum, coefficient, &update);
         if let Some(kept) = &mut self.kept {
-            add_into(&mut kept.plain_sum, &update);
+            axpy(&mut kept.plain_sum, 1.0, &update);
             kept.updates.push(update);
         }
         self.n_clients += 1;
@@ -180,7 +180,8 @@ impl<'a> Fold<'a> {
     }
 }
 
-/// `y += a x`.
+/// `y += a x` (with `a = 1` this is exactly `y += x`: multiplying by one is
+/// exact).
 fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
     let kernel = |(y, x): (&mut [f64], &[f64])| {
         for (y, x) in y.iter_mut().zip(x) {
@@ -194,19 +195,6 @@ fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
     }
 }
 
-/// `y += x`.
-fn add_into(y: &mut [f64], x: &[f64]) {
-    let kernel = |(y, x): (&mut [f64], &[f64])| {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += x;
-        }
-    };
-    if y.len() >= PARALLEL_FROM {
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(kernel);
-    } else {
-        kernel((y, x));
-    }
-}
 
 fn diagnose(kept: &Kept<'_>, aggregate: &[f64]) -> CoreResult<ClientDiagnostics> {
     let updates: Vec<&[f64]> = kept.updates.iter().map(|u| u.as_ref()).collect();
@@ -270,7 +258,7 @@ pub fn scaffold_server_control(
                     *s += n - o;
                 }
             }
-            None => add_into(&mut change, new),
+            None => axpy(&mut change, 1.0, new),
         }
     }
     let mut control = change;
