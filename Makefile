@@ -41,3 +41,4 @@ document: deps
 bench: install
 	$(RSCRIPT) bench/aggregate.R
 	$(RSCRIPT) bench/simulation.R
+	$(RSCRIPT) bench/convergence.R
