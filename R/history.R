@@ -306,14 +306,17 @@ plot.fed_comparison <- function(x, metric = NULL, main = NULL, ...) {
   runs <- levels(x$run)
   cols <- grDevices::hcl.colors(max(3, length(runs)), "Dark 3")[seq_along(runs)]
   y <- range(d[[metric]])
-  # Room above the curves for the legend, so it never hides them.
-  plot(range(d$round), c(y[1], y[2] + 0.08 * length(runs) * diff(y) + 1e-12), type = "n", xlab = "Round",
+  # Room above the curves for the legend (two columns for many runs), so it
+  # never hides them.
+  legend_cols <- if (length(runs) > 4L) 2L else 1L
+  legend_rows <- ceiling(length(runs) / legend_cols)
+  plot(range(d$round), c(y[1], y[2] + 0.08 * legend_rows * diff(y) + 1e-12), type = "n", xlab = "Round",
        ylab = metric_label(metric), main = main %||% paste(metric_label(metric), "by round"), ...)
   for (i in seq_along(runs)) {
     r <- d[d$run == runs[i], ]
     graphics::lines(r$round, r[[metric]], col = cols[i], lwd = 2)
   }
-  graphics::legend("top", legend = runs, col = cols, lwd = 2, bty = "n", cex = 0.85)
+  graphics::legend("top", legend = runs, col = cols, lwd = 2, bty = "n", cex = 0.85, ncol = legend_cols)
   invisible(x)
 }
 

@@ -2,7 +2,7 @@
 # of the round pipeline, on the settings of the FedProx paper (Li et al.
 # 2020) and on label-skewed Fashion-MNIST. Not a test: a table and a plot.
 #
-#   Rscript bench/convergence.R [rounds] [output.png]
+#   Rscript bench/convergence.R [rounds] [output.png] [all|cost]
 #
 # 1. Synthetic(1,1): 30 clients, 10 per round, E = 20, B = 10, lr = 0.01,
 #    with 0% and 90% stragglers. FedAvg drops its stragglers (as in the
@@ -17,6 +17,7 @@ suppressPackageStartupMessages(library(fedagg))
 args <- commandArgs(trailingOnly = TRUE)
 rounds <- if (length(args) >= 1) as.integer(args[1]) else 100L
 out_png <- if (length(args) >= 2) args[2] else "bench/convergence.png"
+only_cost <- length(args) >= 3 && args[3] == "cost"
 cat(sprintf("fedagg %s | R %s | %d cores | %s\n\n", packageVersion("fedagg"), getRversion(),
             fedagg_threads()$cores, format(Sys.time(), "%Y-%m-%d")))
 
@@ -63,8 +64,8 @@ syn_model <- model_softmax(60, 10)
 syn_settings <- list(fraction = 1 / 3, epochs = 20, batch_size = 10, lr = 0.01)
 
 grid <- c(0.01, 0.03, 0.1, 0.3, 1)
-server_lr <- c()
-for (kind in c("adagrad", "adam", "yogi")) {
+server_lr <- c(adagrad = 1, adam = 0.1, yogi = 0.1) # the grid's choice in the recorded run
+for (kind in if (only_cost) character() else c("adagrad", "adam", "yogi")) {
   make <- get(paste0("server_", kind))
   acc <- vapply(grid, function(g) {
     h <- run(syn_model, syn_nodes, syn_test, syn_settings, list(server_optimizer = make(g)), 30)$history
@@ -77,7 +78,7 @@ for (kind in c("adagrad", "adam", "yogi")) {
 cat("\n")
 
 synthetic_runs <- list()
-for (stragglers in c(0, 0.9)) {
+for (stragglers in if (only_cost) numeric() else c(0, 0.9)) {
   runs <- lapply(levers(server_lr), function(extra) {
     extra <- c(extra, list(stragglers = stragglers, drop_stragglers = FALSE))
     run(syn_model, syn_nodes, syn_test, syn_settings, extra, rounds)
@@ -95,7 +96,9 @@ for (stragglers in c(0, 0.9)) {
 
 # 2. Fashion-MNIST, Dirichlet(0.1) ---------------------------------------------
 fmnist_runs <- NULL
-if (dir.exists("/usr/share/datasets/fashion-mnist")) {
+if (only_cost) {
+  cat("(cost only)\n\n")
+} else if (dir.exists("/usr/share/datasets/fashion-mnist")) {
   fm <- load_fashion_mnist()
   parts <- partition_dirichlet(fm$train$y, n_clients = 100, alpha = 0.1, min_size = 20, seed = 1)
   fm_nodes <- fed_nodes(fm$train$x, fm$train$y, parts)
@@ -116,19 +119,31 @@ n_clients <- 100; n <- 600; dim <- 60
 x <- matrix(rnorm(n_clients * n * dim), ncol = dim)
 y <- sample(0:9, n_clients * n, TRUE)
 cost_nodes <- fed_nodes(x, y, split(seq_len(n_clients * n), rep(seq_len(n_clients), each = n)))
-cost_of <- function(extra) {
-  make <- function() do.call(fed_server, c(list(model_softmax(dim, 10), cost_nodes, fraction = 0.1, epochs = 1,
-                                                batch_size = 10, lr = 0.01, seed = 1, eval_every = 10^6), extra))
-  invisible(make()$fit(1, verbose = FALSE))
-  stats::median(replicate(5, { srv <- make(); system.time(srv$fit(50, verbose = FALSE))[["elapsed"]] })) / 50 * 1000
+make_cost_server <- function(extra) {
+  do.call(fed_server, c(list(model_softmax(dim, 10), cost_nodes, fraction = 0.1, epochs = 1, batch_size = 10,
+                             lr = 0.01, seed = 1, eval_every = 10^6), extra))
 }
-costs <- vapply(levers(server_lr), cost_of, numeric(1))
+invisible(make_cost_server(list())$fit(1, verbose = FALSE)) # builds the nodes' Rust copies
+# Methods measured in turn within each repetition, in a new random order
+# each time, so that neither a slow moment of the machine nor a position in
+# the sequence favours one of them.
+cost_levers <- levers(server_lr)
+times <- matrix(NA_real_, length(cost_levers), 9, dimnames = list(names(cost_levers), NULL))
+set.seed(1)
+for (r in seq_len(ncol(times))) {
+  for (name in sample(names(cost_levers))) {
+    srv <- make_cost_server(cost_levers[[name]])
+    times[name, r] <- system.time(srv$fit(50, verbose = FALSE))[["elapsed"]] / 50 * 1000
+  }
+}
+costs <- apply(times, 1, stats::median)
 cost_table <- data.frame(method = names(costs), ms_per_round = round(costs, 2),
                          relative_to_FedAvg = round(costs / costs[["FedAvg"]], 2))
-cat("Per-round cost, 100 clients x 600 samples, C = 0.1, E = 1, B = 10 (median of 5 fits of 50 rounds)\n")
+cat("Per-round cost, 100 clients x 600 samples, C = 0.1, E = 1, B = 10 (median of 9 fits of 50 rounds, in random order)\n")
 print(cost_table, row.names = FALSE)
 
 # Plot ------------------------------------------------------------------------
+if (only_cost) quit(save = "no")
 grDevices::png(out_png, width = 1500, height = 480, res = 110)
 graphics::par(mfrow = c(1, if (is.null(fmnist_runs)) 2 else 3))
 for (name in names(synthetic_runs)) {
