@@ -1,0 +1,84 @@
+# A round's first steps: reachable nodes, the selection rule, and each
+# selected client's local work (stragglers). Called by Server's private
+# methods with the server's private environment.
+
+# Reachable nodes, then the selection rule among them (or the schedule).
+# Pure: nothing is kept until the round commits.
+select_round <- function(self, private, r) {
+  ids <- names(private$.nodes)
+  p <- vapply(private$.nodes, function(n) n$availability, numeric(1))
+  available <- if (all(p == 1)) rep(TRUE, length(ids))
+               else with_seed(derive_seed(private$.seed, r, 3L), stats::runif(length(ids))) < p
+  names(available) <- ids
+  if (!is.null(private$.schedule)) {
+    if (r > length(private$.schedule)) {
+      fedagg_abort("The {.arg schedule} has {length(private$.schedule)} rounds; round {r} is not in it.",
+                   class = "schedule")
+    }
+    chosen <- private$.schedule[[r]]
+    return(list(ids = chosen, available = available, log = selection_log_rows(r, chosen, NULL)))
+  }
+  sel <- private$.selection
+  clients <- data.frame(id = ids, n_samples = vapply(private$.nodes, function(n) n$n_samples, numeric(1)),
+                        available = unname(available), reach_share = unname((private$.reach + available) / r),
+                        stringsAsFactors = FALSE)
+  if ("last_update" %in% sel$needs) clients$last_cosine <- private$.last_cosines()
+  ctx <- list(round = r, n = self$clients_per_round, clients = clients, seed = derive_seed(private$.seed, r, 1L),
+              loss = function(chosen) private$.local_losses(chosen, r))
+  out <- sel$select(ctx)
+  if (is.data.frame(out)) {
+    chosen <- out$client[out$picked]
+    log <- selection_log_rows(r, out$client, out$score, out$picked)
+  } else {
+    chosen <- out
+    log <- selection_log_rows(r, chosen, NULL)
+  }
+  # Node order, so that a round does not depend on how a rule lists its picks.
+  chosen <- ids[ids %in% chosen]
+  list(ids = chosen, available = available, log = log)
+}
+
+# Epochs of each selected client: its own, or fewer for a straggler (which
+# is dropped instead with drop_stragglers = TRUE).
+local_work <- function(private, ids, r) {
+  epochs <- private$.epochs[ids]
+  straggler <- rep(FALSE, length(ids))
+  n_slow <- round(private$.stragglers * length(ids))
+  if (n_slow > 0) {
+    with_seed(derive_seed(private$.seed, r, 4L), {
+      slow <- sort(sample.int(length(ids), n_slow))
+      straggler[slow] <- TRUE
+      epochs[slow] <- vapply(epochs[slow], function(e) if (e > 1L) sample.int(e - 1L, 1L) else 1L, integer(1))
+    })
+  }
+  if (private$.drop_stragglers) {
+    return(list(ids = ids[!straggler], epochs = epochs[!straggler], straggler = straggler[!straggler]))
+  }
+  list(ids = ids, epochs = epochs, straggler = straggler)
+}
+
+# Local loss of the current global model on each node's training data
+# (power-of-choice selection).
+local_losses <- function(private, chosen, r) {
+  model <- private$.model
+  nodes <- private$.nodes[chosen]
+  if (is_builtin(model)) {
+    handles <- lapply(nodes, function(n) n$data_handle(model, "train"))
+    out <- call_rust(rs_evaluate(model$sizes, model$head, private$.flat, unname(handles),
+                                 resolve_threads(private$.threads)))
+    if (!isTRUE(out$ok)) abort_client_failure(chosen[out$client], out$message, r, kind = out$kind)
+    return(out$loss)
+  }
+  params <- relist_like(private$.flat, private$.template)
+  vapply(nodes, function(n) n$evaluate(params, model, data = "train")$loss, numeric(1))
+}
+
+last_cosines <- function(private) {
+  d <- private$.last_delta
+  vapply(private$.nodes, function(n) {
+    u <- n$state$last_update
+    if (is.null(u) || is.null(d)) return(NA_real_)
+    denom <- sqrt(sum(u^2)) * sqrt(sum(d^2))
+    if (denom > 0) sum(u * d) / denom else NA_real_
+  }, numeric(1))
+}

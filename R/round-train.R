@@ -1,0 +1,115 @@
+# A round's numeric work: the selected clients' local training, the
+# aggregation, the diagnostics and the server step. Called by Server's
+# private methods with the server's private environment.
+
+# Local work of the selected clients, aggregation and the server step.
+train_selected <- function(private, idx, config, epochs, round) {
+  model <- private$.model
+  nodes <- private$.nodes[idx]
+  ids <- names(nodes)
+  alg <- private$.algorithm
+  keep_updates <- "last_update" %in% private$.selection$needs
+  rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
+  fold_cfg <- list(algorithm = rust_config(config, rule)$algorithm,
+                   server = rust_server_config(private$.server_opt, private$.server_state),
+                   diagnostics = private$.diagnostics, control = private$.control,
+                   client_controls = lapply(nodes, function(n) n$state$control), n_nodes = length(private$.nodes))
+  if (is_builtin(model) && alg$kind != "custom") {
+    train <- lapply(nodes, function(n) n$data_handle(model, "train"))
+    val <- if (rule == "collect" || private$.weights %in% "accuracy") {
+      lapply(nodes, function(n) n$data_handle(model, "validation"))
+    } else rep(list(NULL), length(nodes))
+    out <- call_rust(rs_train_round(model$sizes, model$head, private$.flat, unname(train), unname(val),
+                                    as.double(idx), rust_config(config, rule, epochs, fold_cfg),
+                                    resolve_threads(private$.threads)))
+    if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
+    info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,
+                 val_loss = nan_to_na(out$val_loss), val_metric = nan_to_na(out$val_metric),
+                 weight = out$weight, epochs = as.double(epochs), steps = out$steps)
+    deltas <- out$collected
+    a <- out$a
+    new_controls <- out$client_controls
+    custom_states <- NULL
+  } else {
+    res <- custom_round(nodes, model, private$.flat, private$.template, config, idx, rule, round, epochs, alg)
+    failed <- which(!vapply(res, function(x) isTRUE(x$ok), logical(1)))
+    if (length(failed)) {
+      f <- res[[failed[1]]]
+      abort_client_failure(ids[failed[1]], f$message, round, kind = f$kind, parent = f$parent)
+    }
+    field <- function(name) vapply(res, function(x) as.double(x[[name]] %||% NA_real_), numeric(1))
+    info <- list(client = ids, n_samples = field("n_samples"), train_loss = field("train_loss"),
+                 val_loss = field("val_loss"), val_metric = field("val_metric"), weight = NA_real_,
+                 epochs = as.double(epochs), steps = field("steps"))
+    deltas <- lapply(res, `[[`, "delta")
+    a <- if (alg$kind == "fednova") fednova_a(info$steps, config$optimizer$momentum)
+    new_controls <- if (alg$kind == "scaffold") lapply(res, function(x) x$state$control)
+    custom_states <- if (alg$kind == "custom") lapply(res, `[[`, "state")
+    out <- NULL
+  }
+  if (is.null(out) || rule == "collect") {
+    info$weight <- if (is.function(private$.weights)) call_weight_function(private$.weights, info, round)
+                   else rule_weights(private$.weights, info, model)
+    if (sum(info$weight) <= 0) {
+      fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
+    }
+    fold_cfg$client_controls_new <- new_controls
+    out_fold <- call_rust(rs_fold_round(private$.flat, unname(deltas), info$weight, a, fold_cfg,
+                                        resolve_threads(private$.threads)))
+  } else {
+    out_fold <- out
+  }
+  params <- out_fold$params
+  server_state <- list(m = out_fold$server_m, v = out_fold$server_v)
+  diagnostics <- out_fold$diagnostics
+  if (private$.server_opt$kind == "custom") {
+    stepped <- call_user(private$.server_opt$step,
+                         list(params = private$.flat, delta = out_fold$aggregate, state = private$.server_state$custom,
+                              round = round),
+                         "The server optimizer's {.fn step}", round = round)
+    if (!is.list(stepped) || !is.numeric(stepped$params) || length(stepped$params) != length(private$.flat)) {
+      fedagg_abort("The server optimizer's {.fn step} must return {.code list(params = <{length(private$.flat)} numbers>, state = )}.",
+                   class = "user_code", round = round)
+    }
+    params <- as.double(stepped$params)
+    server_state <- list(custom = stepped$state)
+    diagnostics$update_norm <- sqrt(sum((params - private$.flat)^2))
+  }
+  info$update_norm <- out_fold$client_norms
+  info$cosine <- nan_to_na(out_fold$cosines)
+  node_states <- lapply(seq_along(nodes), function(k) {
+    state <- nodes[[k]]$state
+    if (alg$kind == "scaffold") state$control <- new_controls[[k]]
+    if (keep_updates) state$last_update <- deltas[[k]]
+    if (!is.null(custom_states)) state$custom <- custom_states[[k]]
+    state
+  })
+  names(node_states) <- ids
+  list(params = params, aggregate = out_fold$aggregate, server_state = server_state, control = out_fold$control,
+       info = info, diagnostics = lapply(diagnostics, nan_to_na), node_states = node_states)
+}
+
+# A round in which nobody was selected (Poisson sampling, all stragglers
+# dropped): the model stays as it is.
+empty_round <- function(flat, server_state, control) {
+  list(params = flat, aggregate = NULL, server_state = server_state, control = control,
+       info = list(client = character(), n_samples = numeric(), train_loss = numeric(), val_loss = numeric(),
+                   val_metric = numeric(), weight = numeric(), epochs = numeric(), steps = numeric(),
+                   update_norm = numeric(), cosine = numeric()),
+       diagnostics = list(update_norm = 0, client_norm_mean = NA_real_, client_norm_sd = NA_real_,
+                          cosine_mean = NA_real_, gradient_diversity = NA_real_),
+       node_states = list())
+}
+
+selection_log_rows <- function(round, clients, score, picked = rep(TRUE, length(clients))) {
+  list(round = rep(as.integer(round), length(clients)), client = as.character(clients),
+       score = if (is.null(score)) rep(NA_real_, length(clients)) else as.double(score), picked = picked)
+}
+
+# Aggregation weights of a rule, from what the clients reported.
+rule_weights <- function(rule, info, model) {
+  switch(rule,
+    samples = info$n_samples,
+    equal = rep(1, length(info$client)),
+    accuracy = if (model$task == "classification") info$val_metric else 1 / (1 + info$val_metric))
+}

@@ -1,0 +1,65 @@
+# One round, start to commit: selection, local work, the hooks, the checks,
+# evaluation, then the commit of everything the round changed (server and
+# nodes), and the round_end hook. Nothing changes before the commit, so a
+# failed round leaves the server and its nodes as they were.
+
+round_body <- function(self, private, r, last_round) {
+  started <- proc.time()[["elapsed"]]
+  picked <- private$.select_round(r)
+  ids <- picked$ids
+  lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)
+  work <- private$.local_work(ids, r)
+  if (!is.null(private$.hooks$round_start)) {
+    call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
+              "The {.code round_start} hook", round = r)
+  }
+  config <- private$.local
+  config$lr <- lr
+  config$seed <- derive_seed(private$.seed, r, 2L)
+  config$control <- private$.control
+  old <- private$.flat
+  result <- if (length(work$ids)) {
+    private$.train_selected(match(work$ids, names(private$.nodes)), config, work$epochs, r)
+  } else {
+    empty_round(old, private$.server_state, private$.control)
+  }
+  proposed <- result$params
+  if (!is.null(private$.hooks$server_update)) {
+    proposed <- call_user(private$.hooks$server_update, list(old = old, proposed = proposed, round = r, lr = lr),
+                          "The {.code server_update} hook", round = r)
+    if (!is.numeric(proposed) || length(proposed) != length(old)) {
+      fedagg_abort("The {.code server_update} hook must return {length(old)} numbers, not {obj_desc(proposed)} (round {r}).",
+                   class = "user_code", round = r)
+    }
+  }
+  if (!all(is.finite(proposed))) {
+    fedagg_abort(c("Round {r} produced non-finite global parameters; the model is unchanged.",
+                   i = "Try a smaller {.arg lr}."), class = "diverged", round = r)
+  }
+  evaluated <- r %% private$.eval_every == 0L || r == last_round
+  metrics <- if (evaluated) private$.evaluate_all(proposed, r) else list()
+  info <- result$info
+  record <- c(list(round = r, clients = length(work$ids), lr = lr,
+                   train_loss = if (length(work$ids)) stats::weighted.mean(info$train_loss, info$weight) else NA_real_,
+                   loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
+              private$.metric_slots(metrics), result$diagnostics)
+  # Commit: nothing above changed the server or a node.
+  private$.flat <- as.double(proposed)
+  private$.round <- r
+  private$.records[[length(private$.records) + 1L]] <- record
+  private$.client_log[[length(private$.client_log) + 1L]] <- c(list(round = r), info)
+  private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
+  private$.reach <- private$.reach + picked$available
+  private$.server_state <- result$server_state
+  private$.control <- result$control
+  if (!is.null(result$aggregate)) private$.last_delta <- result$aggregate
+  for (k in seq_along(result$node_states)) {
+    private$.nodes[[names(result$node_states)[k]]]$commit_state(result$node_states[[k]])
+  }
+  private$.seconds[r] <- proc.time()[["elapsed"]] - started
+  if (!is.null(private$.hooks$round_end)) {
+    call_user(private$.hooks$round_end, list(server = self, round = r, record = record),
+              sprintf("The `round_end` hook (round %d is kept)", r), round = r)
+  }
+  invisible(record)
+}
