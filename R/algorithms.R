@@ -133,30 +133,3 @@ as_algorithm <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env
   fedagg_abort("{.arg {arg}} must be a client algorithm such as {.fn fedavg} or {.fn fedprox}, not {obj_desc(x)}.",
                call = call)
 }
-
-#' Aggregation of client updates in a round
-#'
-#' `agg_weighted()` is the aggregation step of a [Server]'s round: the
-#' weighted mean of the clients' updates, with the weights of `fed_server(
-#' weights = )` (FedAvg's sample weights by default), computed in Rust as
-#' the updates arrive. Robust rules plug in here later.
-#'
-#' @return A `fed_aggregator`.
-#' @examples
-#' agg_weighted()
-#' @export
-agg_weighted <- function() structure(list(kind = "weighted", label = "weighted mean"), class = "fed_aggregator")
-
-#' @export
-format.fed_aggregator <- function(x, ...) paste("<fed_aggregator>", x$label)
-
-#' @export
-print.fed_aggregator <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
-}
-
-assert_aggregator <- function(x, call = rlang::caller_env()) {
-  if (inherits(x, "fed_aggregator")) return(x)
-  fedagg_abort("{.arg aggregator} must come from {.fn agg_weighted}, not {obj_desc(x)}.", call = call)
-}

@@ -43,6 +43,24 @@ rs_gaussian_sigma <- function(sensitivity, epsilon, delta, method) .Call(wrap__r
 #' @noRd
 rs_add_gaussian_noise <- function(layers, sigma, seed, n_threads) .Call(wrap__rs_add_gaussian_noise, layers, sigma, seed, n_threads)
 
+#' RDP of `steps` steps of the Poisson-subsampled Gaussian mechanism, one
+#' value per order (`orders` NULL: the default orders).
+#' @noRd
+rs_rdp_sampled_gaussian <- function(q, noise_multiplier, steps, orders) .Call(wrap__rs_rdp_sampled_gaussian, q, noise_multiplier, steps, orders)
+
+#' list(epsilon, order): the (epsilon, delta) guarantee of that mechanism and
+#' the order that gives it (NA when epsilon is infinite).
+#' @noRd
+rs_rdp_epsilon <- function(q, noise_multiplier, steps, delta, orders) .Call(wrap__rs_rdp_epsilon, q, noise_multiplier, steps, delta, orders)
+
+#' The smallest noise multiplier reaching (epsilon, delta) after `steps` steps.
+#' @noRd
+rs_rdp_noise_multiplier <- function(epsilon, delta, q, steps, orders) .Call(wrap__rs_rdp_noise_multiplier, epsilon, delta, q, steps, orders)
+
+#' The default RDP orders, for the R documentation and attributes.
+#' @noRd
+rs_rdp_default_orders <- function() .Call(wrap__rs_rdp_default_orders)
+
 #' Number of cores Rust sees.
 #' @noRd
 rs_available_threads <- function() .Call(wrap__rs_available_threads)

@@ -20,6 +20,11 @@
 #' thread-invariant. Update transforms (clipping, compression, privacy noise)
 #' will plug in between the client algorithm and the aggregator.
 #'
+#' **Trust.** Between the clients and the aggregator, a round applies the
+#' nodes' simulated [attacks], a norm [filter][filter_norm()], clipping
+#' ([clip_norm()] or [dp_central()]), then a robust [aggregator][aggregators]
+#' or the weighted mean, and central DP noise; all in the same Rust call.
+#'
 #' **Why is it slow?** Every round records diagnostics in the history:
 #' `update_norm` (the global update), `client_norm_mean` and
 #' `client_norm_sd` (how far the clients moved), `cosine_mean` (the mean
@@ -43,7 +48,8 @@
 #' @param schedule Optional list with the node ids (or positions) of every
 #'   round, to replay another tool's run; overrides `fraction` and
 #'   `selection`.
-#' @param weights Aggregation weights: `"samples"` (FedAvg's default),
+#' @param weights Aggregation weights: `NULL` (`"samples"`, or `"equal"`
+#'   under [dp_central()]), `"samples"` (FedAvg's),
 #'   `"equal"`, `"accuracy"` (each trained model's accuracy on its node's
 #'   validation data; every node needs validation data), or
 #'   `function(info)` returning one non-negative weight per row of `info`
@@ -63,7 +69,16 @@
 #' @param server_optimizer A [server optimizer][server_optimizers]:
 #'   [server_sgd()] (the default, plain FedAvg), [server_adam()],
 #'   [server_yogi()], [server_adagrad()], or [server_optimizer()].
-#' @param aggregator How client updates are combined: [agg_weighted()].
+#' @param aggregator How client updates are combined: [agg_weighted()], or a
+#'   robust rule ([agg_median()], [agg_trimmed_mean()], [agg_krum()],
+#'   [agg_multi_krum()], [agg_geometric_median()], [agg_bulyan()]).
+#' @param privacy `NULL`, or [dp_central()]: clipping, noise and accounting.
+#' @param clip `NULL`, or [clip_norm()]: clipping without noise.
+#' @param filter `NULL`, or [filter_norm()]: drop anomalous updates before
+#'   aggregation.
+#' @param min_samples Minimum cohort: nodes with fewer training samples never
+#'   send an update (a disclosure control in the spirit of DataSHIELD's
+#'   `nfilter.subset`).
 #' @param stragglers Share of each round's clients that are stragglers, in
 #'   `[0, 1]`: a seeded `round(stragglers * clients)` of them run a random
 #'   `1 .. E - 1` epochs (as in the FedProx paper).
@@ -109,19 +124,21 @@
 #' plot(srv2$fit(10, verbose = FALSE), "diagnostics")
 #' @export
 fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
-                       selection = select_uniform(), schedule = NULL, weights = "samples", epochs = 1,
+                       selection = select_uniform(), schedule = NULL, weights = NULL, epochs = 1,
                        batch_size = 10, lr = 0.01, lr_schedule = lr_constant(), weight_decay = 0,
                        momentum = 0, shuffle = TRUE, test_data = NULL, eval_every = 1, seed = NULL,
                        threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                        server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
-                       drop_stragglers = FALSE, diagnostics = TRUE) {
+                       drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
+                       min_samples = 0) {
   Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
              min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
              epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,
              weight_decay = weight_decay, momentum = momentum, shuffle = shuffle, test_data = test_data,
              eval_every = eval_every, seed = seed, threads = threads, hooks = hooks, params = params,
              local_optimizer = local_optimizer, server_optimizer = server_optimizer, aggregator = aggregator,
-             stragglers = stragglers, drop_stragglers = drop_stragglers, diagnostics = diagnostics)
+             stragglers = stragglers, drop_stragglers = drop_stragglers, diagnostics = diagnostics,
+             privacy = privacy, clip = clip, filter = filter, min_samples = min_samples)
 }
 
 as_node_list <- function(nodes, call = rlang::caller_env()) {

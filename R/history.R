@@ -12,7 +12,9 @@
 #'   data, weighted by its size;
 #' * diagnostics of the round's updates (see [fed_server()]): `update_norm`,
 #'   `client_norm_mean`, `client_norm_sd`, `cosine_mean`,
-#'   `gradient_diversity`.
+#'   `gradient_diversity`;
+#' * `epsilon`: with [dp_central()], the privacy spent so far (at its
+#'   `delta`).
 #'
 #' Metrics are `NA` in rounds that were not evaluated (`eval_every`). The
 #' history holds no wall-clock times, so runs with the same seed give
@@ -48,7 +50,7 @@ diagnostic_columns <- c("update_norm", "client_norm_mean", "client_norm_sd", "co
 new_fed_history <- function(records, model, settings) {
   m <- metric_name(model)
   columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
-               "val_loss", paste0("val_", m), diagnostic_columns)
+               "val_loss", paste0("val_", m), diagnostic_columns, "epsilon")
   df <- if (length(records)) {
     as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
       vapply(records, function(r) as.double(r[[col]] %||% NA_real_), numeric(1))
@@ -154,7 +156,7 @@ metric_labels <- c(
   train_loss = "Training loss (clients' own data)", loss_spread = "Spread of clients' training losses",
   test_loss = "Test loss", test_accuracy = "Test accuracy", test_rmse = "Test RMSE",
   val_loss = "Validation loss", val_accuracy = "Validation accuracy", val_rmse = "Validation RMSE",
-  update_norm = "Norm of the global update", client_norm_mean = "Mean norm of client updates",
+  epsilon = "Privacy spent (epsilon)", update_norm = "Norm of the global update", client_norm_mean = "Mean norm of client updates",
   client_norm_sd = "Spread (sd) of client update norms", cosine_mean = "Mean cosine, client vs aggregate",
   gradient_diversity = "Gradient diversity"
 )

@@ -193,6 +193,17 @@ Node <- R6::R6Class("Node",
       if (missing(value)) return(private$.availability)
       private$.availability <- assert_number(value, 0, 1, lower_open = TRUE, arg = "availability")
     },
+    #' @field attack `NULL`, or the [attack][attacks] this node simulates
+    #'   (validated when set; see [set_attack()]).
+    attack = function(value) {
+      if (missing(value)) return(private$.attack)
+      if (!is.null(value) && !inherits(value, "fed_attack")) {
+        fedagg_abort("{.field attack} must be an attack such as {.fn attack_sign_flip}, or NULL, not {obj_desc(value)}.")
+      }
+      private$.attack <- value
+      # Training labels may change with the attack: rebuild the Rust copy.
+      private$.handles <- list()
+    },
     #' @field state What the node keeps between rounds (read-only): a list
     #'   with SCAFFOLD's `control` variate, its `last_update`, or a custom
     #'   client algorithm's state.
@@ -227,6 +238,7 @@ Node <- R6::R6Class("Node",
     .x_val = NULL,
     .y_val = NULL,
     .availability = 1,
+    .attack = NULL,
     .state = list(),
     .handles = list(),
 
@@ -240,7 +252,7 @@ Node <- R6::R6Class("Node",
 
     # The labels of a split coded for a model (0-based classes or responses).
     .labels = function(model, split) {
-      if (split == "train") encode_labels(private$.y, model, "y", private$.id)
+      if (split == "train") encode_labels(flip_labels(private$.y, private$.attack), model, "y", private$.id)
       else encode_labels(private$.y_val, model, "y_val", private$.id)
     }
   )

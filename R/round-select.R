@@ -9,6 +9,10 @@ select_round <- function(self, private, r) {
   p <- vapply(private$.nodes, function(n) n$availability, numeric(1))
   available <- if (all(p == 1)) rep(TRUE, length(ids))
                else with_seed(derive_seed(private$.seed, r, 3L), stats::runif(length(ids))) < p
+  # Minimum cohort: nodes too small to disclose an update never take part.
+  if (private$.min_samples > 0L) {
+    available <- available & vapply(private$.nodes, function(n) n$n_samples >= private$.min_samples, logical(1))
+  }
   names(available) <- ids
   if (!is.null(private$.schedule)) {
     if (r > length(private$.schedule)) {

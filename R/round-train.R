@@ -10,10 +10,11 @@ train_selected <- function(private, idx, config, epochs, round) {
   alg <- private$.algorithm
   keep_updates <- "last_update" %in% private$.selection$needs
   rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
-  fold_cfg <- list(algorithm = rust_config(config, rule)$algorithm,
-                   server = rust_server_config(private$.server_opt, private$.server_state),
-                   diagnostics = private$.diagnostics, control = private$.control,
-                   client_controls = lapply(nodes, function(n) n$state$control), n_nodes = length(private$.nodes))
+  fold_cfg <- c(list(algorithm = rust_config(config, rule)$algorithm,
+                     server = rust_server_config(private$.server_opt, private$.server_state),
+                     diagnostics = private$.diagnostics, control = private$.control,
+                     client_controls = lapply(nodes, function(n) n$state$control), n_nodes = length(private$.nodes)),
+                trust_config(private, nodes, round))
   if (is_builtin(model) && alg$kind != "custom") {
     train <- lapply(nodes, function(n) n$data_handle(model, "train"))
     val <- if (rule == "collect" || private$.weights %in% "accuracy") {
@@ -26,6 +27,7 @@ train_selected <- function(private, idx, config, epochs, round) {
     info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,
                  val_loss = nan_to_na(out$val_loss), val_metric = nan_to_na(out$val_metric),
                  weight = out$weight, epochs = as.double(epochs), steps = out$steps)
+    if (!is.null(private$.privacy)) info$weight <- rep(1, length(ids))
     deltas <- out$collected
     a <- out$a
     new_controls <- out$client_controls
@@ -77,6 +79,17 @@ train_selected <- function(private, idx, config, epochs, round) {
   }
   info$update_norm <- out_fold$client_norms
   info$cosine <- nan_to_na(out_fold$cosines)
+  k <- length(ids)
+  info$malicious <- vapply(nodes, function(n) !is.null(n$attack), logical(1))
+  info$kept <- out_fold$kept %||% rep(TRUE, k)
+  info$filter_reason <- out_fold$filter_reason %||% rep("", k)
+  info$clipped <- out_fold$clipped %||% rep(NA, k)
+  info$selected <- out_fold$selected %||% rep(NA, k)
+  if (sum(info$kept) < private$.min_clients) {
+    fedagg_abort(c("Round {round}: {sum(info$kept)} update{?s} passed the filter; the round needs {.arg min_clients} = {private$.min_clients}.",
+                   i = "Dropped: {paste(ids[!info$kept], collapse = ', ')}."),
+                 class = "filter", round = round)
+  }
   node_states <- lapply(seq_along(nodes), function(k) {
     state <- nodes[[k]]$state
     if (alg$kind == "scaffold") state$control <- new_controls[[k]]
@@ -95,7 +108,8 @@ empty_round <- function(flat, server_state, control) {
   list(params = flat, aggregate = NULL, server_state = server_state, control = control,
        info = list(client = character(), n_samples = numeric(), train_loss = numeric(), val_loss = numeric(),
                    val_metric = numeric(), weight = numeric(), epochs = numeric(), steps = numeric(),
-                   update_norm = numeric(), cosine = numeric()),
+                   update_norm = numeric(), cosine = numeric(), malicious = logical(), kept = logical(),
+                   filter_reason = character(), clipped = logical(), selected = logical()),
        diagnostics = list(update_norm = 0, client_norm_mean = NA_real_, client_norm_sd = NA_real_,
                           cosine_mean = NA_real_, gradient_diversity = NA_real_),
        node_states = list())
@@ -104,6 +118,26 @@ empty_round <- function(flat, server_state, control) {
 selection_log_rows <- function(round, clients, score, picked = rep(TRUE, length(clients))) {
   list(round = rep(as.integer(round), length(clients)), client = as.character(clients),
        score = if (is.null(score)) rep(NA_real_, length(clients)) else as.double(score), picked = picked)
+}
+
+# The round's attacks, filter, clipping, robust aggregator and privacy noise,
+# as the Rust fold applies them (in that order).
+trust_config <- function(private, nodes, round) {
+  sizes <- layer_sizes(private$.model, private$.template)
+  dp <- private$.privacy
+  clip <- if (!is.null(dp)) list(max_norm = dp$clip, per_layer = dp$per_layer)
+          else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
+  attacks <- lapply(nodes, function(n) rust_attack(n$attack))
+  n_nodes <- length(private$.nodes)
+  list(attacks = if (any(!vapply(attacks, is.null, logical(1)))) unname(attacks),
+       attack_seed = as.double(derive_seed(private$.seed, round, 6L)),
+       filter = rust_filter(private$.filter, sizes),
+       clip = if (!is.null(clip)) c(clip, list(layer_sizes = sizes)),
+       aggregator = rust_aggregator(private$.aggregator),
+       noise = if (!is.null(dp)) {
+         list(sd = dp$noise_multiplier * dp$clip, seed = as.double(derive_seed(private$.seed, round, 5L)),
+              denominator = private$.sampling_rate() * n_nodes)
+       })
 }
 
 # Aggregation weights of a rule, from what the clients reported.

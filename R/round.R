@@ -5,6 +5,14 @@
 
 round_body <- function(self, private, r, last_round) {
   started <- proc.time()[["elapsed"]]
+  dp <- private$.privacy
+  if (!is.null(dp) && is.finite(dp$max_epsilon)) {
+    next_epsilon <- epsilon_after(dp, private$.sampling_rate(), r)
+    if (next_epsilon > dp$max_epsilon) {
+      budget_exhausted(sprintf("round %d would spend epsilon %.3f > max_epsilon %s (delta %s)", r, next_epsilon,
+                               format(dp$max_epsilon), format(dp$delta)))
+    }
+  }
   picked <- private$.select_round(r)
   ids <- picked$ids
   lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)
@@ -42,7 +50,8 @@ round_body <- function(self, private, r, last_round) {
   record <- c(list(round = r, clients = length(work$ids), lr = lr,
                    train_loss = if (length(work$ids)) stats::weighted.mean(info$train_loss, info$weight) else NA_real_,
                    loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
-              private$.metric_slots(metrics), result$diagnostics)
+              private$.metric_slots(metrics), result$diagnostics,
+              list(epsilon = epsilon_after(dp, private$.sampling_rate(), r)))
   # Commit: nothing above changed the server or a node.
   private$.flat <- as.double(proposed)
   private$.round <- r

@@ -56,8 +56,9 @@
 #' @name selection
 NULL
 
-new_selection <- function(kind, label, select, needs = character()) {
-  structure(list(kind = kind, label = label, select = select, needs = needs), class = "fed_selection")
+new_selection <- function(kind, label, select, needs = character(), settings = list()) {
+  structure(list(kind = kind, label = label, select = select, needs = needs, settings = settings),
+            class = "fed_selection")
 }
 
 #' @rdname selection
@@ -91,7 +92,7 @@ select_by_size <- function() {
 #' @export
 select_poisson <- function(q) {
   q <- assert_number(q, 0, 1, lower_open = TRUE)
-  new_selection("poisson", sprintf("Poisson (q = %s)", format(q)), function(ctx) {
+  new_selection("poisson", sprintf("Poisson (q = %s)", format(q)), settings = list(q = q), function(ctx) {
     draws <- with_seed(ctx$seed, stats::runif(length(ctx$clients$id)))
     ctx$clients$id[ctx$clients$available & draws < q]
   })

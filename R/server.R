@@ -56,15 +56,16 @@ Server <- R6::R6Class("Server",
   cloneable = TRUE,
   public = list(
     #' @description Create a server (see [fed_server()] for the arguments).
-    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics
+    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples
     #'   See [fed_server()].
     initialize = function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
-                          selection = select_uniform(), schedule = NULL, weights = "samples", epochs = 1,
+                          selection = select_uniform(), schedule = NULL, weights = NULL, epochs = 1,
                           batch_size = 10, lr = 0.01, lr_schedule = lr_constant(), weight_decay = 0,
                           momentum = 0, shuffle = TRUE, test_data = NULL, eval_every = 1, seed = NULL,
                           threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                           server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
-                          drop_stragglers = FALSE, diagnostics = TRUE) {
+                          drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
+                          min_samples = 0) {
       assert_model(model)
       node_list <- as_node_list(nodes)
       # One class coding for the whole federation, before any label is coded.
@@ -79,7 +80,19 @@ Server <- R6::R6Class("Server",
       }
       private$.selection <- as_selection(selection)
       private$.schedule <- assert_schedule(schedule, names(private$.nodes))
-      private$.weights <- assert_weight_rule(weights, model, private$.nodes)
+      private$.privacy <- assert_privacy(privacy)
+      private$.clip <- assert_clip(clip)
+      private$.filter <- assert_filter(filter)
+      private$.min_samples <- assert_count(min_samples, min = 0L)
+      if (!is.null(private$.privacy)) {
+        if (!is.null(weights) && !identical(weights, "equal")) {
+          fedagg_warn(c("Differential privacy weights every update equally; {.arg weights} is ignored.",
+                        i = "Weighting by samples would raise the sensitivity of the sum."), class = "dp_weights")
+        }
+        weights <- "equal"
+        if (!is.null(private$.clip)) fedagg_abort("{.fn dp_central} clips the updates itself; give {.arg clip} or {.arg privacy}, not both.")
+      }
+      private$.weights <- assert_weight_rule(weights %||% "samples", model, private$.nodes)
       private$.epochs <- assert_node_epochs(epochs, names(private$.nodes))
       if (!is.null(local_optimizer) && (!identical(momentum, 0) || !identical(weight_decay, 0))) {
         fedagg_abort("Give {.arg momentum} and {.arg weight_decay} to {.arg local_optimizer}, not to {.fn fed_server}, when you give both.")
@@ -90,6 +103,12 @@ Server <- R6::R6Class("Server",
                                      momentum, shuffle, optimizer = local_optimizer)
       private$.server_opt <- assert_server_optimizer(server_optimizer)
       private$.aggregator <- assert_aggregator(aggregator)
+      if (!is.null(private$.privacy) && private$.aggregator$kind != "weighted") {
+        fedagg_abort("{.fn dp_central} adds its noise to a sum of clipped updates; use {.code aggregator = agg_weighted()}, not {private$.aggregator$label}.")
+      }
+      if (private$.algorithm$kind == "fednova" && private$.aggregator$kind != "weighted") {
+        fedagg_abort("{.fn fednova} normalises a weighted mean; use {.code aggregator = agg_weighted()} with it.")
+      }
       private$.stragglers <- assert_number(stragglers, 0, 1)
       private$.drop_stragglers <- assert_flag(drop_stragglers)
       private$.diagnostics <- assert_flag(diagnostics)
@@ -224,6 +243,9 @@ Server <- R6::R6Class("Server",
         sprintf("  clients: %d nodes, %d per round (%s); weights: %s%s", length(private$.nodes), m, how, weights, slow),
         sprintf("  local:   %s, lr = %s, %s", local, format(loc$lr), attr(private$.lr_schedule, "label")),
         sprintf("  server:  %s, %s", private$.server_opt$label, private$.aggregator$label),
+        if (!is.null(private$.filter) || !is.null(private$.clip) || !is.null(private$.privacy)) {
+          sprintf("  trust:   %s", paste(c(private$.filter$label, private$.clip$label, private$.privacy$label), collapse = "; "))
+        },
         sprintf("  rounds:  %d done, seed %d", private$.round, private$.seed)
       )
       if (private$.round > 0L) {
@@ -280,10 +302,11 @@ Server <- R6::R6Class("Server",
       if (!length(private$.client_log)) {
         return(data.frame(round = integer(), client = character(), n_samples = numeric(), epochs = numeric(),
                           steps = numeric(), train_loss = numeric(), val_loss = numeric(), val_metric = numeric(),
-                          weight = numeric(), update_norm = numeric(), cosine = numeric()))
+                          weight = numeric(), update_norm = numeric(), cosine = numeric(), malicious = logical(),
+                          kept = logical(), filter_reason = character(), clipped = logical(), selected = logical()))
       }
       columns <- c("round", "client", "n_samples", "epochs", "steps", "train_loss", "val_loss", "val_metric", "weight",
-                   "update_norm", "cosine")
+                   "update_norm", "cosine", "malicious", "kept", "filter_reason", "clipped", "selected")
       out <- lapply(stats::setNames(columns, columns), function(col) {
         unlist(lapply(private$.client_log, function(entry) rep_len(entry[[col]], length(entry$client))))
       })
@@ -355,7 +378,10 @@ Server <- R6::R6Class("Server",
            lr_schedule = attr(private$.lr_schedule, "label"), local_optimizer = loc$optimizer$label,
            weight_decay = loc$optimizer$weight_decay, momentum = loc$optimizer$momentum,
            server_optimizer = private$.server_opt$label, aggregator = private$.aggregator$label,
-           stragglers = private$.stragglers, drop_stragglers = private$.drop_stragglers, seed = private$.seed)
+           stragglers = private$.stragglers, drop_stragglers = private$.drop_stragglers,
+           privacy = private$.privacy$label, privacy_object = private$.privacy, sampling_rate = private$.sampling_rate(),
+           clip = private$.clip$label, filter = private$.filter$label, min_samples = private$.min_samples,
+           seed = private$.seed)
     }
   ),
   private = list(
@@ -366,7 +392,13 @@ Server <- R6::R6Class("Server",
     .seconds = numeric(), .stopped = NULL, .busy = FALSE,
     .epochs = NULL, .server_opt = NULL, .server_state = list(), .aggregator = NULL, .control = NULL,
     .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
-    .last_delta = NULL,
+    .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L,
+
+    # Expected clients per round / nodes: the sampling rate of the accountant.
+    .sampling_rate = function() {
+      n <- length(private$.nodes)
+      if (private$.selection$kind == "poisson") private$.selection$settings$q else self$clients_per_round / n
+    },
 
     # A deep clone gets its own nodes, so later per-node state cannot leak
     # between the copies.

@@ -69,6 +69,13 @@ stop_training <- function(reason = "stop_training() was called") {
   stop(cnd)
 }
 
+# The privacy budget would be exceeded: ends fit() like stop_training().
+budget_exhausted <- function(reason) {
+  cnd <- structure(class = c("fedagg_budget_exhausted", "fedagg_stop_training", "error", "condition"),
+                   list(message = paste("Privacy budget exhausted:", reason), reason = reason, call = NULL))
+  stop(cnd)
+}
+
 assert_stop_rule <- function(rule, call = rlang::caller_env()) {
   if (is.null(rule) || is.function(rule) || inherits(rule, "fed_early_stopping")) return(rule)
   fedagg_abort("{.arg stop_when} must be {.code NULL}, {.fn early_stopping} or a function of the history, not {obj_desc(rule)}.",

@@ -479,6 +479,58 @@ test_that("the round pipeline's parts reject bad inputs with classed errors", {
   adv_expect_all(adv_cases_pipeline, adv_run(adv_cases_pipeline))
 })
 
+# --- Privacy and robustness in the round ---------------------------------------
+
+adv_cases_trust <- c(
+  adv_group("robust aggregators and the filter",
+    OK("the median without settings", agg_median(), why = "no settings to get wrong"),
+    S(agg_trimmed_mean(X), "trim", c("0.5", "-1", "NA", "chr")),
+    S(agg_krum(X), "f", c("-1", "1.5", "chr")),
+    S(agg_multi_krum(m = X), "m", c("0", "1.5", "chr")),
+    S(agg_geometric_median(tol = X), "tol", c("0", "-1", "NaN")),
+    S(agg_geometric_median(max_iter = X), "max_iter", c("0", "1.5")),
+    S(agg_bulyan(X), "f", c("-1", "NA", "chr")),
+    E("Bulyan with too few clients", mk_srv(aggregator = agg_bulyan(2))$round(), NULL),
+    S(filter_norm(max_norm = X), "max_norm", c("0", "-1", "chr")),
+    S(filter_norm(mad = X), "mad", c("0", "-1", "chr")),
+    E("a filter without a rule", filter_norm(max_norm = NULL, mad = NULL), "max_norm"),
+    S(mk_srv(filter = X), "filter", c("bogus", "fun", "list"))
+  ),
+  adv_group("attacks",
+    S(attack_sign_flip(X), "scale", c("0", "-1", "NA")),
+    S(attack_scale(X), "factor", c("NA", "chr", "Inf")),
+    S(attack_gaussian(X), "sd", c("0", "-1", "NaN")),
+    S(attack_same_value(X), "value", c("NA", "chr")),
+    S(attack_label_flip(X), "mapping", c("NULL", "chr", "len2", "NA")),
+    E("set_attack on an unknown node", set_attack(nodes, "nobody", attack_scale(2)), "ids"),
+    E("set_attack with a string", set_attack(nodes, 1, "flip"), "attack"),
+    E("set_attack on a non-list", set_attack(1, 1, attack_scale(2)), "nodes")
+  ),
+  adv_group("differential privacy",
+    S(dp_central(X, clip = 1), "noise_multiplier", c("-1", "NA", "chr")),
+    S(dp_central(1, clip = X), "clip", c("0", "-1", "Inf")),
+    S(dp_central(1, clip = 1, delta = X), "delta", c("0", "1", "NA")),
+    S(dp_central(1, clip = 1, max_epsilon = X), "max_epsilon", c("0", "-1", "chr")),
+    S(clip_norm(X), "max_norm", c("0", "-1", "NA")),
+    S(mk_srv(privacy = X), "privacy", c("bogus", "list", "fun")),
+    S(mk_srv(clip = X), "clip", c("bogus", "1")),
+    S(mk_srv(min_samples = X), "min_samples", c("-1", "1.5", "chr")),
+    E("DP with a robust aggregator", mk_srv(privacy = dp_central(1, 1), aggregator = agg_median()), "agg_weighted"),
+    E("privacy_spent without privacy", privacy_spent(srv), "privacy"),
+    E("privacy_spent of a non-server", privacy_spent(1), "server"),
+    S(rdp_epsilon(X, 1, 10, 1e-5), "q", c("-1", "2", "NA")),
+    S(rdp_epsilon(0.1, X, 10, 1e-5), "noise_multiplier", c("-1", "chr")),
+    S(rdp_epsilon(0.1, 1, X, 1e-5), "steps", c("-1", "1.5", "NA")),
+    S(rdp_epsilon(0.1, 1, 10, X), "delta", c("0", "1")),
+    S(rdp_noise_multiplier(X, 1e-5, 0.1, 10), "epsilon", c("0", "-1", "NA")),
+    S(rdp_sampled_gaussian(0.1, 1, orders = X), "orders", c("1", "-1", "chr"))
+  )
+)
+
+test_that("privacy and robustness settings reject bad inputs with classed errors", {
+  adv_expect_all(adv_cases_trust, adv_run(adv_cases_trust))
+})
+
 test_that("models, settings, schedules and stopping rules reject bad inputs with classed errors", {
   adv_expect_all(adv_cases_model, adv_run(adv_cases_model))
 })
@@ -655,7 +707,7 @@ adv_cases_server <- c(
     E("schedule selecting a node twice", mk_srv(schedule = list(c(1, 1))), re = "schedule"),
     E("schedule with NA", mk_srv(schedule = list(NA)), re = "schedule"),
     E("schedule a string", mk_srv(schedule = "a"), "schedule"),
-    S(mk_srv(weights = X), "weights", c("bogus", "1", "NULL")),
+    S(mk_srv(weights = X), "weights", c("bogus", "1")),
     E("weights = \"accuracy\" without validation data", mk_srv(nodes_ = nodes_noval, weights = "accuracy"),
       "weights"),
     E("epochs = 0", mk_srv(epochs = 0), "epochs"),
@@ -739,7 +791,7 @@ test_that("servers, their methods and bindings reject bad inputs with classed er
 
 test_that("the adversarial table covers every export with enough cases", {
   all_cases <- c(adv_cases_aggregate, adv_cases_privacy, adv_cases_partition, adv_cases_model, adv_cases_data,
-                 adv_cases_node, adv_cases_server, adv_cases_pipeline)
+                 adv_cases_node, adv_cases_server, adv_cases_pipeline, adv_cases_trust)
   expect_gte(length(all_cases), 150L)
   called <- unique(unlist(lapply(all_cases, function(cs) all.names(cs$expr))))
   exports <- getNamespaceExports("fedagg")

@@ -1,5 +1,6 @@
 //! Byzantine-robust aggregation: coordinate-wise median and trimmed mean,
-//! Krum / Multi-Krum, and the geometric median (smoothed Weiszfeld, as in RFA).
+//! Krum / Multi-Krum, the geometric median (smoothed Weiszfeld, as in RFA)
+//! and Bulyan.
 
 use crate::aggregate::{normalize_weights, weighted_mean, weighted_sum_into};
 use crate::alloc::{try_copy, try_zeroed};
@@ -374,6 +375,118 @@ pub fn geometric_median(
     Ok(GeoMedianResult { aggregate: z, iterations, converged, objective })
 }
 
+/// Result of Bulyan.
+#[derive(Debug, Clone)]
+pub struct BulyanResult {
+    pub aggregate: Vec<Vec<f64>>,
+    /// The theta = K - 2f clients picked by repeated Krum, 0-based, in the
+    /// order they were picked.
+    pub selected: Vec<usize>,
+}
+
+/// Whether Bulyan can run on `k` clients with `f` Byzantine: `K >= 4f + 3`.
+pub fn bulyan_fits(k: usize, f: usize) -> bool {
+    f.checked_mul(4).and_then(|n| n.checked_add(3)).is_some_and(|n| n <= k)
+}
+
+/// The largest `f` Bulyan tolerates among `k` clients, `(K - 3) / 4`
+/// rounded down (`None` below 3 clients).
+pub fn bulyan_max_f(k: usize) -> Option<usize> {
+    k.checked_sub(3).map(|n| n / 4)
+}
+
+/// Bulyan's selection: theta = K - 2f clients, picked one at a time by Krum
+/// on the clients not picked yet. With r clients left, Krum runs with the
+/// largest tolerance it allows up to f, `f_r = min(f, (r - 3) / 2)` (its
+/// condition 2 f_r + 2 < r fails for f itself in the last picks, where only
+/// 2f + 1 clients may be left): a client's score is the sum of its squared
+/// distances to its r - f_r - 2 nearest remaining clients (all others when
+/// r < 3), summed from the nearest out; the lowest score is picked, ties
+/// going to the lower client index. The first pick is Krum's
+/// (`multi_krum(set, f, 1)`). The squared distances are computed once, as
+/// Krum computes them.
+pub fn bulyan_selection(set: &UpdateSet, f: usize) -> CoreResult<Vec<usize>> {
+    let k = set.n_clients();
+    if !bulyan_fits(k, f) {
+        return invalid("f", format!("Bulyan needs K >= 4f + 3 clients (K = {k}, f = {f})"));
+    }
+    set.require_finite()?;
+    let dist = pairwise_sq_distances(set)?;
+    let theta = k - 2 * f;
+    let mut remaining: Vec<usize> = (0..k).collect();
+    let mut selected = Vec::with_capacity(theta);
+    for _ in 0..theta {
+        let r = remaining.len();
+        let pick = if r == 1 {
+            0
+        } else {
+            let neighbours = if r >= 3 { r - f.min((r - 3) / 2) - 2 } else { r - 1 };
+            let scores: Vec<f64> = remaining
+                .par_iter()
+                .map_init(
+                    || Vec::with_capacity(r - 1),
+                    |row: &mut Vec<f64>, &i| {
+                        row.clear();
+                        row.extend(remaining.iter().filter(|&&j| j != i).map(|&j| dist.get(i, j)));
+                        sort_values(row);
+                        row[..neighbours].iter().sum::<f64>()
+                    },
+                )
+                .collect();
+            if scores.iter().any(|s| !s.is_finite()) {
+                return Err(too_large_for_distances());
+            }
+            // The first lowest score: the lowest client index among ties.
+            let mut best = 0;
+            for (p, s) in scores.iter().enumerate() {
+                if *s < scores[best] {
+                    best = p;
+                }
+            }
+            best
+        };
+        selected.push(remaining.remove(pick));
+    }
+    Ok(selected)
+}
+
+/// The mean of the `beta` values of `v` closest to their median (the mean of
+/// the two middle values when their number is even). Of two values equally
+/// far from the median the smaller is taken first. `v` is sorted in place;
+/// the chosen values are contiguous in sorted order and summed in it.
+pub fn mean_around_median(v: &mut [f64], beta: usize) -> f64 {
+    let n = v.len();
+    debug_assert!(beta >= 1 && beta <= n);
+    sort_values(v);
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    // Values below the median on the left of `split`, the others from it on.
+    let split = v.partition_point(|x| *x < median);
+    let (mut lo, mut hi) = (split, split);
+    while hi - lo < beta {
+        let take_left = lo > 0 && (hi == n || median - v[lo - 1] <= v[hi] - median);
+        if take_left {
+            lo -= 1;
+        } else {
+            hi += 1;
+        }
+    }
+    v[lo..hi].iter().sum::<f64>() / beta as f64
+}
+
+/// Bulyan (El Mhamdi, Guerraoui and Rouault 2018, "The hidden vulnerability
+/// of distributed learning in Byzantium"): `bulyan_selection` picks theta =
+/// K - 2f updates, then every coordinate is the mean of the beta = theta - 2f
+/// of their theta values closest to the median (`mean_around_median`).
+/// Needs K >= 4f + 3. Weights play no part.
+pub fn bulyan(set: &UpdateSet, f: usize) -> CoreResult<BulyanResult> {
+    let selected = bulyan_selection(set, f)?;
+    let beta = selected.len() - 2 * f;
+    let layers = (0..set.n_layers()).map(|l| selected.iter().map(|&i| set.layer(l)[i]).collect()).collect();
+    let chosen = UpdateSet::new(layers)?;
+    let aggregate = coordinate_wise(&chosen, |v| mean_around_median(v, beta))?;
+    Ok(BulyanResult { aggregate, selected })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,5 +682,108 @@ mod tests {
             .unwrap_or(0);
         eprintln!("K = {k}: {elapsed:?}, peak RSS {:.2} GB, selected {:?}", peak_kib as f64 * 1024.0 / 1e9, r.selected);
         assert!(peak_kib as f64 * 1024.0 < 0.95e9, "peak RSS {peak_kib} KiB");
+    }
+
+    #[test]
+    fn mean_around_median_by_hand() {
+        // Median 3; distances 2, 1, 0, 7, 8: the three closest are 3, 2, 1.
+        assert_eq!(mean_around_median(&mut [10.0, 3.0, 1.0, 11.0, 2.0], 3), 2.0);
+        // 0 and 4 are equally far from the median 2: the smaller goes first.
+        assert_eq!(mean_around_median(&mut [4.0, 0.0, 2.0], 2), 1.0);
+        // Even: median 3; 2 and 4 at distance 1, then 1 (2) before 8 (5).
+        assert_eq!(mean_around_median(&mut [8.0, 1.0, 4.0, 2.0], 2), 3.0);
+        assert_eq!(mean_around_median(&mut [8.0, 1.0, 4.0, 2.0], 3), 7.0 / 3.0);
+        assert_eq!(mean_around_median(&mut [8.0, 1.0, 4.0, 2.0], 4), 15.0 / 4.0);
+    }
+
+    /// Bulyan written out from its definition: distances summed coordinate
+    /// by coordinate, Krum scores recomputed on the remaining clients at
+    /// every pick, and per coordinate the beta values closest to the median.
+    fn brute_force_bulyan(clients: &[Vec<f64>], f: usize) -> (Vec<f64>, Vec<usize>) {
+        let k = clients.len();
+        let d = clients[0].len();
+        let dist = |i: usize, j: usize| clients[i].iter().zip(&clients[j]).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+        let theta = k - 2 * f;
+        let beta = theta - 2 * f;
+        let mut remaining: Vec<usize> = (0..k).collect();
+        let mut selected = Vec::new();
+        while selected.len() < theta {
+            let r = remaining.len();
+            // Krum on the r remaining clients with the largest f' <= f it
+            // allows (2f' + 2 < r); all other clients below 3.
+            let mut f_r = f;
+            while f_r > 0 && 2 * f_r + 2 >= r {
+                f_r -= 1;
+            }
+            let nb = if 2 * f_r + 2 < r { r - f_r - 2 } else { r - 1 };
+            let mut best: Option<(f64, usize)> = None;
+            for &i in &remaining {
+                let mut row: Vec<f64> = remaining.iter().filter(|&&j| j != i).map(|&j| dist(i, j)).collect();
+                row.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let score: f64 = row[..nb.min(row.len())].iter().sum();
+                if !matches!(best, Some((s, _)) if score >= s) {
+                    best = Some((score, i));
+                }
+            }
+            let pick = best.unwrap().1;
+            remaining.retain(|&j| j != pick);
+            selected.push(pick);
+        }
+        let aggregate = (0..d)
+            .map(|c| {
+                let mut values: Vec<f64> = selected.iter().map(|&i| clients[i][c]).collect();
+                values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let n = values.len();
+                let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
+                let mut by_distance = values.clone();
+                by_distance.sort_by(|a, b| (a - median).abs().partial_cmp(&(b - median).abs()).unwrap().then(a.partial_cmp(b).unwrap()));
+                by_distance[..beta].iter().sum::<f64>() / beta as f64
+            })
+            .collect();
+        (aggregate, selected)
+    }
+
+    #[test]
+    fn bulyan_matches_its_definition_by_brute_force() {
+        for (k, f) in [(11, 2), (7, 1), (8, 1), (15, 3), (4, 0)] {
+            let mut rng = Rng::new(k as u64, 3);
+            let mut clients: Vec<Vec<f64>> = (0..k).map(|c| (0..25).map(|_| rng.normal() + 0.1 * c as f64).collect()).collect();
+            // f Byzantine clients far away, and far from each other.
+            for c in clients.iter_mut().take(f) {
+                c.iter_mut().for_each(|v| *v = 40.0 * rng.normal());
+            }
+            // Two layers of 20 and 5 values.
+            let (a, b): (Vec<&[f64]>, Vec<&[f64]>) = clients.iter().map(|c| (&c[..20], &c[20..])).unzip();
+            let set = UpdateSet::new(vec![a, b]).unwrap();
+            let got = bulyan(&set, f).unwrap();
+            let (expected, selected) = brute_force_bulyan(&clients, f);
+            assert_eq!(got.selected, selected, "K = {k}, f = {f}");
+            assert!(selected.iter().all(|&i| i >= f), "an outlier was selected");
+            let flat: Vec<f64> = got.aggregate.concat();
+            for (g, e) in flat.iter().zip(&expected) {
+                assert!((g - e).abs() <= 1e-13 * (1.0 + e.abs()), "K = {k}, f = {f}: {g} vs {e}");
+            }
+            // The first pick is Krum's.
+            assert_eq!(got.selected[0], multi_krum(&set, f, 1, None).unwrap().selected[0]);
+            let two = with_threads(2, || bulyan(&set, f).unwrap());
+            assert_eq!(two.aggregate, got.aggregate);
+            assert_eq!(two.selected, got.selected);
+        }
+    }
+
+    #[test]
+    fn bulyan_needs_four_f_plus_three_clients() {
+        let data: Vec<Vec<f64>> = (0..10).map(|i| vec![i as f64, 1.0]).collect();
+        let set = set_of(&data);
+        let err = bulyan(&set, 2).unwrap_err();
+        assert!(matches!(&err, CoreError::InvalidArgument("f", m) if m.contains("4f + 3") && m.contains("K = 10")), "{err:?}");
+        assert!(bulyan(&set, 1).is_ok());
+        let eleven: Vec<Vec<f64>> = (0..11).map(|i| vec![i as f64, 1.0]).collect();
+        assert!(bulyan(&set_of(&eleven), 2).is_ok());
+        assert_eq!((bulyan_max_f(11), bulyan_max_f(10), bulyan_max_f(2)), (Some(2), Some(1), None));
+        assert!(bulyan_fits(3, 0) && !bulyan_fits(2, 0) && !bulyan_fits(usize::MAX, usize::MAX / 2));
+        // f = 0: every client selected, and the mean of all of them.
+        let r = bulyan(&set_of(&data[..3]), 0).unwrap();
+        assert_eq!(r.aggregate[0], vec![1.0, 1.0]);
     }
 }

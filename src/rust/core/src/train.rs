@@ -17,7 +17,10 @@ use crate::model::{Dataset, Evaluation, Network};
 use crate::parallel::{effective_threads, with_threads};
 use crate::strategy::client::{fednova_steps, local_run, scaffold_client_control};
 use crate::strategy::fold::scaffold_server_control;
-use crate::strategy::{finish_round, ClientAlgorithm, Fold, FoldRule, GradientCorrection, LocalConfig, LocalOptimizer, RoundUpdate, ServerStep};
+use crate::strategy::{
+    finish_round, ClientAlgorithm, Fold, FoldRule, GradientCorrection, LocalConfig, LocalOptimizer, Prepared, RoundTransforms, RoundUpdate,
+    ServerStep,
+};
 
 pub use crate::strategy::client::{full_gradient, LocalOutcome};
 
@@ -111,6 +114,11 @@ pub struct RoundConfig<'a> {
     pub control: Option<&'a [f64]>,
     /// SCAFFOLD: the number N of all nodes, selected or not.
     pub n_nodes: f64,
+    /// Attacks, filter, clipping, robust aggregator, central noise
+    /// (`&NO_TRANSFORMS`: none). Not applied with `WeightRule::Collect`:
+    /// the collected updates are returned as the clients computed them, for
+    /// the fold that takes them later to transform.
+    pub transforms: &'a RoundTransforms,
 }
 
 impl RoundConfig<'_> {
@@ -148,8 +156,15 @@ pub struct RoundOutput {
     pub client_controls: Option<Vec<Vec<f64>>>,
 }
 
+/// A client's update as it reaches the fold: as computed, or already
+/// through the per-client transforms.
+enum Sent {
+    Raw(Vec<f64>),
+    Prepared(Prepared<'static>),
+}
+
 /// What one client sends back: its update, report and new control.
-type ClientResult = (Vec<f64>, ClientReport, Option<Vec<f64>>);
+type ClientResult = (Sent, ClientReport, Option<Vec<f64>>);
 
 /// Clients processed together before folding.
 fn chunk_len(threads: usize) -> usize {
@@ -173,6 +188,10 @@ fn check_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Roun
     }
     if cfg.rule != WeightRule::Collect {
         cfg.server.optimizer.check()?;
+        // Before any client trains: a bad setting fails at once.
+        if !cfg.transforms.is_none() {
+            cfg.transforms.check(d, jobs.len(), cfg.fold_rule())?;
+        }
     }
     if cfg.scaffold() {
         if cfg.control.is_some_and(|c| c.len() != d) {
@@ -202,6 +221,9 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
     let effective = effective_threads(threads);
     let scaffold = cfg.scaffold();
     let rule = cfg.fold_rule();
+    let collect = cfg.rule == WeightRule::Collect;
+    // The per-client transforms run with the client's work, in parallel.
+    let transforms = (!collect && !cfg.transforms.is_none()).then_some(cfg.transforms);
     let one_client = |k: usize| -> CoreResult<ClientResult> {
         let job = &jobs[k];
         let fail = |e: CoreError| in_client(k, e);
@@ -258,12 +280,15 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
             (LocalWork::Sgd, ClientAlgorithm::FedNova, LocalOptimizer::Sgd { momentum }) => fednova_steps(outcome.steps, momentum),
             _ => outcome.steps as f64,
         };
-        Ok((vector, ClientReport { outcome, validation, weight, effective_steps }, new_control))
+        let sent = match transforms {
+            Some(t) => Sent::Prepared(t.prepare(k, d, Cow::Owned(vector), cfg.diagnostics)?),
+            None => Sent::Raw(vector),
+        };
+        Ok((sent, ClientReport { outcome, validation, weight, effective_steps }, new_control))
     };
 
     with_threads(threads, || {
-        let collect = cfg.rule == WeightRule::Collect;
-        let mut fold = if collect { None } else { Some(Fold::new(d, rule, cfg.diagnostics, jobs.len())?) };
+        let mut fold = if collect { None } else { Some(Fold::with_transforms(d, rule, cfg.diagnostics, jobs.len(), cfg.transforms)?) };
         let mut reports = Vec::with_capacity(jobs.len());
         let mut collected = Vec::new();
         let mut client_controls = Vec::new();
@@ -272,9 +297,11 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
             let results: Vec<CoreResult<ClientResult>> = chunk.par_iter().map(|&k| one_client(k)).collect();
             for result in results {
                 let (update, report, new_control) = result?;
-                match &mut fold {
-                    Some(fold) => fold.add(Cow::Owned(update), report.weight, report.effective_steps)?,
-                    None => collected.push(update),
+                match (&mut fold, update) {
+                    (Some(fold), Sent::Raw(update)) => fold.add(Cow::Owned(update), report.weight, report.effective_steps)?,
+                    (Some(fold), Sent::Prepared(p)) => fold.add_prepared(p, report.weight, report.effective_steps)?,
+                    (None, Sent::Raw(update)) => collected.push(update),
+                    (None, Sent::Prepared(p)) => collected.push(p.update.into_owned()),
                 }
                 client_controls.extend(new_control);
                 reports.push(report);
@@ -329,7 +356,7 @@ mod tests {
     use super::*;
     use crate::model::Head;
     use crate::rng::Rng;
-    use crate::strategy::{fold_round, ServerOptimizer};
+    use crate::strategy::{fold_round, ServerOptimizer, NO_TRANSFORMS};
     use crate::test_data::blobs;
 
 
@@ -349,6 +376,7 @@ mod tests {
             diagnostics: true,
             control: None,
             n_nodes: 1.0,
+            transforms: &NO_TRANSFORMS,
         }
     }
 
@@ -752,5 +780,64 @@ mod tests {
     #[test]
     fn chunk_size_follows_the_capped_thread_count() {
         assert_eq!(chunk_len(effective_threads(1000)), 4 * crate::parallel::available_threads());
+    }
+
+    /// Attacks, filter, clipping, a robust rule: the same round on 1 and 2
+    /// threads, and the same as collecting the updates and folding them
+    /// later with the same transforms (`rs_fold_round`'s path).
+    #[test]
+    fn rounds_with_transforms_are_thread_invariant_and_match_a_later_fold() {
+        use crate::strategy::{fold_round_with, Aggregator, Attack, CentralNoise, Clip, NormFilter};
+        let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
+        let d = net.n_params();
+        let sets: Vec<Dataset> = (0..9).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
+        let jobs = jobs_for(&sets, false, 2);
+        let global = net.init(1, 3).unwrap();
+        let mut attacks = vec![None; 9];
+        attacks[2] = Some(Attack::Gaussian { sd: 0.5 });
+        attacks[4] = Some(Attack::Scale { factor: 100.0 });
+        attacks[7] = Some(Attack::SignFlip { scale: 1.0 });
+        let sizes = vec![12, 4, 12, 3];
+        assert_eq!(sizes.iter().sum::<usize>(), d);
+        let robust = RoundTransforms {
+            attacks: attacks.clone(),
+            attack_seed: 77,
+            filter: Some(NormFilter { max_norm: None, mad: Some(3.0), per_layer: true, layer_sizes: Some(sizes.clone()) }),
+            clip: Some(Clip { max_norm: 0.5, per_layer: true, layer_sizes: Some(sizes.clone()) }),
+            aggregator: Aggregator::TrimmedMean { trim: 0.2 },
+            noise: None,
+        };
+        let dp = RoundTransforms {
+            attacks,
+            attack_seed: 77,
+            filter: None,
+            clip: Some(Clip { max_norm: 0.3, per_layer: false, layer_sizes: None }),
+            aggregator: Aggregator::Weighted,
+            noise: Some(CentralNoise { sd: 0.01, seed: 5, denominator: 12.0 }),
+        };
+        for (t, diagnostics) in [(&robust, true), (&robust, false), (&dp, false), (&dp, true)] {
+            let round = RoundConfig { transforms: t, diagnostics, ..fedavg(&cfg(), WeightRule::Equal) };
+            let one = run_round(&net, &global, &jobs, &round, 1).unwrap().update.unwrap();
+            let two = run_round(&net, &global, &jobs, &round, 2).unwrap().update.unwrap();
+            assert_eq!(format!("{one:?}"), format!("{two:?}"));
+            // Collected updates are the clients' own, untransformed.
+            let collected = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, ..round }, 2).unwrap();
+            let plain = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, transforms: &NO_TRANSFORMS, ..round }, 2).unwrap();
+            assert_eq!(collected.collected, plain.collected);
+            let updates: Vec<&[f64]> = collected.collected.iter().map(|v| v.as_slice()).collect();
+            let later =
+                fold_round_with(&global, &updates, &[1.0; 9], None, FoldRule::Mean, &round.server, diagnostics, t, 2).unwrap();
+            assert_eq!(format!("{one:?}"), format!("{later:?}"));
+            assert!(one.clipped.as_ref().unwrap().iter().flatten().any(|c| *c));
+        }
+        let one = run_round(&net, &global, &jobs, &RoundConfig { transforms: &robust, ..fedavg(&cfg(), WeightRule::Equal) }, 1).unwrap();
+        let u = one.update.unwrap();
+        // The scaled-up client is filtered out, and shows it.
+        assert!(!u.kept[4] && u.filter_reasons[4].contains("MAD"), "{:?}", u.filter_reasons);
+        assert!(u.cosines[4].is_nan());
+        // A bad setting fails before any client trains.
+        let bad = RoundTransforms { aggregator: Aggregator::Bulyan { f: Some(2) }, ..robust.clone() };
+        let nova = RoundConfig { algorithm: ClientAlgorithm::FedNova, transforms: &bad, ..fedavg(&cfg(), WeightRule::Equal) };
+        assert!(matches!(run_round(&net, &global, &jobs, &nova, 1), Err(CoreError::InvalidArgument("aggregator", _))));
     }
 }

@@ -2,9 +2,10 @@ use super::convert::{core_err, doubles_list, input_err, new_doubles, threads};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use fedagg_core::model::{Dataset, Head, Network};
-use fedagg_core::strategy::fold::scaffold_server_control;
+use fedagg_core::strategy::fold::{is_all_filtered, scaffold_server_control};
 use fedagg_core::strategy::{
-    fold_round, ClientAlgorithm, FoldRule, LocalConfig, LocalOptimizer, RoundUpdate, ServerOptimizer, ServerStep,
+    fold_round_with, Aggregator, Attack, CentralNoise, ClientAlgorithm, Clip, FoldRule, LocalConfig, LocalOptimizer, NormFilter,
+    RoundTransforms, RoundUpdate, ServerOptimizer, ServerStep,
 };
 use fedagg_core::train::{self, ClientJob, LocalWork, RoundConfig, WeightRule};
 use fedagg_core::{alloc, CoreError};
@@ -61,8 +62,14 @@ fn number(config: &List, name: &str) -> Result<f64> {
 
 /// A client failure as data, so R can raise a classed error naming the
 /// client: `kind` is "client" (its data or setup) or "diverged" (its
-/// training blew up). Other errors are raised as R errors by `core_err`.
+/// training blew up). Other errors are raised as R errors by `core_err`, and
+/// so is a filter that dropped every client: a `[client]` error about no
+/// client in particular.
 fn client_failure(e: CoreError) -> Result<List> {
+    if is_all_filtered(&e) {
+        let CoreError::Client(_, message) = e else { unreachable!("is_all_filtered matches client errors") };
+        return Err(extendr_api::Error::Other(format!("[client] {message}")));
+    }
     let kind = e.kind();
     match e {
         CoreError::Client(k, message) | CoreError::ClientDiverged(k, message) => {
@@ -215,6 +222,140 @@ impl ServerObjects {
     }
 }
 
+/// A number of `list`, or `None` when NULL or absent.
+fn optional_number(list: &List, name: &str, what: &str) -> Result<Option<f64>> {
+    let value = nullable_field(list, name);
+    if value.is_null() {
+        return Ok(None);
+    }
+    value
+        .as_real()
+        .or_else(|| value.as_integer().map(f64::from))
+        .map(Some)
+        .ok_or_else(|| input_err(format!("config `{what}${name}` must be a number or NULL")))
+}
+
+fn required_number(list: &List, name: &str, what: &str) -> Result<f64> {
+    optional_number(list, name, what)?.ok_or_else(|| input_err(format!("config `{what}${name}` must be a number")))
+}
+
+/// A count (a whole number >= 0) of `list`, or `None` when NULL or absent.
+fn optional_count(list: &List, name: &str, what: &str) -> Result<Option<usize>> {
+    match optional_number(list, name, what)? {
+        None => Ok(None),
+        Some(x) if x.is_finite() && x >= 0.0 && x.fract() == 0.0 => Ok(Some(x as usize)),
+        Some(x) => Err(input_err(format!("config `{what}${name}` = {x} is not a whole number >= 0"))),
+    }
+}
+
+/// TRUE or FALSE of `list`; NULL or absent is FALSE.
+fn optional_flag(list: &List, name: &str, what: &str) -> Result<bool> {
+    let value = nullable_field(list, name);
+    if value.is_null() {
+        return Ok(false);
+    }
+    value.as_bool().ok_or_else(|| input_err(format!("config `{what}${name}` must be TRUE or FALSE")))
+}
+
+/// Layer lengths `layer_sizes` of `list` (NULL or absent: one layer).
+fn layer_sizes(list: &List, what: &str) -> Result<Option<Vec<usize>>> {
+    let value = nullable_field(list, "layer_sizes");
+    if value.is_null() {
+        return Ok(None);
+    }
+    let sizes = numbers(&value, &format!("{what}$layer_sizes"))?;
+    sizes
+        .iter()
+        .map(|&n| {
+            if n.is_finite() && n >= 0.0 && n.fract() == 0.0 {
+                Ok(n as usize)
+            } else {
+                Err(input_err(format!("config `{what}$layer_sizes` has {n}, not a whole number >= 0")))
+            }
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// An element of `config` that is NULL (absent) or a list.
+fn optional_list(config: &List, name: &str) -> Result<Option<List>> {
+    let value = nullable_field(config, name);
+    if value.is_null() {
+        return Ok(None);
+    }
+    value.as_list().map(Some).ok_or_else(|| input_err(format!("config `{name}` must be a list or NULL")))
+}
+
+/// The optional transforms of a round: config `attacks`, `attack_seed`,
+/// `filter`, `clip`, `aggregator`, `noise` (NULL or absent: off).
+fn round_transforms(config: &List) -> Result<RoundTransforms> {
+    let mut t = RoundTransforms::default();
+    let attacks = nullable_field(config, "attacks");
+    if !attacks.is_null() {
+        let list = attacks.as_list().ok_or_else(|| input_err("config `attacks` must be a list or NULL"))?;
+        for (i, element) in list.values().enumerate() {
+            if element.is_null() {
+                t.attacks.push(None);
+                continue;
+            }
+            let what = format!("attacks[[{}]]", i + 1);
+            let a = element.as_list().ok_or_else(|| input_err(format!("config `{what}` must be a list or NULL")))?;
+            t.attacks.push(Some(match text(&a, "kind")?.as_str() {
+                "sign_flip" => Attack::SignFlip { scale: required_number(&a, "scale", &what)? },
+                "scale" => Attack::Scale { factor: required_number(&a, "factor", &what)? },
+                "gaussian" => Attack::Gaussian { sd: required_number(&a, "sd", &what)? },
+                "same_value" => Attack::SameValue { value: required_number(&a, "value", &what)? },
+                other => return Err(input_err(format!("config `{what}$kind` \"{other}\" is not a known attack"))),
+            }));
+        }
+        let seed = nullable_field(config, "attack_seed");
+        if !seed.is_null() {
+            t.attack_seed = number(config, "attack_seed")? as u64;
+        }
+    }
+    if let Some(f) = optional_list(config, "filter")? {
+        let per_layer = optional_flag(&f, "per_layer", "filter")?;
+        t.filter = Some(NormFilter {
+            max_norm: optional_number(&f, "max_norm", "filter")?,
+            mad: optional_number(&f, "mad", "filter")?,
+            per_layer,
+            layer_sizes: if per_layer { layer_sizes(&f, "filter")? } else { None },
+        });
+    }
+    if let Some(c) = optional_list(config, "clip")? {
+        let per_layer = optional_flag(&c, "per_layer", "clip")?;
+        t.clip = Some(Clip {
+            max_norm: required_number(&c, "max_norm", "clip")?,
+            per_layer,
+            layer_sizes: if per_layer { layer_sizes(&c, "clip")? } else { None },
+        });
+    }
+    if let Some(a) = optional_list(config, "aggregator")? {
+        let what = "aggregator";
+        t.aggregator = match text(&a, "kind")?.as_str() {
+            "weighted" => Aggregator::Weighted,
+            "median" => Aggregator::Median,
+            "trimmed_mean" => Aggregator::TrimmedMean { trim: required_number(&a, "trim", what)? },
+            "krum" => Aggregator::Krum { f: optional_count(&a, "f", what)? },
+            "multi_krum" => Aggregator::MultiKrum { f: optional_count(&a, "f", what)?, m: optional_count(&a, "m", what)? },
+            "geometric_median" => Aggregator::GeometricMedian {
+                tol: optional_number(&a, "tol", what)?.unwrap_or(1e-8),
+                max_iter: optional_count(&a, "max_iter", what)?.unwrap_or(100),
+            },
+            "bulyan" => Aggregator::Bulyan { f: optional_count(&a, "f", what)? },
+            other => return Err(input_err(format!("config `aggregator$kind` \"{other}\" is not a known aggregator"))),
+        };
+    }
+    if let Some(n) = optional_list(config, "noise")? {
+        t.noise = Some(CentralNoise {
+            sd: required_number(&n, "sd", "noise")?,
+            seed: required_number(&n, "seed", "noise")? as u64,
+            denominator: required_number(&n, "denominator", "noise")?,
+        });
+    }
+    Ok(t)
+}
+
 fn optional_vector(x: Option<&[f64]>) -> Result<Robj> {
     match x {
         Some(v) => new_doubles(v.len(), |o| o.copy_from_slice(v)),
@@ -239,6 +380,10 @@ struct UpdateFields {
     client_norms: Robj,
     cosines: Robj,
     diagnostics: Robj,
+    kept: Robj,
+    filter_reason: Robj,
+    clipped: Robj,
+    selected: Robj,
 }
 
 impl UpdateFields {
@@ -253,6 +398,10 @@ impl UpdateFields {
                 client_norms: null(),
                 cosines: null(),
                 diagnostics: null(),
+                kept: null(),
+                filter_reason: null(),
+                clipped: null(),
+                selected: null(),
             });
         };
         let d = &u.diagnostics;
@@ -271,6 +420,16 @@ impl UpdateFields {
                 gradient_diversity = d.gradient_diversity
             )
             .into(),
+            kept: u.kept.clone().into(),
+            filter_reason: u.filter_reasons.clone().into(),
+            clipped: match &u.clipped {
+                Some(c) => Logicals::from_values(c.iter().map(|&v| Rbool::from(v))).into(),
+                None => ().into(),
+            },
+            selected: match &u.selected {
+                Some(s) => s.clone().into(),
+                None => ().into(),
+            },
         })
     }
 }
@@ -329,6 +488,7 @@ fn rs_train_round(sizes: Robj, head: i32, global: Robj, train: List, validation:
         optimizer: local_optimizer(&config)?,
     };
     let server = ServerObjects::new(&config)?;
+    let transforms = round_transforms(&config)?;
     let round = RoundConfig {
         work,
         // FedSGD sends a gradient whatever the algorithm says.
@@ -339,6 +499,7 @@ fn rs_train_round(sizes: Robj, head: i32, global: Robj, train: List, validation:
         diagnostics: flag(&config, "diagnostics")?,
         control,
         n_nodes: number(&config, "n_nodes")?,
+        transforms: &transforms,
     };
     let out = match train::run_round(&net, global, &jobs, &round, threads(n_threads)) {
         Ok(out) => out,
@@ -367,7 +528,11 @@ fn rs_train_round(sizes: Robj, head: i32, global: Robj, train: List, validation:
         a = reports.iter().map(|r| r.effective_steps).collect::<Vec<_>>(),
         client_norms = fields.client_norms,
         cosines = fields.cosines,
-        diagnostics = fields.diagnostics
+        diagnostics = fields.diagnostics,
+        kept = fields.kept,
+        filter_reason = fields.filter_reason,
+        clipped = fields.clipped,
+        selected = fields.selected
     ))
 }
 
@@ -408,7 +573,8 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
     } else {
         None
     };
-    let update = match fold_round(global, &updates, &weights, a.as_deref(), rule, &step, diagnostics, threads(n_threads)) {
+    let transforms = round_transforms(&config)?;
+    let update = match fold_round_with(global, &updates, &weights, a.as_deref(), rule, &step, diagnostics, &transforms, threads(n_threads)) {
         Ok(update) => update,
         Err(e) => return client_failure(e),
     };
@@ -422,7 +588,11 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
         control = optional_vector(control.as_deref())?,
         client_norms = fields.client_norms,
         cosines = fields.cosines,
-        diagnostics = fields.diagnostics
+        diagnostics = fields.diagnostics,
+        kept = fields.kept,
+        filter_reason = fields.filter_reason,
+        clipped = fields.clipped,
+        selected = fields.selected
     ))
 }
 

@@ -5,6 +5,10 @@
 //! Rounds trained in Rust and rounds whose clients trained in R (custom
 //! models, weight functions written in R) fold through this one type, so
 //! both give the same numbers.
+//!
+//! With `Fold::with_transforms` the updates also go through the attacks,
+//! filter, clipping, robust aggregator and noise of `transform`, in that
+//! order; without any the fold is exactly the plain one.
 
 use std::borrow::Cow;
 
@@ -14,6 +18,8 @@ use crate::alloc::{try_with_capacity, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::norms::{l2_norm, layer_norms, sum_squares};
 use crate::parallel::{block_sums, reduction_block};
+use crate::robust;
+use crate::strategy::transform::{check_update, Aggregator, Prepared, RoundTransforms};
 use crate::updates::UpdateSet;
 
 /// How the updates are combined.
@@ -66,6 +72,15 @@ pub struct FoldOutput {
     /// The pseudo-gradient D.
     pub aggregate: Vec<f64>,
     pub diagnostics: ClientDiagnostics,
+    /// Per client: whether its update passed the filter (all true without one).
+    pub kept: Vec<bool>,
+    /// Per client: why the filter dropped it ("" when kept).
+    pub filter_reasons: Vec<String>,
+    /// Per client, with clipping: whether its norm exceeded the bound
+    /// (`None` for a client the filter dropped).
+    pub clipped: Option<Vec<Option<bool>>>,
+    /// Per client, for Krum, Multi-Krum and Bulyan: whether the rule picked it.
+    pub selected: Option<Vec<bool>>,
 }
 
 /// Every update of the round, for the diagnostics that need D, which is
@@ -86,6 +101,44 @@ pub struct Fold<'a> {
     weighted_steps: f64,
     n_clients: usize,
     kept: Option<Kept<'a>>,
+    /// The transforms of `transform`; `None` is the plain fold.
+    pipeline: Option<Pipeline<'a>>,
+}
+
+/// A fold with transforms (attacks, filter, clipping, robust aggregators,
+/// noise).
+struct Pipeline<'a> {
+    transforms: &'a RoundTransforms,
+    n_params: usize,
+    diagnostics: bool,
+    /// Each update is folded as it comes and then dropped (weighted
+    /// aggregator, no filter, no diagnostics): memory stays at d.
+    streaming: bool,
+    entries: Vec<Entry<'a>>,
+}
+
+/// One client's update as the pipeline holds it.
+struct Entry<'a> {
+    /// `None` once folded (streaming).
+    update: Option<Cow<'a, [f64]>>,
+    /// Whole norm after the attack, before clipping (NaN when not computed).
+    norm: f64,
+    filter_norms: Vec<f64>,
+    clipped: Option<bool>,
+    weight: f64,
+    a: f64,
+    /// What the weighted fold multiplies the update by.
+    coefficient: f64,
+}
+
+/// The message of the error when the filter dropped every client.
+pub const ALL_FILTERED: &str = "every client was filtered out";
+
+/// Whether `e` is the error of a round whose filter dropped every client. It
+/// is a `Client` error (class "client") about no client in particular: its
+/// index is 0 and means nothing.
+pub fn is_all_filtered(e: &CoreError) -> bool {
+    matches!(e, CoreError::Client(_, m) if m.starts_with(ALL_FILTERED))
 }
 
 impl<'a> Fold<'a> {
@@ -107,7 +160,52 @@ impl<'a> Fold<'a> {
             weighted_steps: 0.0,
             n_clients: 0,
             kept,
+            pipeline: None,
         })
+    }
+
+    /// A fold of exactly `n_clients` updates with `transforms` applied: the
+    /// plain fold of `new` when they are all off. Every update is kept until
+    /// `finish` when a filter or a robust aggregator needs them all, or
+    /// with `diagnostics`; else each is folded as it comes.
+    pub fn with_transforms(
+        n_params: usize,
+        rule: FoldRule,
+        diagnostics: bool,
+        n_clients: usize,
+        transforms: &'a RoundTransforms,
+    ) -> CoreResult<Self> {
+        if transforms.is_none() {
+            return Fold::new(n_params, rule, diagnostics, n_clients);
+        }
+        transforms.check(n_params, n_clients, rule)?;
+        let weighted_sum = if transforms.aggregator.is_robust() {
+            Vec::new()
+        } else {
+            try_zeroed(n_params, "the round's aggregate")?
+        };
+        let streaming = !transforms.keeps_updates() && !diagnostics;
+        Ok(Fold {
+            rule,
+            weighted_sum,
+            weight_total: 0.0,
+            weighted_steps: 0.0,
+            n_clients: 0,
+            kept: None,
+            pipeline: Some(Pipeline {
+                transforms,
+                n_params,
+                diagnostics,
+                streaming,
+                entries: try_with_capacity(n_clients, "the round's client updates")?,
+            }),
+        })
+    }
+
+    /// The transforms each update goes through before `add_prepared`, when
+    /// there are any.
+    pub fn transforms(&self) -> Option<&'a RoundTransforms> {
+        self.pipeline.as_ref().map(|p| p.transforms)
     }
 
     /// Adds the next client's update with its (unnormalised) weight and, for
@@ -115,25 +213,13 @@ impl<'a> Fold<'a> {
     pub fn add(&mut self, update: Cow<'a, [f64]>, weight: f64, a: f64) -> CoreResult<()> {
         let k = self.n_clients;
         let d = self.weighted_sum.len();
-        if update.len() != d {
-            return Err(CoreError::Client(k, format!("has an update of {} values, the model has {d}", update.len())));
+        if let Some(p) = &self.pipeline {
+            let (transforms, diagnostics) = (p.transforms, p.diagnostics);
+            let prepared = transforms.prepare(k, p.n_params, update, diagnostics)?;
+            return self.add_prepared(prepared, weight, a);
         }
-        if let Some(i) = update.iter().position(|v| !v.is_finite()) {
-            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite value ({}) at position {}", update[i], i + 1)));
-        }
-        if !(weight.is_finite() && weight >= 0.0) {
-            return Err(CoreError::Client(k, format!("weight {weight} is not a finite number >= 0")));
-        }
-        let coefficient = match self.rule {
-            FoldRule::Mean => weight,
-            FoldRule::Normalized => {
-                if !(a.is_finite() && a > 0.0) {
-                    return Err(CoreError::Client(k, format!("FedNova's effective steps a = {a} is not a positive number")));
-                }
-                self.weighted_steps += weight * a;
-                weight / a
-            }
-        };
+        check_update(k, d, &update)?;
+        let coefficient = self.coefficient(weight, a)?;
         self.weight_total += weight;
         axpy(&mut self.weighted_sum, coefficient, &update);
         if let Some(kept) = &mut self.kept {
@@ -144,9 +230,54 @@ impl<'a> Fold<'a> {
         Ok(())
     }
 
+    /// The coefficient of the update of weight `weight` in the weighted sum,
+    /// with both checked; counts FedNova's `sum_i w_i a_i`.
+    fn coefficient(&mut self, weight: f64, a: f64) -> CoreResult<f64> {
+        let k = self.n_clients;
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(CoreError::Client(k, format!("weight {weight} is not a finite number >= 0")));
+        }
+        Ok(match self.rule {
+            FoldRule::Mean => weight,
+            FoldRule::Normalized => {
+                if !(a.is_finite() && a > 0.0) {
+                    return Err(CoreError::Client(k, format!("FedNova's effective steps a = {a} is not a positive number")));
+                }
+                if !matches!(&self.pipeline, Some(p) if !p.streaming) {
+                    self.weighted_steps += weight * a;
+                }
+                weight / a
+            }
+        })
+    }
+
+    /// Adds the next client's update after `RoundTransforms::prepare` (of
+    /// this fold's transforms, for this client), with its weight and steps.
+    pub fn add_prepared(&mut self, prepared: Prepared<'a>, weight: f64, a: f64) -> CoreResult<()> {
+        if self.pipeline.is_none() {
+            return self.add(prepared.update, weight, a);
+        }
+        let coefficient = self.coefficient(weight, a)?;
+        let pipeline = self.pipeline.as_mut().expect("checked above");
+        let Prepared { update, norm, filter_norms, clipped } = prepared;
+        let update = if pipeline.streaming {
+            self.weight_total += weight;
+            axpy(&mut self.weighted_sum, coefficient, &update);
+            None
+        } else {
+            Some(update)
+        };
+        pipeline.entries.push(Entry { update, norm, filter_norms, clipped, weight, a, coefficient });
+        self.n_clients += 1;
+        Ok(())
+    }
+
     /// Whether `finish` computes the diagnostics (else they are NaN).
     pub fn diagnoses(&self) -> bool {
-        self.kept.is_some()
+        match &self.pipeline {
+            Some(p) => p.diagnostics,
+            None => self.kept.is_some(),
+        }
     }
 
     /// D and the diagnostics.
@@ -154,30 +285,177 @@ impl<'a> Fold<'a> {
         if self.n_clients == 0 {
             return invalid("clients", "no client updates to fold");
         }
-        let total = self.weight_total;
-        if !(total > 0.0 && total.is_finite()) {
-            return invalid("weights", "the clients' weights sum to zero (every selected client has zero validation accuracy?)");
+        if self.pipeline.is_some() {
+            return self.finish_pipeline();
         }
-        let mut aggregate = self.weighted_sum;
-        match self.rule {
-            FoldRule::Mean => aggregate.iter_mut().for_each(|s| *s /= total),
-            FoldRule::Normalized => {
-                let mean_steps = self.weighted_steps / total;
-                aggregate.iter_mut().for_each(|s| *s = mean_steps * (*s / total));
-            }
-        }
-        // Finite updates can still sum past the largest double.
-        if aggregate.iter().any(|s| !s.is_finite()) {
-            return Err(CoreError::Diverged(
-                "the weighted mean of the clients' updates overflowed; the learning rate is probably too large".into(),
-            ));
-        }
+        let aggregate = normalised(self.rule, self.weighted_sum, self.weight_total, self.weighted_steps)?;
         let diagnostics = match &self.kept {
             Some(kept) => diagnose(kept, &aggregate)?,
             None => ClientDiagnostics::not_computed(self.n_clients),
         };
-        Ok(FoldOutput { aggregate, diagnostics })
+        let k = self.n_clients;
+        Ok(FoldOutput { aggregate, diagnostics, kept: vec![true; k], filter_reasons: vec![String::new(); k], clipped: None, selected: None })
     }
+
+    fn finish_pipeline(self) -> CoreResult<FoldOutput> {
+        let Fold { rule, mut weighted_sum, mut weight_total, mut weighted_steps, n_clients: k, pipeline, .. } = self;
+        let Pipeline { transforms: t, diagnostics, streaming, mut entries, .. } = pipeline.expect("a pipeline fold");
+        // 3. The filter, on the norms of every client.
+        let (kept, filter_reasons) = match &t.filter {
+            Some(filter) => {
+                let norms: Vec<Vec<f64>> = entries.iter().map(|e| e.filter_norms.clone()).collect();
+                filter.decide(&norms)
+            }
+            None => (vec![true; k], vec![String::new(); k]),
+        };
+        let kept_idx: Vec<usize> = (0..k).filter(|&i| kept[i]).collect();
+        if kept_idx.is_empty() {
+            let mut reasons: Vec<String> = filter_reasons.iter().take(3).enumerate().map(|(i, r)| format!("client {}: {r}", i + 1)).collect();
+            if k > 3 {
+                reasons.push(format!("and {} more", k - 3));
+            }
+            return Err(CoreError::Client(0, format!("{ALL_FILTERED} ({})", reasons.join("; "))));
+        }
+        // 4. Clipping of the kept updates, when the filter came first.
+        if let (Some(clip), Some(_)) = (&t.clip, &t.filter) {
+            let results: Vec<CoreResult<()>> = entries
+                .par_iter_mut()
+                .zip(&kept)
+                .enumerate()
+                .map(|(i, (e, &keep))| {
+                    if keep {
+                        let update = e.update.as_mut().expect("kept with a filter");
+                        e.clipped = Some(clip.apply(update, e.norm, "a clipped client update").map_err(|err| match err {
+                            CoreError::InvalidArgument(arg, msg) => CoreError::Client(i, format!("`{arg}` {msg}")),
+                            other => other,
+                        })?);
+                    }
+                    Ok(())
+                })
+                .collect();
+            results.into_iter().collect::<CoreResult<()>>()?;
+        }
+        let clipped = t.clip.as_ref().map(|_| entries.iter().zip(&kept).map(|(e, &keep)| if keep { e.clipped } else { None }).collect());
+        // 5. The aggregator, on the kept (clipped) updates; 6. the noise.
+        let mut selected = None;
+        let aggregate = match t.aggregator {
+            Aggregator::Weighted => {
+                if !streaming {
+                    for &i in &kept_idx {
+                        let e = &entries[i];
+                        if rule == FoldRule::Normalized {
+                            weighted_steps += e.weight * e.a;
+                        }
+                        weight_total += e.weight;
+                        axpy(&mut weighted_sum, e.coefficient, e.update.as_deref().expect("kept"));
+                    }
+                }
+                match &t.noise {
+                    Some(noise) => {
+                        if noise.sd > 0.0 {
+                            crate::privacy::add_noise_in_place(&mut weighted_sum, noise.sd, noise.seed, 0)?;
+                        }
+                        weighted_sum.iter_mut().for_each(|s| *s /= noise.denominator);
+                        if weighted_sum.iter().any(|s| !s.is_finite()) {
+                            return Err(CoreError::Diverged(
+                                "the noised sum of the clients' updates overflowed; the learning rate is probably too large".into(),
+                            ));
+                        }
+                        weighted_sum
+                    }
+                    None => normalised(rule, weighted_sum, weight_total, weighted_steps)?,
+                }
+            }
+            robust => {
+                let updates: Vec<&[f64]> = kept_idx.iter().map(|&i| entries[i].update.as_deref().expect("kept")).collect();
+                let weights: Vec<f64> = kept_idx.iter().map(|&i| entries[i].weight).collect();
+                let (aggregate, picked) = robust_aggregate(robust, updates, &weights).map_err(|e| match e {
+                    CoreError::Client(j, m) => CoreError::Client(kept_idx[j], m),
+                    CoreError::ClientDiverged(j, m) => CoreError::ClientDiverged(kept_idx[j], m),
+                    other => other,
+                })?;
+                if let Some(picked) = picked {
+                    let mut flags = vec![false; k];
+                    picked.into_iter().for_each(|j| flags[kept_idx[j]] = true);
+                    selected = Some(flags);
+                }
+                if aggregate.iter().any(|s| !s.is_finite()) {
+                    return Err(CoreError::Diverged(
+                        "the robust aggregate of the clients' updates overflowed; the learning rate is probably too large".into(),
+                    ));
+                }
+                aggregate
+            }
+        };
+        // 7. Diagnostics on the updates that entered the aggregator.
+        let diagnostics = if diagnostics {
+            diagnose_entries(&entries, &kept_idx, &aggregate)?
+        } else {
+            let mut d = ClientDiagnostics::not_computed(k);
+            d.norms = entries.iter().map(|e| e.norm).collect();
+            d
+        };
+        Ok(FoldOutput { aggregate, diagnostics, kept, filter_reasons, clipped, selected })
+    }
+}
+
+/// D from the weighted sum: `sum / total` (Mean) or FedNova's
+/// `(sum_i w_i a_i / total) (sum / total)`.
+fn normalised(rule: FoldRule, weighted_sum: Vec<f64>, total: f64, weighted_steps: f64) -> CoreResult<Vec<f64>> {
+    if !(total > 0.0 && total.is_finite()) {
+        return invalid("weights", "the clients' weights sum to zero (every selected client has zero validation accuracy?)");
+    }
+    let mut aggregate = weighted_sum;
+    match rule {
+        FoldRule::Mean => aggregate.iter_mut().for_each(|s| *s /= total),
+        FoldRule::Normalized => {
+            let mean_steps = weighted_steps / total;
+            aggregate.iter_mut().for_each(|s| *s = mean_steps * (*s / total));
+        }
+    }
+    // Finite updates can still sum past the largest double.
+    if aggregate.iter().any(|s| !s.is_finite()) {
+        return Err(CoreError::Diverged(
+            "the weighted mean of the clients' updates overflowed; the learning rate is probably too large".into(),
+        ));
+    }
+    Ok(aggregate)
+}
+
+/// The largest f Krum allows among `k` clients (2f + 2 < K); 0 below 3
+/// clients, where Krum itself reports the problem.
+pub fn krum_max_f(k: usize) -> usize {
+    k.saturating_sub(3) / 2
+}
+
+/// A robust rule of `robust` on `updates` (one layer each), with its picks
+/// (0-based, among `updates`) for the rules that pick.
+pub fn robust_aggregate(rule: Aggregator, updates: Vec<&[f64]>, weights: &[f64]) -> CoreResult<(Vec<f64>, Option<Vec<usize>>)> {
+    let n = updates.len();
+    let set = UpdateSet::from_vectors(updates)?;
+    let one = |mut layers: Vec<Vec<f64>>| layers.swap_remove(0);
+    Ok(match rule {
+        Aggregator::Weighted => return invalid("aggregator", "\"weighted\" is not a robust rule"),
+        Aggregator::Median => (one(robust::coordinate_median(&set)?), None),
+        Aggregator::TrimmedMean { trim } => (one(robust::trimmed_mean(&set, trim)?), None),
+        Aggregator::Krum { f } => {
+            let r = robust::multi_krum(&set, f.unwrap_or(krum_max_f(n)), 1, None)?;
+            (one(r.aggregate), Some(r.selected))
+        }
+        Aggregator::MultiKrum { f, m } => {
+            let f = f.unwrap_or(krum_max_f(n));
+            let r = robust::multi_krum(&set, f, m.unwrap_or(n.saturating_sub(f)), Some(weights))?;
+            (one(r.aggregate), Some(r.selected))
+        }
+        Aggregator::GeometricMedian { tol, max_iter } => (one(robust::geometric_median(&set, Some(weights), tol, max_iter)?.aggregate), None),
+        Aggregator::Bulyan { f } => {
+            let Some(f) = f.or(robust::bulyan_max_f(n)) else {
+                return invalid("f", format!("Bulyan needs K >= 4f + 3 clients (K = {n})"));
+            };
+            let r = robust::bulyan(&set, f)?;
+            (one(r.aggregate), Some(r.selected))
+        }
+    })
 }
 
 /// `y += a x` (with `a = 1` this is exactly `y += x`: multiplying by one is
@@ -224,6 +502,51 @@ fn diagnose(kept: &Kept<'_>, aggregate: &[f64]) -> CoreResult<ClientDiagnostics>
     let cosine_mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
     let spread = norms.iter().map(|n| n * n).sum::<f64>();
     let agreement = sum_squares(&kept.plain_sum);
+    let gradient_diversity = if agreement == 0.0 { f64::NAN } else { spread / agreement };
+    Ok(ClientDiagnostics { norms, cosines, norm_mean, norm_sd, cosine_mean, gradient_diversity })
+}
+
+/// The diagnostics of a pipeline fold: `norms` (after the attack, before
+/// clipping) of every client, and their mean and sd; the cosines of the
+/// updates that entered the aggregator (kept, clipped) with the final D, NaN
+/// for the clients the filter dropped; the gradient diversity of the updates
+/// that entered.
+fn diagnose_entries(entries: &[Entry<'_>], kept_idx: &[usize], aggregate: &[f64]) -> CoreResult<ClientDiagnostics> {
+    let k = entries.len();
+    let norms: Vec<f64> = entries.iter().map(|e| e.norm).collect();
+    let updates: Vec<&[f64]> = kept_idx.iter().map(|&i| entries[i].update.as_deref().expect("kept for the diagnostics")).collect();
+    let entered_norms: Vec<f64> = kept_idx
+        .iter()
+        .zip(&updates)
+        .map(|(&i, u)| if entries[i].clipped == Some(true) { l2_norm(u) } else { entries[i].norm })
+        .collect();
+    let n = updates.len();
+    let dots = block_sums(aggregate.len(), reduction_block(n), n, |r, acc| {
+        let d = &aggregate[r.clone()];
+        for (a, u) in acc.iter_mut().zip(&updates) {
+            *a = u[r.clone()].iter().zip(d).map(|(x, y)| x * y).sum();
+        }
+    });
+    let aggregate_norm = l2_norm(aggregate);
+    let mut cosines = vec![f64::NAN; k];
+    for (j, &i) in kept_idx.iter().enumerate() {
+        let n = entered_norms[j];
+        cosines[i] = if n == 0.0 || aggregate_norm == 0.0 { f64::NAN } else { dots[j] / (n * aggregate_norm) };
+    }
+    let norm_mean = norms.iter().sum::<f64>() / k as f64;
+    let norm_sd = if k > 1 {
+        (norms.iter().map(|n| (n - norm_mean).powi(2)).sum::<f64>() / (k - 1) as f64).sqrt()
+    } else {
+        f64::NAN
+    };
+    let finite: Vec<f64> = cosines.iter().copied().filter(|c| c.is_finite()).collect();
+    let cosine_mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
+    let mut plain_sum = try_zeroed(aggregate.len(), "the unweighted sum of the client updates")?;
+    for u in &updates {
+        axpy(&mut plain_sum, 1.0, u);
+    }
+    let spread = entered_norms.iter().map(|n| n * n).sum::<f64>();
+    let agreement = sum_squares(&plain_sum);
     let gradient_diversity = if agreement == 0.0 { f64::NAN } else { spread / agreement };
     Ok(ClientDiagnostics { norms, cosines, norm_mean, norm_sd, cosine_mean, gradient_diversity })
 }

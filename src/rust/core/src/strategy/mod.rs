@@ -5,8 +5,11 @@
 //!   momentum, Adam, RMSprop, Adagrad).
 //! * `client`: the local run and the client algorithms that steer it
 //!   (FedAvg, FedProx, SCAFFOLD, FedNova).
-//! * `fold`: the weighted combination of the client updates into the
-//!   pseudo-gradient D, with diagnostics.
+//! * `transform`: what the server does to the updates before and while
+//!   folding them: simulated attacks, a norm filter, clipping, robust
+//!   aggregators, central DP noise (all optional).
+//! * `fold`: the weighted (or robust) combination of the client updates into
+//!   the pseudo-gradient D, with diagnostics.
 //! * `server_opt`: how the global parameters move along D (SGD with
 //!   momentum, FedAdagrad, FedAdam, FedYogi).
 //!
@@ -19,18 +22,22 @@ pub mod client;
 pub mod fold;
 pub mod local_opt;
 pub mod server_opt;
+pub mod transform;
 
 use std::borrow::Cow;
+
+use rayon::prelude::*;
 
 use crate::alloc::try_zeroed;
 use crate::error::{invalid, CoreResult};
 use crate::norms::l2_norm;
-use crate::parallel::with_threads;
+use crate::parallel::{effective_threads, with_threads};
 
 pub use client::{ClientAlgorithm, GradientCorrection, LocalConfig, LocalOutcome};
 pub use fold::{ClientDiagnostics, Fold, FoldRule};
 pub use local_opt::LocalOptimizer;
 pub use server_opt::{ServerOptimizer, ServerState};
+pub use transform::{Aggregator, Attack, CentralNoise, Clip, NormFilter, Prepared, RoundTransforms, NO_TRANSFORMS};
 
 /// The server side of a round: its optimizer and the state the previous
 /// round left (absent = zeros).
@@ -60,11 +67,20 @@ pub struct RoundUpdate {
     /// The pseudo-gradient D.
     pub aggregate: Vec<f64>,
     pub server: ServerState,
-    /// `||Delta_i||` per client.
+    /// `||Delta_i||` per client (after an attack, before clipping).
     pub client_norms: Vec<f64>,
-    /// `cos(Delta_i, D)` per client.
+    /// `cos(Delta_i, D)` per client (NaN for a client the filter dropped).
     pub cosines: Vec<f64>,
     pub diagnostics: RoundDiagnostics,
+    /// Per client: passed the filter (all true without one).
+    pub kept: Vec<bool>,
+    /// Per client: why the filter dropped it ("" when kept).
+    pub filter_reasons: Vec<String>,
+    /// Per client, with clipping: its norm exceeded the bound (`None` when
+    /// the filter dropped it).
+    pub clipped: Option<Vec<Option<bool>>>,
+    /// Per client, for Krum, Multi-Krum and Bulyan: picked by the rule.
+    pub selected: Option<Vec<bool>>,
 }
 
 /// Finishes a fold and applies the server optimizer to it.
@@ -95,6 +111,10 @@ pub fn finish_round(global: &[f64], fold: Fold<'_>, server: &ServerStep<'_>) -> 
         },
         client_norms: c.norms,
         cosines: c.cosines,
+        kept: folded.kept,
+        filter_reasons: folded.filter_reasons,
+        clipped: folded.clipped,
+        selected: folded.selected,
     })
 }
 
@@ -113,6 +133,24 @@ pub fn fold_round(
     diagnostics: bool,
     threads: usize,
 ) -> CoreResult<RoundUpdate> {
+    fold_round_with(global, updates, weights, a, rule, server, diagnostics, &NO_TRANSFORMS, threads)
+}
+
+/// `fold_round` with `transforms` applied to the updates (see `transform`).
+/// The per-client steps run in parallel a chunk of clients at a time; the
+/// updates are folded in client order.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_round_with(
+    global: &[f64],
+    updates: &[&[f64]],
+    weights: &[f64],
+    a: Option<&[f64]>,
+    rule: FoldRule,
+    server: &ServerStep<'_>,
+    diagnostics: bool,
+    transforms: &RoundTransforms,
+    threads: usize,
+) -> CoreResult<RoundUpdate> {
     let k = updates.len();
     if k == 0 {
         return invalid("deltas", "no client updates");
@@ -127,9 +165,22 @@ pub fn fold_round(
     };
     server.optimizer.check()?;
     with_threads(threads, || {
-        let mut fold = Fold::new(global.len(), rule, diagnostics, k)?;
-        for (i, (update, weight)) in updates.iter().zip(weights).enumerate() {
-            fold.add(Cow::Borrowed(update), *weight, steps.map_or(1.0, |a| a[i]))?;
+        let mut fold = Fold::with_transforms(global.len(), rule, diagnostics, k, transforms)?;
+        let Some(transforms) = fold.transforms() else {
+            for (i, (update, weight)) in updates.iter().zip(weights).enumerate() {
+                fold.add(Cow::Borrowed(update), *weight, steps.map_or(1.0, |a| a[i]))?;
+            }
+            return finish_round(global, fold, server);
+        };
+        let indices: Vec<usize> = (0..k).collect();
+        for chunk in indices.chunks(4 * effective_threads(threads)) {
+            let prepared: Vec<CoreResult<Prepared<'_>>> = chunk
+                .par_iter()
+                .map(|&i| transforms.prepare(i, global.len(), Cow::Borrowed(updates[i]), diagnostics))
+                .collect();
+            for (&i, p) in chunk.iter().zip(prepared) {
+                fold.add_prepared(p?, weights[i], steps.map_or(1.0, |a| a[i]))?;
+            }
         }
         finish_round(global, fold, server)
     })

@@ -1,4 +1,7 @@
-//! Gaussian mechanism calibration and seeded noise.
+//! Gaussian mechanism calibration and seeded noise; `rdp` accounts for the
+//! privacy of repeated, subsampled releases.
+
+pub mod rdp;
 
 use crate::error::{invalid, CoreResult};
 use crate::rng::Rng;

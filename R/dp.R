@@ -1,0 +1,136 @@
+#' Differentially private federated averaging
+#'
+#' @description
+#' `dp_central(noise_multiplier, clip)` makes a [Server]'s rounds centrally
+#' differentially private, as DP-FedAvg (McMahan et al. 2018): every selected
+#' client's update is clipped to L2 norm `clip` (or every layer to `clip /
+#' sqrt(n_layers)` with `per_layer = TRUE`, an equal split of the budget),
+#' the server adds `N(0, (noise_multiplier * clip)^2)` noise to the sum of
+#' the clipped updates and divides by the *expected* number of clients
+#' (`q * n_nodes`). Updates are weighted equally: weighting by samples would
+#' raise the sensitivity, so a server with `dp_central()` uses equal weights
+#' (and says so if you asked for others).
+#'
+#' Privacy is accounted for with an RDP accountant for the Poisson-subsampled
+#' Gaussian mechanism ([rdp_epsilon()]), with sampling rate `q =` clients per
+#' round / nodes. That is exact for [select_poisson()] and the usual
+#' approximation for fixed-size sampling. The history's `epsilon` column is
+#' the privacy spent after each round at `delta`; [privacy_spent()] reports
+#' it for a server. With `max_epsilon`, `fit()` stops before a round would
+#' exceed that budget, keeping the rounds done (`server$stopped` says so).
+#'
+#' `clip_norm(max_norm, per_layer)` clips updates without noise (a transform
+#' on its own, e.g. against a few very large updates).
+#'
+#' @param noise_multiplier Noise standard deviation relative to `clip`,
+#'   `>= 0`.
+#' @param clip,max_norm Clipping bound on each update's L2 norm, `> 0`.
+#' @param per_layer Clip every layer on its own (to `clip /
+#'   sqrt(n_layers)`).
+#' @param delta The delta at which epsilon is reported, in (0, 1).
+#' @param max_epsilon Stop before the privacy spent would exceed this
+#'   (`Inf`: never).
+#' @return A `fed_privacy` or a `fed_clip`.
+#' @references McMahan, H. B., Ramage, D., Talwar, K., & Zhang, L. (2018).
+#'   Learning differentially private recurrent language models. ICLR.
+#' @examples
+#' dp_central(noise_multiplier = 1, clip = 0.5)
+#' data <- synthetic_fedprox(1, 1, n_clients = 20, seed = 1)
+#' srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.5, lr = 0.05,
+#'                   privacy = dp_central(noise_multiplier = 1, clip = 0.5, max_epsilon = 5),
+#'                   test_data = pool_clients(data, "test"), seed = 1)
+#' h <- srv$fit(10, verbose = FALSE)
+#' h$epsilon
+#' privacy_spent(srv)
+#' @name differential_privacy
+NULL
+
+#' @rdname differential_privacy
+#' @export
+dp_central <- function(noise_multiplier, clip, per_layer = FALSE, delta = 1e-5, max_epsilon = Inf) {
+  noise_multiplier <- assert_number(noise_multiplier, 0)
+  clip <- assert_number(clip, 0, lower_open = TRUE)
+  per_layer <- assert_flag(per_layer)
+  delta <- assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
+  if (!identical(max_epsilon, Inf)) max_epsilon <- assert_number(max_epsilon, 0, lower_open = TRUE)
+  structure(list(kind = "central", noise_multiplier = noise_multiplier, clip = clip, per_layer = per_layer,
+                 delta = delta, max_epsilon = max_epsilon,
+                 label = sprintf("central DP (noise multiplier %s, clip %s%s, delta %s%s)", format(noise_multiplier),
+                                 format(clip), if (per_layer) " per layer" else "", format(delta),
+                                 if (is.finite(max_epsilon)) sprintf(", max epsilon %s", format(max_epsilon)) else "")),
+            class = "fed_privacy")
+}
+
+#' @rdname differential_privacy
+#' @export
+clip_norm <- function(max_norm, per_layer = FALSE) {
+  max_norm <- assert_number(max_norm, 0, lower_open = TRUE)
+  per_layer <- assert_flag(per_layer)
+  structure(list(max_norm = max_norm, per_layer = per_layer,
+                 label = sprintf("clip to norm %s%s", format(max_norm), if (per_layer) " per layer" else "")),
+            class = "fed_clip")
+}
+
+#' @export
+format.fed_privacy <- function(x, ...) paste("<fed_privacy>", x$label)
+
+#' @export
+print.fed_privacy <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
+}
+
+#' @export
+format.fed_clip <- function(x, ...) paste("<fed_clip>", x$label)
+
+#' @export
+print.fed_clip <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
+}
+
+#' Privacy spent by a server
+#'
+#' The (epsilon, delta) guarantee of the rounds a [Server] with
+#' [dp_central()] has run so far, from the RDP accountant
+#' ([rdp_epsilon()]).
+#'
+#' @param server A [Server].
+#' @param delta Delta (default: the one given to [dp_central()]).
+#' @return A list: `epsilon`, `delta`, `order` (the optimal RDP order),
+#'   `rounds`, `q` (sampling rate) and `noise_multiplier`.
+#' @examples
+#' data <- synthetic_fedprox(1, 1, n_clients = 10, seed = 1)
+#' srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.5, lr = 0.05,
+#'                   privacy = dp_central(1.1, clip = 1), seed = 1)
+#' srv$fit(3, verbose = FALSE)
+#' privacy_spent(srv)
+#' privacy_spent(srv, delta = 1e-6)$epsilon
+#' @export
+privacy_spent <- function(server, delta = NULL) {
+  if (!inherits(server, "Server")) fedagg_abort("{.arg server} must be a {.cls Server}, not {obj_desc(server)}.")
+  dp <- server$settings$privacy_object
+  if (is.null(dp)) fedagg_abort("This server has no differential privacy; give {.arg privacy} = {.fn dp_central}.")
+  delta <- if (is.null(delta)) dp$delta else assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
+  q <- server$settings$sampling_rate
+  rounds <- server$rounds_done
+  eps <- if (rounds == 0L) 0 else rdp_epsilon(q, dp$noise_multiplier, rounds, delta)
+  list(epsilon = as.double(eps), delta = delta, order = attr(eps, "order"), rounds = rounds, q = q,
+       noise_multiplier = dp$noise_multiplier)
+}
+
+assert_privacy <- function(x, call = rlang::caller_env()) {
+  if (is.null(x) || inherits(x, "fed_privacy")) return(x)
+  fedagg_abort("{.arg privacy} must come from {.fn dp_central}, not {obj_desc(x)}.", call = call)
+}
+
+assert_clip <- function(x, call = rlang::caller_env()) {
+  if (is.null(x) || inherits(x, "fed_clip")) return(x)
+  fedagg_abort("{.arg clip} must come from {.fn clip_norm}, not {obj_desc(x)}.", call = call)
+}
+
+# The epsilon a server would have spent after `rounds` rounds.
+epsilon_after <- function(dp, q, rounds) {
+  if (is.null(dp) || rounds == 0L) return(NA_real_)
+  as.double(rdp_epsilon(q, dp$noise_multiplier, rounds, dp$delta))
+}

@@ -1,0 +1,187 @@
+# Privacy and robustness in the round: central DP, accounting, robust
+# aggregators, the norm filter, attacks and the minimum cohort, against
+# plain-R references and the standalone kernels.
+
+trust_data <- function(k = 8, seed = 50) {
+  d <- toy_classes(24 * k, seed = seed)
+  part <- partition_iid(24 * k, k, seed = 2)
+  list(d = d, part = part, clients = lapply(part, function(idx) list(x = d$x[idx, , drop = FALSE], y = d$y[idx])))
+}
+
+one_round <- function(td, p0, ..., nodes = fed_nodes(td$d$x, td$d$y, td$part)) {
+  srv <- fed_server(model_softmax(4, 3), nodes, fraction = 1, epochs = 1, batch_size = 6, lr = 0.2, shuffle = FALSE,
+                    params = p0, seed = 3, ...)
+  srv$round()
+  srv
+}
+
+# Each client's update of one round from p0, in plain R.
+ref_deltas <- function(td, p0, clients = seq_along(td$clients)) {
+  lapply(td$clients[clients], function(cl) {
+    unlist(ref_local_run(p0, p0, cl$x, cl$y, "softmax", epochs = 1, batch = 6, lr = 0.2)$params, use.names = FALSE) -
+      unlist(p0, use.names = FALSE)
+  })
+}
+
+clip_ref <- function(v, C) v * min(1, C / sqrt(sum(v^2)))
+
+test_that("DP-FedAvg without noise is the mean of the clipped updates", {
+  td <- trust_data()
+  p0 <- random_params(model_softmax(4, 3), 1)
+  x0 <- unlist(p0, use.names = FALSE)
+  deltas <- ref_deltas(td, p0)
+  # A huge clip: equal-weight FedAvg.
+  huge <- one_round(td, p0, privacy = dp_central(0, clip = 1e6))
+  equal <- one_round(td, p0, weights = "equal")
+  expect_equal(unlist(huge$params, use.names = FALSE), unlist(equal$params, use.names = FALSE), tolerance = 1e-13)
+  # A small clip: the clipped updates' mean.
+  C <- stats::median(vapply(deltas, function(v) sqrt(sum(v^2)), numeric(1)))
+  clipped <- one_round(td, p0, privacy = dp_central(0, clip = C))
+  expect_equal(unlist(clipped$params, use.names = FALSE), x0 + Reduce(`+`, lapply(deltas, clip_ref, C)) / length(deltas),
+               tolerance = 1e-12)
+  expect_identical(clipped$client_log$clipped, unname(vapply(deltas, function(v) sqrt(sum(v^2)) > C, logical(1))))
+})
+
+test_that("DP noise has sd noise_multiplier * clip / expected clients, seeded and thread-invariant", {
+  td <- trust_data()
+  p0 <- random_params(model_mlp(4, hidden = 40, n_classes = 3), 1)
+  make <- function(z, threads = NULL) {
+    srv <- fed_server(model_mlp(4, hidden = 40, n_classes = 3), fed_nodes(td$d$x, td$d$y, td$part), fraction = 0.5,
+                      lr = 0.2, params = p0, seed = 3, threads = threads, privacy = dp_central(z, clip = 0.5))
+    srv$round()
+    unlist(srv$params, use.names = FALSE)
+  }
+  noise <- make(2) - make(0)
+  expect_equal(stats::sd(noise), 2 * 0.5 / 4, tolerance = 0.1)
+  expect_identical(make(2, threads = 1), make(2, threads = 2))
+})
+
+test_that("the history's epsilon is the RDP accountant's, and max_epsilon stops fit() in time", {
+  td <- trust_data()
+  make <- function(...) fed_server(model_softmax(4, 3), fed_nodes(td$d$x, td$d$y, td$part), fraction = 0.25,
+                                   lr = 0.1, seed = 2, ...)
+  srv <- make(privacy = dp_central(1.2, clip = 1, delta = 1e-5))
+  h <- srv$fit(4, verbose = FALSE)
+  expect_equal(h$epsilon, vapply(1:4, function(r) as.double(rdp_epsilon(0.25, 1.2, r, 1e-5)), numeric(1)))
+  expect_equal(privacy_spent(srv)$epsilon, h$epsilon[4])
+  budget <- as.double(rdp_epsilon(0.25, 1.2, 6, 1e-5)) + 1e-9
+  capped <- make(privacy = dp_central(1.2, clip = 1, max_epsilon = budget))
+  h <- capped$fit(20, verbose = FALSE)
+  expect_identical(nrow(h), 6L)
+  expect_lte(max(h$epsilon), budget)
+  expect_match(capped$stopped$reason, "max_epsilon")
+  expect_warning(make(privacy = dp_central(1, clip = 1), weights = "samples"), class = "fedagg_warning_dp_weights")
+})
+
+test_that("every aggregator in the loop equals the standalone kernel on the same updates", {
+  td <- trust_data(k = 8)
+  p0 <- random_params(model_softmax(4, 3), 4)
+  x0 <- unlist(p0, use.names = FALSE)
+  deltas <- ref_deltas(td, p0)
+  n <- vapply(td$clients, function(cl) length(cl$y), numeric(1))
+  cases <- list(
+    list(agg_median(), function() robust_aggregate(deltas, "median")),
+    list(agg_trimmed_mean(0.2), function() robust_aggregate(deltas, "trimmed_mean", trim = 0.2)),
+    list(agg_krum(f = 2), function() robust_aggregate(deltas, "krum", f = 2)),
+    list(agg_multi_krum(f = 2, m = 4), function() robust_aggregate(deltas, "multi_krum", f = 2, m = 4, weights = n)),
+    list(agg_geometric_median(), function() robust_aggregate(deltas, "geometric_median", weights = n))
+  )
+  for (case in cases) {
+    srv <- one_round(td, p0, aggregator = case[[1]])
+    expect_equal(unlist(srv$params, use.names = FALSE), x0 + as.vector(case[[2]]()), tolerance = 1e-10,
+                 label = case[[1]]$label)
+  }
+  # Bulyan from its definition: theta = K - 2f picks by repeated Krum, then per
+  # coordinate the mean of the beta = theta - 2f values closest to the median.
+  f <- 1
+  left <- seq_along(deltas)
+  picked <- integer()
+  while (length(picked) < length(deltas) - 2 * f) {
+    k <- left[attr(robust_aggregate(deltas[left], "krum", f = min(f, (length(left) - 3) %/% 2)), "selected")]
+    picked <- c(picked, k)
+    left <- setdiff(left, k)
+  }
+  m <- sapply(deltas[picked], identity)
+  beta <- length(picked) - 2 * f
+  bulyan <- apply(m, 1, function(v) mean(v[order(abs(v - stats::median(v)))][seq_len(beta)]))
+  srv <- one_round(td, p0, aggregator = agg_bulyan(f = 1))
+  expect_equal(unlist(srv$params, use.names = FALSE), x0 + bulyan, tolerance = 1e-10)
+})
+
+test_that("attacks change what a malicious client sends, and the filter drops it", {
+  td <- trust_data()
+  p0 <- random_params(model_softmax(4, 3), 5)
+  x0 <- unlist(p0, use.names = FALSE)
+  deltas <- ref_deltas(td, p0)
+  n <- vapply(td$clients, function(cl) length(cl$y), numeric(1))
+  nodes <- fed_nodes(td$d$x, td$d$y, td$part)
+  set_attack(nodes, "client3", attack_sign_flip(2))
+  flipped <- one_round(td, p0, nodes = nodes)
+  sent <- deltas
+  sent[[3]] <- -2 * sent[[3]]
+  expect_equal(unlist(flipped$params, use.names = FALSE), x0 + Reduce(`+`, Map(`*`, sent, n / sum(n))), tolerance = 1e-12)
+  expect_identical(flipped$client_log$malicious, names(nodes) == "client3")
+  set_attack(nodes, "client3", attack_scale(100))
+  filtered <- one_round(td, p0, nodes = nodes, filter = filter_norm(mad = 3, per_layer = FALSE))
+  log <- filtered$client_log
+  expect_identical(log$kept, names(nodes) != "client3")
+  expect_match(log$filter_reason[3], "MAD")
+  keep <- setdiff(seq_along(deltas), 3)
+  expect_equal(unlist(filtered$params, use.names = FALSE),
+               x0 + Reduce(`+`, Map(`*`, deltas[keep], n[keep] / sum(n[keep]))), tolerance = 1e-12)
+  # Label flipping trains honestly on poisoned labels.
+  set_attack(nodes, "client3", attack_label_flip(c("0" = "1", "1" = "0")))
+  poisoned <- one_round(td, p0, nodes = nodes)
+  y3 <- td$clients[[3]]$y
+  y3 <- ifelse(y3 == 0, 1, ifelse(y3 == 1, 0, y3))
+  sent <- deltas
+  sent[[3]] <- unlist(ref_local_run(p0, p0, td$clients[[3]]$x, y3, "softmax", epochs = 1, batch = 6, lr = 0.2)$params,
+                      use.names = FALSE) - x0
+  expect_equal(unlist(poisoned$params, use.names = FALSE), x0 + Reduce(`+`, Map(`*`, sent, n / sum(n))), tolerance = 1e-12)
+})
+
+test_that("a round needs min_clients updates after the filter; small nodes never take part", {
+  td <- trust_data()
+  nodes <- fed_nodes(td$d$x, td$d$y, td$part)
+  set_attack(nodes, c("client1", "client2", "client3"), attack_scale(1000))
+  srv <- fed_server(model_softmax(4, 3), nodes, fraction = 1, min_clients = 6, lr = 0.1, seed = 1,
+                    filter = filter_norm(max_norm = 50, mad = NULL, per_layer = FALSE))
+  before <- srv$params
+  expect_error(srv$round(), class = "fedagg_error_filter")
+  expect_identical(srv$params, before)
+  expect_identical(srv$rounds_done, 0L)
+  x <- matrix(rnorm(200), 100)
+  small <- fed_nodes(x, as.integer(x[, 1] > 0), list(1:5, 6:40, 41:100))
+  srv <- fed_server(model_logistic(2), small, fraction = 1, min_samples = 10, lr = 0.1, seed = 1)
+  srv$fit(3, verbose = FALSE)
+  expect_false("client1" %in% srv$client_log$client)
+})
+
+test_that("the trust settings print, and bad ones are classed errors naming the argument", {
+  td <- trust_data()
+  nodes <- fed_nodes(td$d$x, td$d$y, td$part)
+  m <- model_softmax(4, 3)
+  expect_snapshot({
+    dp_central(1.1, clip = 0.5, max_epsilon = 8)
+    clip_norm(2, per_layer = TRUE)
+    filter_norm(max_norm = 10)
+    agg_bulyan(2)
+    attack_sign_flip()
+    fed_server(m, nodes, privacy = dp_central(1, 1), filter = filter_norm(), seed = 1)
+  })
+  expect_snapshot(error = TRUE, {
+    dp_central(-1, clip = 1)
+    dp_central(1, clip = 0)
+    dp_central(1, clip = 1, delta = 1)
+    filter_norm(max_norm = NULL, mad = NULL)
+    agg_trimmed_mean(0.5)
+    attack_label_flip(c(1, 2))
+    set_attack(nodes, "nobody", attack_scale(2))
+    set_attack(nodes, "client1", "flip")
+    fed_server(m, nodes, privacy = dp_central(1, 1), aggregator = agg_median())
+    fed_server(m, nodes, privacy = dp_central(1, 1), clip = clip_norm(1))
+    fed_server(m, nodes, privacy = "dp")
+    fed_server(m, nodes, min_samples = -1)
+    privacy_spent(fed_server(m, nodes))
+  })
+})
