@@ -19,12 +19,31 @@
 #' it for a server. With `max_epsilon`, `fit()` stops before a round would
 #' exceed that budget, keeping the rounds done (`server$stopped` says so).
 #'
+#' **Adaptive clipping** (Andrew et al. 2021): with `clip =
+#' clip_adaptive(initial, quantile, lr, count_noise)` the bound follows a
+#' quantile of the clients' update norms. Each round, `b` is the noised
+#' share of the round's updates whose norm is at most the bound `C` (the
+#' unclipped share: a count plus `N(0, count_noise^2)`, divided by the
+#' expected number of clients), and `C <- C * exp(-lr * (b - quantile))`:
+#' too many unclipped updates shrink the bound, too few grow it. The count is
+#' private too: its noise (by default `m / 20` for `m` expected clients) and
+#' the updates' noise share the requested `noise_multiplier` `z`, the updates
+#' getting `z_delta = (z^-2 - (2 * count_noise)^-2)^(-1/2)`; when that is
+#' impossible (too little count noise for `z`), the server says so. The
+#' history's `clip` column is the bound used in each round.
+#'
 #' `clip_norm(max_norm, per_layer)` clips updates without noise (a transform
 #' on its own, e.g. against a few very large updates).
 #'
 #' @param noise_multiplier Noise standard deviation relative to `clip`,
 #'   `>= 0`.
-#' @param clip,max_norm Clipping bound on each update's L2 norm, `> 0`.
+#' @param clip,max_norm Clipping bound on each update's L2 norm, `> 0`; for
+#'   `dp_central()` also [clip_adaptive()].
+#' @param initial Initial bound of adaptive clipping.
+#' @param quantile Target share of unclipped updates, in (0, 1).
+#' @param lr Learning rate of the bound's geometric update, `> 0`.
+#' @param count_noise Standard deviation of the noise on the count of
+#'   unclipped updates (`NULL`: the expected number of clients / 20).
 #' @param per_layer Clip every layer on its own (to `clip /
 #'   sqrt(n_layers)`).
 #' @param delta The delta at which epsilon is reported, in (0, 1).
@@ -33,8 +52,12 @@
 #' @return A `fed_privacy` or a `fed_clip`.
 #' @references McMahan, H. B., Ramage, D., Talwar, K., & Zhang, L. (2018).
 #'   Learning differentially private recurrent language models. ICLR.
+#'
+#'   Andrew, G., Thakkar, O., McMahan, H. B., & Ramaswamy, S. (2021).
+#'   Differentially private learning with adaptive clipping. NeurIPS.
 #' @examples
 #' dp_central(noise_multiplier = 1, clip = 0.5)
+#' dp_central(noise_multiplier = 1, clip = clip_adaptive(initial = 0.1, quantile = 0.5))
 #' data <- synthetic_fedprox(1, 1, n_clients = 20, seed = 1)
 #' srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.5, lr = 0.05,
 #'                   privacy = dp_central(noise_multiplier = 1, clip = 0.5, max_epsilon = 5),
@@ -49,16 +72,55 @@ NULL
 #' @export
 dp_central <- function(noise_multiplier, clip, per_layer = FALSE, delta = 1e-5, max_epsilon = Inf) {
   noise_multiplier <- assert_number(noise_multiplier, 0)
-  clip <- assert_number(clip, 0, lower_open = TRUE)
+  adaptive <- if (inherits(clip, "fed_clip_adaptive")) clip
+  clip <- if (is.null(adaptive)) assert_number(clip, 0, lower_open = TRUE) else adaptive$initial
   per_layer <- assert_flag(per_layer)
   delta <- assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
   if (!identical(max_epsilon, Inf)) max_epsilon <- assert_number(max_epsilon, 0, lower_open = TRUE)
   structure(list(kind = "central", noise_multiplier = noise_multiplier, clip = clip, per_layer = per_layer,
-                 delta = delta, max_epsilon = max_epsilon,
+                 delta = delta, max_epsilon = max_epsilon, adaptive = adaptive,
                  label = sprintf("central DP (noise multiplier %s, clip %s%s, delta %s%s)", format(noise_multiplier),
-                                 format(clip), if (per_layer) " per layer" else "", format(delta),
+                                 if (is.null(adaptive)) format(clip) else adaptive$label,
+                                 if (per_layer) " per layer" else "", format(delta),
                                  if (is.finite(max_epsilon)) sprintf(", max epsilon %s", format(max_epsilon)) else "")),
             class = "fed_privacy")
+}
+
+#' @rdname differential_privacy
+#' @export
+clip_adaptive <- function(initial = 0.1, quantile = 0.5, lr = 0.2, count_noise = NULL) {
+  initial <- assert_number(initial, 0, lower_open = TRUE)
+  quantile <- assert_number(quantile, 0, 1, lower_open = TRUE, upper_open = TRUE)
+  lr <- assert_number(lr, 0, lower_open = TRUE)
+  if (!is.null(count_noise)) count_noise <- assert_number(count_noise, 0)
+  structure(list(initial = initial, quantile = quantile, lr = lr, count_noise = count_noise,
+                 label = sprintf("adaptive clip (from %s to the %s quantile, lr %s)", format(initial), format(quantile),
+                                 format(lr))),
+            class = "fed_clip_adaptive")
+}
+
+#' @export
+format.fed_clip_adaptive <- function(x, ...) paste("<fed_clip_adaptive>", x$label)
+
+#' @export
+print.fed_clip_adaptive <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
+}
+
+# Noise multipliers of adaptive clipping: the count's noise and the updates'
+# share the requested total z (Andrew et al. 2021, Theorem 1).
+adaptive_noise <- function(dp, expected_clients, call = rlang::caller_env()) {
+  z <- dp$noise_multiplier
+  sigma_b <- dp$adaptive$count_noise %||% (expected_clients / 20)
+  if (z == 0) return(list(update = 0, count = sigma_b))
+  rest <- z^-2 - (2 * sigma_b)^-2
+  if (sigma_b == 0 || rest <= 0) {
+    fedagg_abort(c("Adaptive clipping cannot keep the noise multiplier {z} with count noise {format(sigma_b)}.",
+                   i = "The count needs noise above {format(1 / (2 * z))}: raise {.arg count_noise} or lower {.arg noise_multiplier}."),
+                 call = call)
+  }
+  list(update = rest^-0.5, count = sigma_b)
 }
 
 #' @rdname differential_privacy
@@ -133,4 +195,17 @@ assert_clip <- function(x, call = rlang::caller_env()) {
 epsilon_after <- function(dp, q, rounds) {
   if (is.null(dp) || rounds == 0L) return(NA_real_)
   as.double(rdp_epsilon(q, dp$noise_multiplier, rounds, dp$delta))
+}
+
+# The next bound of adaptive clipping (NULL when the bound is fixed): a
+# geometric step towards the quantile, from the noised unclipped share.
+adapt_clip <- function(private, info, round) {
+  dp <- private$.privacy
+  if (is.null(dp$adaptive) || !length(info$client)) return(NULL)
+  expected <- private$.sampling_rate() * length(private$.nodes)
+  noise <- adaptive_noise(dp, expected)
+  unclipped <- sum(info$kept & !info$clipped, na.rm = TRUE)
+  count_noise <- if (noise$count > 0) with_seed(derive_seed(private$.seed, round, 7L), stats::rnorm(1, 0, noise$count)) else 0
+  share <- (unclipped + count_noise) / expected
+  private$.dp_clip * exp(-dp$adaptive$lr * (share - dp$adaptive$quantile))
 }

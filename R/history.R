@@ -14,7 +14,7 @@
 #'   `client_norm_mean`, `client_norm_sd`, `cosine_mean`,
 #'   `gradient_diversity`;
 #' * `epsilon`: with [dp_central()], the privacy spent so far (at its
-#'   `delta`).
+#'   `delta`); `clip`: the clipping bound of the round.
 #'
 #' Metrics are `NA` in rounds that were not evaluated (`eval_every`). The
 #' history holds no wall-clock times, so runs with the same seed give
@@ -50,7 +50,7 @@ diagnostic_columns <- c("update_norm", "client_norm_mean", "client_norm_sd", "co
 new_fed_history <- function(records, model, settings) {
   m <- metric_name(model)
   columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
-               "val_loss", paste0("val_", m), diagnostic_columns, "epsilon")
+               "val_loss", paste0("val_", m), diagnostic_columns, "epsilon", "clip")
   df <- if (length(records)) {
     as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
       vapply(records, function(r) as.double(r[[col]] %||% NA_real_), numeric(1))

@@ -125,8 +125,10 @@ selection_log_rows <- function(round, clients, score, picked = rep(TRUE, length(
 trust_config <- function(private, nodes, round) {
   sizes <- layer_sizes(private$.model, private$.template)
   dp <- private$.privacy
-  clip <- if (!is.null(dp)) list(max_norm = dp$clip, per_layer = dp$per_layer)
+  clip <- if (!is.null(dp)) list(max_norm = private$.dp_clip %||% dp$clip, per_layer = dp$per_layer)
           else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
+  z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * length(private$.nodes))$update
+       else dp$noise_multiplier
   attacks <- lapply(nodes, function(n) rust_attack(n$attack))
   n_nodes <- length(private$.nodes)
   list(attacks = if (any(!vapply(attacks, is.null, logical(1)))) unname(attacks),
@@ -135,7 +137,7 @@ trust_config <- function(private, nodes, round) {
        clip = if (!is.null(clip)) c(clip, list(layer_sizes = sizes)),
        aggregator = rust_aggregator(private$.aggregator),
        noise = if (!is.null(dp)) {
-         list(sd = dp$noise_multiplier * dp$clip, seed = as.double(derive_seed(private$.seed, round, 5L)),
+         list(sd = z * clip$max_norm, seed = as.double(derive_seed(private$.seed, round, 5L)),
               denominator = private$.sampling_rate() * n_nodes)
        })
 }

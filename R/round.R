@@ -52,6 +52,8 @@ round_body <- function(self, private, r, last_round) {
                    loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
               private$.metric_slots(metrics), result$diagnostics,
               list(epsilon = epsilon_after(dp, private$.sampling_rate(), r)))
+  next_clip <- adapt_clip(private, result$info, r)
+  record$clip <- if (!is.null(dp)) private$.dp_clip %||% dp$clip else NA_real_
   # Commit: nothing above changed the server or a node.
   private$.flat <- as.double(proposed)
   private$.round <- r
@@ -60,6 +62,7 @@ round_body <- function(self, private, r, last_round) {
   private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
   private$.reach <- private$.reach + picked$available
   private$.server_state <- result$server_state
+  if (!is.null(next_clip)) private$.dp_clip <- next_clip
   private$.control <- result$control
   if (!is.null(result$aggregate)) private$.last_delta <- result$aggregate
   for (k in seq_along(result$node_states)) {

@@ -81,6 +81,7 @@ Server <- R6::R6Class("Server",
       private$.selection <- as_selection(selection)
       private$.schedule <- assert_schedule(schedule, names(private$.nodes))
       private$.privacy <- assert_privacy(privacy)
+      if (!is.null(private$.privacy$adaptive)) private$.dp_clip <- private$.privacy$clip
       private$.clip <- assert_clip(clip)
       private$.filter <- assert_filter(filter)
       private$.min_samples <- assert_count(min_samples, min = 0L)
@@ -126,6 +127,9 @@ Server <- R6::R6Class("Server",
         private$.template <- params
       }
       private$.flat <- flatten_params(model, private$.template)
+      if (!is.null(private$.privacy$adaptive)) {
+        adaptive_noise(private$.privacy, private$.sampling_rate() * length(private$.nodes))
+      }
       invisible(self)
     },
 
@@ -392,7 +396,7 @@ Server <- R6::R6Class("Server",
     .seconds = numeric(), .stopped = NULL, .busy = FALSE,
     .epochs = NULL, .server_opt = NULL, .server_state = list(), .aggregator = NULL, .control = NULL,
     .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
-    .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L,
+    .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
 
     # Expected clients per round / nodes: the sampling rate of the accountant.
     .sampling_rate = function() {

@@ -185,3 +185,35 @@ test_that("the trust settings print, and bad ones are classed errors naming the 
     privacy_spent(fed_server(m, nodes))
   })
 })
+
+test_that("adaptive clipping converges to the requested quantile of the update norms, from below and above", {
+  # 40 nodes whose updates have fixed, known norms: the median norm is 1.
+  norms <- exp(stats::qnorm((seq_len(40) - 0.5) / 40))
+  x <- matrix(rnorm(80), 40)
+  nodes <- fed_nodes(x, as.integer(x[, 1] > 0), as.list(seq_len(40)), ids = sprintf("n%02d", 1:40))
+  known_norm <- fed_algorithm("known norms", function(node, params, config, state) {
+    r <- norms[as.integer(sub("n", "", node$id))]
+    d <- length(unlist(params))
+    list(delta = rep(r / sqrt(d), d), n_samples = 1, train_loss = 0, state = NULL)
+  })
+  # From far above, the bound shrinks at most by exp(-lr * (1 - quantile)) a
+  # round: lr = 0.5 gets from 50 to the 0.8 quantile well within 80 rounds.
+  run <- function(initial, quantile, lr = 0.5) {
+    srv <- fed_server(model_logistic(2), nodes, algorithm = known_norm, fraction = 1, seed = 1,
+                      privacy = dp_central(0, clip = clip_adaptive(initial, quantile = quantile, lr = lr, count_noise = 0)))
+    srv$fit(80, verbose = FALSE)$clip
+  }
+  for (quantile in c(0.5, 0.8)) {
+    target <- exp(stats::qnorm(quantile))
+    for (initial in c(0.01, 50)) {
+      clip <- run(initial, quantile)
+      expect_equal(mean(utils::tail(clip, 20)), target, tolerance = 0.1, label = sprintf("from %s to q %s", initial, quantile))
+    }
+  }
+  # The geometric step, by hand: C <- C * exp(-lr * (unclipped share - quantile)).
+  clip <- run(0.5, 0.5, lr = 0.2)
+  share <- mean(norms <= 0.5)
+  expect_equal(clip[2], 0.5 * exp(-0.2 * (share - 0.5)))
+  expect_snapshot(error = TRUE, fed_server(model_logistic(2), nodes, fraction = 1,
+                                           privacy = dp_central(1, clip = clip_adaptive(count_noise = 0.1))))
+})
