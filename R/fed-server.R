@@ -76,6 +76,7 @@
 #' @param clip `NULL`, or [clip_norm()]: clipping without noise.
 #' @param filter `NULL`, or [filter_norm()]: drop anomalous updates before
 #'   aggregation.
+#' @param monitor `NULL`, or [monitor_drift()]: drift alerts per round.
 #' @param min_samples Minimum cohort: nodes with fewer training samples never
 #'   send an update (a disclosure control in the spirit of DataSHIELD's
 #'   `nfilter.subset`).
@@ -130,7 +131,7 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
                        threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                        server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                        drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
-                       min_samples = 0) {
+                       min_samples = 0, monitor = NULL) {
   Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
              min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
              epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,
@@ -138,7 +139,7 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
              eval_every = eval_every, seed = seed, threads = threads, hooks = hooks, params = params,
              local_optimizer = local_optimizer, server_optimizer = server_optimizer, aggregator = aggregator,
              stragglers = stragglers, drop_stragglers = drop_stragglers, diagnostics = diagnostics,
-             privacy = privacy, clip = clip, filter = filter, min_samples = min_samples)
+             privacy = privacy, clip = clip, filter = filter, min_samples = min_samples, monitor = monitor)
 }
 
 as_node_list <- function(nodes, call = rlang::caller_env()) {

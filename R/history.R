@@ -14,7 +14,9 @@
 #'   `client_norm_mean`, `client_norm_sd`, `cosine_mean`,
 #'   `gradient_diversity`;
 #' * `epsilon`: with [dp_central()], the privacy spent so far (at its
-#'   `delta`); `clip`: the clipping bound of the round.
+#'   `delta`); `clip`: the clipping bound of the round;
+#' * `drift_alerts`: with [monitor_drift()], the round's alerts (see
+#'   `server$drift_log`); `plot()` marks these rounds.
 #'
 #' Metrics are `NA` in rounds that were not evaluated (`eval_every`). The
 #' history holds no wall-clock times, so runs with the same seed give
@@ -50,7 +52,7 @@ diagnostic_columns <- c("update_norm", "client_norm_mean", "client_norm_sd", "co
 new_fed_history <- function(records, model, settings) {
   m <- metric_name(model)
   columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
-               "val_loss", paste0("val_", m), diagnostic_columns, "epsilon", "clip")
+               "val_loss", paste0("val_", m), diagnostic_columns, "epsilon", "clip", "drift_alerts")
   df <- if (length(records)) {
     as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
       vapply(records, function(r) as.double(r[[col]] %||% NA_real_), numeric(1))
@@ -200,6 +202,8 @@ plot.fed_history <- function(x, metric = NULL, ...) {
       graphics::lines(x$round[keep], x[[cols_here[i]]][keep], col = cols[i], lwd = 2, lty = i,
                       type = if (sum(keep) < 2) "p" else "l")
     }
+    alerts <- x$round[!is.na(x$drift_alerts) & x$drift_alerts > 0]
+    if (length(alerts)) graphics::abline(v = alerts, lty = 3, col = "grey50")
     if (length(cols_here) > 1L) {
       graphics::legend("topright", legend = split_label(cols_here), col = cols[seq_along(cols_here)], lwd = 2,
                        lty = seq_along(cols_here), bty = "n", cex = 0.8)

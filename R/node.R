@@ -95,6 +95,25 @@ Node <- R6::R6Class("Node",
                       c(return, "n_samples", "train_loss", "steps", "state"))
     },
 
+    #' @description Replace the node's training data between rounds (a
+    #'   node whose data change over time). The features must keep their
+    #'   number of columns; the previous features are kept for
+    #'   [monitor_drift()], and `data_version` counts the changes.
+    #' @param x,y The new training data (as in [fed_node()]).
+    set_data = function(x, y) {
+      x <- as_feature_matrix(x, "x", client = private$.id)
+      if (ncol(x) != ncol(private$.x)) {
+        abort_data("{.arg x} has {ncol(x)} column{?s}; the node's data have {ncol(private$.x)}.", private$.id)
+      }
+      y <- check_raw_labels(y, nrow(x), "y", "x", private$.id)
+      private$.x_previous <- private$.x
+      private$.x <- x
+      private$.y <- y
+      private$.data_version <- private$.data_version + 1L
+      private$.handles <- list()
+      invisible(self)
+    },
+
     #' @description Internal: keep the state a committed round produced
     #'   (called by a [Server]).
     #' @param state A named list (SCAFFOLD's `control`, the node's
@@ -211,6 +230,24 @@ Node <- R6::R6Class("Node",
       if (!missing(value)) fedagg_abort("{.field state} is read-only; a server sets it when a round commits.")
       private$.state
     },
+    #' @field data_version How many times `set_data()` replaced the data
+    #'   (read-only).
+    data_version = function(value) {
+      if (!missing(value)) fedagg_abort("{.field data_version} is read-only.")
+      private$.data_version
+    },
+    #' @field previous_features Internal: the features before the last
+    #'   `set_data()`, for [monitor_drift()] (read-only).
+    previous_features = function(value) {
+      if (!missing(value)) fedagg_abort("{.field previous_features} is read-only.")
+      private$.x_previous
+    },
+    #' @field features_for_monitor Internal: the current features, for
+    #'   [monitor_drift()] (read-only).
+    features_for_monitor = function(value) {
+      if (!missing(value)) fedagg_abort("{.field features_for_monitor} is read-only.")
+      private$.x
+    },
     #' @field has_validation Whether the node holds validation data.
     has_validation = function(value) {
       if (!missing(value)) fedagg_abort("{.field has_validation} is read-only.")
@@ -239,6 +276,8 @@ Node <- R6::R6Class("Node",
     .y_val = NULL,
     .availability = 1,
     .attack = NULL,
+    .x_previous = NULL,
+    .data_version = 0L,
     .state = list(),
     .handles = list(),
 

@@ -53,6 +53,8 @@ round_body <- function(self, private, r, last_round) {
               private$.metric_slots(metrics), result$diagnostics,
               list(epsilon = epsilon_after(dp, private$.sampling_rate(), r)))
   next_clip <- adapt_clip(private, result$info, r)
+  drift <- monitor_round(private, r, result$info)
+  record$drift_alerts <- if (is.null(private$.monitor)) NA_real_ else length(drift$alerts)
   record$clip <- if (!is.null(dp)) private$.dp_clip %||% dp$clip else NA_real_
   # Commit: nothing above changed the server or a node.
   private$.flat <- as.double(proposed)
@@ -63,6 +65,8 @@ round_body <- function(self, private, r, last_round) {
   private$.reach <- private$.reach + picked$available
   private$.server_state <- result$server_state
   if (!is.null(next_clip)) private$.dp_clip <- next_clip
+  private$.drift_log <- c(private$.drift_log, drift$alerts)
+  private$.seen_versions <- drift$seen
   private$.control <- result$control
   if (!is.null(result$aggregate)) private$.last_delta <- result$aggregate
   for (k in seq_along(result$node_states)) {

@@ -56,7 +56,7 @@ Server <- R6::R6Class("Server",
   cloneable = TRUE,
   public = list(
     #' @description Create a server (see [fed_server()] for the arguments).
-    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples
+    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples,monitor
     #'   See [fed_server()].
     initialize = function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
                           selection = select_uniform(), schedule = NULL, weights = NULL, epochs = 1,
@@ -65,7 +65,7 @@ Server <- R6::R6Class("Server",
                           threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                           server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                           drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
-                          min_samples = 0) {
+                          min_samples = 0, monitor = NULL) {
       assert_model(model)
       node_list <- as_node_list(nodes)
       # One class coding for the whole federation, before any label is coded.
@@ -85,6 +85,10 @@ Server <- R6::R6Class("Server",
       private$.clip <- assert_clip(clip)
       private$.filter <- assert_filter(filter)
       private$.min_samples <- assert_count(min_samples, min = 0L)
+      private$.monitor <- assert_monitor(monitor)
+      # The monitor compares data changed after the server was made.
+      private$.seen_versions <- lapply(stats::setNames(node_list, vapply(node_list, function(n) n$id, character(1))),
+                                       function(n) n$data_version)
       if (!is.null(private$.privacy)) {
         if (!is.null(weights) && !identical(weights, "equal")) {
           fedagg_warn(c("Differential privacy weights every update equally; {.arg weights} is ignored.",
@@ -247,8 +251,9 @@ Server <- R6::R6Class("Server",
         sprintf("  clients: %d nodes, %d per round (%s); weights: %s%s", length(private$.nodes), m, how, weights, slow),
         sprintf("  local:   %s, lr = %s, %s", local, format(loc$lr), attr(private$.lr_schedule, "label")),
         sprintf("  server:  %s, %s", private$.server_opt$label, private$.aggregator$label),
-        if (!is.null(private$.filter) || !is.null(private$.clip) || !is.null(private$.privacy)) {
-          sprintf("  trust:   %s", paste(c(private$.filter$label, private$.clip$label, private$.privacy$label), collapse = "; "))
+        if (!is.null(private$.filter) || !is.null(private$.clip) || !is.null(private$.privacy) || !is.null(private$.monitor)) {
+          sprintf("  trust:   %s", paste(c(private$.filter$label, private$.clip$label, private$.privacy$label,
+                                           private$.monitor$label), collapse = "; "))
         },
         sprintf("  rounds:  %d done, seed %d", private$.round, private$.seed)
       )
@@ -331,6 +336,20 @@ Server <- R6::R6Class("Server",
       }
       as.data.frame(out, stringsAsFactors = FALSE)
     },
+    #' @field drift_log The alerts of [monitor_drift()]: one row per test
+    #'   below its `alpha` (read-only data frame).
+    drift_log = function(value) {
+      if (!missing(value)) fedagg_abort("{.field drift_log} is read-only.")
+      if (!length(private$.drift_log)) {
+        return(data.frame(round = integer(), signal = character(), client = character(), statistic = numeric(),
+                          p_value = numeric()))
+      }
+      out <- lapply(stats::setNames(drift_log_columns, drift_log_columns), function(col) {
+        unlist(lapply(private$.drift_log, `[[`, col))
+      })
+      out$round <- as.integer(out$round)
+      as.data.frame(out, stringsAsFactors = FALSE)
+    },
     #' @field server_state The server optimizer's state (`m`, `v`) and
     #'   SCAFFOLD's server `control` variate (read-only).
     server_state = function(value) {
@@ -397,6 +416,7 @@ Server <- R6::R6Class("Server",
     .epochs = NULL, .server_opt = NULL, .server_state = list(), .aggregator = NULL, .control = NULL,
     .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
+    .monitor = NULL, .drift_log = list(), .seen_versions = list(),
 
     # Expected clients per round / nodes: the sampling rate of the accountant.
     .sampling_rate = function() {

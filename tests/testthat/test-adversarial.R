@@ -530,6 +530,14 @@ adv_cases_trust <- c(
     S(rdp_epsilon(0.1, 1, 10, X), "delta", c("0", "1")),
     S(rdp_noise_multiplier(X, 1e-5, 0.1, 10), "epsilon", c("0", "-1", "NA")),
     S(rdp_sampled_gaussian(0.1, 1, orders = X), "orders", c("1", "-1", "chr"))
+  ),
+  adv_group("drift monitoring",
+    S(monitor_drift(window = X), "window", c("1", "1.5", "NA")),
+    S(monitor_drift(alpha = X), "alpha", c("0", "1", "chr")),
+    S(monitor_drift(features = X), "features", adv_bad_flag),
+    S(mk_srv(monitor = X), "monitor", c("bogus", "fun")),
+    E("set_data with another width", node$set_data(matrix(1, 2, 2), 0:1), "x"),
+    E("set_data with missing labels", node$set_data(d$x[1:3, ], c(0, NA, 1)), "y")
   )
 )
 

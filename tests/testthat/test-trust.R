@@ -217,3 +217,33 @@ test_that("adaptive clipping converges to the requested quantile of the update n
   expect_snapshot(error = TRUE, fed_server(model_logistic(2), nodes, fraction = 1,
                                            privacy = dp_central(1, clip = clip_adaptive(count_noise = 0.1))))
 })
+
+test_that("drift monitoring matches stats::ks.test and flags a covariate shift", {
+  data <- synthetic_fedprox(0.5, 0.5, n_clients = 9, dim = 5, n_classes = 3, max_size = 80, seed = 8)
+  nodes <- fed_nodes(data)
+  shifted <- names(nodes)[1:3]
+  shift <- function(server, round, record) {
+    if (round == 6) for (id in shifted) server$nodes[[id]]$set_data(data$clients[[id]]$x + 3, data$clients[[id]]$y)
+  }
+  srv <- fed_server(model_softmax(5, 3), nodes, fraction = 1, lr = 0.1, seed = 1,
+                    monitor = monitor_drift(window = 3, alpha = 0.01), hooks = list(round_end = shift))
+  h <- srv$fit(12, verbose = FALSE)
+  log <- srv$drift_log
+  features <- log[grepl("^feature", log$signal), ]
+  # The shifted nodes' features are flagged once, in the round after the change.
+  expect_setequal(unique(features$client), shifted)
+  expect_true(all(features$round == 7))
+  expect_identical(h$drift_alerts, as.numeric(tabulate(log$round, 12)))
+  # Every window test is stats::ks.test on the client log's values.
+  cl <- srv$client_log
+  for (r in 6:12) {
+    for (signal in c("update_norm", "train_loss")) {
+      before <- cl[[signal]][cl$round %in% (r - 5):(r - 3)]
+      now <- cl[[signal]][cl$round %in% (r - 2):r]
+      p <- suppressWarnings(stats::ks.test(before, now)$p.value)
+      alerted <- any(log$round == r & log$signal == signal)
+      expect_identical(alerted, p < 0.01, label = sprintf("%s in round %d", signal, r))
+    }
+  }
+  expect_error(nodes[[1]]$set_data(matrix(1, 2, 2), 0:1), class = "fedagg_error_client")
+})

@@ -1,0 +1,111 @@
+#' Monitor drift during training
+#'
+#' @description
+#' `monitor_drift(window, alpha)` watches a [Server]'s rounds for
+#' distribution shifts. After each round it runs two-sample
+#' Kolmogorov-Smirnov tests ([ks_test()], in Rust) comparing the last
+#' `window` rounds with the `window` rounds before them, on
+#' * the clients' update norms and
+#' * their training losses (from the client log);
+#'
+#' and, for every node whose data changed since the monitor last saw it
+#' (see `node$set_data()`), its features before and after the change, one
+#' test per feature ([ks_drift()]). Tests with a p-value below `alpha` are
+#' alerts: they go into `server$drift_log` (round, signal, client,
+#' statistic, p-value), the history counts them (`drift_alerts`) and
+#' `plot(history)` marks their rounds. Windows slide by one round, so a
+#' lasting shift raises alerts for several rounds.
+#'
+#' @param window Rounds in each window, at least 2.
+#' @param alpha Significance level, in (0, 1).
+#' @param features Also test the features of nodes whose data changed?
+#' @return A `fed_monitor`.
+#' @examples
+#' data <- synthetic_fedprox(1, 1, n_clients = 12, seed = 1)
+#' nodes <- fed_nodes(data)
+#' # A covariate shift on a third of the nodes at round 8.
+#' shift <- function(server, round, record) {
+#'   if (round == 8) {
+#'     for (n in server$nodes[1:4]) {
+#'       d <- data$clients[[n$id]]
+#'       n$set_data(d$x + 2, d$y)
+#'     }
+#'   }
+#' }
+#' srv <- fed_server(model_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = 1,
+#'                   monitor = monitor_drift(window = 3), hooks = list(round_end = shift))
+#' h <- srv$fit(14, verbose = FALSE)
+#' head(srv$drift_log)
+#' plot(h)
+#' @export
+monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE) {
+  window <- assert_count(window, min = 2L)
+  alpha <- assert_number(alpha, 0, 1, lower_open = TRUE, upper_open = TRUE)
+  features <- assert_flag(features)
+  structure(list(window = window, alpha = alpha, features = features,
+                 label = sprintf("KS drift tests (window %d, alpha %s%s)", window, format(alpha),
+                                 if (features) ", features of changed nodes" else "")),
+            class = "fed_monitor")
+}
+
+#' @export
+format.fed_monitor <- function(x, ...) paste("<fed_monitor>", x$label)
+
+#' @export
+print.fed_monitor <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
+}
+
+assert_monitor <- function(x, call = rlang::caller_env()) {
+  if (is.null(x) || inherits(x, "fed_monitor")) return(x)
+  fedagg_abort("{.arg monitor} must come from {.fn monitor_drift}, not {obj_desc(x)}.", call = call)
+}
+
+drift_log_columns <- c("round", "signal", "client", "statistic", "p_value")
+
+# The alerts of round r: rows of the drift log, and the data versions seen.
+# Pure: the server keeps both only if the round commits.
+monitor_round <- function(private, r, info) {
+  mon <- private$.monitor
+  seen <- private$.seen_versions
+  if (is.null(mon)) return(list(alerts = NULL, seen = seen))
+  alerts <- list()
+  w <- mon$window
+  if (r >= 2L * w) {
+    logs <- c(private$.client_log, list(c(list(round = r), info)))
+    rounds <- vapply(logs, function(e) as.integer(e$round), integer(1))
+    values <- function(field, from, to) {
+      v <- unlist(lapply(logs[rounds >= from & rounds <= to], `[[`, field))
+      v[is.finite(v)]
+    }
+    for (signal in c("update_norm", "train_loss")) {
+      before <- values(signal, r - 2L * w + 1L, r - w)
+      now <- values(signal, r - w + 1L, r)
+      if (length(before) && length(now)) {
+        test <- withCallingHandlers(ks_test(before, now, threads = private$.threads),
+                                    fedagg_warning_ks_ties = function(cnd) invokeRestart("muffleWarning"))
+        if (test$p.value < mon$alpha) {
+          alerts[[length(alerts) + 1L]] <- list(round = r, signal = signal, client = NA_character_,
+                                                statistic = unname(test$statistic), p_value = test$p.value)
+        }
+      }
+    }
+  }
+  if (mon$features) {
+    for (node in private$.nodes) {
+      version <- node$data_version
+      if (version > (seen[[node$id]] %||% 0L)) {
+        drift <- ks_drift(node$previous_features, node$features_for_monitor, alpha = mon$alpha,
+                          threads = private$.threads)
+        for (k in which(drift$drift)) {
+          alerts[[length(alerts) + 1L]] <- list(round = r, signal = paste("feature", drift$feature[k]),
+                                                client = node$id, statistic = drift$statistic[k],
+                                                p_value = drift$p_value[k])
+        }
+        seen[[node$id]] <- version
+      }
+    }
+  }
+  list(alerts = alerts, seen = seen)
+}
