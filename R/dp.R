@@ -32,6 +32,16 @@
 #' impossible (too little count noise for `z`), the server says so. The
 #' history's `clip` column is the bound used in each round.
 #'
+#' **Local DP**: with `dp_local(epsilon, delta, clip)` every client clips its
+#' own update to `clip` and adds Gaussian noise calibrated by the analytic
+#' Gaussian mechanism ([gaussian_noise_sd()]) for L2 sensitivity `2 * clip`
+#' (the clipped update of a client can become any other point of the ball)
+#' before sending it, so the server, its filters and its aggregator only see
+#' noised updates. Each round a client takes part in is `(epsilon, delta)`-DP
+#' for that client; the history's `epsilon` is the largest total over the
+#' clients by basic composition (participations times `epsilon`), a simple
+#' upper bound.
+#'
 #' `clip_norm(max_norm, per_layer)` clips updates without noise (a transform
 #' on its own, e.g. against a few very large updates).
 #'
@@ -39,6 +49,7 @@
 #'   `>= 0`.
 #' @param clip,max_norm Clipping bound on each update's L2 norm, `> 0`; for
 #'   `dp_central()` also [clip_adaptive()].
+#' @param epsilon For `dp_local()`: the privacy of one round's update, `> 0`.
 #' @param initial Initial bound of adaptive clipping.
 #' @param quantile Target share of unclipped updates, in (0, 1).
 #' @param lr Learning rate of the bound's geometric update, `> 0`.
@@ -58,6 +69,7 @@
 #' @examples
 #' dp_central(noise_multiplier = 1, clip = 0.5)
 #' dp_central(noise_multiplier = 1, clip = clip_adaptive(initial = 0.1, quantile = 0.5))
+#' dp_local(epsilon = 4, delta = 1e-5, clip = 0.1)
 #' data <- synthetic_fedprox(1, 1, n_clients = 20, seed = 1)
 #' srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.5, lr = 0.05,
 #'                   privacy = dp_central(noise_multiplier = 1, clip = 0.5, max_epsilon = 5),
@@ -83,6 +95,20 @@ dp_central <- function(noise_multiplier, clip, per_layer = FALSE, delta = 1e-5, 
                                  if (is.null(adaptive)) format(clip) else adaptive$label,
                                  if (per_layer) " per layer" else "", format(delta),
                                  if (is.finite(max_epsilon)) sprintf(", max epsilon %s", format(max_epsilon)) else "")),
+            class = "fed_privacy")
+}
+
+#' @rdname differential_privacy
+#' @export
+dp_local <- function(epsilon, delta = 1e-5, clip) {
+  epsilon <- assert_number(epsilon, 0, lower_open = TRUE)
+  delta <- assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
+  clip <- assert_number(clip, 0, lower_open = TRUE)
+  sd <- gaussian_noise_sd(2 * clip, epsilon, delta)
+  structure(list(kind = "local", epsilon = epsilon, delta = delta, clip = clip, sd = sd, per_layer = FALSE,
+                 max_epsilon = Inf, noise_multiplier = sd / clip,
+                 label = sprintf("local DP (epsilon %s, delta %s per round, clip %s: noise sd %s)", format(epsilon),
+                                 format(delta), format(clip), format(signif(sd, 3)))),
             class = "fed_privacy")
 }
 
@@ -160,7 +186,9 @@ print.fed_clip <- function(x, ...) {
 #' @param server A [Server].
 #' @param delta Delta (default: the one given to [dp_central()]).
 #' @return A list: `epsilon`, `delta`, `order` (the optimal RDP order),
-#'   `rounds`, `q` (sampling rate) and `noise_multiplier`.
+#'   `rounds`, `q` (sampling rate) and `noise_multiplier`. With [dp_local()]:
+#'   the largest total over the clients by basic composition, with
+#'   `epsilon_per_round` and `participations`.
 #' @examples
 #' data <- synthetic_fedprox(1, 1, n_clients = 10, seed = 1)
 #' srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 0.5, lr = 0.05,
@@ -173,6 +201,14 @@ privacy_spent <- function(server, delta = NULL) {
   if (!inherits(server, "Server")) fedagg_abort("{.arg server} must be a {.cls Server}, not {obj_desc(server)}.")
   dp <- server$settings$privacy_object
   if (is.null(dp)) fedagg_abort("This server has no differential privacy; give {.arg privacy} = {.fn dp_central}.")
+  if (dp$kind == "local") {
+    if (!is.null(delta)) fedagg_abort("Local DP is accounted at its own {.arg delta}; {.fn privacy_spent} takes none.")
+    per_client <- table(server$client_log$client)
+    most <- if (length(per_client)) max(per_client) else 0L
+    return(list(epsilon = most * dp$epsilon, delta = most * dp$delta, order = NA_real_,
+                rounds = server$rounds_done, q = server$settings$sampling_rate, noise_multiplier = dp$noise_multiplier,
+                epsilon_per_round = dp$epsilon, participations = most))
+  }
   delta <- if (is.null(delta)) dp$delta else assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
   q <- server$settings$sampling_rate
   rounds <- server$rounds_done
@@ -191,9 +227,9 @@ assert_clip <- function(x, call = rlang::caller_env()) {
   fedagg_abort("{.arg clip} must come from {.fn clip_norm}, not {obj_desc(x)}.", call = call)
 }
 
-# The epsilon a server would have spent after `rounds` rounds.
+# The epsilon a server would have spent after `rounds` rounds (central DP).
 epsilon_after <- function(dp, q, rounds) {
-  if (is.null(dp) || rounds == 0L) return(NA_real_)
+  if (is.null(dp) || dp$kind != "central" || rounds == 0L) return(NA_real_)
   as.double(rdp_epsilon(q, dp$noise_multiplier, rounds, dp$delta))
 }
 
@@ -208,4 +244,12 @@ adapt_clip <- function(private, info, round) {
   count_noise <- if (noise$count > 0) with_seed(derive_seed(private$.seed, round, 7L), stats::rnorm(1, 0, noise$count)) else 0
   share <- (unclipped + count_noise) / expected
   private$.dp_clip * exp(-dp$adaptive$lr * (share - dp$adaptive$quantile))
+}
+
+# Local DP: the largest epsilon any client has spent, by basic composition
+# over the rounds it took part in (this one included).
+local_epsilon <- function(private, info, dp) {
+  clients <- c(unlist(lapply(private$.client_log, `[[`, "client")), info$client)
+  if (!length(clients)) return(0)
+  max(table(clients)) * dp$epsilon
 }

@@ -27,7 +27,7 @@ train_selected <- function(private, idx, config, epochs, round) {
     info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,
                  val_loss = nan_to_na(out$val_loss), val_metric = nan_to_na(out$val_metric),
                  weight = out$weight, epochs = as.double(epochs), steps = out$steps)
-    if (!is.null(private$.privacy)) info$weight <- rep(1, length(ids))
+    if (identical(private$.privacy$kind, "central")) info$weight <- rep(1, length(ids))
     deltas <- out$collected
     a <- out$a
     new_controls <- out$client_controls
@@ -125,13 +125,18 @@ selection_log_rows <- function(round, clients, score, picked = rep(TRUE, length(
 trust_config <- function(private, nodes, round) {
   sizes <- layer_sizes(private$.model, private$.template)
   dp <- private$.privacy
+  local <- identical(dp$kind, "local")
+  if (local) dp <- NULL
   clip <- if (!is.null(dp)) list(max_norm = private$.dp_clip %||% dp$clip, per_layer = dp$per_layer)
           else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
   z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * length(private$.nodes))$update
        else dp$noise_multiplier
   attacks <- lapply(nodes, function(n) rust_attack(n$attack))
   n_nodes <- length(private$.nodes)
-  list(attacks = if (any(!vapply(attacks, is.null, logical(1)))) unname(attacks),
+  list(local_dp = if (local) {
+         list(clip = private$.privacy$clip, sd = private$.privacy$sd, seed = as.double(derive_seed(private$.seed, round, 8L)))
+       },
+       attacks = if (any(!vapply(attacks, is.null, logical(1)))) unname(attacks),
        attack_seed = as.double(derive_seed(private$.seed, round, 6L)),
        filter = rust_filter(private$.filter, sizes),
        clip = if (!is.null(clip)) c(clip, list(layer_sizes = sizes)),

@@ -51,7 +51,8 @@ round_body <- function(self, private, r, last_round) {
                    train_loss = if (length(work$ids)) stats::weighted.mean(info$train_loss, info$weight) else NA_real_,
                    loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
               private$.metric_slots(metrics), result$diagnostics,
-              list(epsilon = epsilon_after(dp, private$.sampling_rate(), r)))
+              list(epsilon = if (identical(dp$kind, "local")) local_epsilon(private, result$info, dp)
+                             else epsilon_after(dp, private$.sampling_rate(), r)))
   next_clip <- adapt_clip(private, result$info, r)
   drift <- monitor_round(private, r, result$info)
   record$drift_alerts <- if (is.null(private$.monitor)) NA_real_ else length(drift$alerts)

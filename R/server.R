@@ -89,13 +89,15 @@ Server <- R6::R6Class("Server",
       # The monitor compares data changed after the server was made.
       private$.seen_versions <- lapply(stats::setNames(node_list, vapply(node_list, function(n) n$id, character(1))),
                                        function(n) n$data_version)
-      if (!is.null(private$.privacy)) {
+      if (identical(private$.privacy$kind, "central")) {
         if (!is.null(weights) && !identical(weights, "equal")) {
           fedagg_warn(c("Differential privacy weights every update equally; {.arg weights} is ignored.",
                         i = "Weighting by samples would raise the sensitivity of the sum."), class = "dp_weights")
         }
         weights <- "equal"
-        if (!is.null(private$.clip)) fedagg_abort("{.fn dp_central} clips the updates itself; give {.arg clip} or {.arg privacy}, not both.")
+      }
+      if (!is.null(private$.privacy) && !is.null(private$.clip)) {
+        fedagg_abort("{.arg privacy} clips the updates itself; give {.arg clip} or {.arg privacy}, not both.")
       }
       private$.weights <- assert_weight_rule(weights %||% "samples", model, private$.nodes)
       private$.epochs <- assert_node_epochs(epochs, names(private$.nodes))
@@ -108,7 +110,7 @@ Server <- R6::R6Class("Server",
                                      momentum, shuffle, optimizer = local_optimizer)
       private$.server_opt <- assert_server_optimizer(server_optimizer)
       private$.aggregator <- assert_aggregator(aggregator)
-      if (!is.null(private$.privacy) && private$.aggregator$kind != "weighted") {
+      if (identical(private$.privacy$kind, "central") && private$.aggregator$kind != "weighted") {
         fedagg_abort("{.fn dp_central} adds its noise to a sum of clipped updates; use {.code aggregator = agg_weighted()}, not {private$.aggregator$label}.")
       }
       if (private$.algorithm$kind == "fednova" && private$.aggregator$kind != "weighted") {

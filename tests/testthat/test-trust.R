@@ -247,3 +247,27 @@ test_that("drift monitoring matches stats::ks.test and flags a covariate shift",
   }
   expect_error(nodes[[1]]$set_data(matrix(1, 2, 2), 0:1), class = "fedagg_error_client")
 })
+
+test_that("local DP: each client sends its clipped update plus calibrated noise", {
+  x <- matrix(rnorm(80), 40)
+  nodes <- fed_nodes(x, as.integer(x[, 1] > 0), partition_iid(40, 8, seed = 1))
+  silent <- fed_algorithm("zero updates", function(node, params, config, state) {
+    list(delta = rep(0, length(unlist(params))), n_samples = 1, train_loss = 0, state = NULL)
+  })
+  m <- model_mlp(2, hidden = 200, n_classes = 2)
+  dp <- dp_local(epsilon = 2, delta = 1e-5, clip = 0.5)
+  expect_equal(dp$sd, gaussian_noise_sd(2 * 0.5, 2, 1e-5))
+  srv <- fed_server(m, nodes, algorithm = silent, fraction = 0.5, weights = "equal", seed = 1, privacy = dp)
+  before <- unlist(srv$params, use.names = FALSE)
+  srv$round()
+  noise <- unlist(srv$params, use.names = FALSE) - before
+  # The mean of 4 independent N(0, sd^2) vectors: sd / 2 per coordinate.
+  expect_equal(stats::sd(noise), dp$sd / 2, tolerance = 0.05)
+  h <- srv$fit(5, verbose = FALSE)
+  expect_equal(h$epsilon, vapply(seq_len(nrow(h)), function(r) {
+    max(table(srv$client_log$client[srv$client_log$round <= r])) * 2
+  }, numeric(1)))
+  expect_identical(privacy_spent(srv)$participations, as.integer(max(table(srv$client_log$client))))
+  # Local DP works with any aggregator.
+  expect_no_error(fed_server(m, nodes, privacy = dp, aggregator = agg_median(), seed = 1)$round())
+})

@@ -800,6 +800,7 @@ mod tests {
         let sizes = vec![12, 4, 12, 3];
         assert_eq!(sizes.iter().sum::<usize>(), d);
         let robust = RoundTransforms {
+            local_noise: None,
             attacks: attacks.clone(),
             attack_seed: 77,
             filter: Some(NormFilter { max_norm: None, mad: Some(3.0), per_layer: true, layer_sizes: Some(sizes.clone()) }),
@@ -808,6 +809,7 @@ mod tests {
             noise: None,
         };
         let dp = RoundTransforms {
+            local_noise: None,
             attacks,
             attack_seed: 77,
             filter: None,

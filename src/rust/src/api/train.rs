@@ -4,7 +4,7 @@ use extendr_api::Result;
 use fedagg_core::model::{Dataset, Head, Network};
 use fedagg_core::strategy::fold::{is_all_filtered, scaffold_server_control};
 use fedagg_core::strategy::{
-    fold_round_with, Aggregator, Attack, CentralNoise, ClientAlgorithm, Clip, FoldRule, LocalConfig, LocalOptimizer, NormFilter,
+    fold_round_with, Aggregator, Attack, CentralNoise, LocalNoise, ClientAlgorithm, Clip, FoldRule, LocalConfig, LocalOptimizer, NormFilter,
     RoundTransforms, RoundUpdate, ServerOptimizer, ServerStep,
 };
 use fedagg_core::train::{self, ClientJob, LocalWork, RoundConfig, WeightRule};
@@ -345,6 +345,13 @@ fn round_transforms(config: &List) -> Result<RoundTransforms> {
             "bulyan" => Aggregator::Bulyan { f: optional_count(&a, "f", what)? },
             other => return Err(input_err(format!("config `aggregator$kind` \"{other}\" is not a known aggregator"))),
         };
+    }
+    if let Some(l) = optional_list(config, "local_dp")? {
+        t.local_noise = Some(LocalNoise {
+            clip: required_number(&l, "clip", "local_dp")?,
+            sd: required_number(&l, "sd", "local_dp")?,
+            seed: required_number(&l, "seed", "local_dp")? as u64,
+        });
     }
     if let Some(n) = optional_list(config, "noise")? {
         t.noise = Some(CentralNoise {

@@ -37,7 +37,7 @@ pub use client::{ClientAlgorithm, GradientCorrection, LocalConfig, LocalOutcome}
 pub use fold::{ClientDiagnostics, Fold, FoldRule};
 pub use local_opt::LocalOptimizer;
 pub use server_opt::{ServerOptimizer, ServerState};
-pub use transform::{Aggregator, Attack, CentralNoise, Clip, NormFilter, Prepared, RoundTransforms, NO_TRANSFORMS};
+pub use transform::{Aggregator, Attack, CentralNoise, Clip, LocalNoise, NormFilter, Prepared, RoundTransforms, NO_TRANSFORMS};
 
 /// The server side of a round: its optimizer and the state the previous
 /// round left (absent = zeros).

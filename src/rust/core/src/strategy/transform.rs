@@ -375,9 +375,25 @@ pub struct CentralNoise {
     pub denominator: f64,
 }
 
+/// Local DP: each client clips its update to `clip` and adds N(0, sd^2)
+/// noise before sending it, so the server only ever sees noised updates.
+/// The noise of client `k` comes from the streams of (`seed`, `k`, block),
+/// under a tag of its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LocalNoise {
+    pub clip: f64,
+    pub sd: f64,
+    pub seed: u64,
+}
+
+/// Stream tag of local DP noise, apart from the attacks' noise.
+const LOCAL_DP_STREAM_TAG: u64 = 0x10CA_1D90_0000_0000;
+
 /// Everything the server does to a round's updates besides folding them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoundTransforms {
+    /// Applied by every client before it sends its update.
+    pub local_noise: Option<LocalNoise>,
     /// Empty: no attacks; else one entry per client of the round.
     pub attacks: Vec<Option<Attack>>,
     pub attack_seed: u64,
@@ -408,12 +424,20 @@ pub struct Prepared<'a> {
 }
 
 impl RoundTransforms {
-    pub const NONE: RoundTransforms =
-        RoundTransforms { attacks: Vec::new(), attack_seed: 0, filter: None, clip: None, aggregator: Aggregator::Weighted, noise: None };
+    pub const NONE: RoundTransforms = RoundTransforms {
+        local_noise: None,
+        attacks: Vec::new(),
+        attack_seed: 0,
+        filter: None,
+        clip: None,
+        aggregator: Aggregator::Weighted,
+        noise: None,
+    };
 
     /// True when nothing is to be done: the plain fold.
     pub fn is_none(&self) -> bool {
-        self.attacks.iter().all(Option::is_none)
+        self.local_noise.is_none()
+            && self.attacks.iter().all(Option::is_none)
             && self.filter.is_none()
             && self.clip.is_none()
             && self.aggregator == Aggregator::Weighted
@@ -434,6 +458,14 @@ impl RoundTransforms {
         for (k, a) in self.attacks.iter().enumerate() {
             if let Some(a) = a {
                 a.check(k)?;
+            }
+        }
+        if let Some(l) = &self.local_noise {
+            if !(l.clip.is_finite() && l.clip > 0.0) {
+                return invalid("local_dp", format!("`clip` = {} is not a finite number > 0", l.clip));
+            }
+            if !(l.sd.is_finite() && l.sd >= 0.0) {
+                return invalid("local_dp", format!("`sd` = {} is not a finite number >= 0", l.sd));
             }
         }
         if let Some(f) = &self.filter {
@@ -470,6 +502,9 @@ impl RoundTransforms {
     pub fn prepare<'a>(&self, k: usize, d: usize, update: Cow<'a, [f64]>, norms: bool) -> CoreResult<Prepared<'a>> {
         check_update(k, d, &update)?;
         let mut update = update;
+        if let Some(local) = &self.local_noise {
+            local_dp_update(&mut update, local, k).map_err(|e| in_client(k, e))?;
+        }
         if let Some(Some(attack)) = self.attacks.get(k) {
             attack_update(&mut update, attack, self.attack_seed, k)?;
         }
@@ -494,6 +529,24 @@ pub(crate) fn check_update(k: usize, d: usize, update: &[f64]) -> CoreResult<()>
     }
     if let Some(i) = update.iter().position(|v| !v.is_finite()) {
         return Err(CoreError::ClientDiverged(k, format!("returned a non-finite value ({}) at position {}", update[i], i + 1)));
+    }
+    Ok(())
+}
+
+/// What client `k` sends under local DP: its update clipped to `local.clip`
+/// (overflow-safe norm), plus N(0, sd^2) noise per coordinate.
+fn local_dp_update(update: &mut Cow<'_, [f64]>, local: &LocalNoise, k: usize) -> CoreResult<()> {
+    let factor = clip_factor(l2_norm(update), local.clip);
+    let values = owned(update, "a locally private client update")?;
+    let mut noise = try_zeroed(values.len(), "local DP noise")?;
+    noise.par_chunks_mut(ATTACK_BLOCK).enumerate().for_each(|(b, block)| {
+        let mut rng = Rng::new(local.seed, LOCAL_DP_STREAM_TAG ^ ((k as u64) << 24) ^ b as u64);
+        for v in block.iter_mut() {
+            *v = local.sd * rng.normal();
+        }
+    });
+    for (v, z) in values.iter_mut().zip(&noise) {
+        *v = *v * factor + z;
     }
     Ok(())
 }
@@ -881,6 +934,35 @@ mod tests {
         let a = vec![1.0; k];
         let err = fold_round_with(&[0.0; 37], &refs(&ups), &w, Some(&a), FoldRule::Normalized, &SGD, false, &t, 1).unwrap_err();
         assert!(matches!(err, CoreError::InvalidArgument("aggregator", _)), "{err:?}");
+    }
+
+    #[test]
+    fn local_dp_clips_then_adds_seeded_noise() {
+        let d = 20_000;
+        let u: Vec<f64> = (0..d).map(|i| ((i % 7) as f64) - 3.0).collect();
+        let norm = u.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let with = |sd: f64, seed: u64| RoundTransforms {
+            local_noise: Some(LocalNoise { clip: 2.0, sd, seed }),
+            ..RoundTransforms::NONE
+        };
+        // Without noise: exactly the clipped update.
+        let quiet = with(0.0, 1).prepare(0, d, Cow::Borrowed(&u), false).unwrap().update.into_owned();
+        for (q, v) in quiet.iter().zip(&u) {
+            assert!((q - v * 2.0 / norm).abs() < 1e-15);
+        }
+        // With noise: clipped update + N(0, sd^2), seeded per client, never the attack streams.
+        let a = with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().update.into_owned();
+        let b = with_threads(2, || with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().update.into_owned());
+        assert_eq!(a, b);
+        let other_client = with(0.5, 9).prepare(4, d, Cow::Borrowed(&u), false).unwrap().update.into_owned();
+        assert_ne!(a, other_client);
+        let resid: Vec<f64> = a.iter().zip(&quiet).map(|(x, q)| x - q).collect();
+        let sd = (resid.iter().map(|r| r * r).sum::<f64>() / d as f64).sqrt();
+        assert!((sd - 0.5).abs() < 0.02, "{sd}");
+        let mut attack_noise = vec![0.0; d];
+        gaussian_fill(&mut attack_noise, 0.5, 9, 3);
+        assert_ne!(resid, attack_noise);
+        assert!(with(-1.0, 1).check(d, 1, FoldRule::Mean).is_err());
     }
 
     #[test]
