@@ -143,7 +143,7 @@ adaptive_noise <- function(dp, expected_clients, call = rlang::caller_env()) {
   rest <- z^-2 - (2 * sigma_b)^-2
   if (sigma_b == 0 || rest <= 0) {
     fedagg_abort(c("Adaptive clipping cannot keep the noise multiplier {z} with count noise {format(sigma_b)}.",
-                   i = "The count needs noise above {format(1 / (2 * z))}: raise {.arg count_noise} or lower {.arg noise_multiplier}."),
+                   i = "The count needs noise above {format(z / 2)} (z / 2): raise {.arg count_noise} or lower {.arg noise_multiplier}."),
                  call = call)
   }
   list(update = rest^-0.5, count = sigma_b)

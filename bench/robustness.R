@@ -11,7 +11,7 @@
 # (partition_dirichlet, alpha = 0.5). Every round has all 50 clients
 # (fraction = 1, so Bulyan's K >= 4f + 3 holds with f = 10), E = 1,
 # B = 32, lr = 0.05, seed 1, evaluated every 5 rounds on the 10,000 test
-# images; 30 rounds by default (about 7 minutes on 2 cores).
+# images; 30 rounds by default (about 6 minutes on 2 cores).
 # Ten clients (a seeded 20%) attack in every round:
 #   * sign flip: send -s * Delta. s = 1 is tried first with FedAvg only;
 #     if FedAvg loses less than 3 points to it on either split, the tables
