@@ -91,8 +91,8 @@ dp_central <- function(noise_multiplier, clip, per_layer = FALSE, delta = 1e-5, 
   if (!identical(max_epsilon, Inf)) max_epsilon <- assert_number(max_epsilon, 0, lower_open = TRUE)
   structure(list(kind = "central", noise_multiplier = noise_multiplier, clip = clip, per_layer = per_layer,
                  delta = delta, max_epsilon = max_epsilon, adaptive = adaptive,
-                 label = sprintf("central DP (noise multiplier %s, clip %s%s, delta %s%s)", format(noise_multiplier),
-                                 if (is.null(adaptive)) format(clip) else adaptive$label,
+                 label = sprintf("central DP (noise multiplier %s, %s%s, delta %s%s)", format(noise_multiplier),
+                                 if (is.null(adaptive)) paste("clip", format(clip)) else adaptive$label,
                                  if (per_layer) " per layer" else "", format(delta),
                                  if (is.finite(max_epsilon)) sprintf(", max epsilon %s", format(max_epsilon)) else "")),
             class = "fed_privacy")
@@ -238,7 +238,7 @@ epsilon_after <- function(dp, q, rounds) {
 adapt_clip <- function(private, info, round) {
   dp <- private$.privacy
   if (is.null(dp$adaptive) || !length(info$client)) return(NULL)
-  expected <- private$.sampling_rate() * length(private$.nodes)
+  expected <- private$.sampling_rate() * private$.eligible()
   noise <- adaptive_noise(dp, expected)
   unclipped <- sum(info$kept & !info$clipped, na.rm = TRUE)
   count_noise <- if (noise$count > 0) with_seed(derive_seed(private$.seed, round, 7L), stats::rnorm(1, 0, noise$count)) else 0

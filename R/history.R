@@ -176,7 +176,8 @@ panel_title <- function(cols) {
   if (any(cols %in% diagnostic_columns)) return(if (length(cols) == 1L) metric_label(cols) else "Client update norms")
   kind <- unique(sub("^[a-z]+_", "", cols))
   if (length(kind) != 1L) return(paste(metric_label(cols), collapse = ", "))
-  c(loss = "Loss", accuracy = "Accuracy", rmse = "RMSE")[[kind]] %||% kind
+  titles <- c(loss = "Loss", accuracy = "Accuracy", rmse = "RMSE")
+  if (kind %in% names(titles)) titles[[kind]] else metric_label(cols[1])
 }
 
 #' @rdname fed_history

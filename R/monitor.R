@@ -19,6 +19,16 @@
 #' @param window Rounds in each window, at least 2.
 #' @param alpha Significance level, in (0, 1).
 #' @param features Also test the features of nodes whose data changed?
+#' @param adjust Multiple-testing adjustment of a changed node's per-feature
+#'   p-values, one of [stats::p.adjust.methods] (e.g. `"holm"`; default
+#'   `"none"`).
+#'
+#' @section Caveats:
+#' The window tests treat every client's value as an independent sample;
+#' they are not (the same clients recur, and training itself changes norms
+#' and losses), so they alert more often than `alpha` while a model is still
+#' settling: start monitoring after a warm-up, or lower `alpha`. A node with
+#' many features gets one test per feature: use `adjust`.
 #' @return A `fed_monitor`.
 #' @examples
 #' data <- synthetic_fedprox(1, 1, n_clients = 12, seed = 1)
@@ -38,11 +48,12 @@
 #' head(srv$drift_log)
 #' plot(h)
 #' @export
-monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE) {
+monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE, adjust = "none") {
   window <- assert_count(window, min = 2L)
   alpha <- assert_number(alpha, 0, 1, lower_open = TRUE, upper_open = TRUE)
   features <- assert_flag(features)
-  structure(list(window = window, alpha = alpha, features = features,
+  adjust <- assert_choice(adjust, stats::p.adjust.methods)
+  structure(list(window = window, alpha = alpha, features = features, adjust = adjust,
                  label = sprintf("KS drift tests (window %d, alpha %s%s)", window, format(alpha),
                                  if (features) ", features of changed nodes" else "")),
             class = "fed_monitor")
@@ -97,7 +108,7 @@ monitor_round <- function(private, r, info) {
       version <- node$data_version
       if (version > (seen[[node$id]] %||% 0L)) {
         drift <- ks_drift(node$previous_features, node$features_for_monitor, alpha = mon$alpha,
-                          threads = private$.threads)
+                          adjust = mon$adjust, threads = private$.threads)
         for (k in which(drift$drift)) {
           alerts[[length(alerts) + 1L]] <- list(round = r, signal = paste("feature", drift$feature[k]),
                                                 client = node$id, statistic = drift$statistic[k],

@@ -132,7 +132,7 @@ trust_config <- function(private, nodes, round) {
   z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * length(private$.nodes))$update
        else dp$noise_multiplier
   attacks <- lapply(nodes, function(n) rust_attack(n$attack))
-  n_nodes <- length(private$.nodes)
+  n_eligible <- private$.eligible()
   list(local_dp = if (local) {
          list(clip = private$.privacy$clip, sd = private$.privacy$sd, seed = as.double(derive_seed(private$.seed, round, 8L)))
        },
@@ -143,7 +143,7 @@ trust_config <- function(private, nodes, round) {
        aggregator = rust_aggregator(private$.aggregator),
        noise = if (!is.null(dp)) {
          list(sd = z * clip$max_norm, seed = as.double(derive_seed(private$.seed, round, 5L)),
-              denominator = private$.sampling_rate() * n_nodes)
+              denominator = private$.sampling_rate() * n_eligible)
        })
 }
 

@@ -238,6 +238,9 @@ Server <- R6::R6Class("Server",
     format = function(...) {
       loc <- private$.local
       m <- self$clients_per_round
+      if (private$.selection$kind == "poisson") {
+        m <- sprintf("%s expected", format(signif(private$.sampling_rate() * private$.eligible(), 3)))
+      }
       how <- if (!is.null(private$.schedule)) "from a schedule"
              else if (private$.selection$kind == "uniform") sprintf("uniform, fraction %s", format(private$.fraction))
              else private$.selection$label
@@ -250,7 +253,7 @@ Server <- R6::R6Class("Server",
       } else ""
       out <- c(
         sprintf("<Server> %s, %s", private$.algorithm$label, model_description(private$.model)),
-        sprintf("  clients: %d nodes, %d per round (%s); weights: %s%s", length(private$.nodes), m, how, weights, slow),
+        sprintf("  clients: %d nodes, %s per round (%s); weights: %s%s", length(private$.nodes), format(m), how, weights, slow),
         sprintf("  local:   %s, lr = %s, %s", local, format(loc$lr), attr(private$.lr_schedule, "label")),
         sprintf("  server:  %s, %s", private$.server_opt$label, private$.aggregator$label),
         if (!is.null(private$.filter) || !is.null(private$.clip) || !is.null(private$.privacy) || !is.null(private$.monitor)) {
@@ -420,10 +423,16 @@ Server <- R6::R6Class("Server",
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
     .monitor = NULL, .drift_log = list(), .seen_versions = list(),
 
-    # Expected clients per round / nodes: the sampling rate of the accountant.
+    # Nodes that can ever be selected (the minimum cohort excludes the rest).
+    .eligible = function() {
+      sum(vapply(private$.nodes, function(n) n$n_samples >= private$.min_samples, logical(1)))
+    },
+
+    # Expected clients per round / eligible nodes: the sampling rate of the
+    # accountant (each eligible node's chance to take part in a round).
     .sampling_rate = function() {
-      n <- length(private$.nodes)
-      if (private$.selection$kind == "poisson") private$.selection$settings$q else self$clients_per_round / n
+      if (private$.selection$kind == "poisson") return(private$.selection$settings$q)
+      min(1, self$clients_per_round / max(1, private$.eligible()))
     },
 
     # A deep clone gets its own nodes, so later per-node state cannot leak

@@ -271,3 +271,21 @@ test_that("local DP: each client sends its clipped update plus calibrated noise"
   # Local DP works with any aggregator.
   expect_no_error(fed_server(m, nodes, privacy = dp, aggregator = agg_median(), seed = 1)$round())
 })
+
+test_that("accounting samples from the eligible nodes only, and epsilon can be plotted", {
+  x <- matrix(rnorm(400), 200)
+  # 10 nodes of 20 rows, 2 of 4 rows: min_samples = 10 leaves 10 eligible.
+  parts <- c(split(1:200 , rep(1:10, each = 20)), list(201:204, 205:208))
+  x <- rbind(x, matrix(rnorm(16), 8))
+  nodes <- fed_nodes(x, as.integer(x[, 1] > 0), unname(parts))
+  srv <- fed_server(model_logistic(2), nodes, fraction = 5 / 12, min_samples = 10, lr = 0.1, seed = 1,
+                    privacy = dp_central(1, clip = 1))
+  h <- srv$fit(3, verbose = FALSE)
+  # 5 clients per round among 10 eligible nodes: q = 0.5, not 5 / 12.
+  expect_equal(srv$settings$sampling_rate, 0.5)
+  expect_equal(h$epsilon, vapply(1:3, function(r) as.double(rdp_epsilon(0.5, 1, r, 1e-5)), numeric(1)))
+  grDevices::pdf(NULL)
+  on.exit(grDevices::dev.off())
+  expect_no_error(plot(h, metric = "epsilon"))
+  expect_no_error(plot(h, metric = c("lr", "clients")))
+})
