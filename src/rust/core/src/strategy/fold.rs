@@ -492,18 +492,22 @@ fn diagnose(kept: &Kept<'_>, aggregate: &[f64]) -> CoreResult<ClientDiagnostics>
         .zip(&norms)
         .map(|(dot, n)| if *n == 0.0 || aggregate_norm == 0.0 { f64::NAN } else { dot / (n * aggregate_norm) })
         .collect();
-    let norm_mean = norms.iter().sum::<f64>() / k as f64;
-    let norm_sd = if k > 1 {
-        (norms.iter().map(|n| (n - norm_mean).powi(2)).sum::<f64>() / (k - 1) as f64).sqrt()
-    } else {
-        f64::NAN
-    };
-    let finite: Vec<f64> = cosines.iter().copied().filter(|c| c.is_finite()).collect();
-    let cosine_mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
+    let (norm_mean, norm_sd, cosine_mean) = summarize(&norms, &cosines);
     let spread = norms.iter().map(|n| n * n).sum::<f64>();
     let agreement = sum_squares(&kept.plain_sum);
     let gradient_diversity = if agreement == 0.0 { f64::NAN } else { spread / agreement };
     Ok(ClientDiagnostics { norms, cosines, norm_mean, norm_sd, cosine_mean, gradient_diversity })
+}
+
+/// Mean and sd (K - 1 in the denominator; NaN for one client) of the
+/// clients' update norms, and the mean of their finite cosines.
+fn summarize(norms: &[f64], cosines: &[f64]) -> (f64, f64, f64) {
+    let k = norms.len();
+    let mean = norms.iter().sum::<f64>() / k as f64;
+    let sd = if k > 1 { (norms.iter().map(|n| (n - mean).powi(2)).sum::<f64>() / (k - 1) as f64).sqrt() } else { f64::NAN };
+    let finite: Vec<f64> = cosines.iter().copied().filter(|c| c.is_finite()).collect();
+    let cosine_mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
+    (mean, sd, cosine_mean)
 }
 
 /// The diagnostics of a pipeline fold: `norms` (after the attack, before
@@ -533,14 +537,7 @@ fn diagnose_entries(entries: &[Entry<'_>], kept_idx: &[usize], aggregate: &[f64]
         let n = entered_norms[j];
         cosines[i] = if n == 0.0 || aggregate_norm == 0.0 { f64::NAN } else { dots[j] / (n * aggregate_norm) };
     }
-    let norm_mean = norms.iter().sum::<f64>() / k as f64;
-    let norm_sd = if k > 1 {
-        (norms.iter().map(|n| (n - norm_mean).powi(2)).sum::<f64>() / (k - 1) as f64).sqrt()
-    } else {
-        f64::NAN
-    };
-    let finite: Vec<f64> = cosines.iter().copied().filter(|c| c.is_finite()).collect();
-    let cosine_mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
+    let (norm_mean, norm_sd, cosine_mean) = summarize(&norms, &cosines);
     let mut plain_sum = try_zeroed(aggregate.len(), "the unweighted sum of the client updates")?;
     for u in &updates {
         axpy(&mut plain_sum, 1.0, u);

@@ -133,11 +133,7 @@ pub struct NormFilter {
 
 impl NormFilter {
     fn layers(&self) -> Option<&[usize]> {
-        if self.per_layer {
-            self.layer_sizes.as_deref()
-        } else {
-            None
-        }
+        split_by(self.per_layer, &self.layer_sizes)
     }
 
     fn check(&self, d: usize) -> CoreResult<()> {
@@ -242,11 +238,7 @@ pub struct Clip {
 
 impl Clip {
     fn layers(&self) -> Option<&[usize]> {
-        if self.per_layer {
-            self.layer_sizes.as_deref()
-        } else {
-            None
-        }
+        split_by(self.per_layer, &self.layer_sizes)
     }
 
     fn check(&self, d: usize) -> CoreResult<()> {
@@ -409,6 +401,16 @@ pub static NO_TRANSFORMS: RoundTransforms = RoundTransforms::NONE;
 impl Default for RoundTransforms {
     fn default() -> Self {
         RoundTransforms::NONE
+    }
+}
+
+/// The layer lengths a per-layer rule splits an update by (None: the whole
+/// update), shared by the filter and the clipping.
+fn split_by(per_layer: bool, layer_sizes: &Option<Vec<usize>>) -> Option<&[usize]> {
+    if per_layer {
+        layer_sizes.as_deref()
+    } else {
+        None
     }
 }
 
