@@ -19,6 +19,9 @@
 #' @param window Rounds in each window, at least 2.
 #' @param alpha Significance level, in (0, 1).
 #' @param features Also test the features of nodes whose data changed?
+#' @param start First round of the window tests (`NULL`: `2 * window`, the
+#'   first round with two full windows). A later start skips the rounds in
+#'   which a model is still settling, when norms and losses change anyway.
 #' @param adjust Multiple-testing adjustment of a changed node's per-feature
 #'   p-values, one of [stats::p.adjust.methods] (e.g. `"holm"`; default
 #'   `"none"`).
@@ -27,7 +30,7 @@
 #' The window tests treat every client's value as an independent sample;
 #' they are not (the same clients recur, and training itself changes norms
 #' and losses), so they alert more often than `alpha` while a model is still
-#' settling: start monitoring after a warm-up, or lower `alpha`. A node with
+#' settling: start them after a warm-up (`start`), or lower `alpha`. A node with
 #' many features gets one test per feature: use `adjust`.
 #' @return A `fed_monitor`.
 #' @examples
@@ -48,12 +51,16 @@
 #' head(srv$drift_log)
 #' plot(h)
 #' @export
-monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE, adjust = "none") {
+monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE, adjust = "none", start = NULL) {
   window <- assert_count(window, min = 2L)
+  start <- assert_count(start, min = 1L, allow_null = TRUE)
+  if (!is.null(start) && start < 2L * window) {
+    fedagg_abort("{.arg start} must be at least 2 * {.arg window} = {2L * window} (two full windows), not {start}.")
+  }
   alpha <- assert_number(alpha, 0, 1, lower_open = TRUE, upper_open = TRUE)
   features <- assert_flag(features)
   adjust <- assert_choice(adjust, stats::p.adjust.methods)
-  structure(list(window = window, alpha = alpha, features = features, adjust = adjust,
+  structure(list(window = window, alpha = alpha, features = features, adjust = adjust, start = start %||% (2L * window),
                  label = sprintf("KS drift tests (window %d, alpha %s%s)", window, format(alpha),
                                  if (features) ", features of changed nodes" else "")),
             class = "fed_monitor")
@@ -83,7 +90,7 @@ monitor_round <- function(private, r, info) {
   if (is.null(mon)) return(list(alerts = NULL, seen = seen))
   alerts <- list()
   w <- mon$window
-  if (r >= 2L * w) {
+  if (r >= mon$start) {
     logs <- c(private$.client_log, list(c(list(round = r), info)))
     rounds <- vapply(logs, function(e) as.integer(e$round), integer(1))
     values <- function(field, from, to) {

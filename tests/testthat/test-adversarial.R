@@ -538,6 +538,7 @@ adv_cases_trust <- c(
     S(monitor_drift(window = X), "window", c("1", "1.5", "NA")),
     S(monitor_drift(alpha = X), "alpha", c("0", "1", "chr")),
     S(monitor_drift(features = X), "features", adv_bad_flag),
+    S(monitor_drift(window = 3, start = X), "start", c("0", "1.5", "chr", "2")),
     S(mk_srv(monitor = X), "monitor", c("bogus", "fun")),
     E("set_data with another width", node$set_data(matrix(1, 2, 2), 0:1), "x"),
     E("set_data with missing labels", node$set_data(d$x[1:3, ], c(0, NA, 1)), "y")

@@ -289,3 +289,14 @@ test_that("accounting samples from the eligible nodes only, and epsilon can be p
   expect_no_error(plot(h, metric = "epsilon"))
   expect_no_error(plot(h, metric = c("lr", "clients")))
 })
+
+test_that("the drift monitor's window tests wait for their start round", {
+  data <- synthetic_fedprox(0.5, 0.5, n_clients = 6, dim = 5, n_classes = 3, max_size = 60, seed = 9)
+  srv <- fed_server(model_softmax(5, 3), fed_nodes(data), fraction = 1, lr = 0.5, seed = 1,
+                    monitor = monitor_drift(window = 2, alpha = 0.9, start = 8))
+  srv$fit(10, verbose = FALSE)
+  # alpha = 0.9 alerts on almost any test: none before round 8, some after.
+  expect_true(all(srv$drift_log$round >= 8))
+  expect_gt(nrow(srv$drift_log), 0)
+  expect_error(monitor_drift(window = 5, start = 6), class = "fedagg_error_input")
+})
