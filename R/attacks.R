@@ -102,10 +102,17 @@ set_attack <- function(nodes, ids, attack) {
 }
 
 # The labels a node trains on under a label-flipping attack.
-flip_labels <- function(y, attack) {
+flip_labels <- function(y, attack, client = NULL) {
   if (is.null(attack) || attack$kind != "label_flip") return(y)
   m <- attack$mapping
-  if (is.function(m)) return(m(y))
+  if (is.function(m)) {
+    out <- call_user(m, list(y), "The label-flip {.arg mapping}", client = client)
+    if (!is.atomic(out) || length(out) != length(y) || anyNA(out)) {
+      fedagg_abort("The label-flip {.arg mapping} must return {length(y)} labels without NA, not {obj_desc(out)}.",
+                   class = "user_code", client = client)
+    }
+    return(out)
+  }
   key <- as.character(y)
   hit <- key %in% names(m)
   out <- key

@@ -210,11 +210,15 @@ privacy_spent <- function(server, delta = NULL) {
                 epsilon_per_round = dp$epsilon, participations = most))
   }
   delta <- if (is.null(delta)) dp$delta else assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
-  q <- server$settings$sampling_rate
+  q_log <- server$settings$sampling_rates
   rounds <- server$rounds_done
-  eps <- if (rounds == 0L) 0 else rdp_epsilon(q, dp$noise_multiplier, rounds, delta)
-  list(epsilon = as.double(eps), delta = delta, order = attr(eps, "order"), rounds = rounds, q = q,
-       noise_multiplier = dp$noise_multiplier)
+  dp$delta <- delta
+  eps <- if (rounds == 0L) 0 else epsilon_after(dp, q_log)
+  one_rate <- length(unique(q_log)) == 1L
+  list(epsilon = as.double(eps), delta = delta,
+       order = if (rounds > 0L && one_rate) attr(rdp_epsilon(q_log[1], dp$noise_multiplier, rounds, delta), "order")
+               else NA_real_,
+       rounds = rounds, q = if (one_rate) q_log[1] else q_log, noise_multiplier = dp$noise_multiplier)
 }
 
 assert_privacy <- function(x, call = rlang::caller_env()) {
@@ -227,10 +231,41 @@ assert_clip <- function(x, call = rlang::caller_env()) {
   fedagg_abort("{.arg clip} must come from {.fn clip_norm}, not {obj_desc(x)}.", call = call)
 }
 
-# The epsilon a server would have spent after `rounds` rounds (central DP).
-epsilon_after <- function(dp, q, rounds) {
-  if (is.null(dp) || dp$kind != "central" || rounds == 0L) return(NA_real_)
-  as.double(rdp_epsilon(q, dp$noise_multiplier, rounds, dp$delta))
+# The epsilon spent by rounds with sampling rates `q_log` (central DP): the
+# rounds' RDP adds up at every order (one call per distinct rate), then the
+# conversion of rdp_epsilon(). With one rate this is rdp_epsilon() itself.
+epsilon_after <- function(dp, q_log) {
+  if (is.null(dp) || dp$kind != "central" || !length(q_log)) return(NA_real_)
+  rates <- table(q_log)
+  if (length(rates) == 1L) return(as.double(rdp_epsilon(q_log[1], dp$noise_multiplier, length(q_log), dp$delta)))
+  parts <- lapply(names(rates), function(q) {
+    rdp_sampled_gaussian(as.double(q), dp$noise_multiplier, steps = rates[[q]])
+  })
+  rdp_to_epsilon(parts[[1]]$order, Reduce(`+`, lapply(parts, `[[`, "rdp")), dp$delta)
+}
+
+# (epsilon, delta) from RDP values at orders: Balle et al. (2020), with the
+# guards of rdp_epsilon() (orders up to 1.01 skipped, never below 0).
+rdp_to_epsilon <- function(orders, rdp, delta) {
+  keep <- orders > 1.01
+  a <- orders[keep]
+  r <- rdp[keep]
+  eps <- r + log1p(-1 / a) - (log(delta) + log(a)) / (a - 1)
+  eps[delta^2 + expm1(-r) > 0] <- 0
+  max(0, min(eps, na.rm = TRUE))
+}
+
+# Central DP's accounting assumes every eligible node has the same chance to
+# take part in a round: uniform or Poisson sampling, all nodes reachable.
+check_dp_cohort <- function(private, call = rlang::caller_env()) {
+  if (!identical(private$.privacy$kind, "central")) return(invisible())
+  avail <- vapply(private$.nodes, function(n) n$availability, numeric(1))
+  if (any(avail < 1)) {
+    fedagg_abort(c("{.fn dp_central}'s accounting assumes every node is equally likely to take part.",
+                   x = "Node{?s} {.val {names(avail)[avail < 1]}} ha{?s/ve} {.field availability} below 1."),
+                 call = call)
+  }
+  invisible()
 }
 
 # The next bound of adaptive clipping (NULL when the bound is fixed): a

@@ -291,7 +291,7 @@ Node <- R6::R6Class("Node",
 
     # The labels of a split coded for a model (0-based classes or responses).
     .labels = function(model, split) {
-      if (split == "train") encode_labels(flip_labels(private$.y, private$.attack), model, "y", private$.id)
+      if (split == "train") encode_labels(flip_labels(private$.y, private$.attack, private$.id), model, "y", private$.id)
       else encode_labels(private$.y_val, model, "y_val", private$.id)
     }
   )

@@ -19,7 +19,9 @@ select_round <- function(self, private, r) {
       fedagg_abort("The {.arg schedule} has {length(private$.schedule)} rounds; round {r} is not in it.",
                    class = "schedule")
     }
-    chosen <- private$.schedule[[r]]
+    # Node order, as for the selection rules: the listing order must not
+    # change a round.
+    chosen <- ids[ids %in% private$.schedule[[r]]]
     return(list(ids = chosen, available = available, log = selection_log_rows(r, chosen, NULL)))
   }
   sel <- private$.selection

@@ -86,9 +86,14 @@ train_selected <- function(private, idx, config, epochs, round) {
   info$clipped <- out_fold$clipped %||% rep(NA, k)
   info$selected <- out_fold$selected %||% rep(NA, k)
   if (sum(info$kept) < private$.min_clients) {
-    fedagg_abort(c("Round {round}: {sum(info$kept)} update{?s} passed the filter; the round needs {.arg min_clients} = {private$.min_clients}.",
-                   i = "Dropped: {paste(ids[!info$kept], collapse = ', ')}."),
-                 class = "filter", round = round)
+    if (any(!info$kept)) {
+      fedagg_abort(c("Round {round}: {sum(info$kept)} update{?s} passed the filter; the round needs {.arg min_clients} = {private$.min_clients}.",
+                     i = "Dropped: {paste(ids[!info$kept], collapse = ', ')}."),
+                   class = "filter", round = round)
+    }
+    fedagg_abort(c("Round {round}: {k} client{?s} took part; the round needs {.arg min_clients} = {private$.min_clients}.",
+                   i = "Poisson sampling, unreachable nodes or dropped stragglers can leave fewer clients than that."),
+                 class = "cohort", round = round)
   }
   node_states <- lapply(seq_along(nodes), function(k) {
     state <- nodes[[k]]$state
@@ -129,7 +134,7 @@ trust_config <- function(private, nodes, round) {
   if (local) dp <- NULL
   clip <- if (!is.null(dp)) list(max_norm = private$.dp_clip %||% dp$clip, per_layer = dp$per_layer)
           else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
-  z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * length(private$.nodes))$update
+  z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * private$.eligible())$update
        else dp$noise_multiplier
   attacks <- lapply(nodes, function(n) rust_attack(n$attack))
   n_eligible <- private$.eligible()

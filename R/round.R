@@ -6,8 +6,12 @@
 round_body <- function(self, private, r, last_round) {
   started <- proc.time()[["elapsed"]]
   dp <- private$.privacy
+  if (!is.null(dp)) check_dp_cohort(private)
+  # This round's sampling rate, kept per round: the accountant composes the
+  # rounds with the rates they actually had.
+  q_log <- c(private$.q_log, private$.sampling_rate())
   if (!is.null(dp) && is.finite(dp$max_epsilon)) {
-    next_epsilon <- epsilon_after(dp, private$.sampling_rate(), r)
+    next_epsilon <- epsilon_after(dp, q_log)
     if (next_epsilon > dp$max_epsilon) {
       budget_exhausted(sprintf("round %d would spend epsilon %.3f > max_epsilon %s (delta %s)", r, next_epsilon,
                                format(dp$max_epsilon), format(dp$delta)))
@@ -27,7 +31,12 @@ round_body <- function(self, private, r, last_round) {
   config$control <- private$.control
   old <- private$.flat
   result <- if (length(work$ids)) {
-    private$.train_selected(match(work$ids, names(private$.nodes)), config, work$epochs, r)
+    tryCatch(private$.train_selected(match(work$ids, names(private$.nodes)), config, work$epochs, r),
+             fedagg_error_client = function(e) {
+               if (!grepl("every client was filtered out", conditionMessage(e), fixed = TRUE)) stop(e)
+               fedagg_abort("Round {r}: the filter dropped every update.", foreign = c(x = paste(e$body, collapse = " ")),
+                            class = "filter", round = r)
+             })
   } else {
     empty_round(old, private$.server_state, private$.control)
   }
@@ -52,7 +61,7 @@ round_body <- function(self, private, r, last_round) {
                    loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
               private$.metric_slots(metrics), result$diagnostics,
               list(epsilon = if (identical(dp$kind, "local")) local_epsilon(private, result$info, dp)
-                             else epsilon_after(dp, private$.sampling_rate(), r)))
+                             else epsilon_after(dp, q_log)))
   next_clip <- adapt_clip(private, result$info, r)
   drift <- monitor_round(private, r, result$info)
   record$drift_alerts <- if (is.null(private$.monitor)) NA_real_ else length(drift$alerts)
@@ -65,6 +74,7 @@ round_body <- function(self, private, r, last_round) {
   private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
   private$.reach <- private$.reach + picked$available
   private$.server_state <- result$server_state
+  private$.q_log <- q_log
   if (!is.null(next_clip)) private$.dp_clip <- next_clip
   private$.drift_log <- c(private$.drift_log, drift$alerts)
   private$.seen_versions <- drift$seen

@@ -110,6 +110,22 @@ Server <- R6::R6Class("Server",
                                      momentum, shuffle, optimizer = local_optimizer)
       private$.server_opt <- assert_server_optimizer(server_optimizer)
       private$.aggregator <- assert_aggregator(aggregator)
+      if (!is.null(private$.privacy) && private$.algorithm$kind == "scaffold") {
+        fedagg_abort("{.fn scaffold}'s control variates are computed from the clients' raw updates, which differential privacy does not cover; use another {.arg algorithm} with {.arg privacy}.")
+      }
+      if (!is.null(private$.filter) && private$.algorithm$kind == "scaffold") {
+        fedagg_abort("{.fn scaffold} cannot leave filtered clients out of its control variates yet; use {.arg filter} with another {.arg algorithm}.")
+      }
+      if (identical(private$.privacy$kind, "central")) {
+        if (!is.null(private$.schedule) || !private$.selection$kind %in% c("uniform", "poisson")) {
+          fedagg_abort(c("{.fn dp_central}'s accounting needs {.fn select_uniform} or {.fn select_poisson}.",
+                         x = "This server selects {if (!is.null(private$.schedule)) 'from a schedule' else private$.selection$label}, which the accountant cannot describe."))
+        }
+        if (private$.algorithm$kind == "fednova") {
+          fedagg_abort("{.fn dp_central} adds its noise to a mean of clipped updates; it cannot be used with {.fn fednova}.")
+        }
+        check_dp_cohort(private)
+      }
       if (identical(private$.privacy$kind, "central") && private$.aggregator$kind != "weighted") {
         fedagg_abort("{.fn dp_central} adds its noise to a sum of clipped updates; use {.code aggregator = agg_weighted()}, not {private$.aggregator$label}.")
       }
@@ -134,7 +150,15 @@ Server <- R6::R6Class("Server",
       }
       private$.flat <- flatten_params(model, private$.template)
       if (!is.null(private$.privacy$adaptive)) {
-        adaptive_noise(private$.privacy, private$.sampling_rate() * length(private$.nodes))
+        adaptive_noise(private$.privacy, private$.sampling_rate() * private$.eligible())
+      }
+      if (!is.null(private$.schedule) && private$.min_samples > 0L) {
+        small <- names(private$.nodes)[vapply(private$.nodes, function(n) n$n_samples < private$.min_samples, logical(1))]
+        scheduled <- intersect(small, unlist(private$.schedule))
+        if (length(scheduled)) {
+          fedagg_abort("The {.arg schedule} picks node{?s} {.val {scheduled}}, which {.arg min_samples} = {private$.min_samples} keeps out.",
+                       class = "schedule")
+        }
       }
       invisible(self)
     },
@@ -379,6 +403,7 @@ Server <- R6::R6Class("Server",
     #' @field fraction Client fraction C in (0, 1] (validated when set).
     fraction = function(value) {
       if (missing(value)) return(private$.fraction)
+      if (private$.busy) abort_reentrant()
       private$.fraction <- assert_number(value, 0, 1, lower_open = TRUE, arg = "fraction")
     },
     #' @field lr The initial learning rate (validated when set).
@@ -408,6 +433,7 @@ Server <- R6::R6Class("Server",
            server_optimizer = private$.server_opt$label, aggregator = private$.aggregator$label,
            stragglers = private$.stragglers, drop_stragglers = private$.drop_stragglers,
            privacy = private$.privacy$label, privacy_object = private$.privacy, sampling_rate = private$.sampling_rate(),
+           sampling_rates = private$.q_log,
            clip = private$.clip$label, filter = private$.filter$label, min_samples = private$.min_samples,
            seed = private$.seed)
     }
@@ -421,7 +447,7 @@ Server <- R6::R6Class("Server",
     .epochs = NULL, .server_opt = NULL, .server_state = list(), .aggregator = NULL, .control = NULL,
     .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
-    .monitor = NULL, .drift_log = list(), .seen_versions = list(),
+    .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(),
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {

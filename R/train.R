@@ -208,8 +208,8 @@ derive_seed <- function(seed, a, b = 0) {
 #' * `lr_cosine(period, min_lr)`: cosine annealing as PyTorch's
 #'   `CosineAnnealingLR`, `min_lr + (lr - min_lr) * (1 + cos(pi * min(r - 1,
 #'   period) / period)) / 2`, so the last round of a period still trains
-#'   (its rate is above `min_lr`); `period` defaults to the number of rounds
-#'   of the current `fit()`.
+#'   (its rate is above `min_lr`); `period` defaults to the last round of
+#'   the current `fit()`, counted from the first round of the server.
 #'
 #' No schedule raises the rate above `lr`, and a server refuses a round
 #' whose rate is not a positive finite number (an exponential decay run
@@ -219,8 +219,8 @@ derive_seed <- function(seed, a, b = 0) {
 #' @param every Rounds between step decays.
 #' @param min_lr Floor of the cosine schedule, `>= 0` and below the base
 #'   rate.
-#' @param period Rounds of one cosine half-period (`NULL`: the rounds of the
-#'   `fit()` call).
+#' @param period Rounds of one cosine half-period (`NULL`: up to the last
+#'   round of the current `fit()` call).
 #' @return A `fed_lr_schedule`: call it as `schedule(lr, round, rounds)`.
 #' @examples
 #' s <- lr_step(0.9, every = 3)

@@ -300,3 +300,48 @@ test_that("the drift monitor's window tests wait for their start round", {
   expect_gt(nrow(srv$drift_log), 0)
   expect_error(monitor_drift(window = 5, start = 6), class = "fedagg_error_input")
 })
+
+test_that("accounting composes every round with its own sampling rate, so epsilon never goes down", {
+  # The conversion used for mixed rates agrees with rdp_epsilon() for one rate.
+  for (case in list(c(0.1, 1.1, 50), c(0.5, 0.8, 7), c(1, 3, 20))) {
+    rdp <- rdp_sampled_gaussian(case[1], case[2], steps = case[3])
+    expect_equal(fedagg:::rdp_to_epsilon(rdp$order, rdp$rdp, 1e-5), as.double(rdp_epsilon(case[1], case[2], case[3], 1e-5)),
+                 tolerance = 1e-12)
+  }
+  td <- trust_data(k = 10)
+  srv <- fed_server(model_softmax(4, 3), fed_nodes(td$d$x, td$d$y, td$part), fraction = 1, lr = 0.1, seed = 1,
+                    privacy = dp_central(1, clip = 1))
+  srv$fit(3, verbose = FALSE)
+  srv$fraction <- 0.2
+  h <- srv$fit(3, verbose = FALSE)
+  expect_true(all(diff(h$epsilon) > 0))
+  rdp <- rdp_sampled_gaussian(1, 1, steps = 3)$rdp + rdp_sampled_gaussian(0.2, 1, steps = 3)$rdp
+  expect_equal(h$epsilon[6], fedagg:::rdp_to_epsilon(rdp_sampled_gaussian(1, 1)$order, rdp, 1e-5))
+  expect_equal(privacy_spent(srv)$epsilon, h$epsilon[6])
+})
+
+test_that("levers whose privacy or statistics do not hold together are refused", {
+  td <- trust_data()
+  nodes <- fed_nodes(td$d$x, td$d$y, td$part)
+  m <- model_softmax(4, 3)
+  dp <- dp_central(1, clip = 1)
+  expect_snapshot(error = TRUE, {
+    fed_server(m, nodes, privacy = dp, schedule = list(1:3))
+    fed_server(m, nodes, privacy = dp, selection = select_by_size())
+    fed_server(m, nodes, privacy = dp, algorithm = scaffold())
+    fed_server(m, nodes, privacy = dp_local(1, clip = 1), algorithm = scaffold())
+    fed_server(m, nodes, filter = filter_norm(), algorithm = scaffold())
+    fed_server(m, nodes, privacy = dp, algorithm = fednova())
+    fed_server(m, fed_nodes(td$d$x, td$d$y, td$part, availability = 0.5), privacy = dp)
+  })
+  # Fewer clients than min_clients without any filter: a cohort error, atomic.
+  srv <- fed_server(m, nodes, selection = select_poisson(0.05), min_clients = 3, lr = 0.1, seed = 2)
+  err <- tryCatch({ for (i in 1:30) srv$round(); NULL }, error = identity)
+  expect_s3_class(err, "fedagg_error_cohort")
+  # A schedule's listing order does not change a round.
+  a <- fed_server(m, nodes, schedule = list(c("client1", "client3", "client2")), stragglers = 0.5, epochs = 3, seed = 1)
+  b <- fed_server(m, nodes, schedule = list(c("client2", "client1", "client3")), stragglers = 0.5, epochs = 3, seed = 1)
+  a$round()
+  b$round()
+  expect_identical(a$params, b$params)
+})
