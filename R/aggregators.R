@@ -56,7 +56,7 @@
 NULL
 
 new_aggregator <- function(kind, label, ...) {
-  structure(list(kind = kind, label = label, settings = list(...)), class = "fed_aggregator")
+  structure(list(kind = kind, label = label, settings = list(...)), class = c("fed_aggregator", "fed_part"))
 }
 
 #' @rdname aggregators
@@ -115,25 +115,7 @@ filter_norm <- function(max_norm = NULL, mad = 3, per_layer = TRUE) {
              if (!is.null(mad)) sprintf("norm > median + %s MAD", format(mad)))
   structure(list(max_norm = max_norm, mad = mad, per_layer = per_layer,
                  label = paste0("drop ", paste(rules, collapse = " or "), if (per_layer) " (per layer)" else "")),
-            class = "fed_filter")
-}
-
-#' @export
-format.fed_aggregator <- function(x, ...) paste("<fed_aggregator>", x$label)
-
-#' @export
-print.fed_aggregator <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
-}
-
-#' @export
-format.fed_filter <- function(x, ...) paste("<fed_filter>", x$label)
-
-#' @export
-print.fed_filter <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
+            class = c("fed_filter", "fed_part"))
 }
 
 assert_aggregator <- function(x, call = rlang::caller_env()) {

@@ -76,7 +76,7 @@
 NULL
 
 new_algorithm <- function(kind, label, ..., local = NULL) {
-  structure(list(kind = kind, label = label, settings = list(...), local = local), class = "fed_algorithm")
+  structure(list(kind = kind, label = label, settings = list(...), local = local), class = c("fed_algorithm", "fed_part"))
 }
 
 #' @rdname client_algorithms
@@ -112,15 +112,6 @@ fed_algorithm <- function(name, local) {
   new_algorithm("custom", name, local = local)
 }
 
-#' @export
-format.fed_algorithm <- function(x, ...) paste("<fed_algorithm>", x$label)
-
-#' @export
-print.fed_algorithm <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
-}
-
 as_algorithm <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
   force(arg)
   if (inherits(x, "fed_algorithm")) return(x)
@@ -132,4 +123,17 @@ as_algorithm <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env
   if (identical(x, c("fedavg", "fedsgd"))) return(fedavg())
   fedagg_abort("{.arg {arg}} must be a client algorithm such as {.fn fedavg} or {.fn fedprox}, not {obj_desc(x)}.",
                call = call)
+}
+
+# Every part of a round (algorithms, optimizers, selection rules, aggregators,
+# filters, attacks, privacy, monitors) is a list with a `label`, and prints as
+# "<its class> its label".
+
+#' @export
+format.fed_part <- function(x, ...) paste0("<", class(x)[1], "> ", x$label)
+
+#' @export
+print.fed_part <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
 }

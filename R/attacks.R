@@ -38,7 +38,7 @@
 NULL
 
 new_attack <- function(kind, label, ...) {
-  structure(list(kind = kind, label = label, ...), class = "fed_attack")
+  structure(list(kind = kind, label = label, ...), class = c("fed_attack", "fed_part"))
 }
 
 #' @rdname attacks
@@ -77,15 +77,6 @@ attack_label_flip <- function(mapping) {
     fedagg_abort("{.arg mapping} must be a named vector {.code c(from = \"to\")} or a function of the labels, not {obj_desc(mapping)}.")
   }
   new_attack("label_flip", "label flip", mapping = mapping)
-}
-
-#' @export
-format.fed_attack <- function(x, ...) paste("<fed_attack>", x$label)
-
-#' @export
-print.fed_attack <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
 }
 
 #' @rdname attacks

@@ -95,7 +95,7 @@ dp_central <- function(noise_multiplier, clip, per_layer = FALSE, delta = 1e-5, 
                                  if (is.null(adaptive)) paste("clip", format(clip)) else adaptive$label,
                                  if (per_layer) " per layer" else "", format(delta),
                                  if (is.finite(max_epsilon)) sprintf(", max epsilon %s", format(max_epsilon)) else "")),
-            class = "fed_privacy")
+            class = c("fed_privacy", "fed_part"))
 }
 
 #' @rdname differential_privacy
@@ -109,7 +109,7 @@ dp_local <- function(epsilon, delta = 1e-5, clip) {
                  max_epsilon = Inf, noise_multiplier = sd / clip,
                  label = sprintf("local DP (epsilon %s, delta %s per round, clip %s: noise sd %s)", format(epsilon),
                                  format(delta), format(clip), format(signif(sd, 3)))),
-            class = "fed_privacy")
+            class = c("fed_privacy", "fed_part"))
 }
 
 #' @rdname differential_privacy
@@ -122,16 +122,7 @@ clip_adaptive <- function(initial = 0.1, quantile = 0.5, lr = 0.2, count_noise =
   structure(list(initial = initial, quantile = quantile, lr = lr, count_noise = count_noise,
                  label = sprintf("adaptive clip (from %s to the %s quantile, lr %s)", format(initial), format(quantile),
                                  format(lr))),
-            class = "fed_clip_adaptive")
-}
-
-#' @export
-format.fed_clip_adaptive <- function(x, ...) paste("<fed_clip_adaptive>", x$label)
-
-#' @export
-print.fed_clip_adaptive <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
+            class = c("fed_clip_adaptive", "fed_part"))
 }
 
 # Noise multipliers of adaptive clipping: the count's noise and the updates'
@@ -156,25 +147,7 @@ clip_norm <- function(max_norm, per_layer = FALSE) {
   per_layer <- assert_flag(per_layer)
   structure(list(max_norm = max_norm, per_layer = per_layer,
                  label = sprintf("clip to norm %s%s", format(max_norm), if (per_layer) " per layer" else "")),
-            class = "fed_clip")
-}
-
-#' @export
-format.fed_privacy <- function(x, ...) paste("<fed_privacy>", x$label)
-
-#' @export
-print.fed_privacy <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
-}
-
-#' @export
-format.fed_clip <- function(x, ...) paste("<fed_clip>", x$label)
-
-#' @export
-print.fed_clip <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
+            class = c("fed_clip", "fed_part"))
 }
 
 #' Privacy spent by a server
@@ -214,11 +187,9 @@ privacy_spent <- function(server, delta = NULL) {
   rounds <- server$rounds_done
   dp$delta <- delta
   eps <- if (rounds == 0L) 0 else epsilon_after(dp, q_log)
-  one_rate <- length(unique(q_log)) == 1L
-  list(epsilon = as.double(eps), delta = delta,
-       order = if (rounds > 0L && one_rate) attr(rdp_epsilon(q_log[1], dp$noise_multiplier, rounds, delta), "order")
-               else NA_real_,
-       rounds = rounds, q = if (one_rate) q_log[1] else q_log, noise_multiplier = dp$noise_multiplier)
+  list(epsilon = as.double(eps), delta = delta, order = attr(eps, "order") %||% NA_real_,
+       rounds = rounds, q = if (length(unique(q_log)) == 1L) q_log[1] else q_log,
+       noise_multiplier = dp$noise_multiplier)
 }
 
 assert_privacy <- function(x, call = rlang::caller_env()) {
@@ -231,28 +202,13 @@ assert_clip <- function(x, call = rlang::caller_env()) {
   fedagg_abort("{.arg clip} must come from {.fn clip_norm}, not {obj_desc(x)}.", call = call)
 }
 
-# The epsilon spent by rounds with sampling rates `q_log` (central DP): the
-# rounds' RDP adds up at every order (one call per distinct rate), then the
-# conversion of rdp_epsilon(). With one rate this is rdp_epsilon() itself.
+# The privacy spent by rounds with sampling rates `q_log` (central DP): the
+# Rust accountant composes every round with its own rate. With one rate it is
+# rdp_epsilon() itself. Returns epsilon with attribute `order`.
 epsilon_after <- function(dp, q_log) {
   if (is.null(dp) || dp$kind != "central" || !length(q_log)) return(NA_real_)
-  rates <- table(q_log)
-  if (length(rates) == 1L) return(as.double(rdp_epsilon(q_log[1], dp$noise_multiplier, length(q_log), dp$delta)))
-  parts <- lapply(names(rates), function(q) {
-    rdp_sampled_gaussian(as.double(q), dp$noise_multiplier, steps = rates[[q]])
-  })
-  rdp_to_epsilon(parts[[1]]$order, Reduce(`+`, lapply(parts, `[[`, "rdp")), dp$delta)
-}
-
-# (epsilon, delta) from RDP values at orders: Balle et al. (2020), with the
-# guards of rdp_epsilon() (orders up to 1.01 skipped, never below 0).
-rdp_to_epsilon <- function(orders, rdp, delta) {
-  keep <- orders > 1.01
-  a <- orders[keep]
-  r <- rdp[keep]
-  eps <- r + log1p(-1 / a) - (log(delta) + log(a)) / (a - 1)
-  eps[delta^2 + expm1(-r) > 0] <- 0
-  max(0, min(eps, na.rm = TRUE))
+  out <- call_rust(rs_rdp_epsilon_rounds(as.double(q_log), dp$noise_multiplier, dp$delta, NULL))
+  structure(out$epsilon, order = out$order)
 }
 
 # Central DP's accounting assumes every eligible node has the same chance to

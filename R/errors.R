@@ -5,6 +5,7 @@
 #   fedagg_error_diverged  training produced a non-finite loss or parameters
 #   fedagg_error_memory    a size would not fit in memory
 #   fedagg_error_user_code a function the user supplied failed (field `round`)
+#   fedagg_error_filter    the norm filter left too few updates
 #   fedagg_error_rust      anything else the Rust core reported
 #
 # `message` is a cli template written in this package. Text from elsewhere (a
@@ -30,7 +31,7 @@ fedagg_warn <- function(message, class, .envir = parent.frame()) {
 }
 
 # The Rust core tags its messages "[kind] text"; the kind becomes the class.
-rust_error_kinds <- c("input", "memory", "client", "diverged")
+rust_error_kinds <- c("input", "memory", "client", "diverged", "filter")
 
 call_rust <- function(expr, call = rlang::caller_env()) {
   tryCatch(expr, error = function(e) {
@@ -39,6 +40,7 @@ call_rust <- function(expr, call = rlang::caller_env()) {
     headline <- switch(parsed$kind,
       memory = "Not enough memory for this computation.",
       diverged = "Training diverged.",
+      filter = "The filter dropped every update.",
       input = "fedagg's Rust core cannot use this input.",
       "Computation failed in fedagg's Rust core."
     )

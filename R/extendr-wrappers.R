@@ -53,6 +53,10 @@ rs_rdp_sampled_gaussian <- function(q, noise_multiplier, steps, orders) .Call(wr
 #' @noRd
 rs_rdp_epsilon <- function(q, noise_multiplier, steps, delta, orders) .Call(wrap__rs_rdp_epsilon, q, noise_multiplier, steps, delta, orders)
 
+#' (epsilon, delta) after rounds with sampling rates `qs`, one per round.
+#' @noRd
+rs_rdp_epsilon_rounds <- function(qs, noise_multiplier, delta, orders) .Call(wrap__rs_rdp_epsilon_rounds, qs, noise_multiplier, delta, orders)
+
 #' The smallest noise multiplier reaching (epsilon, delta) after `steps` steps.
 #' @noRd
 rs_rdp_noise_multiplier <- function(epsilon, delta, q, steps, orders) .Call(wrap__rs_rdp_noise_multiplier, epsilon, delta, q, steps, orders)

@@ -63,16 +63,7 @@ monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE, adjust = "n
   structure(list(window = window, alpha = alpha, features = features, adjust = adjust, start = start %||% (2L * window),
                  label = sprintf("KS drift tests (window %d, alpha %s%s)", window, format(alpha),
                                  if (features) ", features of changed nodes" else "")),
-            class = "fed_monitor")
-}
-
-#' @export
-format.fed_monitor <- function(x, ...) paste("<fed_monitor>", x$label)
-
-#' @export
-print.fed_monitor <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
+            class = c("fed_monitor", "fed_part"))
 }
 
 assert_monitor <- function(x, call = rlang::caller_env()) {
@@ -91,7 +82,8 @@ monitor_round <- function(private, r, info) {
   alerts <- list()
   w <- mon$window
   if (r >= mon$start) {
-    logs <- c(private$.client_log, list(c(list(round = r), info)))
+    # Only the rounds of the two windows, not the whole log.
+    logs <- c(utils::tail(private$.client_log, 2L * w - 1L), list(c(list(round = r), info)))
     rounds <- vapply(logs, function(e) as.integer(e$round), integer(1))
     values <- function(field, from, to) {
       v <- unlist(lapply(logs[rounds >= from & rounds <= to], `[[`, field))
@@ -114,8 +106,7 @@ monitor_round <- function(private, r, info) {
     for (node in private$.nodes) {
       version <- node$data_version
       if (version > (seen[[node$id]] %||% 0L)) {
-        drift <- ks_drift(node$previous_features, node$features_for_monitor, alpha = mon$alpha,
-                          adjust = mon$adjust, threads = private$.threads)
+        drift <- node$data_drift(alpha = mon$alpha, adjust = mon$adjust, threads = private$.threads)
         for (k in which(drift$drift)) {
           alerts[[length(alerts) + 1L]] <- list(round = r, signal = paste("feature", drift$feature[k]),
                                                 client = node$id, statistic = drift$statistic[k],

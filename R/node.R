@@ -114,6 +114,17 @@ Node <- R6::R6Class("Node",
       invisible(self)
     },
 
+    #' @description Drift of this node's features across its last
+    #'   `set_data()`: the node runs the tests ([ks_drift()]) and only their
+    #'   results leave it, as they would from another process.
+    #' @param alpha,adjust,threads See [ks_drift()].
+    #' @return A `fedagg_drift` data frame, or `NULL` when the data never
+    #'   changed.
+    data_drift = function(alpha = 0.05, adjust = "none", threads = NULL) {
+      if (is.null(private$.x_previous)) return(NULL)
+      ks_drift(private$.x_previous, private$.x, alpha = alpha, adjust = adjust, threads = threads)
+    },
+
     #' @description Internal: keep the state a committed round produced
     #'   (called by a [Server]).
     #' @param state A named list (SCAFFOLD's `control`, the node's
@@ -236,18 +247,7 @@ Node <- R6::R6Class("Node",
       if (!missing(value)) fedagg_abort("{.field data_version} is read-only.")
       private$.data_version
     },
-    #' @field previous_features Internal: the features before the last
-    #'   `set_data()`, for [monitor_drift()] (read-only).
-    previous_features = function(value) {
-      if (!missing(value)) fedagg_abort("{.field previous_features} is read-only.")
-      private$.x_previous
-    },
-    #' @field features_for_monitor Internal: the current features, for
-    #'   [monitor_drift()] (read-only).
-    features_for_monitor = function(value) {
-      if (!missing(value)) fedagg_abort("{.field features_for_monitor} is read-only.")
-      private$.x
-    },
+
     #' @field has_validation Whether the node holds validation data.
     has_validation = function(value) {
       if (!missing(value)) fedagg_abort("{.field has_validation} is read-only.")

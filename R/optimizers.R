@@ -36,7 +36,7 @@ new_local_optimizer <- function(kind, label, momentum = 0, weight_decay = 0, bet
                                 eps = 1e-8, alpha = 0.99) {
   structure(list(kind = kind, label = label, momentum = momentum, weight_decay = weight_decay, beta1 = beta1,
                  beta2 = beta2, eps = eps, alpha = alpha),
-            class = "fed_local_optimizer")
+            class = c("fed_local_optimizer", "fed_part"))
 }
 
 with_decay <- function(label, weight_decay) {
@@ -79,15 +79,6 @@ local_adagrad <- function(eps = 1e-10, weight_decay = 0) {
   eps <- assert_number(eps, 0, lower_open = TRUE)
   weight_decay <- assert_number(weight_decay, 0)
   new_local_optimizer("adagrad", with_decay("Adagrad", weight_decay), weight_decay = weight_decay, eps = eps)
-}
-
-#' @export
-format.fed_local_optimizer <- function(x, ...) paste("<fed_local_optimizer>", x$label)
-
-#' @export
-print.fed_local_optimizer <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
 }
 
 assert_local_optimizer <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
@@ -151,7 +142,7 @@ NULL
 new_server_optimizer <- function(kind, label, lr, momentum = 0, beta1 = 0, beta2 = 0, tau = 1e-3, step = NULL) {
   structure(list(kind = kind, label = label, lr = lr, momentum = momentum, beta1 = beta1, beta2 = beta2,
                  tau = tau, step = step),
-            class = "fed_server_optimizer")
+            class = c("fed_server_optimizer", "fed_part"))
 }
 
 #' @rdname server_optimizers
@@ -204,15 +195,6 @@ server_optimizer <- function(name, step) {
   }
   if (!is.function(step)) fedagg_abort("{.arg step} must be a function, not {obj_desc(step)}.")
   new_server_optimizer("custom", name, lr = 1, step = step)
-}
-
-#' @export
-format.fed_server_optimizer <- function(x, ...) paste("<fed_server_optimizer>", x$label)
-
-#' @export
-print.fed_server_optimizer <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
 }
 
 assert_server_optimizer <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {

@@ -31,12 +31,7 @@ round_body <- function(self, private, r, last_round) {
   config$control <- private$.control
   old <- private$.flat
   result <- if (length(work$ids)) {
-    tryCatch(private$.train_selected(match(work$ids, names(private$.nodes)), config, work$epochs, r),
-             fedagg_error_client = function(e) {
-               if (!grepl("every client was filtered out", conditionMessage(e), fixed = TRUE)) stop(e)
-               fedagg_abort("Round {r}: the filter dropped every update.", foreign = c(x = paste(e$body, collapse = " ")),
-                            class = "filter", round = r)
-             })
+    private$.train_selected(match(work$ids, names(private$.nodes)), config, work$epochs, r)
   } else {
     empty_round(old, private$.server_state, private$.control)
   }
@@ -61,7 +56,7 @@ round_body <- function(self, private, r, last_round) {
                    loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
               private$.metric_slots(metrics), result$diagnostics,
               list(epsilon = if (identical(dp$kind, "local")) local_epsilon(private, result$info, dp)
-                             else epsilon_after(dp, q_log)))
+                             else as.double(epsilon_after(dp, q_log))))
   next_clip <- adapt_clip(private, result$info, r)
   drift <- monitor_round(private, r, result$info)
   record$drift_alerts <- if (is.null(private$.monitor)) NA_real_ else length(drift$alerts)

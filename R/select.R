@@ -58,7 +58,7 @@ NULL
 
 new_selection <- function(kind, label, select, needs = character(), settings = list()) {
   structure(list(kind = kind, label = label, select = select, needs = needs, settings = settings),
-            class = "fed_selection")
+            class = c("fed_selection", "fed_part"))
 }
 
 #' @rdname selection
@@ -145,15 +145,6 @@ select_score <- function(similarity = 0.5, volume = 0.3, availability = 0.2, exp
 draw_weighted <- function(idx, weights, k) {
   if (k >= length(idx)) return(idx)
   idx[sample.int(length(idx), k, prob = weights)]
-}
-
-#' @export
-format.fed_selection <- function(x, ...) paste("<fed_selection>", x$label)
-
-#' @export
-print.fed_selection <- function(x, ...) {
-  cat(format(x), "\n", sep = "")
-  invisible(x)
 }
 
 as_selection <- function(x, call = rlang::caller_env()) {

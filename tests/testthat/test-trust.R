@@ -301,11 +301,23 @@ test_that("the drift monitor's window tests wait for their start round", {
   expect_error(monitor_drift(window = 5, start = 6), class = "fedagg_error_input")
 })
 
+# Balle et al. (2020)'s conversion from RDP to (epsilon, delta), with
+# dp_accounting's guards (orders up to 1.01 skipped, never below 0), in
+# plain R: the reference for composed rounds.
+ref_rdp_to_epsilon <- function(orders, rdp, delta) {
+  keep <- orders > 1.01
+  a <- orders[keep]
+  r <- rdp[keep]
+  eps <- r + log1p(-1 / a) - (log(delta) + log(a)) / (a - 1)
+  eps[delta^2 + expm1(-r) > 0] <- 0
+  max(0, min(eps, na.rm = TRUE))
+}
+
 test_that("accounting composes every round with its own sampling rate, so epsilon never goes down", {
   # The conversion used for mixed rates agrees with rdp_epsilon() for one rate.
   for (case in list(c(0.1, 1.1, 50), c(0.5, 0.8, 7), c(1, 3, 20))) {
     rdp <- rdp_sampled_gaussian(case[1], case[2], steps = case[3])
-    expect_equal(fedagg:::rdp_to_epsilon(rdp$order, rdp$rdp, 1e-5), as.double(rdp_epsilon(case[1], case[2], case[3], 1e-5)),
+    expect_equal(ref_rdp_to_epsilon(rdp$order, rdp$rdp, 1e-5), as.double(rdp_epsilon(case[1], case[2], case[3], 1e-5)),
                  tolerance = 1e-12)
   }
   td <- trust_data(k = 10)
@@ -316,7 +328,7 @@ test_that("accounting composes every round with its own sampling rate, so epsilo
   h <- srv$fit(3, verbose = FALSE)
   expect_true(all(diff(h$epsilon) > 0))
   rdp <- rdp_sampled_gaussian(1, 1, steps = 3)$rdp + rdp_sampled_gaussian(0.2, 1, steps = 3)$rdp
-  expect_equal(h$epsilon[6], fedagg:::rdp_to_epsilon(rdp_sampled_gaussian(1, 1)$order, rdp, 1e-5))
+  expect_equal(h$epsilon[6], ref_rdp_to_epsilon(rdp_sampled_gaussian(1, 1)$order, rdp, 1e-5))
   expect_equal(privacy_spent(srv)$epsilon, h$epsilon[6])
 })
 
@@ -344,4 +356,14 @@ test_that("levers whose privacy or statistics do not hold together are refused",
   a$round()
   b$round()
   expect_identical(a$params, b$params)
+})
+
+test_that("a filter that drops every update fails the round as a filter error", {
+  data <- synthetic_fedprox(1, 1, n_clients = 4, seed = 1)
+  srv <- fed_server(model_softmax(60, 10), fed_nodes(data), fraction = 1, seed = 1,
+                    filter = filter_norm(max_norm = 1e-9, mad = NULL, per_layer = FALSE))
+  err <- tryCatch(srv$round(), error = identity)
+  expect_s3_class(err, "fedagg_error_filter")
+  expect_identical(err$round, 1L)
+  expect_identical(srv$rounds_done, 0L)
 })

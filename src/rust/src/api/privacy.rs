@@ -78,6 +78,15 @@ fn rs_rdp_epsilon(q: f64, noise_multiplier: f64, steps: f64, delta: f64, orders:
     Ok(list!(epsilon = spent.epsilon, order = &spent.order))
 }
 
+/// (epsilon, delta) after rounds with sampling rates `qs`, one per round.
+/// @noRd
+#[extendr]
+fn rs_rdp_epsilon_rounds(qs: &[f64], noise_multiplier: f64, delta: f64, orders: Robj) -> Result<List> {
+    let orders = orders_from(&orders)?;
+    let spent = rdp::epsilon_of_rounds(qs, noise_multiplier, delta, &orders).map_err(core_err)?;
+    Ok(list!(epsilon = spent.epsilon, order = &spent.order))
+}
+
 /// The smallest noise multiplier reaching (epsilon, delta) after `steps` steps.
 /// @noRd
 #[extendr]
@@ -99,6 +108,7 @@ extendr_module! {
     fn rs_add_gaussian_noise;
     fn rs_rdp_sampled_gaussian;
     fn rs_rdp_epsilon;
+    fn rs_rdp_epsilon_rounds;
     fn rs_rdp_noise_multiplier;
     fn rs_rdp_default_orders;
 }

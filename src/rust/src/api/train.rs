@@ -63,12 +63,12 @@ fn number(config: &List, name: &str) -> Result<f64> {
 /// A client failure as data, so R can raise a classed error naming the
 /// client: `kind` is "client" (its data or setup) or "diverged" (its
 /// training blew up). Other errors are raised as R errors by `core_err`, and
-/// so is a filter that dropped every client: a `[client]` error about no
+/// so is a filter that dropped every client: a `[filter]` error about no
 /// client in particular.
 fn client_failure(e: CoreError) -> Result<List> {
     if is_all_filtered(&e) {
         let CoreError::Client(_, message) = e else { unreachable!("is_all_filtered matches client errors") };
-        return Err(extendr_api::Error::Other(format!("[client] {message}")));
+        return Err(extendr_api::Error::Other(format!("[filter] {message}")));
     }
     let kind = e.kind();
     match e {

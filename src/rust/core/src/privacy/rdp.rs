@@ -335,6 +335,28 @@ pub fn epsilon(q: f64, sigma: f64, steps: u64, delta: f64, orders: &[f64]) -> Co
     Ok(epsilon_unchecked(orders, &rdp, delta))
 }
 
+/// (epsilon, delta) after rounds whose sampling rates were `qs`, one per
+/// round: RDP composes additively, order by order, so the rounds of each
+/// distinct rate are accounted together and summed. With a single rate this
+/// is `epsilon()`, bit for bit.
+pub fn epsilon_of_rounds(qs: &[f64], sigma: f64, delta: f64, orders: &[f64]) -> CoreResult<PrivacySpent> {
+    check_delta(delta)?;
+    let mut rates: Vec<(f64, u64)> = Vec::new();
+    for &q in qs {
+        match rates.iter_mut().find(|(r, _)| r.to_bits() == q.to_bits()) {
+            Some((_, n)) => *n += 1,
+            None => rates.push((q, 1)),
+        }
+    }
+    let mut total = vec![0.0; orders.len()];
+    for (q, n) in rates {
+        for (t, r) in total.iter_mut().zip(compute_rdp(q, sigma, n, orders)?) {
+            *t += r;
+        }
+    }
+    Ok(epsilon_unchecked(orders, &total, delta))
+}
+
 /// The smallest noise multiplier for which `steps` steps at sampling rate
 /// `q` are (target_epsilon, delta)-DP by `epsilon()`.
 ///
@@ -393,6 +415,20 @@ pub fn noise_multiplier(target_epsilon: f64, delta: f64, q: f64, steps: u64, ord
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rounds_of_one_rate_are_epsilon_and_rates_compose_additively() {
+        let orders = default_orders();
+        let one = epsilon(0.1, 1.1, 30, 1e-5, &orders).unwrap();
+        assert_eq!(epsilon_of_rounds(&[0.1; 30], 1.1, 1e-5, &orders).unwrap().epsilon, one.epsilon);
+        let mixed = epsilon_of_rounds(&[0.5, 0.1, 0.5, 0.1, 0.1], 1.1, 1e-5, &orders).unwrap();
+        let a = compute_rdp(0.5, 1.1, 2, &orders).unwrap();
+        let b = compute_rdp(0.1, 1.1, 3, &orders).unwrap();
+        let sum: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(mixed.epsilon, epsilon_from_rdp(&orders, &sum, 1e-5).unwrap().epsilon);
+        assert!(mixed.epsilon > epsilon(0.1, 1.1, 5, 1e-5, &orders).unwrap().epsilon);
+    }
+
     use super::*;
     use crate::error::CoreError;
 
