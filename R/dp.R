@@ -215,7 +215,7 @@ epsilon_after <- function(dp, q_log) {
 # take part in a round: uniform or Poisson sampling, all nodes reachable.
 check_dp_cohort <- function(private, call = rlang::caller_env()) {
   if (!identical(private$.privacy$kind, "central")) return(invisible())
-  avail <- vapply(private$.nodes, function(n) n$availability, numeric(1))
+  avail <- stats::setNames(node_roster(private)$availability, names(private$.nodes))
   if (any(avail < 1)) {
     fedagg_abort(c("{.fn dp_central}'s accounting assumes every node is equally likely to take part.",
                    x = "Node{?s} {.val {names(avail)[avail < 1]}} ha{?s/ve} {.field availability} below 1."),

@@ -79,26 +79,18 @@ rs_stream_sum <- function(vectors, n_threads) .Call(wrap__rs_stream_sum, vectors
 #' @noRd
 rs_check_memory <- function(bytes, what) .Call(wrap__rs_check_memory, bytes, what)
 
-#' Copies one client's data into Rust, row-major, once.
-#' @noRd
-rs_dataset <- function(x, n, p, y) .Call(wrap__rs_dataset, x, n, p, y)
-
-#' TRUE when the handle still points at data (FALSE after save/reload).
-#' @noRd
-rs_dataset_valid <- function(handle) .Call(wrap__rs_dataset_valid, handle)
-
 #' Seeded initial parameters as one flat vector.
 #' @noRd
 rs_model_init <- function(sizes, head, scheme, seed) .Call(wrap__rs_model_init, sizes, head, scheme, seed)
 
 #' Mean loss and gradient of a model on data given as a column-major matrix.
 #' @noRd
-rs_loss_grad <- function(sizes, head, params, x, n, p, y) .Call(wrap__rs_loss_grad, sizes, head, params, x, n, p, y)
+rs_loss_grad <- function(sizes, head, bits, params, x, n, p, y) .Call(wrap__rs_loss_grad, sizes, head, bits, params, x, n, p, y)
 
 #' One federated round over the clients' data handles: local work, fold,
 #' server step.
 #' @noRd
-rs_train_round <- function(sizes, head, global, train, validation, streams, config, n_threads) .Call(wrap__rs_train_round, sizes, head, global, train, validation, streams, config, n_threads)
+rs_train_round <- function(sizes, head, bits, global, train, validation, streams, config, n_threads) .Call(wrap__rs_train_round, sizes, head, bits, global, train, validation, streams, config, n_threads)
 
 #' Fold and server step of a round whose client updates were computed in R
 #' (custom models, weight functions written in R): the same fold as
@@ -108,10 +100,10 @@ rs_fold_round <- function(global, deltas, weights, a, config, n_threads) .Call(w
 
 #' Loss and metric of one parameter vector on many data handles.
 #' @noRd
-rs_evaluate <- function(sizes, head, params, data, n_threads) .Call(wrap__rs_evaluate, sizes, head, params, data, n_threads)
+rs_evaluate <- function(sizes, head, bits, params, data, n_threads) .Call(wrap__rs_evaluate, sizes, head, bits, params, data, n_threads)
 
 #' Predictions (n x outputs, column-major) for a column-major matrix.
 #' @noRd
-rs_predict <- function(sizes, head, params, x, n, p) .Call(wrap__rs_predict, sizes, head, params, x, n, p)
+rs_predict <- function(sizes, head, bits, params, x, n, p) .Call(wrap__rs_predict, sizes, head, bits, params, x, n, p)
 
 

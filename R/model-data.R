@@ -32,7 +32,7 @@ loss_grad <- function(model, params, x, y) {
     return(out)
   }
   flat <- flatten_params(model, params)
-  out <- call_rust(rs_loss_grad(model$sizes, model$head, flat, as.double(data$x), nrow(data$x),
+  out <- call_rust(rs_loss_grad(model$sizes, model$head, model_bits(model), flat, as.double(data$x), nrow(data$x),
                                 ncol(data$x), data$y))
   list(loss = out$loss, grad = unflatten_params(model, out$grad))
 }
@@ -63,7 +63,7 @@ model_predict <- function(object, params, newdata, type, arg, call = rlang::call
   x <- check_features(newdata, object, arg, call = call)
   scores <- if (is_builtin(object)) {
     flat <- flatten_params(object, params)
-    out <- call_rust(rs_predict(object$sizes, object$head, flat, as.double(x), nrow(x), ncol(x)))
+    out <- call_rust(rs_predict(object$sizes, object$head, model_bits(object), flat, as.double(x), nrow(x), ncol(x)))
     if (object$head == head_codes[["softmax"]]) matrix(out, nrow(x)) else out
   } else {
     custom_predict(object, params, x)

@@ -22,6 +22,13 @@
 #' @param init Initial parameters: `"zeros"` (the default for the convex
 #'   models) or `"glorot"` (Glorot-uniform weights, He-scaled before ReLU;
 #'   the default, and needed, for an MLP).
+#' @param precision Arithmetic of training and prediction: `"float64"` (the
+#'   default) or `"float32"`, which runs the matrix products of the forward
+#'   and backward passes in single precision, about twice as fast on wide
+#'   models. Parameters, optimizer states, losses and the aggregation stay
+#'   in double precision either way; float32 results agree with float64 to
+#'   about 1e-6 relative per step and are as reproducible (same seed, same
+#'   results on any number of threads).
 #' @param classes Optional class labels, in the order of the model's outputs
 #'   (for logistic regression: the negative class, then the positive one).
 #'   When `NULL`, a [Server] takes them from its nodes' labels: the union of
@@ -40,32 +47,35 @@ NULL
 
 #' @rdname models
 #' @export
-model_linear <- function(n_features, init = c("zeros", "glorot")) {
-  new_builtin_model("linear", n_features, integer(), 1L, "linear", assert_choice(init, c("zeros", "glorot")))
+model_linear <- function(n_features, init = c("zeros", "glorot"), precision = c("float64", "float32")) {
+  new_builtin_model("linear", n_features, integer(), 1L, "linear", assert_choice(init, c("zeros", "glorot")),
+                    precision = precision)
 }
 
 #' @rdname models
 #' @export
-model_logistic <- function(n_features, init = c("zeros", "glorot"), classes = NULL) {
+model_logistic <- function(n_features, init = c("zeros", "glorot"), classes = NULL,
+                           precision = c("float64", "float32")) {
   classes <- assert_classes(classes, 2L)
   new_builtin_model("logistic", n_features, integer(), 1L, "logistic", assert_choice(init, c("zeros", "glorot")),
-                    classes)
+                    classes, precision)
 }
 
 #' @rdname models
 #' @export
-model_softmax <- function(n_features, n_classes = length(classes), init = c("zeros", "glorot"), classes = NULL) {
+model_softmax <- function(n_features, n_classes = length(classes), init = c("zeros", "glorot"), classes = NULL,
+                          precision = c("float64", "float32")) {
   n_classes <- assert_count(n_classes, min = 2L)
   classes <- assert_classes(classes, n_classes)
   new_builtin_model("softmax", n_features, integer(), n_classes, "softmax", assert_choice(init, c("zeros", "glorot")),
-                    classes)
+                    classes, precision)
 }
 
 #' @rdname models
 #' @export
 model_mlp <- function(n_features, hidden = 32, n_classes = NULL,
                       output = c("softmax", "logistic", "linear"), init = c("glorot", "zeros"),
-                      classes = NULL) {
+                      classes = NULL, precision = c("float64", "float32")) {
   output <- assert_choice(output, c("softmax", "logistic", "linear"))
   if (!is.numeric(hidden) || length(hidden) < 1L || anyNA(hidden) || any(hidden < 1) ||
       any(hidden != round(hidden))) {
@@ -80,7 +90,7 @@ model_mlp <- function(n_features, hidden = 32, n_classes = NULL,
                     linear = if (!is.null(classes)) fedagg_abort("{.arg classes} is only for classification outputs."))
   if (any(hidden > .Machine$integer.max)) fedagg_abort("{.arg hidden} sizes must be below 2^31.")
   new_builtin_model("mlp", n_features, as.integer(hidden), n_out, output, assert_choice(init, c("glorot", "zeros")),
-                    classes)
+                    classes, precision)
 }
 
 #' @rdname models
@@ -135,8 +145,9 @@ head_codes <- c(linear = 0L, logistic = 1L, softmax = 2L)
 max_params <- .Machine$integer.max
 
 new_builtin_model <- function(type, n_features, hidden, n_out, output, init, classes = NULL,
-                              call = rlang::caller_env()) {
+                              precision = "float64", call = rlang::caller_env()) {
   n_features <- assert_count(n_features, min = 1L, call = call)
+  precision <- assert_choice(precision, c("float64", "float32"), arg = "precision", call = call)
   sizes <- c(n_features, hidden, n_out)
   size_d <- as.double(sizes)
   n_par <- sum(size_d[-length(size_d)] * size_d[-1L] + size_d[-1L])
@@ -164,9 +175,14 @@ new_builtin_model <- function(type, n_features, hidden, n_out, output, init, cla
     sizes = as.double(sizes),
     head = head_codes[[output]],
     layers = layers,
-    init = init
+    init = init,
+    precision = precision
   ), class = c(paste0("fed_model_", type), "fed_model_builtin", "fed_model"))
 }
+
+# Precision bits as the Rust core reads them (models saved before the
+# precision option are float64).
+model_bits <- function(model) if (identical(model$precision, "float32")) 32L else 64L
 
 is_builtin <- function(model) inherits(model, "fed_model_builtin")
 
@@ -184,6 +200,7 @@ model_description <- function(x) {
   detail <- sprintf("%d features", x$n_features)
   if (!is.null(x$n_classes)) detail <- paste0(detail, sprintf(", %d classes", x$n_classes))
   if (is_builtin(x)) detail <- paste0(detail, sprintf(", %d parameters", n_params(x)))
+  if (identical(x$precision, "float32")) detail <- paste0(detail, ", float32")
   sprintf("%s: %s", what, detail)
 }
 

@@ -103,7 +103,12 @@ monitor_round <- function(private, r, info) {
     }
   }
   if (mon$features) {
-    for (node in private$.nodes) {
+    # Only nodes whose data changed since they were last tested.
+    versions <- node_roster(private)$data_version
+    changed <- which(versions > 0L)
+    changed <- changed[versions[changed] > vapply(names(private$.nodes)[changed], function(id) seen[[id]] %||% 0L,
+                                                   integer(1))]
+    for (node in private$.nodes[changed]) {
       version <- node$data_version
       if (version > (seen[[node$id]] %||% 0L)) {
         drift <- node$data_drift(alpha = mon$alpha, adjust = mon$adjust, threads = private$.threads)

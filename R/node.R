@@ -3,9 +3,10 @@
 #' @description
 #' A `Node` keeps its training data and optional held-out (validation) data
 #' private: other objects only see what [Node]`$train()` and `$evaluate()`
-#' return. For built-in models the data are copied into Rust once (row-major,
-#' ready for minibatches) and reused every round; the copy is rebuilt on
-#' demand if the node is saved and reloaded or sent to another R process.
+#' return. For built-in models the Rust core reads the node's feature matrix
+#' where R keeps it (no second copy), gathering each minibatch's rows as it
+#' trains, so a node saved with `saveRDS()` or sent to another R process
+#' needs nothing rebuilt.
 #'
 #' Use [fed_node()] to create one and [fed_nodes()] to create many from a
 #' partition or a simulated data set.
@@ -75,7 +76,7 @@ Node <- R6::R6Class("Node",
       c_i <- private$.state$control
       result <- if (is_builtin(model)) {
         round_cfg <- list(control = config$control, client_controls = list(c_i))
-        out <- call_rust(rs_train_round(model$sizes, model$head, flat, list(self$data_handle(model)),
+        out <- call_rust(rs_train_round(model$sizes, model$head, model_bits(model), flat, list(self$data_for(model)),
                                         list(NULL), as.double(config$stream %||% 1),
                                         rust_config(config, "collect", epochs, round_cfg), 1L))
         if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message, kind = out$kind)
@@ -110,7 +111,8 @@ Node <- R6::R6Class("Node",
       private$.x <- x
       private$.y <- y
       private$.data_version <- private$.data_version + 1L
-      private$.handles <- list()
+      private$.coded <- list()
+      note_node_change()
       invisible(self)
     },
 
@@ -149,8 +151,8 @@ Node <- R6::R6Class("Node",
         abort_data("has no validation data; create it with {.arg x_val} and {.arg y_val}.", private$.id)
       }
       ev <- if (is_builtin(model)) {
-        out <- call_rust(rs_evaluate(model$sizes, model$head, flatten_params(model, params),
-                                     list(self$data_handle(model, data)), 1L))
+        out <- call_rust(rs_evaluate(model$sizes, model$head, model_bits(model), flatten_params(model, params),
+                                     list(self$data_for(model, data)), 1L))
         if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message, kind = out$kind)
         out
       } else {
@@ -170,21 +172,37 @@ Node <- R6::R6Class("Node",
       invisible(self)
     },
 
-    #' @description Internal: the Rust copy of this node's data for a
-    #'   built-in model (built once, rebuilt if it was lost).
+    #' @description Internal: this node's data as the Rust core borrows
+    #'   them for a built-in model, `list(x, y)`: the feature matrix itself
+    #'   and the labels coded for the model (coded once per model, then kept).
     #' @param model A built-in [model][models].
     #' @param split `"train"` or `"validation"`.
-    data_handle = function(model, split = c("train", "validation")) {
-      split <- assert_choice(split, c("train", "validation"))
-      if (split == "validation" && !self$has_validation) return(NULL)
-      key <- paste(split, model$task, model$n_classes %||% 0L, paste(model$classes, collapse = "\r"), sep = ":")
-      handle <- private$.handles[[key]]
-      if (is.null(handle) || !rs_dataset_valid(handle)) {
-        x <- if (split == "train") private$.x else private$.x_val
-        handle <- call_rust(rs_dataset(as.double(x), nrow(x), ncol(x), private$.labels(model, split)))
-        private$.handles[[key]] <- handle
+    data_for = function(model, split = "train") {
+      train <- identical(split, "train")
+      if (!train && !identical(split, "validation")) {
+        fedagg_abort("{.arg split} must be \"train\" or \"validation\", not {obj_desc(split)}.")
       }
-      handle
+      if (!train && is.null(private$.x_val)) return(NULL)
+      cached <- private$.coded[[split]]
+      if (is.null(cached) || !identical(cached$task, model$task) || !identical(cached$n_classes, model$n_classes) ||
+          !identical(cached$classes, model$classes)) {
+        cached <- list(task = model$task, n_classes = model$n_classes, classes = model$classes,
+                       y = as.double(private$.labels(model, if (train) "train" else "validation")))
+        private$.coded[[split]] <- cached
+      }
+      list(if (train) private$.x else private$.x_val, cached$y)
+    },
+
+    #' @description Internal: everything a server's round reads from this
+    #'   node, in one call: `train` and `validation` data for a built-in
+    #'   model (as `data_for()`; `NULL` without a model or validation data),
+    #'   the node's `state` and its `attack`.
+    #' @param model A built-in [model][models], or `NULL` (no data wanted).
+    #' @param validation Whether the validation data are wanted.
+    round_view = function(model, validation = FALSE) {
+      list(train = if (!is.null(model)) self$data_for(model, "train"),
+           validation = if (!is.null(model) && validation) self$data_for(model, "validation"),
+           state = private$.state, attack = private$.attack)
     },
 
     #' @description A one-line description.
@@ -222,6 +240,7 @@ Node <- R6::R6Class("Node",
     availability = function(value) {
       if (missing(value)) return(private$.availability)
       private$.availability <- assert_number(value, 0, 1, lower_open = TRUE, arg = "availability")
+      note_node_change()
     },
     #' @field attack `NULL`, or the [attack][attacks] this node simulates
     #'   (validated when set; see [set_attack()]).
@@ -231,8 +250,8 @@ Node <- R6::R6Class("Node",
         fedagg_abort("{.field attack} must be an attack such as {.fn attack_sign_flip}, or NULL, not {obj_desc(value)}.")
       }
       private$.attack <- value
-      # Training labels may change with the attack: rebuild the Rust copy.
-      private$.handles <- list()
+      # Training labels may change with the attack: code them again.
+      private$.coded <- list()
     },
     #' @field state What the node keeps between rounds (read-only): a list
     #'   with SCAFFOLD's `control` variate, its `last_update`, or a custom
@@ -279,7 +298,7 @@ Node <- R6::R6Class("Node",
     .x_previous = NULL,
     .data_version = 0L,
     .state = list(),
-    .handles = list(),
+    .coded = list(),
 
     .check_width = function(model, call = rlang::caller_env()) {
       assert_model(model, call = call)
@@ -463,7 +482,7 @@ metric_frame <- function(client, n, loss, metric, model) {
 metric_name <- function(model) if (model$task == "classification") "accuracy" else "rmse"
 
 # Loss and metric of a custom R model on one data set (labels already coded);
-# built-in models are evaluated in Rust on a data handle.
+# built-in models are evaluated in Rust, on the node's matrix.
 evaluate_custom <- function(model, params, x, y, client = NULL, round = NULL, call = rlang::caller_env()) {
   out <- call_user(model$loss_grad, list(params, x, y), "The custom model's {.fn loss_grad}", round = round,
                    client = client, call = call)

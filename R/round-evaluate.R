@@ -23,11 +23,8 @@ evaluate_test <- function(private, flat, round = NULL) {
   model <- private$.model
   test <- private$.test
   if (is_builtin(model)) {
-    if (is.null(test$handle) || !rs_dataset_valid(test$handle)) {
-      test$handle <- call_rust(rs_dataset(as.double(test$x), nrow(test$x), ncol(test$x), test$y))
-      private$.test <- test
-    }
-    out <- call_rust(rs_evaluate(model$sizes, model$head, flat, list(test$handle), resolve_threads(private$.threads)))
+    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), flat, list(list(test$x, as.double(test$y))),
+                                 resolve_threads(private$.threads)))
     return(list(n = out$n, loss = out$loss, metric = out$metric))
   }
   evaluate_custom(model, relist_like(flat, private$.template), test$x, test$y, round = round)
@@ -35,11 +32,12 @@ evaluate_test <- function(private, flat, round = NULL) {
 
 evaluate_clients <- function(private, flat, round = NULL) {
   model <- private$.model
-  nodes <- Filter(function(n) n$has_validation, private$.nodes)
+  nodes <- private$.nodes[node_roster(private)$has_validation]
   if (!length(nodes)) return(NULL)
   if (is_builtin(model)) {
-    handles <- lapply(nodes, function(n) n$data_handle(model, "validation"))
-    out <- call_rust(rs_evaluate(model$sizes, model$head, flat, unname(handles), resolve_threads(private$.threads)))
+    data <- lapply(nodes, function(n) n$data_for(model, "validation"))
+    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), flat, unname(data),
+                                 resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, round, kind = out$kind)
     return(metric_frame(names(nodes), out$n, out$loss, out$metric, model))
   }

@@ -6,13 +6,12 @@
 # Pure: nothing is kept until the round commits.
 select_round <- function(self, private, r) {
   ids <- names(private$.nodes)
-  p <- vapply(private$.nodes, function(n) n$availability, numeric(1))
+  roster <- node_roster(private)
+  p <- roster$availability
   available <- if (all(p == 1)) rep(TRUE, length(ids))
                else with_seed(derive_seed(private$.seed, r, 3L), stats::runif(length(ids))) < p
   # Minimum cohort: nodes too small to disclose an update never take part.
-  if (private$.min_samples > 0L) {
-    available <- available & vapply(private$.nodes, function(n) n$n_samples >= private$.min_samples, logical(1))
-  }
+  if (private$.min_samples > 0L) available <- available & roster$n_samples >= private$.min_samples
   names(available) <- ids
   if (!is.null(private$.schedule)) {
     if (r > length(private$.schedule)) {
@@ -21,13 +20,12 @@ select_round <- function(self, private, r) {
     }
     # Node order, as for the selection rules: the listing order must not
     # change a round.
-    chosen <- ids[ids %in% private$.schedule[[r]]]
-    return(list(ids = chosen, available = available, log = selection_log_rows(r, chosen, NULL)))
+    index <- which(ids %in% private$.schedule[[r]])
+    return(list(ids = ids[index], index = index, available = available, log = selection_log_rows(r, ids[index], NULL)))
   }
   sel <- private$.selection
-  clients <- data.frame(id = ids, n_samples = vapply(private$.nodes, function(n) n$n_samples, numeric(1)),
-                        available = unname(available), reach_share = unname((private$.reach + available) / r),
-                        stringsAsFactors = FALSE)
+  clients <- new_frame(id = ids, n_samples = roster$n_samples, available = unname(available),
+                       reach_share = unname((private$.reach + available) / r))
   if ("last_update" %in% sel$needs) clients$last_cosine <- private$.last_cosines()
   ctx <- list(round = r, n = self$clients_per_round, clients = clients, seed = derive_seed(private$.seed, r, 1L),
               loss = function(chosen) private$.local_losses(chosen, r))
@@ -40,14 +38,16 @@ select_round <- function(self, private, r) {
     log <- selection_log_rows(r, chosen, NULL)
   }
   # Node order, so that a round does not depend on how a rule lists its picks.
-  chosen <- ids[ids %in% chosen]
-  list(ids = chosen, available = available, log = log)
+  index <- which(ids %in% chosen)
+  list(ids = ids[index], index = index, available = available, log = log)
 }
 
-# Epochs of each selected client: its own, or fewer for a straggler (which
-# is dropped instead with drop_stragglers = TRUE).
-local_work <- function(private, ids, r) {
-  epochs <- private$.epochs[ids]
+# Epochs of each selected client (`index`: their positions among the
+# nodes): its own, or fewer for a straggler (which is dropped instead with
+# drop_stragglers = TRUE).
+local_work <- function(private, index, r) {
+  ids <- names(private$.nodes)[index]
+  epochs <- private$.epochs[index]
   straggler <- rep(FALSE, length(ids))
   n_slow <- round(private$.stragglers * length(ids))
   if (n_slow > 0) {
@@ -58,9 +58,10 @@ local_work <- function(private, ids, r) {
     })
   }
   if (private$.drop_stragglers) {
-    return(list(ids = ids[!straggler], epochs = epochs[!straggler], straggler = straggler[!straggler]))
+    keep <- !straggler
+    return(list(ids = ids[keep], index = index[keep], epochs = epochs[keep], straggler = straggler[keep]))
   }
-  list(ids = ids, epochs = epochs, straggler = straggler)
+  list(ids = ids, index = index, epochs = epochs, straggler = straggler)
 }
 
 # Local loss of the current global model on each node's training data
@@ -69,8 +70,8 @@ local_losses <- function(private, chosen, r) {
   model <- private$.model
   nodes <- private$.nodes[chosen]
   if (is_builtin(model)) {
-    handles <- lapply(nodes, function(n) n$data_handle(model, "train"))
-    out <- call_rust(rs_evaluate(model$sizes, model$head, private$.flat, unname(handles),
+    data <- lapply(nodes, function(n) n$data_for(model, "train"))
+    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), private$.flat, unname(data),
                                  resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(chosen[out$client], out$message, r, kind = out$kind)
     return(out$loss)

@@ -10,17 +10,22 @@ train_selected <- function(private, idx, config, epochs, round) {
   alg <- private$.algorithm
   keep_updates <- "last_update" %in% private$.selection$needs
   rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
+  builtin <- is_builtin(model) && alg$kind != "custom"
+  # One call per selected node for everything the round reads from it.
+  views <- lapply(nodes, function(n) {
+    n$round_view(if (builtin) model, validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"))
+  })
+  states <- lapply(views, `[[`, "state")
+  attacks <- lapply(views, `[[`, "attack")
   fold_cfg <- c(list(algorithm = rust_config(config, rule)$algorithm,
                      server = rust_server_config(private$.server_opt, private$.server_state),
                      diagnostics = private$.diagnostics, control = private$.control,
-                     client_controls = lapply(nodes, function(n) n$state$control), n_nodes = length(private$.nodes)),
-                trust_config(private, nodes, round))
-  if (is_builtin(model) && alg$kind != "custom") {
-    train <- lapply(nodes, function(n) n$data_handle(model, "train"))
-    val <- if (rule == "collect" || private$.weights %in% "accuracy") {
-      lapply(nodes, function(n) n$data_handle(model, "validation"))
-    } else rep(list(NULL), length(nodes))
-    out <- call_rust(rs_train_round(model$sizes, model$head, private$.flat, unname(train), unname(val),
+                     client_controls = lapply(states, `[[`, "control"), n_nodes = length(private$.nodes)),
+                trust_config(private, attacks, round))
+  if (builtin) {
+    train <- lapply(views, `[[`, "train")
+    val <- lapply(views, `[[`, "validation")
+    out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.flat, unname(train), unname(val),
                                     as.double(idx), rust_config(config, rule, epochs, fold_cfg),
                                     resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
@@ -56,7 +61,7 @@ train_selected <- function(private, idx, config, epochs, round) {
       fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
     }
     fold_cfg$client_controls_new <- new_controls
-    out_fold <- call_rust(rs_fold_round(private$.flat, unname(deltas), info$weight, a, fold_cfg,
+    out_fold <- core_call(rs_fold_round(private$.flat, unname(deltas), info$weight, a, fold_cfg,
                                         resolve_threads(private$.threads)))
   } else {
     out_fold <- out
@@ -80,7 +85,7 @@ train_selected <- function(private, idx, config, epochs, round) {
   info$update_norm <- out_fold$client_norms
   info$cosine <- nan_to_na(out_fold$cosines)
   k <- length(ids)
-  info$malicious <- vapply(nodes, function(n) !is.null(n$attack), logical(1))
+  info$malicious <- !vapply(attacks, is.null, logical(1), USE.NAMES = FALSE)
   info$kept <- out_fold$kept %||% rep(TRUE, k)
   info$filter_reason <- out_fold$filter_reason %||% rep("", k)
   info$clipped <- out_fold$clipped %||% rep(NA, k)
@@ -95,14 +100,16 @@ train_selected <- function(private, idx, config, epochs, round) {
                    i = "Poisson sampling, unreachable nodes or dropped stragglers can leave fewer clients than that."),
                  class = "cohort", round = round)
   }
-  node_states <- lapply(seq_along(nodes), function(k) {
-    state <- nodes[[k]]$state
-    if (alg$kind == "scaffold") state$control <- new_controls[[k]]
-    if (keep_updates) state$last_update <- deltas[[k]]
-    if (!is.null(custom_states)) state$custom <- custom_states[[k]]
-    state
-  })
-  names(node_states) <- ids
+  # Only states that change are committed (FedAvg's nodes keep none).
+  node_states <- if (alg$kind %in% c("scaffold", "custom") || keep_updates) {
+    stats::setNames(lapply(seq_along(nodes), function(k) {
+      state <- states[[k]]
+      if (alg$kind == "scaffold") state$control <- new_controls[[k]]
+      if (keep_updates) state$last_update <- deltas[[k]]
+      if (!is.null(custom_states)) state$custom <- custom_states[[k]]
+      state
+    }), ids)
+  } else list()
   list(params = params, aggregate = out_fold$aggregate, server_state = server_state, control = out_fold$control,
        info = info, diagnostics = lapply(diagnostics, nan_to_na), node_states = node_states)
 }
@@ -127,7 +134,7 @@ selection_log_rows <- function(round, clients, score, picked = rep(TRUE, length(
 
 # The round's attacks, filter, clipping, robust aggregator and privacy noise,
 # as the Rust fold applies them (in that order).
-trust_config <- function(private, nodes, round) {
+trust_config <- function(private, attacks, round) {
   sizes <- layer_sizes(private$.model, private$.template)
   dp <- private$.privacy
   local <- identical(dp$kind, "local")
@@ -136,7 +143,7 @@ trust_config <- function(private, nodes, round) {
           else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
   z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * private$.eligible())$update
        else dp$noise_multiplier
-  attacks <- lapply(nodes, function(n) rust_attack(n$attack))
+  attacks <- lapply(attacks, rust_attack)
   n_eligible <- private$.eligible()
   list(local_dp = if (local) {
          list(clip = private$.privacy$clip, sd = private$.privacy$sd, seed = as.double(derive_seed(private$.seed, round, 8L)))

@@ -5,6 +5,7 @@
 
 round_body <- function(self, private, r, last_round) {
   started <- proc.time()[["elapsed"]]
+  core_started <- core_clock$seconds
   dp <- private$.privacy
   if (!is.null(dp)) check_dp_cohort(private)
   # This round's sampling rate, kept per round: the accountant composes the
@@ -18,9 +19,8 @@ round_body <- function(self, private, r, last_round) {
     }
   }
   picked <- private$.select_round(r)
-  ids <- picked$ids
   lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)
-  work <- private$.local_work(ids, r)
+  work <- private$.local_work(picked$index, r)
   if (!is.null(private$.hooks$round_start)) {
     call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
               "The {.code round_start} hook", round = r)
@@ -31,7 +31,7 @@ round_body <- function(self, private, r, last_round) {
   config$control <- private$.control
   old <- private$.flat
   result <- if (length(work$ids)) {
-    private$.train_selected(match(work$ids, names(private$.nodes)), config, work$epochs, r)
+    private$.train_selected(work$index, config, work$epochs, r)
   } else {
     empty_round(old, private$.server_state, private$.control)
   }
@@ -79,6 +79,7 @@ round_body <- function(self, private, r, last_round) {
     private$.nodes[[names(result$node_states)[k]]]$commit_state(result$node_states[[k]])
   }
   private$.seconds[r] <- proc.time()[["elapsed"]] - started
+  private$.core_seconds[r] <- core_clock$seconds - core_started
   if (!is.null(private$.hooks$round_end)) {
     call_user(private$.hooks$round_end, list(server = self, round = r, record = record),
               sprintf("The `round_end` hook (round %d is kept)", r), round = r)

@@ -321,11 +321,17 @@ Server <- R6::R6Class("Server",
       new_fed_history(private$.records, private$.model, self$settings)
     },
     #' @field timings Wall-clock seconds per round, evaluation included
-    #'   (read-only data frame; kept out of the history so that same-seed
-    #'   histories are `identical()`).
+    #'   (`seconds`), and the part of them spent in the Rust core's local
+    #'   training, aggregation and evaluation (`core_seconds`); the rest is
+    #'   R's bookkeeping and any R code of custom parts. A read-only data
+    #'   frame, kept out of the history so that same-seed histories are
+    #'   `identical()`.
     timings = function(value) {
       if (!missing(value)) fedagg_abort("{.field timings} is read-only.")
-      data.frame(round = seq_along(private$.seconds), seconds = as.double(private$.seconds))
+      n <- length(private$.seconds)
+      core <- as.double(private$.core_seconds)
+      data.frame(round = seq_len(n), seconds = as.double(private$.seconds),
+                 core_seconds = c(core, rep(NA_real_, n - length(core)))[seq_len(n)])
     },
     #' @field stopped `NULL`, or how the last `fit()` ended early: a list of
     #'   `round` and `reason` (read-only).
@@ -443,15 +449,15 @@ Server <- R6::R6Class("Server",
     .selection = NULL, .schedule = NULL, .weights = NULL, .local = NULL, .lr_schedule = NULL,
     .test = NULL, .eval_every = NULL, .seed = NULL, .threads = NULL, .hooks = NULL,
     .flat = NULL, .template = NULL, .round = 0L, .records = list(), .client_log = list(),
-    .seconds = numeric(), .stopped = NULL, .busy = FALSE,
+    .seconds = numeric(), .core_seconds = numeric(), .stopped = NULL, .busy = FALSE,
     .epochs = NULL, .server_opt = NULL, .server_state = list(), .aggregator = NULL, .control = NULL,
     .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
-    .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(),
+    .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(), .roster = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {
-      sum(vapply(private$.nodes, function(n) n$n_samples >= private$.min_samples, logical(1)))
+      sum(node_roster(private)$n_samples >= private$.min_samples)
     },
 
     # Expected clients per round / eligible nodes: the sampling rate of the
@@ -483,7 +489,7 @@ Server <- R6::R6Class("Server",
 
     .select_round = function(r) select_round(self, private, r),
 
-    .local_work = function(ids, r) local_work(private, ids, r),
+    .local_work = function(index, r) local_work(private, index, r),
 
     .local_losses = function(chosen, r) local_losses(private, chosen, r),
 

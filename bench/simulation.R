@@ -8,7 +8,8 @@
 # implementations do the same arithmetic: per client, shuffled minibatches of
 # 10, a softmax-cross-entropy gradient step each, then the sample-weighted
 # mean of the client models. No evaluation inside the timed rounds.
-# Then: memory of a federation of 10,000 such clients (R data + Rust copy).
+# Then: memory of a federation of 10,000 such clients (the nodes' R
+# matrices, which the Rust core reads in place).
 suppressPackageStartupMessages(library(fedagg))
 
 args <- commandArgs(trailingOnly = TRUE)
@@ -73,7 +74,7 @@ cat(sprintf("fedagg %s | R %s | %d cores | %s\n\n", packageVersion("fedagg"), ge
 clients <- make_clients(n_clients, n_samples, seed = 7)
 nodes <- fed_nodes(do.call(rbind, lapply(clients, `[[`, "x")), unlist(lapply(clients, `[[`, "y")),
                    split(seq_len(n_clients * n_samples), rep(seq_len(n_clients), each = n_samples)))
-invisible(fedagg_fit(nodes, 1, 1)) # warm up: builds the nodes' Rust copies once
+invisible(fedagg_fit(nodes, 1, 1)) # warm up: codes each node's labels once
 
 plain <- median_time(function() plain_r_fit(clients, rounds, 1), reps = 3) / rounds
 one <- median_time(function() fedagg_fit(nodes, rounds, 1), reps = 5) / rounds
@@ -118,8 +119,8 @@ if (memory_clients > 0) {
               memory_clients, n_samples, dim, per_client_mb))
   cat(sprintf("  %d nodes holding their data in R:   %6.0f MB resident (data alone: %.0f MB)\n",
               memory_clients, after_nodes - before, memory_clients * per_client_mb))
-  cat(sprintf("  + Rust copies of the %d clients trained in 3 rounds: %+6.0f MB (data alone: %.0f MB)\n",
-              trained, after_fit - after_nodes, trained * per_client_mb))
-  cat(sprintf("  3 rounds of %d clients: %.2f s, including copying each client's data into Rust on first use\n",
+  cat(sprintf("  after 3 rounds training %d clients (read in place, no copy): %+6.0f MB\n",
+              trained, after_fit - after_nodes))
+  cat(sprintf("  3 rounds of %d clients: %.2f s, including coding each client's labels on first use\n",
               big_srv$clients_per_round, t_round))
 }

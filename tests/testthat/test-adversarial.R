@@ -690,7 +690,7 @@ adv_cases_node <- c(
   adv_group("Node methods and bindings",
     E("check_model of another width", node$check_model(model_softmax(5, 3)), "x", client = "client1"),
     E("check_model NULL", node$check_model(NULL), "model"),
-    E("data_handle with a bad split", node$data_handle(m_soft, "test"), "split"),
+    E("data_for with a bad split", node$data_for(m_soft, "test"), "split"),
     E("set id", node$id <- "x", re = "id"),
     E("set n_samples", node$n_samples <- 1, re = "n_samples"),
     E("set n_features", node$n_features <- 1, re = "n_features"),

@@ -257,8 +257,9 @@ test_that("same-seed runs give identical() histories; times are kept apart", {
   expect_identical(a$history, b$history)
   expect_identical(a$client_log, b$client_log)
   expect_false("elapsed" %in% names(a$history))
-  expect_identical(names(a$timings), c("round", "seconds"))
+  expect_identical(names(a$timings), c("round", "seconds", "core_seconds"))
   expect_identical(nrow(a$timings), 4L)
+  expect_true(all(a$timings$core_seconds >= 0 & a$timings$core_seconds <= a$timings$seconds))
 })
 
 test_that("early stopping stops where a plain-R check of the full history says", {

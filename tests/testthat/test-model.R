@@ -143,3 +143,47 @@ test_that("custom R models train like the built-in ones", {
   expect_equal(node$evaluate(p, softmax_r), node$evaluate(p, model_softmax(4, 3)), tolerance = 1e-10)
   expect_snapshot(print(softmax_r))
 })
+
+test_that("minibatch matrix kernels match plain-R SGD for B = 1, B > n and a batch across blocks", {
+  d <- toy_classes(23, seed = 6)
+  for (case in model_cases()) {
+    y <- case$y(d)
+    params <- random_params(case$model, seed = 4)
+    node <- fed_node(d$x, y, id = "a")
+    for (b in c(1, 40)) {
+      out <- node$train(params, train_config(case$model, epochs = 2, batch_size = b, lr = 0.02, shuffle = FALSE))
+      expect_equal(out$params, ref_sgd(params, d$x, y, case$output, 2, b, 0.02), tolerance = 1e-10)
+    }
+  }
+  # 300 rows: a full batch is two blocks of the kernels (256 + 44 rows).
+  big <- toy_classes(300, seed = 2)
+  m <- model_mlp(4, hidden = 5, n_classes = 3)
+  params <- random_params(m, seed = 1)
+  out <- fed_node(big$x, big$y)$train(params, train_config(m, epochs = 2, batch_size = 280, lr = 0.1, shuffle = FALSE))
+  expect_equal(out$params, ref_sgd(params, big$x, big$y, "softmax", 2, 280, 0.1), tolerance = 1e-10)
+})
+
+test_that("float32 models compute in single precision and agree with float64 to its accuracy", {
+  d <- toy_classes(60, seed = 3)
+  m64 <- model_mlp(4, hidden = 8, n_classes = 3)
+  m32 <- model_mlp(4, hidden = 8, n_classes = 3, precision = "float32")
+  expect_match(format(m32), "float32")
+  expect_no_match(format(m64), "float32")
+  p <- random_params(m64, seed = 2)
+  g64 <- loss_grad(m64, p, d$x, d$y)
+  g32 <- loss_grad(m32, p, d$x, d$y)
+  expect_equal(g32$loss, g64$loss, tolerance = 1e-6)
+  expect_equal(unlist(g32$grad), unlist(g64$grad), tolerance = 1e-5)
+  # Single precision really is used: the results differ beyond float64 rounding.
+  expect_gt(max(abs(unlist(g32$grad) - unlist(g64$grad))), 1e-12)
+  expect_equal(predict(m32, p, d$x), predict(m64, p, d$x), tolerance = 1e-6)
+  # A float32 federation is reproducible on any number of threads.
+  nodes <- fed_nodes(d$x, d$y, partition_iid(60, 4, seed = 1))
+  fit <- function(model, threads) {
+    fed_server(model, nodes, fraction = 1, epochs = 2, batch_size = 8, lr = 0.1, seed = 5, threads = threads)$fit(3, verbose = FALSE)
+  }
+  h1 <- fit(m32, 1)
+  expect_identical(h1, fit(m32, 2))
+  expect_equal(h1$train_loss, fit(m64, 1)$train_loss, tolerance = 1e-4)
+  expect_error(model_softmax(4, 3, precision = "float16"), class = "fedagg_error")
+})

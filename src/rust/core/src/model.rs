@@ -7,7 +7,7 @@
 //! Flattening R's named list `list(W1, b1, W2, b2, ...)` with `unlist()` gives
 //! exactly this buffer, so nothing is reordered crossing the boundary.
 
-use crate::alloc::{byte_size, try_copy, try_zeroed};
+use crate::alloc::{byte_size, try_copy, try_filled, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::rng::Rng;
 
@@ -51,51 +51,317 @@ pub struct Layer {
 pub struct Network {
     pub layers: Vec<Layer>,
     pub head: Head,
+    pub precision: Precision,
     n_params: usize,
     widest: usize,
 }
 
-/// A data set held in row-major order, so one sample is one contiguous row.
-#[derive(Clone, Debug)]
-pub struct Dataset {
-    pub x: Vec<f64>,
-    pub y: Vec<f64>,
+/// The arithmetic a model computes in. Parameters, optimizer state and the
+/// loss always stay float64; `F32` runs the forward and backward products in
+/// float32 (about twice the throughput) on a float32 copy of the parameters
+/// made at every step, and hands back a float64 gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F64,
+    F32,
+}
+
+impl Precision {
+    pub fn from_code(code: i32) -> CoreResult<Precision> {
+        match code {
+            64 => Ok(Precision::F64),
+            32 => Ok(Precision::F32),
+            _ => invalid("precision", format!("unknown precision code {code}")),
+        }
+    }
+}
+
+/// Rows processed by one matrix product. A minibatch up to this size is one
+/// block; larger batches (full-batch FedSGD, evaluation) are cut into blocks
+/// of this many rows, so the workspace stays bounded whatever `n` is. The
+/// cut depends on the row count alone, never on threads.
+pub const BLOCK_ROWS: usize = 256;
+
+/// A client's data as R holds it: an `n x p` column-major feature matrix and
+/// `n` labels, borrowed, never copied whole. Training gathers the rows of
+/// each minibatch into a small row-major block.
+#[derive(Clone, Copy, Debug)]
+pub struct Dataset<'a> {
+    pub x: &'a [f64],
+    pub y: &'a [f64],
     pub n: usize,
     pub p: usize,
 }
 
-impl Dataset {
-    /// From R's column-major `n x p` matrix.
-    pub fn from_col_major(x: &[f64], n: usize, p: usize, y: &[f64]) -> CoreResult<Dataset> {
+impl<'a> Dataset<'a> {
+    /// Borrows an R `n x p` matrix (column-major) and its labels.
+    pub fn new(x: &'a [f64], n: usize, p: usize, y: &'a [f64]) -> CoreResult<Dataset<'a>> {
         if n.checked_mul(p) != Some(x.len()) {
             return invalid("x", format!("has {} values, expected {n} x {p}", x.len()));
         }
         if y.len() != n {
             return invalid("y", format!("has {} values for {n} rows of `x`", y.len()));
         }
-        let mut rows = try_zeroed(x.len(), "the row-major copy of a client's data")?;
-        for j in 0..p {
-            let col = &x[j * n..(j + 1) * n];
-            for (i, v) in col.iter().enumerate() {
-                rows[i * p + j] = *v;
-            }
-        }
-        Ok(Dataset { x: rows, y: try_copy(y, "a client's labels")?, n, p })
+        Ok(Dataset { x, y, n, p })
     }
 
+    /// Copies the rows `rows` into `out`, row-major (`rows.len() x p`).
     #[inline]
-    pub fn row(&self, i: usize) -> &[f64] {
-        &self.x[i * self.p..(i + 1) * self.p]
+    fn gather<T: Real>(&self, rows: &[usize], out: &mut [T], labels: &mut [f64]) {
+        let (n, p) = (self.n, self.p);
+        for (b, &i) in rows.iter().enumerate() {
+            let dst = &mut out[b * p..(b + 1) * p];
+            for (j, v) in dst.iter_mut().enumerate() {
+                *v = T::of(self.x[j * n + i]);
+            }
+            labels[b] = self.y[i];
+        }
+    }
+
+    /// Copies the `m` consecutive rows from `start` into `out`, reading each
+    /// column in order.
+    #[inline]
+    fn gather_range<T: Real>(&self, start: usize, m: usize, out: &mut [T], labels: &mut [f64]) {
+        let (n, p) = (self.n, self.p);
+        for j in 0..p {
+            let col = &self.x[j * n + start..j * n + start + m];
+            for (b, v) in col.iter().enumerate() {
+                out[b * p + j] = T::of(*v);
+            }
+        }
+        labels[..m].copy_from_slice(&self.y[start..start + m]);
     }
 }
 
-/// Per-sample buffers, allocated once per training run.
+/// Owned data, for tests and callers that build data in Rust.
+#[derive(Clone, Debug)]
+pub struct OwnedData {
+    pub x: Vec<f64>,
+    pub y: Vec<f64>,
+    pub n: usize,
+    pub p: usize,
+}
+
+impl OwnedData {
+    pub fn from_col_major(x: &[f64], n: usize, p: usize, y: &[f64]) -> CoreResult<OwnedData> {
+        Dataset::new(x, n, p, y)?;
+        Ok(OwnedData { x: try_copy(x, "a client's data")?, y: try_copy(y, "a client's labels")?, n, p })
+    }
+
+    pub fn view(&self) -> Dataset<'_> {
+        Dataset { x: &self.x, y: &self.y, n: self.n, p: self.p }
+    }
+}
+
+/// A float type the matrix kernels run in.
+pub trait Real: Copy + Default + PartialOrd + Send + Sync + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + std::ops::AddAssign + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+    fn of(v: f64) -> Self;
+    fn f64(self) -> f64;
+    /// `C = alpha A B + beta C` for an `m x k` A, a `k x n` B and an `m x n`
+    /// C with the given (row, column) strides.
+    ///
+    /// # Safety
+    /// The strides must keep every index inside the pointers' buffers.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(m: usize, k: usize, n: usize, alpha: Self, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, beta: Self, c: *mut Self, rsc: isize, csc: isize);
+}
+
+// The products come from `matrixmultiply` (blocked, packed, with AVX2/FMA
+// kernels chosen at run time). Measured on this project's 2-core VM for the
+// MLP 784-512-10 minibatch shapes (32 x 784 x 512): 45 GFLOP/s float64 and
+// 73 float32 per core, level with the `gemm` crate (44 / 69) at a third of
+// its code size, and 6x the per-sample matrix-vector loop it replaces
+// (about 7.5 GFLOP/s). Each product runs on one thread: clients run in
+// parallel, so the summation order of a client's run never depends on the
+// number of threads.
+impl Real for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    #[inline(always)]
+    fn of(v: f64) -> f64 {
+        v
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self
+    }
+    unsafe fn gemm_raw(m: usize, k: usize, n: usize, alpha: f64, a: *const f64, rsa: isize, csa: isize, b: *const f64, rsb: isize, csb: isize, beta: f64, c: *mut f64, rsc: isize, csc: isize) {
+        matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+impl Real for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    #[inline(always)]
+    fn of(v: f64) -> f32 {
+        v as f32
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self as f64
+    }
+    unsafe fn gemm_raw(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, beta: f32, c: *mut f32, rsc: isize, csc: isize) {
+        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+}
+
+/// A matrix inside a buffer: `rows x cols`, element (i, j) at `i rs + j cs`.
+#[derive(Clone, Copy)]
+struct Shape {
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl Shape {
+    fn row_major(rows: usize, cols: usize) -> Shape {
+        Shape { rows, cols, rs: cols, cs: 1 }
+    }
+    fn col_major(rows: usize, cols: usize) -> Shape {
+        Shape { rows, cols, rs: 1, cs: rows }
+    }
+    fn t(self) -> Shape {
+        Shape { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+    fn fits(self, len: usize) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < len
+    }
+}
+
+/// `c = alpha a b + beta c`, bounds-checked.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: Real>(alpha: T, a: &[T], sa: Shape, b: &[T], sb: Shape, beta: T, c: &mut [T], sc: Shape) {
+    assert!(sa.cols == sb.rows && sc.rows == sa.rows && sc.cols == sb.cols, "gemm: shapes do not chain");
+    assert!(sa.fits(a.len()) && sb.fits(b.len()) && sc.fits(c.len()), "gemm: a matrix runs past its buffer");
+    if sc.rows == 0 || sc.cols == 0 {
+        return;
+    }
+    // SAFETY: the shapes chain and every index stays inside its slice, checked above.
+    unsafe {
+        T::gemm_raw(
+            sa.rows, sa.cols, sb.cols, alpha,
+            a.as_ptr(), sa.rs as isize, sa.cs as isize,
+            b.as_ptr(), sb.rs as isize, sb.cs as isize,
+            beta, c.as_mut_ptr(), sc.rs as isize, sc.cs as isize,
+        )
+    }
+}
+
+/// Buffers for one block of rows in one precision.
+struct Block<T> {
+    rows: usize,
+    /// The gathered rows, row-major.
+    x: Vec<T>,
+    labels: Vec<f64>,
+    /// Output of every layer for the block (after ReLU for hidden layers,
+    /// pre-activation for the last), row-major.
+    acts: Vec<Vec<T>>,
+    delta: Vec<T>,
+    delta_prev: Vec<T>,
+    /// One output row in float64, for the head.
+    head_z: Vec<f64>,
+    head_d: Vec<f64>,
+    /// Column sums of a layer's deltas (its bias gradient).
+    bias_sums: Vec<T>,
+}
+
+/// A client's rows laid out for one epoch: row-major, in the epoch's
+/// order, in the model's precision. Its minibatches are then contiguous
+/// slices, where gathering shuffled rows from R's column-major matrix would
+/// touch one cache line per value (measured: 7-9 % of a step).
+struct Stage<T> {
+    rows: Vec<T>,
+    labels: Vec<f64>,
+    p: usize,
+    ready: bool,
+}
+
+impl<T: Real> Stage<T> {
+    fn empty() -> Stage<T> {
+        Stage { rows: Vec::new(), labels: Vec::new(), p: 0, ready: false }
+    }
+
+    /// Fills the stage from `data` in `order`; false when there is not
+    /// memory for it (the caller then gathers each minibatch instead).
+    fn fill(&mut self, data: &Dataset<'_>, order: &[usize]) -> bool {
+        self.ready = false;
+        let (n, p) = (data.n, data.p);
+        let Some(len) = n.checked_mul(p) else { return false };
+        if self.rows.len() != len {
+            self.rows = Vec::new();
+            match try_filled(len, T::ZERO, "an epoch's rows") {
+                Ok(rows) => self.rows = rows,
+                Err(_) => return false,
+            }
+        }
+        let mut position = vec![0usize; n];
+        for (k, &i) in order.iter().enumerate() {
+            position[i] = k;
+        }
+        // Eight source rows at a time: each column's read is one cache line,
+        // and the eight destination rows stay in cache across the columns.
+        let rows = &mut self.rows;
+        for first in (0..n).step_by(8) {
+            let last = (first + 8).min(n);
+            for j in 0..p {
+                let column = &data.x[j * n + first..j * n + last];
+                for (r, v) in column.iter().enumerate() {
+                    rows[position[first + r] * p + j] = T::of(*v);
+                }
+            }
+        }
+        self.labels.clear();
+        self.labels.extend(order.iter().map(|&i| data.y[i]));
+        self.p = p;
+        self.ready = true;
+        true
+    }
+}
+
+enum Buffers {
+    F64 { block: Block<f64>, stage: Stage<f64> },
+    F32 { block: Block<f32>, stage: Stage<f32>, params: Vec<f32>, grad: Vec<f32> },
+}
+
+/// Buffers of a training or evaluation run, allocated once per run and
+/// sized by the block, not by the data set (except an epoch's stage).
 pub struct Workspace {
-    /// Activations: `acts[0]` is unused (the input row is borrowed), then the
-    /// output of every layer (pre-activation for the last one).
-    acts: Vec<Vec<f64>>,
-    delta: Vec<f64>,
-    delta_prev: Vec<f64>,
+    buffers: Buffers,
+}
+
+impl Workspace {
+    /// Lays out the rows of `data` in `order` for `Network::loss_grad_staged`.
+    /// Returns false when memory does not allow it; use `loss_grad` then.
+    pub fn stage(&mut self, data: &Dataset<'_>, order: &[usize]) -> bool {
+        debug_assert_eq!(order.len(), data.n);
+        match &mut self.buffers {
+            Buffers::F64 { stage, .. } => stage.fill(data, order),
+            Buffers::F32 { stage, .. } => stage.fill(data, order),
+        }
+    }
+}
+
+/// Where the rows of a gradient come from.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// These rows of a data set, gathered block by block.
+    Gathered(&'a Dataset<'a>, &'a [usize]),
+    /// A range of the staged epoch.
+    Staged(usize, usize),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match *self {
+            Rows::Gathered(_, rows) => rows.len(),
+            Rows::Staged(start, end) => end - start,
+        }
+    }
 }
 
 impl Network {
@@ -129,7 +395,13 @@ impl Network {
         // Every later buffer indexes parameters in bytes, so they must fit too.
         byte_size::<f64>(offset, "the model parameters").map_err(|_| too_many())?;
         let widest = *sizes.iter().max().unwrap();
-        Ok(Network { layers, head, n_params: offset, widest })
+        Ok(Network { layers, head, precision: Precision::F64, n_params: offset, widest })
+    }
+
+    /// The same network computing in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Network {
+        self.precision = precision;
+        self
     }
 
     pub fn n_params(&self) -> usize {
@@ -150,13 +422,42 @@ impl Network {
         self.layers.last().unwrap().outputs
     }
 
-    pub fn workspace(&self) -> CoreResult<Workspace> {
-        let what = "the per-sample workspace of the model";
-        let mut acts = vec![Vec::new()];
+    fn block<T: Real>(&self, rows: usize) -> CoreResult<Block<T>> {
+        let what = "the workspace of the model's matrix products";
+        let sized = |width: usize| -> CoreResult<Vec<T>> {
+            let len = rows.checked_mul(width).ok_or_else(|| CoreError::Memory(format!("{what} exceed the address space")))?;
+            try_filled(len, T::ZERO, what)
+        };
+        let mut acts = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            acts.push(try_zeroed(layer.outputs, what)?);
+            acts.push(sized(layer.outputs)?);
         }
-        Ok(Workspace { acts, delta: try_zeroed(self.widest, what)?, delta_prev: try_zeroed(self.widest, what)? })
+        Ok(Block {
+            rows,
+            x: sized(self.n_inputs())?,
+            labels: try_zeroed(rows, what)?,
+            acts,
+            delta: sized(self.widest)?,
+            delta_prev: sized(self.widest)?,
+            head_z: try_zeroed(self.n_outputs(), what)?,
+            head_d: try_zeroed(self.n_outputs(), what)?,
+            bias_sums: try_filled(self.widest, T::ZERO, what)?,
+        })
+    }
+
+    /// Buffers for runs whose minibatches have at most `max_rows` rows.
+    pub fn workspace(&self, max_rows: usize) -> CoreResult<Workspace> {
+        let rows = max_rows.clamp(1, BLOCK_ROWS);
+        let buffers = match self.precision {
+            Precision::F64 => Buffers::F64 { block: self.block(rows)?, stage: Stage::empty() },
+            Precision::F32 => Buffers::F32 {
+                block: self.block(rows)?,
+                stage: Stage::empty(),
+                params: try_filled(self.n_params, 0.0f32, "the float32 copy of the parameters")?,
+                grad: try_filled(self.n_params, 0.0f32, "the float32 gradient")?,
+            },
+        };
+        Ok(Workspace { buffers })
     }
 
     /// Seeded initial parameters. `scheme` 0: all zeros (the usual start for
@@ -183,23 +484,180 @@ impl Network {
         Ok(params)
     }
 
-    /// Forward pass of one row; the last layer's pre-activations end up in
-    /// `ws.acts[last]`.
-    #[inline(always)]
-    fn forward(&self, params: &[f64], row: &[f64], ws: &mut Workspace) {
+    /// Forward pass of the first `m` gathered rows of `blk`: every layer is
+    /// one product `A W` (W is `inputs x outputs`, column-major) plus bias.
+    fn forward_block<T: Real>(&self, params: &[T], m: usize, blk: &mut Block<T>) {
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
-            let (before, after) = ws.acts.split_at_mut(l + 1);
-            let input: &[f64] = if l == 0 { row } else { &before[l] };
-            let out = &mut after[0];
+            let (inputs, outputs) = (layer.inputs, layer.outputs);
+            let (before, after) = blk.acts.split_at_mut(l);
+            let input: &[T] = if l == 0 { &blk.x[..m * inputs] } else { &before[l - 1][..m * inputs] };
+            let out = &mut after[0][..m * outputs];
             let w = &params[layer.w..layer.b];
-            let b = &params[layer.b..layer.b + layer.outputs];
-            for j in 0..layer.outputs {
-                let col = &w[j * layer.inputs..(j + 1) * layer.inputs];
-                let z = b[j] + dot(input, col);
-                out[j] = if l < last && z < 0.0 { 0.0 } else { z };
+            gemm(T::ONE, input, Shape::row_major(m, inputs), w, Shape::col_major(inputs, outputs), T::ZERO, out, Shape::row_major(m, outputs));
+            let bias = &params[layer.b..layer.b + outputs];
+            for row in out.chunks_exact_mut(outputs) {
+                for (z, b) in row.iter_mut().zip(bias) {
+                    let v = *b + *z;
+                    *z = if l < last && v < T::ZERO { T::ZERO } else { v };
+                }
             }
         }
+    }
+
+    /// Sum of the block's losses, in float64; writes d loss / d output of
+    /// every row into `blk.delta`.
+    fn head_block<T: Real>(&self, m: usize, blk: &mut Block<T>) -> f64 {
+        let outputs = self.n_outputs();
+        let out = &blk.acts[self.layers.len() - 1][..m * outputs];
+        let mut total = 0.0;
+        for (b, (row, d)) in out.chunks_exact(outputs).zip(blk.delta[..m * outputs].chunks_exact_mut(outputs)).enumerate() {
+            for (z, v) in blk.head_z.iter_mut().zip(row) {
+                *z = v.f64();
+            }
+            total += self.head_loss(&blk.head_z, blk.labels[b], Some(&mut blk.head_d));
+            for (dk, v) in d.iter_mut().zip(&blk.head_d) {
+                *dk = T::of(*v);
+            }
+        }
+        total
+    }
+
+    /// Writes (first block) or adds (later blocks) `scale` times the block's
+    /// summed gradient to `grad`: per layer, `A' D` for the weights, column
+    /// sums of D for the biases, and `D W'` (masked by the ReLU) for the
+    /// layer below. Scaling inside the products and writing with the first
+    /// block save two passes over the parameters per step.
+    fn backward_block<T: Real>(&self, params: &[T], m: usize, scale: T, first: bool, grad: &mut [T], blk: &mut Block<T>) {
+        for l in (0..self.layers.len()).rev() {
+            let layer = self.layers[l];
+            let (inputs, outputs) = (layer.inputs, layer.outputs);
+            let input: &[T] = if l == 0 { &blk.x[..m * inputs] } else { &blk.acts[l - 1][..m * inputs] };
+            let delta = &blk.delta[..m * outputs];
+            let (gw, gb) = grad[layer.w..layer.b + outputs].split_at_mut(inputs * outputs);
+            let beta = if first { T::ZERO } else { T::ONE };
+            gemm(scale, input, Shape::row_major(m, inputs).t(), delta, Shape::row_major(m, outputs), beta, gw, Shape::col_major(inputs, outputs));
+            let sums = &mut blk.bias_sums[..outputs];
+            sums.iter_mut().for_each(|s| *s = T::ZERO);
+            for row in delta.chunks_exact(outputs) {
+                for (s, d) in sums.iter_mut().zip(row) {
+                    *s += *d;
+                }
+            }
+            for (g, s) in gb.iter_mut().zip(sums.iter()) {
+                *g = if first { scale * *s } else { *g + scale * *s };
+            }
+            if l > 0 {
+                let w = &params[layer.w..layer.b];
+                let prev = &mut blk.delta_prev[..m * inputs];
+                gemm(T::ONE, delta, Shape::row_major(m, outputs), w, Shape::col_major(inputs, outputs).t(), T::ZERO, prev, Shape::row_major(m, inputs));
+                // ReLU: no gradient where the unit was off.
+                for (p, a) in prev.iter_mut().zip(input) {
+                    if *a <= T::ZERO {
+                        *p = T::ZERO;
+                    }
+                }
+                std::mem::swap(&mut blk.delta, &mut blk.delta_prev);
+            }
+        }
+    }
+
+    /// Summed loss over `rows`; writes the mean gradient to `grad`, block by
+    /// block.
+    fn loss_grad_sum<T: Real>(&self, params: &[T], rows: Rows<'_>, grad: &mut [T], blk: &mut Block<T>, stage: &Stage<T>) -> f64 {
+        let count = rows.len();
+        let scale = T::of(1.0 / count as f64);
+        let p = self.n_inputs();
+        let mut total = 0.0;
+        let mut start = 0;
+        while start < count {
+            let m = blk.rows.min(count - start);
+            match rows {
+                Rows::Gathered(data, list) => data.gather(&list[start..start + m], &mut blk.x[..m * p], &mut blk.labels),
+                Rows::Staged(first, _) => {
+                    let from = first + start;
+                    blk.x[..m * p].copy_from_slice(&stage.rows[from * p..(from + m) * p]);
+                    blk.labels[..m].copy_from_slice(&stage.labels[from..from + m]);
+                }
+            }
+            self.forward_block(params, m, blk);
+            total += self.head_block(m, blk);
+            self.backward_block(params, m, scale, start == 0, grad, blk);
+            start += m;
+        }
+        total
+    }
+
+    /// Mean loss and gradient over `rows`, in the network's precision.
+    fn loss_grad_rows(&self, params: &[f64], rows: Rows<'_>, grad: &mut [f64], ws: &mut Workspace) -> f64 {
+        let count = rows.len();
+        if count == 0 {
+            grad.iter_mut().for_each(|g| *g = f64::NAN);
+            return f64::NAN;
+        }
+        let total = match &mut ws.buffers {
+            Buffers::F64 { block, stage } => self.loss_grad_sum(params, rows, grad, block, stage),
+            Buffers::F32 { block, stage, params: p32, grad: g32 } => {
+                for (q, p) in p32.iter_mut().zip(params) {
+                    *q = *p as f32;
+                }
+                let total = self.loss_grad_sum(p32, rows, g32, block, stage);
+                for (g, v) in grad.iter_mut().zip(g32.iter()) {
+                    *g = *v as f64;
+                }
+                total
+            }
+        };
+        total / count as f64
+    }
+
+    /// Mean loss and gradient over the rows in `rows` (gradient written, not added).
+    pub fn loss_grad(&self, params: &[f64], data: &Dataset<'_>, rows: &[usize], grad: &mut [f64], ws: &mut Workspace) -> f64 {
+        self.loss_grad_rows(params, Rows::Gathered(data, rows), grad, ws)
+    }
+
+    /// `loss_grad` over positions `range` of the epoch staged by
+    /// `Workspace::stage` (bit for bit the same as over those rows).
+    pub fn loss_grad_staged(&self, params: &[f64], range: std::ops::Range<usize>, grad: &mut [f64], ws: &mut Workspace) -> f64 {
+        let staged = match &ws.buffers {
+            Buffers::F64 { stage, .. } => stage.ready && range.end <= stage.labels.len() && stage.p == self.n_inputs(),
+            Buffers::F32 { stage, .. } => stage.ready && range.end <= stage.labels.len() && stage.p == self.n_inputs(),
+        };
+        assert!(staged && range.start <= range.end, "loss_grad_staged: no staged epoch covers {range:?}");
+        self.loss_grad_rows(params, Rows::Staged(range.start, range.end), grad, ws)
+    }
+
+    /// Runs `visit(row, outputs)` over every row of `data` in order, with the
+    /// last layer's pre-activations in float64.
+    fn for_each_output(&self, params: &[f64], data: &Dataset<'_>, mut visit: impl FnMut(usize, &[f64])) -> CoreResult<()> {
+        fn run<T: Real>(net: &Network, params: &[T], data: &Dataset<'_>, blk: &mut Block<T>, visit: &mut impl FnMut(usize, &[f64])) {
+            let outputs = net.n_outputs();
+            let last = net.layers.len() - 1;
+            let mut start = 0;
+            while start < data.n {
+                let m = blk.rows.min(data.n - start);
+                data.gather_range(start, m, &mut blk.x[..m * data.p], &mut blk.labels);
+                net.forward_block(params, m, blk);
+                for (b, row) in blk.acts[last][..m * outputs].chunks_exact(outputs).enumerate() {
+                    for (z, v) in blk.head_z.iter_mut().zip(row) {
+                        *z = v.f64();
+                    }
+                    visit(start + b, &blk.head_z);
+                }
+                start += m;
+            }
+        }
+        let mut ws = self.workspace(data.n)?;
+        match &mut ws.buffers {
+            Buffers::F64 { block, .. } => run(self, params, data, block, &mut visit),
+            Buffers::F32 { block, params: p32, .. } => {
+                for (q, p) in p32.iter_mut().zip(params) {
+                    *q = *p as f32;
+                }
+                run(self, p32, data, block, &mut visit)
+            }
+        }
+        Ok(())
     }
 
     /// Loss of one sample from the output pre-activations, writing d loss /
@@ -248,98 +706,30 @@ impl Network {
         }
     }
 
-    /// Adds the gradient of one sample's loss to `grad` and returns the loss.
-    #[inline(always)]
-    fn accumulate(&self, params: &[f64], row: &[f64], y: f64, grad: &mut [f64], ws: &mut Workspace) -> f64 {
-        self.forward(params, row, ws);
-        let last = self.layers.len() - 1;
-        let outputs = self.layers[last].outputs;
-        let loss = {
-            let (acts, delta) = (&ws.acts[last + 1], &mut ws.delta[..outputs]);
-            self.head_loss(acts, y, Some(delta))
-        };
-        for l in (0..=last).rev() {
-            let layer = self.layers[l];
-            let input: &[f64] = if l == 0 { row } else { &ws.acts[l] };
-            let delta = &ws.delta[..layer.outputs];
-            let (gw, gb) = grad[layer.w..layer.b + layer.outputs].split_at_mut(layer.inputs * layer.outputs);
-            for j in 0..layer.outputs {
-                let dj = delta[j];
-                gb[j] += dj;
-                if dj != 0.0 {
-                    let col = &mut gw[j * layer.inputs..(j + 1) * layer.inputs];
-                    for (g, a) in col.iter_mut().zip(input) {
-                        *g += a * dj;
-                    }
-                }
-            }
-            if l > 0 {
-                let w = &params[layer.w..layer.b];
-                let prev = &mut ws.delta_prev[..layer.inputs];
-                prev.iter_mut().for_each(|v| *v = 0.0);
-                for j in 0..layer.outputs {
-                    let dj = delta[j];
-                    if dj != 0.0 {
-                        let col = &w[j * layer.inputs..(j + 1) * layer.inputs];
-                        for (p, c) in prev.iter_mut().zip(col) {
-                            *p += c * dj;
-                        }
-                    }
-                }
-                // ReLU: no gradient where the unit was off.
-                for (p, a) in prev.iter_mut().zip(&ws.acts[l]) {
-                    if *a <= 0.0 {
-                        *p = 0.0;
-                    }
-                }
-                std::mem::swap(&mut ws.delta, &mut ws.delta_prev);
-            }
-        }
-        loss
-    }
-
-    /// Mean loss and gradient over the rows in `rows` (gradient written, not added).
-    #[inline(always)]
-    pub fn loss_grad(&self, params: &[f64], data: &Dataset, rows: &[usize], grad: &mut [f64], ws: &mut Workspace) -> f64 {
-        grad.iter_mut().for_each(|g| *g = 0.0);
-        let mut total = 0.0;
-        for &i in rows {
-            total += self.accumulate(params, data.row(i), data.y[i], grad, ws);
-        }
-        let scale = 1.0 / rows.len() as f64;
-        grad.iter_mut().for_each(|g| *g *= scale);
-        total * scale
-    }
-
-    /// Predictions for one row written into `out`: the fitted value, the
-    /// probability of class 1, or the class probabilities.
-    pub fn predict_row(&self, params: &[f64], row: &[f64], out: &mut [f64], ws: &mut Workspace) {
-        self.forward(params, row, ws);
-        let z = &ws.acts[self.layers.len()];
-        match self.head {
-            Head::Identity => out[0] = z[0],
-            Head::Sigmoid => out[0] = sigmoid(z[0]),
+    /// Predictions for every row of `data`, written column-major into `out`
+    /// (`n x k`): the fitted value, the probability of class 1, or the class
+    /// probabilities.
+    pub fn predict(&self, params: &[f64], data: &Dataset<'_>, out: &mut [f64]) -> CoreResult<()> {
+        let n = data.n;
+        let head = self.head;
+        self.for_each_output(params, data, |i, z| match head {
+            Head::Identity => out[i] = z[0],
+            Head::Sigmoid => out[i] = sigmoid(z[0]),
             Head::Softmax => {
                 let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let mut sum = 0.0;
-                for (o, v) in out.iter_mut().zip(z) {
-                    *o = (v - max).exp();
-                    sum += *o;
+                let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+                for (c, v) in z.iter().enumerate() {
+                    out[c * n + i] = (v - max).exp() / sum;
                 }
-                out.iter_mut().for_each(|o| *o /= sum);
             }
-        }
+        })
     }
 
     /// Mean loss and the task metric (accuracy for classifiers, RMSE for
     /// regression) on a whole data set.
-    pub fn evaluate(&self, params: &[f64], data: &Dataset) -> CoreResult<Evaluation> {
-        let mut ws = self.workspace()?;
-        let last = self.layers.len();
+    pub fn evaluate(&self, params: &[f64], data: &Dataset<'_>) -> CoreResult<Evaluation> {
         let (mut loss, mut metric) = (0.0, 0.0);
-        for i in 0..data.n {
-            self.forward(params, data.row(i), &mut ws);
-            let out = &ws.acts[last];
+        self.for_each_output(params, data, |i, out| {
             let y = data.y[i];
             loss += self.head_loss(out, y, None);
             metric += match self.head {
@@ -347,14 +737,14 @@ impl Network {
                 Head::Sigmoid => ((out[0] > 0.0) as u8 as f64 == y) as u8 as f64,
                 Head::Softmax => (argmax(out) as f64 == y) as u8 as f64,
             };
-        }
+        })?;
         let n = data.n as f64;
         let metric = if self.head == Head::Identity { (metric / n).sqrt() } else { metric / n };
         Ok(Evaluation { loss: loss / n, metric, n: data.n })
     }
 
     /// Checks that a data set fits this network: width and label range.
-    pub fn check_data(&self, data: &Dataset) -> CoreResult<()> {
+    pub fn check_data(&self, data: &Dataset<'_>) -> CoreResult<()> {
         if data.p != self.n_inputs() {
             return invalid("x", format!("has {} columns, the model expects {}", data.p, self.n_inputs()));
         }
@@ -384,28 +774,6 @@ pub struct Evaluation {
     pub n: usize,
 }
 
-/// Dot product with eight independent partial sums, so the additions do not
-/// wait on each other (a single running sum is latency-bound). The order is
-/// fixed by the data length alone: results do not depend on threads.
-#[inline(always)]
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f64; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut tail = 0.0;
-    for k in chunks * 8..n {
-        tail += a[k] * b[k];
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
 #[inline]
 fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
@@ -429,8 +797,9 @@ fn argmax(v: &[f64]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::{random_data, reference_loss_grad, relative_gap};
 
-    fn toy(n: usize, p: usize, head: Head, classes: usize, seed: u64) -> Dataset {
+    fn toy(n: usize, p: usize, head: Head, classes: usize, seed: u64) -> OwnedData {
         let mut rng = Rng::new(seed, 3);
         let x: Vec<f64> = (0..n * p).map(|_| rng.normal()).collect();
         let y = (0..n)
@@ -440,17 +809,18 @@ mod tests {
                 Head::Softmax => rng.below(classes as u64) as f64,
             })
             .collect::<Vec<_>>();
-        Dataset::from_col_major(&x, n, p, &y).unwrap()
+        OwnedData::from_col_major(&x, n, p, &y).unwrap()
     }
 
     fn finite_difference_check(sizes: &[usize], head: Head) {
         let net = Network::new(sizes, head).unwrap();
-        let data = toy(7, sizes[0], head, *sizes.last().unwrap(), 11);
+        let owned = toy(7, sizes[0], head, *sizes.last().unwrap(), 11);
+        let data = owned.view();
         let mut params = net.init(1, 5).unwrap();
         let mut rng = Rng::new(9, 1);
         params.iter_mut().for_each(|p| *p += 0.1 * rng.normal());
         let rows: Vec<usize> = (0..data.n).collect();
-        let mut ws = net.workspace().unwrap();
+        let mut ws = net.workspace(data.n).unwrap();
         let mut grad = vec![0.0; net.n_params()];
         net.loss_grad(&params, &data, &rows, &mut grad, &mut ws);
         let mut scratch = vec![0.0; net.n_params()];
@@ -474,6 +844,108 @@ mod tests {
         finite_difference_check(&[4, 3], Head::Softmax);
         finite_difference_check(&[4, 5, 3, 3], Head::Softmax);
         finite_difference_check(&[3, 6, 1], Head::Sigmoid);
+    }
+
+    /// A random network: 0-2 hidden layers of 1-40 units, any head.
+    fn random_network(rng: &mut Rng, case: usize) -> Network {
+        let head = [Head::Softmax, Head::Sigmoid, Head::Identity][case % 3];
+        let mut sizes = vec![1 + rng.below(30) as usize];
+        for _ in 0..rng.below(3) {
+            sizes.push(1 + rng.below(40) as usize);
+        }
+        sizes.push(if head == Head::Softmax { 2 + rng.below(9) as usize } else { 1 });
+        Network::new(&sizes, head).unwrap()
+    }
+
+    #[test]
+    fn matrix_kernels_equal_the_per_sample_reference() {
+        let mut rng = Rng::new(2026, 11);
+        for case in 0..60 {
+            let net = random_network(&mut rng, case);
+            // Up to 1.5 blocks of rows, so some batches are cut in two.
+            let n = 1 + rng.below(BLOCK_ROWS as u64 * 3 / 2) as usize;
+            let owned = random_data(&net, n, case as u64);
+            let data = owned.view();
+            let mut params = net.init(1, case as u64).unwrap();
+            params.iter_mut().for_each(|p| *p += 0.1 * rng.normal());
+            let mut order: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            for m in [1, 2.min(n), 1 + rng.below(n as u64) as usize, n] {
+                let rows = &order[..m];
+                let mut ws = net.workspace(m).unwrap();
+                let mut grad = vec![f64::NAN; net.n_params()];
+                let loss = net.loss_grad(&params, &data, rows, &mut grad, &mut ws);
+                let (ref_loss, ref_grad) = reference_loss_grad(&net, &params, &data, rows);
+                let sizes: Vec<usize> = net.layers.iter().map(|l| l.inputs).collect();
+                assert!((loss - ref_loss).abs() <= 1e-12 * ref_loss.abs().max(1e-300), "case {case} {sizes:?} m = {m}: loss {loss} vs {ref_loss}");
+                let gap = relative_gap(&grad, &ref_grad);
+                assert!(gap <= 1e-12, "case {case} {sizes:?} {:?} m = {m}: gradient gap {gap:e}", net.head);
+                // Float32 products: the same values to float32 accuracy.
+                let net32 = net.clone().with_precision(Precision::F32);
+                let mut ws32 = net32.workspace(m).unwrap();
+                let loss32 = net32.loss_grad(&params, &data, rows, &mut grad, &mut ws32);
+                assert!((loss32 - ref_loss).abs() <= 1e-4 * (1.0 + ref_loss.abs()), "case {case} m = {m}: float32 loss {loss32} vs {ref_loss}");
+                let gap32 = relative_gap(&grad, &ref_grad);
+                assert!(gap32 <= 1e-4, "case {case} m = {m}: float32 gradient gap {gap32:e}");
+            }
+            // Evaluation and prediction read the same forward pass.
+            let all: Vec<usize> = (0..n).collect();
+            let (ref_loss, _) = reference_loss_grad(&net, &params, &data, &all);
+            let eval = net.evaluate(&params, &data).unwrap();
+            assert!((eval.loss - ref_loss).abs() <= 1e-12 * ref_loss.abs().max(1e-300), "case {case}: evaluate {} vs {ref_loss}", eval.loss);
+        }
+    }
+
+    #[test]
+    fn a_staged_epoch_gives_the_gathered_gradients_bit_for_bit() {
+        let mut rng = Rng::new(8, 8);
+        for case in 0..12 {
+            let net = random_network(&mut rng, case).with_precision(if case % 2 == 0 { Precision::F64 } else { Precision::F32 });
+            let n = 1 + rng.below(600) as usize;
+            let owned = random_data(&net, n, case as u64);
+            let data = owned.view();
+            let params = net.init(1, 2).unwrap();
+            let mut order: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let batch = 1 + rng.below(300) as usize;
+            let mut ws = net.workspace(batch).unwrap();
+            let mut gathered_ws = net.workspace(batch).unwrap();
+            assert!(ws.stage(&data, &order));
+            let (mut a, mut b) = (vec![0.0; net.n_params()], vec![0.0; net.n_params()]);
+            for (k, rows) in order.chunks(batch).enumerate() {
+                let staged = net.loss_grad_staged(&params, k * batch..k * batch + rows.len(), &mut a, &mut ws);
+                let gathered = net.loss_grad(&params, &data, rows, &mut b, &mut gathered_ws);
+                assert_eq!((staged.to_bits(), &a), (gathered.to_bits(), &b), "case {case}, batch {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn predictions_are_the_heads_of_the_forward_pass() {
+        let mut rng = Rng::new(5, 5);
+        for case in 0..9 {
+            let net = random_network(&mut rng, case);
+            let owned = random_data(&net, 300, case as u64);
+            let data = owned.view();
+            let params = net.init(1, 3).unwrap();
+            let k = if net.head == Head::Softmax { net.n_outputs() } else { 1 };
+            let mut out = vec![0.0; data.n * k];
+            net.predict(&params, &data, &mut out).unwrap();
+            for i in [0, 137, 299] {
+                let (loss, _) = reference_loss_grad(&net, &params, &data, &[i]);
+                let y = data.y[i];
+                let expected_loss = match net.head {
+                    Head::Identity => (out[i] - y).powi(2),
+                    Head::Sigmoid => -(y * out[i].ln() + (1.0 - y) * (1.0 - out[i]).ln()),
+                    Head::Softmax => -out[y as usize * data.n + i].ln(),
+                };
+                assert!((loss - expected_loss).abs() < 1e-10 * (1.0 + loss), "case {case} row {i}: {loss} vs {expected_loss}");
+            }
+        }
     }
 
     #[test]
@@ -507,15 +979,20 @@ mod tests {
 
     #[test]
     fn dataset_size_is_checked_without_overflow() {
-        assert!(Dataset::from_col_major(&[0.0; 4], usize::MAX / 2, 4, &[0.0; 1]).is_err());
-        let d = Dataset::from_col_major(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3, &[0.0, 1.0]).unwrap();
-        assert_eq!(d.x, vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
+        assert!(Dataset::new(&[0.0; 4], usize::MAX / 2, 4, &[0.0; 1]).is_err());
+        let d = OwnedData::from_col_major(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3, &[0.0, 1.0]).unwrap();
+        let mut rows = [0.0; 6];
+        let mut labels = [0.0; 2];
+        d.view().gather(&[1, 0], &mut rows, &mut labels);
+        assert_eq!((rows, labels), ([2.0, 4.0, 6.0, 1.0, 3.0, 5.0], [1.0, 0.0]));
+        d.view().gather_range(0, 2, &mut rows, &mut labels);
+        assert_eq!(rows, [1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
     }
 
     #[test]
     fn labels_out_of_range_are_rejected() {
         let net = Network::new(&[2, 3], Head::Softmax).unwrap();
-        let data = Dataset::from_col_major(&[0.0; 4], 2, 2, &[0.0, 3.0]).unwrap();
+        let data = Dataset::new(&[0.0; 4], 2, 2, &[0.0, 3.0]).unwrap();
         assert!(net.check_data(&data).is_err());
     }
 }

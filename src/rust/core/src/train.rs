@@ -61,7 +61,7 @@ impl SgdConfig {
 
 /// Runs local minibatch SGD from `params` (updated in place). The sample
 /// order comes from the client's own stream `stream` of `cfg.seed`.
-pub fn local_sgd(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdConfig, stream: u64) -> CoreResult<LocalOutcome> {
+pub fn local_sgd(net: &Network, params: &mut [f64], data: &Dataset<'_>, cfg: &SgdConfig, stream: u64) -> CoreResult<LocalOutcome> {
     cfg.check()?;
     local_run(net, params, data, &cfg.local(), cfg.epochs, &GradientCorrection::default(), stream)
 }
@@ -89,8 +89,8 @@ pub enum WeightRule {
 }
 
 pub struct ClientJob<'a> {
-    pub train: &'a Dataset,
-    pub validation: Option<&'a Dataset>,
+    pub train: Dataset<'a>,
+    pub validation: Option<Dataset<'a>>,
     /// Stream of the round seed this client draws its sample order from.
     pub stream: u64,
     /// Local epochs of this client (clients may differ).
@@ -227,7 +227,7 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
     let one_client = |k: usize| -> CoreResult<ClientResult> {
         let job = &jobs[k];
         let fail = |e: CoreError| in_client(k, e);
-        net.check_data(job.train).map_err(fail)?;
+        net.check_data(&job.train).map_err(fail)?;
         let mut vector = try_copy(global, "a client's copy of the parameters").map_err(fail)?;
         let outcome = match cfg.work {
             LocalWork::Sgd => {
@@ -238,9 +238,9 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
                     }
                     ClientAlgorithm::FedAvg | ClientAlgorithm::FedNova => GradientCorrection::default(),
                 };
-                local_run(net, &mut vector, job.train, &cfg.local, job.epochs, &correction, job.stream).map_err(fail)?
+                local_run(net, &mut vector, &job.train, &cfg.local, job.epochs, &correction, job.stream).map_err(fail)?
             }
-            LocalWork::Gradient => full_gradient(net, global, job.train, cfg.local.weight_decay, &mut vector).map_err(fail)?,
+            LocalWork::Gradient => full_gradient(net, global, &job.train, cfg.local.weight_decay, &mut vector).map_err(fail)?,
         };
         // Whatever the local work, nothing non-finite may reach the fold.
         if !outcome.train_loss.is_finite() {
@@ -248,9 +248,9 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
         }
         let validation = match job.validation {
             Some(v) => {
-                net.check_data(v).map_err(fail)?;
+                net.check_data(&v).map_err(fail)?;
                 let at = if cfg.work == LocalWork::Sgd { &vector[..] } else { global };
-                Some(net.evaluate(at, v).map_err(fail)?)
+                Some(net.evaluate(at, &v).map_err(fail)?)
             }
             None => None,
         };
@@ -323,7 +323,7 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
 }
 
 /// Evaluates one parameter vector on many data sets in parallel.
-pub fn evaluate_many(net: &Network, params: &[f64], data: &[&Dataset], threads: usize) -> CoreResult<Vec<Evaluation>> {
+pub fn evaluate_many(net: &Network, params: &[f64], data: &[Dataset<'_>], threads: usize) -> CoreResult<Vec<Evaluation>> {
     if params.len() != net.n_params() {
         return invalid("params", format!("has {} values, the model has {}", params.len(), net.n_params()));
     }
@@ -354,10 +354,10 @@ fn in_client(k: usize, e: CoreError) -> CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Head;
+    use crate::model::{Head, OwnedData};
     use crate::rng::Rng;
     use crate::strategy::{fold_round, ServerOptimizer, NO_TRANSFORMS};
-    use crate::test_data::blobs;
+    use crate::test_data::{blobs, random_data, reference_loss_grad};
 
 
     fn cfg() -> SgdConfig {
@@ -380,10 +380,10 @@ mod tests {
         }
     }
 
-    fn jobs_for<'a>(sets: &'a [Dataset], validation: bool, epochs: usize) -> Vec<ClientJob<'a>> {
+    fn jobs_for<'a>(sets: &'a [OwnedData], validation: bool, epochs: usize) -> Vec<ClientJob<'a>> {
         sets.iter()
             .enumerate()
-            .map(|(k, d)| ClientJob { train: d, validation: validation.then_some(d), stream: k as u64, epochs, control: None })
+            .map(|(k, d)| ClientJob { train: d.view(), validation: validation.then_some(d.view()), stream: k as u64, epochs, control: None })
             .collect()
     }
 
@@ -394,7 +394,8 @@ mod tests {
     #[test]
     fn local_sgd_lowers_the_loss() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(60, 1, 0.0);
+        let owned = blobs(60, 1, 0.0);
+        let data = owned.view();
         let mut params = net.init(0, 0).unwrap();
         let before = net.evaluate(&params, &data).unwrap().loss;
         let out = local_sgd(&net, &mut params, &data, &cfg(), 0).unwrap();
@@ -404,10 +405,16 @@ mod tests {
 
     /// The local run written out as it was before the strategy pipeline:
     /// minibatch SGD with weight decay and heavy-ball momentum.
-    fn reference_local_sgd(net: &Network, params: &mut [f64], data: &Dataset, cfg: &SgdConfig, stream: u64) {
+    fn reference_local_sgd(net: &Network, params: &mut [f64], data: &Dataset<'_>, cfg: &SgdConfig, stream: u64) {
+        reference_local_sgd_with(net, params, data, cfg, stream, false)
+    }
+
+    /// `per_sample`: gradients from the per-sample reference instead of the
+    /// matrix kernels.
+    fn reference_local_sgd_with(net: &Network, params: &mut [f64], data: &Dataset<'_>, cfg: &SgdConfig, stream: u64, per_sample: bool) {
         let n = data.n;
         let batch = if cfg.batch_size == 0 || cfg.batch_size > n { n } else { cfg.batch_size };
-        let mut ws = net.workspace().unwrap();
+        let mut ws = net.workspace(data.n).unwrap();
         let mut grad = vec![0.0; net.n_params()];
         let mut velocity = vec![0.0; net.n_params()];
         let mut order: Vec<usize> = (0..n).collect();
@@ -420,7 +427,11 @@ mod tests {
                 }
             }
             for rows in order.chunks(batch) {
-                net.loss_grad(params, data, rows, &mut grad, &mut ws);
+                if per_sample {
+                    grad = reference_loss_grad(net, params, data, rows).1;
+                } else {
+                    net.loss_grad(params, data, rows, &mut grad, &mut ws);
+                }
                 for ((p, v), g) in params.iter_mut().zip(velocity.iter_mut()).zip(&grad) {
                     let g = g + cfg.weight_decay * *p;
                     if cfg.momentum > 0.0 {
@@ -434,10 +445,32 @@ mod tests {
         }
     }
 
+    /// Minibatches of one row, a short last batch, a batch larger than the
+    /// data, full batch; an MLP whose batches also cross a block boundary.
+    #[test]
+    fn local_sgd_on_matrix_kernels_equals_per_sample_sgd() {
+        let cases = [(Network::new(&[5, 9, 4], Head::Softmax).unwrap(), 23), (Network::new(&[3, 6, 1], Head::Sigmoid).unwrap(), 300)];
+        for (net, n) in cases {
+            let owned = random_data(&net, n, 4);
+            let data = owned.view();
+            for batch in [1, 7, n, n + 17, 0, 280] {
+                let c = SgdConfig { epochs: 2, batch_size: batch, lr: 0.05, weight_decay: 0.01, momentum: 0.5, shuffle: true, seed: 42 };
+                let start = net.init(1, 9).unwrap();
+                let mut fast = start.clone();
+                local_sgd(&net, &mut fast, &data, &c, 3).unwrap();
+                let mut slow = start.clone();
+                reference_local_sgd_with(&net, &mut slow, &data, &c, 3, true);
+                let gap = crate::test_data::relative_gap(&fast, &slow);
+                assert!(gap <= 1e-12 && fast != start, "n = {n}, batch = {batch}: gap {gap:e}");
+            }
+        }
+    }
+
     #[test]
     fn local_sgd_keeps_its_definition_bit_for_bit() {
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
-        let data = blobs(37, 3, 0.0);
+        let owned = blobs(37, 3, 0.0);
+        let data = owned.view();
         for momentum in [0.0, 0.5] {
             for shuffle in [false, true] {
                 let c = SgdConfig { momentum, shuffle, ..cfg() };
@@ -453,7 +486,7 @@ mod tests {
     #[test]
     fn round_is_the_same_on_one_and_two_threads() {
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..11).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
+        let sets: Vec<OwnedData> = (0..11).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
         let jobs = jobs_for(&sets, true, 2);
         let global = net.init(1, 3).unwrap();
         for rule in [WeightRule::Samples, WeightRule::Validation] {
@@ -468,7 +501,7 @@ mod tests {
     fn whole_rounds_with_diagnostics_and_controls_are_thread_invariant() {
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
         let d = net.n_params();
-        let sets: Vec<Dataset> = (0..11).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
+        let sets: Vec<OwnedData> = (0..11).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
         let controls: Vec<Vec<f64>> = (0..11).map(|k| (0..d).map(|j| 0.01 * ((k * j) % 7) as f64 - 0.03).collect()).collect();
         let server_control: Vec<f64> = (0..d).map(|j| 0.005 * (j % 5) as f64).collect();
         let m: Vec<f64> = (0..d).map(|j| 0.001 * j as f64).collect();
@@ -511,7 +544,7 @@ mod tests {
     #[test]
     fn clients_run_their_own_number_of_epochs() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..4).map(|k| blobs(11 + k, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..4).map(|k| blobs(11 + k, k as u64, 0.0)).collect();
         let mut jobs = jobs_for(&sets, false, 1);
         for (k, job) in jobs.iter_mut().enumerate() {
             job.epochs = k + 1;
@@ -528,7 +561,7 @@ mod tests {
     #[test]
     fn round_matches_a_sequential_weighted_mean() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..5).map(|k| blobs(10 + 7 * k, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..5).map(|k| blobs(10 + 7 * k, k as u64, 0.0)).collect();
         let jobs = jobs_for(&sets, false, 2);
         let global = net.init(0, 0).unwrap();
         let out = run_round(&net, &global, &jobs, &fedavg(&cfg(), WeightRule::Samples), 2).unwrap();
@@ -537,7 +570,7 @@ mod tests {
         let total: f64 = sets.iter().map(|s| s.n as f64).sum();
         for (k, s) in sets.iter().enumerate() {
             let mut p = global.clone();
-            local_sgd(&net, &mut p, s, &cfg(), k as u64).unwrap();
+            local_sgd(&net, &mut p, &s.view(), &cfg(), k as u64).unwrap();
             for (e, v) in mean_params.iter_mut().zip(&p) {
                 *e += s.n as f64 / total * v;
             }
@@ -554,14 +587,14 @@ mod tests {
     #[test]
     fn fedsgd_update_is_minus_lr_times_the_gradient() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..3).map(|k| blobs(9 + k, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..3).map(|k| blobs(9 + k, k as u64, 0.0)).collect();
         let jobs = jobs_for(&sets, false, 1);
         let global = net.init(1, 2).unwrap();
         let round = RoundConfig { work: LocalWork::Gradient, rule: WeightRule::Collect, ..fedavg(&cfg(), WeightRule::Collect) };
         let out = run_round(&net, &global, &jobs, &round, 2).unwrap();
         for (k, s) in sets.iter().enumerate() {
             let mut g = vec![0.0; net.n_params()];
-            full_gradient(&net, &global, s, cfg().weight_decay, &mut g).unwrap();
+            full_gradient(&net, &global, &s.view(), cfg().weight_decay, &mut g).unwrap();
             let expected: Vec<f64> = g.iter().map(|g| g * -cfg().lr).collect();
             assert_eq!(out.collected[k], expected);
             assert_eq!(out.reports[k].effective_steps, 1.0);
@@ -572,7 +605,7 @@ mod tests {
     fn scaffold_round_updates_the_controls_by_their_formulas() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         let d = net.n_params();
-        let sets: Vec<Dataset> = (0..3).map(|k| blobs(12 + 5 * k, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..3).map(|k| blobs(12 + 5 * k, k as u64, 0.0)).collect();
         let c_i: Vec<Vec<f64>> = (0..3).map(|k| (0..d).map(|j| 0.02 * (j as f64 - k as f64)).collect()).collect();
         let c: Vec<f64> = (0..d).map(|j| 0.01 * (j % 3) as f64).collect();
         let mut jobs = jobs_for(&sets, false, 2);
@@ -587,7 +620,7 @@ mod tests {
         for (k, job) in jobs.iter().enumerate() {
             let mut y = global.clone();
             let terms = GradientCorrection { client_control: job.control, server_control: Some(&c), ..Default::default() };
-            let outcome = local_run(&net, &mut y, &sets[k], &local, 2, &terms, k as u64).unwrap();
+            let outcome = local_run(&net, &mut y, &sets[k].view(), &local, 2, &terms, k as u64).unwrap();
             let tau = outcome.steps as f64;
             let old = job.control.map_or(vec![0.0; d], |c| c.to_vec());
             for j in 0..d {
@@ -607,7 +640,7 @@ mod tests {
     #[test]
     fn fednova_round_normalises_by_effective_steps() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..4).map(|k| blobs(10 + 6 * k, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..4).map(|k| blobs(10 + 6 * k, k as u64, 0.0)).collect();
         let mut jobs = jobs_for(&sets, false, 1);
         for (k, job) in jobs.iter_mut().enumerate() {
             job.epochs = 1 + k;
@@ -644,7 +677,7 @@ mod tests {
     fn fednova_with_equal_steps_and_plain_sgd_is_fedavg() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         // Same size for all: the same number of steps tau for every client.
-        let sets: Vec<Dataset> = (0..4).map(|k| blobs(15, k as u64, 0.2 * k as f64)).collect();
+        let sets: Vec<OwnedData> = (0..4).map(|k| blobs(15, k as u64, 0.2 * k as f64)).collect();
         let jobs = jobs_for(&sets, false, 3);
         let global = net.init(1, 6).unwrap();
         let sgd = SgdConfig { momentum: 0.0, ..cfg() };
@@ -658,7 +691,7 @@ mod tests {
     #[test]
     fn a_collected_round_folded_later_gives_the_same_round() {
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..6).map(|k| blobs(14 + 2 * k, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..6).map(|k| blobs(14 + 2 * k, k as u64, 0.0)).collect();
         let jobs = jobs_for(&sets, true, 2);
         let global = net.init(1, 8).unwrap();
         let server = ServerStep { optimizer: ServerOptimizer::Adagrad { lr: 0.1, beta1: 0.5, tau: 1e-2 }, m: None, v: None };
@@ -678,7 +711,7 @@ mod tests {
     #[test]
     fn diagnostics_can_be_switched_off() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..3).map(|k| blobs(12, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..3).map(|k| blobs(12, k as u64, 0.0)).collect();
         let jobs = jobs_for(&sets, false, 1);
         let global = net.init(0, 0).unwrap();
         let on = run_round(&net, &global, &jobs, &fedavg(&cfg(), WeightRule::Samples), 1).unwrap().update.unwrap();
@@ -695,7 +728,7 @@ mod tests {
     fn a_failing_client_is_named() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         let good = blobs(10, 1, 0.0);
-        let bad = Dataset::from_col_major(&[0.0; 6], 2, 3, &[0.0, 7.0]).unwrap();
+        let bad = OwnedData::from_col_major(&[0.0; 6], 2, 3, &[0.0, 7.0]).unwrap();
         let sets = [good, bad];
         let jobs = jobs_for(&sets, false, 2);
         let err = run_round(&net, &net.init(0, 0).unwrap(), &jobs, &fedavg(&cfg(), WeightRule::Samples), 2).err().unwrap();
@@ -705,26 +738,28 @@ mod tests {
     #[test]
     fn divergence_is_an_error() {
         let net = Network::new(&[3, 1], Head::Identity).unwrap();
-        let mut data = blobs(30, 2, 0.0);
-        data.x.iter_mut().for_each(|v| *v *= 1e3);
+        let mut owned = blobs(30, 2, 0.0);
+        owned.x.iter_mut().for_each(|v| *v *= 1e3);
+        let data = owned.view();
         let mut params = net.init(0, 0).unwrap();
         let c = SgdConfig { lr: 10.0, epochs: 20, ..cfg() };
         assert!(matches!(local_sgd(&net, &mut params, &data, &c, 0), Err(CoreError::Diverged(_))));
     }
 
     /// Regression data on which SGD with a huge learning rate blows up.
-    fn regression(n: usize, seed: u64) -> Dataset {
+    fn regression(n: usize, seed: u64) -> OwnedData {
         let mut rng = Rng::new(seed, 0);
         let x: Vec<f64> = (0..n * 3).map(|_| rng.normal()).collect();
         let y: Vec<f64> = (0..n).map(|i| x[i] - 2.0 * x[n + i] + rng.normal()).collect();
-        Dataset::from_col_major(&x, n, 3, &y).unwrap()
+        OwnedData::from_col_major(&x, n, 3, &y).unwrap()
     }
 
     #[test]
     fn a_diverging_linear_model_stops_at_the_first_non_finite_loss() {
         // lr = 1e3 used to run on with loss Inf and parameters near 1e304.
         let net = Network::new(&[3, 1], Head::Identity).unwrap();
-        let data = regression(50, 1);
+        let owned = regression(50, 1);
+        let data = owned.view();
         let c = SgdConfig { lr: 1e3, epochs: 30, batch_size: 10, momentum: 0.0, weight_decay: 0.0, ..cfg() };
         let mut params = net.init(0, 0).unwrap();
         let err = local_sgd(&net, &mut params, &data, &c, 0).unwrap_err();
@@ -736,7 +771,7 @@ mod tests {
     #[test]
     fn a_diverging_client_is_named_and_classed_in_a_round() {
         let net = Network::new(&[3, 1], Head::Identity).unwrap();
-        let sets: Vec<Dataset> = (0..5).map(|k| regression(20 + k, k as u64)).collect();
+        let sets: Vec<OwnedData> = (0..5).map(|k| regression(20 + k, k as u64)).collect();
         let mut jobs = jobs_for(&sets, false, 200);
         let global = net.init(0, 0).unwrap();
         let c = SgdConfig { lr: 1e3, epochs: 200, batch_size: 0, momentum: 0.0, weight_decay: 0.0, ..cfg() };
@@ -753,8 +788,8 @@ mod tests {
         let err = run_round(&net, &huge, &jobs, &fedsgd, 2).err().unwrap();
         assert!(matches!(err, CoreError::ClientDiverged(0, _)), "{err:?}");
         // Data problems stay client errors.
-        let bad = Dataset::from_col_major(&[0.0; 4], 2, 2, &[0.0, 1.0]).unwrap();
-        jobs[2].train = &bad;
+        let bad = OwnedData::from_col_major(&[0.0; 4], 2, 2, &[0.0, 1.0]).unwrap();
+        jobs[2].train = bad.view();
         jobs.iter_mut().for_each(|j| j.epochs = 2);
         let err = run_round(&net, &global, &jobs, &fedavg(&cfg(), WeightRule::Samples), 2).err().unwrap();
         assert!(matches!(&err, CoreError::Client(2, _)), "{err:?}");
@@ -764,7 +799,7 @@ mod tests {
     #[test]
     fn a_diverging_server_step_is_a_round_error() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let sets: Vec<Dataset> = (0..2).map(|k| blobs(12, k as u64, 0.0)).collect();
+        let sets: Vec<OwnedData> = (0..2).map(|k| blobs(12, k as u64, 0.0)).collect();
         let jobs = jobs_for(&sets, false, 1);
         let global = net.init(1, 1).unwrap();
         // A velocity carried in from a round that had already run away.
@@ -790,7 +825,7 @@ mod tests {
         use crate::strategy::{fold_round_with, Aggregator, Attack, CentralNoise, Clip, NormFilter};
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
         let d = net.n_params();
-        let sets: Vec<Dataset> = (0..9).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
+        let sets: Vec<OwnedData> = (0..9).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
         let jobs = jobs_for(&sets, false, 2);
         let global = net.init(1, 3).unwrap();
         let mut attacks = vec![None; 9];

@@ -1,7 +1,7 @@
 use super::convert::{core_err, doubles_list, input_err, new_doubles, threads};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use fedagg_core::model::{Dataset, Head, Network};
+use fedagg_core::model::{Dataset, Head, Network, Precision};
 use fedagg_core::strategy::fold::{is_all_filtered, scaffold_server_control};
 use fedagg_core::strategy::{
     fold_round_with, Aggregator, Attack, CentralNoise, LocalNoise, ClientAlgorithm, Clip, FoldRule, LocalConfig, LocalOptimizer, NormFilter,
@@ -10,28 +10,45 @@ use fedagg_core::strategy::{
 use fedagg_core::train::{self, ClientJob, LocalWork, RoundConfig, WeightRule};
 use fedagg_core::{alloc, CoreError};
 
-fn network(sizes: &Robj, head: i32) -> Result<Network> {
+/// The network of a built-in model: layer sizes, head code and precision
+/// bits (64 or 32).
+fn network(sizes: &Robj, head: i32, bits: i32) -> Result<Network> {
     let sizes: Vec<usize> = doubles(sizes, "sizes")?.iter().map(|&s| s as usize).collect();
-    Network::new(&sizes, Head::from_code(head).map_err(core_err)?).map_err(core_err)
+    let net = Network::new(&sizes, Head::from_code(head).map_err(core_err)?).map_err(core_err)?;
+    Ok(net.with_precision(Precision::from_code(bits).map_err(core_err)?))
 }
 
 fn doubles<'a>(x: &'a Robj, what: &str) -> Result<&'a [f64]> {
     x.as_real_slice().ok_or_else(|| input_err(format!("`{what}` must be a double vector")))
 }
 
-/// Borrows the data sets behind a list of external pointers (NULL stays None).
-/// Done on R's thread, before any parallel work.
-fn datasets(list: &List) -> Result<Vec<Option<&Dataset>>> {
+/// The `(x, y)` pairs of a list of client data (NULL stays None), held here
+/// so that `datasets()` can borrow their memory.
+fn data_objects(list: &List, what: &str) -> Result<Vec<Option<(Robj, Robj)>>> {
     list.values()
         .map(|obj| {
             if obj.is_null() {
                 return Ok(None);
             }
-            let ptr: &ExternalPtr<Dataset> = (&obj).try_into().map_err(|_| {
-                input_err("a client's data handle is not valid in this R session (was it saved and reloaded?)")
-            })?;
-            // The pointer lives in `list`, which outlives this borrow.
-            let data: &Dataset = unsafe { &*(ptr.addr() as *const Dataset) };
+            let pair = List::try_from(&obj).ok().filter(|l| l.len() == 2);
+            let pair = pair.ok_or_else(|| input_err(format!("each element of `{what}` must be list(x, y)")))?;
+            Ok(Some((pair.elt(0)?, pair.elt(1)?)))
+        })
+        .collect()
+}
+
+/// Borrows R's column-major matrices and label vectors, on R's thread and
+/// before any parallel work: the data are never copied whole.
+fn datasets<'a>(objects: &'a [Option<(Robj, Robj)>]) -> Result<Vec<Option<Dataset<'a>>>> {
+    objects
+        .iter()
+        .map(|pair| {
+            let Some((x, y)) = pair else { return Ok(None) };
+            let dim: Vec<usize> = x.dim().map(|d| d.iter().map(|v| Option::<i32>::from(v).unwrap_or(0).max(0) as usize).collect()).unwrap_or_default();
+            if dim.len() != 2 {
+                return Err(input_err("a client's `x` must be a matrix"));
+            }
+            let data = Dataset::new(doubles(x, "x")?, dim[0], dim[1], doubles(y, "y")?).map_err(core_err)?;
             Ok(Some(data))
         })
         .collect()
@@ -79,26 +96,11 @@ fn client_failure(e: CoreError) -> Result<List> {
     }
 }
 
-/// Copies one client's data into Rust, row-major, once.
-/// @noRd
-#[extendr]
-fn rs_dataset(x: Robj, n: i32, p: i32, y: Robj) -> Result<ExternalPtr<Dataset>> {
-    let data = Dataset::from_col_major(doubles(&x, "x")?, n as usize, p as usize, doubles(&y, "y")?).map_err(core_err)?;
-    Ok(ExternalPtr::new(data))
-}
-
-/// TRUE when the handle still points at data (FALSE after save/reload).
-/// @noRd
-#[extendr]
-fn rs_dataset_valid(handle: Robj) -> bool {
-    <&ExternalPtr<Dataset>>::try_from(&handle).is_ok()
-}
-
 /// Seeded initial parameters as one flat vector.
 /// @noRd
 #[extendr]
 fn rs_model_init(sizes: Robj, head: i32, scheme: i32, seed: f64) -> Result<Robj> {
-    let net = network(&sizes, head)?;
+    let net = network(&sizes, head, 64)?;
     let params = net.init(scheme, seed as u64).map_err(core_err)?;
     new_doubles(params.len(), |o| o.copy_from_slice(&params))
 }
@@ -106,16 +108,16 @@ fn rs_model_init(sizes: Robj, head: i32, scheme: i32, seed: f64) -> Result<Robj>
 /// Mean loss and gradient of a model on data given as a column-major matrix.
 /// @noRd
 #[extendr]
-fn rs_loss_grad(sizes: Robj, head: i32, params: Robj, x: Robj, n: i32, p: i32, y: Robj) -> Result<List> {
-    let net = network(&sizes, head)?;
-    let data = Dataset::from_col_major(doubles(&x, "x")?, n as usize, p as usize, doubles(&y, "y")?).map_err(core_err)?;
+fn rs_loss_grad(sizes: Robj, head: i32, bits: i32, params: Robj, x: Robj, n: i32, p: i32, y: Robj) -> Result<List> {
+    let net = network(&sizes, head, bits)?;
+    let data = Dataset::new(doubles(&x, "x")?, n.max(0) as usize, p.max(0) as usize, doubles(&y, "y")?).map_err(core_err)?;
     net.check_data(&data).map_err(core_err)?;
     let params = doubles(&params, "params")?;
     if params.len() != net.n_params() {
         return Err(input_err(format!("`params` has {} values, the model has {}", params.len(), net.n_params())));
     }
     let mut grad = net.zeroed_params("the gradient").map_err(core_err)?;
-    let mut ws = net.workspace().map_err(core_err)?;
+    let mut ws = net.workspace(data.n).map_err(core_err)?;
     let rows: Vec<usize> = (0..data.n).collect();
     let loss = net.loss_grad(params, &data, &rows, &mut grad, &mut ws);
     Ok(list!(loss = loss, grad = grad))
@@ -445,11 +447,13 @@ impl UpdateFields {
 /// server step.
 /// @noRd
 #[extendr]
-fn rs_train_round(sizes: Robj, head: i32, global: Robj, train: List, validation: List, streams: Robj, config: List, n_threads: i32) -> Result<List> {
-    let net = network(&sizes, head)?;
+fn rs_train_round(sizes: Robj, head: i32, bits: i32, global: Robj, train: List, validation: List, streams: Robj, config: List, n_threads: i32) -> Result<List> {
+    let net = network(&sizes, head, bits)?;
     let global = doubles(&global, "params")?;
-    let train_sets = datasets(&train)?;
-    let validation_sets = datasets(&validation)?;
+    let train_objects = data_objects(&train, "train")?;
+    let validation_objects = data_objects(&validation, "validation")?;
+    let train_sets = datasets(&train_objects)?;
+    let validation_sets = datasets(&validation_objects)?;
     let streams = doubles(&streams, "streams")?;
     let k = train_sets.len();
     if validation_sets.len() != k || streams.len() != k {
@@ -606,11 +610,12 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
 /// Loss and metric of one parameter vector on many data handles.
 /// @noRd
 #[extendr]
-fn rs_evaluate(sizes: Robj, head: i32, params: Robj, data: List, n_threads: i32) -> Result<List> {
-    let net = network(&sizes, head)?;
+fn rs_evaluate(sizes: Robj, head: i32, bits: i32, params: Robj, data: List, n_threads: i32) -> Result<List> {
+    let net = network(&sizes, head, bits)?;
     let params = doubles(&params, "params")?;
-    let sets = datasets(&data)?;
-    let sets: Vec<&Dataset> = sets.into_iter().map(|s| s.ok_or_else(|| input_err("missing data handle"))).collect::<Result<_>>()?;
+    let objects = data_objects(&data, "data")?;
+    let sets = datasets(&objects)?;
+    let sets: Vec<Dataset> = sets.into_iter().map(|s| s.ok_or_else(|| input_err("missing data"))).collect::<Result<_>>()?;
     match train::evaluate_many(&net, params, &sets, threads(n_threads)) {
         Ok(evals) => Ok(list!(
             ok = true,
@@ -625,8 +630,8 @@ fn rs_evaluate(sizes: Robj, head: i32, params: Robj, data: List, n_threads: i32)
 /// Predictions (n x outputs, column-major) for a column-major matrix.
 /// @noRd
 #[extendr]
-fn rs_predict(sizes: Robj, head: i32, params: Robj, x: Robj, n: i32, p: i32) -> Result<Robj> {
-    let net = network(&sizes, head)?;
+fn rs_predict(sizes: Robj, head: i32, bits: i32, params: Robj, x: Robj, n: i32, p: i32) -> Result<Robj> {
+    let net = network(&sizes, head, bits)?;
     let params = doubles(&params, "params")?;
     let (n, p) = (n.max(0) as usize, p.max(0) as usize);
     if p != net.n_inputs() || params.len() != net.n_params() {
@@ -638,23 +643,21 @@ fn rs_predict(sizes: Robj, head: i32, params: Robj, x: Robj, n: i32, p: i32) -> 
     let n_out = n.checked_mul(k).ok_or_else(|| core_err(CoreError::Memory(format!("{what} ({n} x {k}) exceed the address space"))))?;
     alloc::check_request::<f64>(n_out, what).map_err(core_err)?;
     let unused_labels = alloc::try_zeroed(n, "the rows of `x`").map_err(core_err)?;
-    let data = Dataset::from_col_major(x, n, p, &unused_labels).map_err(core_err)?;
-    let mut ws = net.workspace().map_err(core_err)?;
-    let mut row_out = alloc::try_zeroed(k, what).map_err(core_err)?;
-    new_doubles(n_out, |o| {
-        for i in 0..n {
-            net.predict_row(params, data.row(i), &mut row_out, &mut ws);
-            for (c, v) in row_out.iter().enumerate() {
-                o[c * n + i] = *v;
-            }
+    let data = Dataset::new(x, n, p, &unused_labels).map_err(core_err)?;
+    let mut failure = None;
+    let out = new_doubles(n_out, |o| {
+        if let Err(e) = net.predict(params, &data, o) {
+            failure = Some(e);
         }
-    })
+    })?;
+    match failure {
+        Some(e) => Err(core_err(e)),
+        None => Ok(out),
+    }
 }
 
 extendr_module! {
     mod train;
-    fn rs_dataset;
-    fn rs_dataset_valid;
     fn rs_model_init;
     fn rs_loss_grad;
     fn rs_train_round;

@@ -119,7 +119,7 @@ pub struct LocalOutcome {
 pub fn local_run(
     net: &Network,
     params: &mut [f64],
-    data: &Dataset,
+    data: &Dataset<'_>,
     cfg: &LocalConfig,
     epochs: usize,
     correction: &GradientCorrection<'_>,
@@ -148,7 +148,7 @@ pub fn local_run(
 unsafe fn local_run_avx2(
     net: &Network,
     params: &mut [f64],
-    data: &Dataset,
+    data: &Dataset<'_>,
     cfg: &LocalConfig,
     epochs: usize,
     correction: &GradientCorrection<'_>,
@@ -161,7 +161,7 @@ unsafe fn local_run_avx2(
 fn local_run_body(
     net: &Network,
     params: &mut [f64],
-    data: &Dataset,
+    data: &Dataset<'_>,
     cfg: &LocalConfig,
     epochs: usize,
     correction: &GradientCorrection<'_>,
@@ -169,7 +169,7 @@ fn local_run_body(
 ) -> CoreResult<LocalOutcome> {
     let n = data.n;
     let batch = cfg.batch_len(n);
-    let mut ws = net.workspace()?;
+    let mut ws = net.workspace(batch)?;
     let mut grad = net.zeroed_params("the gradient")?;
     let mut optimizer = LocalOptState::new(cfg.optimizer, net.n_params())?;
     let mut order = all_rows(n)?;
@@ -177,6 +177,7 @@ fn local_run_body(
     // mu = 0 adds nothing; skipping it keeps FedProx(0) bitwise FedAvg.
     let proximal = correction.proximal.filter(|(mu, _)| *mu > 0.0);
     let (mut loss_sum, mut steps) = (0.0, 0);
+    let mut staged = false;
     for epoch in 1..=epochs {
         if cfg.shuffle {
             for i in (1..n).rev() {
@@ -184,8 +185,17 @@ fn local_run_body(
                 order.swap(i, j);
             }
         }
-        for rows in order.chunks(batch) {
-            let loss = net.loss_grad(params, data, rows, &mut grad, &mut ws);
+        // An epoch of several minibatches reads contiguous staged rows,
+        // laid out again whenever the order changes.
+        if n > batch && (epoch == 1 || cfg.shuffle) {
+            staged = ws.stage(data, &order);
+        }
+        for (b, rows) in order.chunks(batch).enumerate() {
+            let loss = if staged {
+                net.loss_grad_staged(params, b * batch..b * batch + rows.len(), &mut grad, &mut ws)
+            } else {
+                net.loss_grad(params, data, rows, &mut grad, &mut ws)
+            };
             steps += 1;
             // Checked every step because it costs nothing: a diverging run
             // stops at once instead of spending its epochs on Inf and NaN.
@@ -245,9 +255,9 @@ pub(crate) fn all_rows(n: usize) -> CoreResult<Vec<usize>> {
 
 /// Full-batch gradient at `params` (with weight decay) and the mean loss: the
 /// work of a FedSGD client.
-pub fn full_gradient(net: &Network, params: &[f64], data: &Dataset, weight_decay: f64, grad: &mut [f64]) -> CoreResult<LocalOutcome> {
+pub fn full_gradient(net: &Network, params: &[f64], data: &Dataset<'_>, weight_decay: f64, grad: &mut [f64]) -> CoreResult<LocalOutcome> {
     let rows = all_rows(data.n)?;
-    let mut ws = net.workspace()?;
+    let mut ws = net.workspace(data.n)?;
     let loss = net.loss_grad(params, data, &rows, grad, &mut ws);
     if weight_decay > 0.0 {
         for (g, p) in grad.iter_mut().zip(params) {
@@ -316,7 +326,8 @@ mod tests {
     #[test]
     fn local_runs_with_each_optimizer_match_a_direct_loop() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(11, 6, 0.0);
+        let owned = blobs(11, 6, 0.0);
+        let data = owned.view();
         let global = random(net.n_params(), 6, 0.3);
         let optimizers = [
             LocalOptimizer::Sgd { momentum: 0.9 },
@@ -332,7 +343,7 @@ mod tests {
             let d = net.n_params();
             let (mut e, mut first, mut second) = (global.clone(), vec![0.0; d], vec![0.0; d]);
             let mut g = vec![0.0; d];
-            let mut ws = net.workspace().unwrap();
+            let mut ws = net.workspace(data.n).unwrap();
             let mut t = 0;
             for _ in 0..2 {
                 for rows in [vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9, 10]] {
@@ -370,7 +381,8 @@ mod tests {
     #[test]
     fn fedprox_with_mu_zero_is_bitwise_fedavg() {
         let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
-        let data = blobs(23, 1, 0.0);
+        let owned = blobs(23, 1, 0.0);
+        let data = owned.view();
         let global = net.init(1, 2).unwrap();
         for optimizer in [LocalOptimizer::Sgd { momentum: 0.9 }, LocalOptimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }] {
             let cfg = LocalConfig { optimizer, ..sgd(0.0) };
@@ -395,7 +407,8 @@ mod tests {
         // Full batch, one epoch: one step from y = x + offset, where the
         // proximal term is mu * offset.
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(10, 2, 0.0);
+        let owned = blobs(10, 2, 0.0);
+        let data = owned.view();
         let global = random(net.n_params(), 1, 0.3);
         let start: Vec<f64> = global.iter().map(|v| v + 0.25).collect();
         let cfg = LocalConfig { batch_size: 0, shuffle: false, ..sgd(0.0) };
@@ -405,7 +418,7 @@ mod tests {
         local_run(&net, &mut y, &data, &cfg, 1, &terms, 0).unwrap();
         let mut g = vec![0.0; net.n_params()];
         let rows: Vec<usize> = (0..data.n).collect();
-        net.loss_grad(&start, &data, &rows, &mut g, &mut net.workspace().unwrap());
+        net.loss_grad(&start, &data, &rows, &mut g, &mut net.workspace(data.n).unwrap());
         for j in 0..g.len() {
             let expected = start[j] - cfg.lr * (g[j] + cfg.weight_decay * start[j] + mu * (start[j] - global[j]));
             assert!((y[j] - expected).abs() < 1e-15, "{j}");
@@ -415,7 +428,8 @@ mod tests {
     #[test]
     fn scaffold_with_zero_controls_and_one_step_is_sgd() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(17, 3, 0.0);
+        let owned = blobs(17, 3, 0.0);
+        let data = owned.view();
         let global = net.init(1, 4).unwrap();
         let zeros = vec![0.0; net.n_params()];
         let cfg = LocalConfig { batch_size: 0, ..sgd(0.0) };
@@ -431,7 +445,8 @@ mod tests {
     #[test]
     fn scaffold_correction_enters_every_step() {
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
-        let data = blobs(8, 4, 0.0);
+        let owned = blobs(8, 4, 0.0);
+        let data = owned.view();
         let global = random(net.n_params(), 2, 0.2);
         let (c_i, c) = (random(net.n_params(), 3, 0.1), random(net.n_params(), 4, 0.1));
         let cfg = LocalConfig { batch_size: 0, shuffle: false, weight_decay: 0.0, ..sgd(0.0) };
@@ -442,7 +457,7 @@ mod tests {
         let mut expected = global.clone();
         let mut g = vec![0.0; net.n_params()];
         for _ in 0..2 {
-            net.loss_grad(&expected, &data, &rows, &mut g, &mut net.workspace().unwrap());
+            net.loss_grad(&expected, &data, &rows, &mut g, &mut net.workspace(data.n).unwrap());
             for j in 0..g.len() {
                 expected[j] -= cfg.lr * (g[j] - c_i[j] + c[j]);
             }
@@ -490,7 +505,7 @@ mod tests {
         assert_eq!(LocalConfig { batch_size: 50, ..cfg }.steps(10, 2), 2);
         let net = Network::new(&[3, 3], Head::Softmax).unwrap();
         let mut p = net.init(0, 0).unwrap();
-        let out = local_run(&net, &mut p, &blobs(10, 5, 0.0), &cfg, 3, &GradientCorrection::default(), 0).unwrap();
+        let out = local_run(&net, &mut p, &blobs(10, 5, 0.0).view(), &cfg, 3, &GradientCorrection::default(), 0).unwrap();
         assert_eq!(out.steps, cfg.steps(10, 3));
     }
 }

@@ -1,0 +1,60 @@
+# What a server reads from every node in a round (training size,
+# availability, held-out data, data version), kept as plain vectors so that
+# a round costs O(selected clients) in R, not one R6 call per node.
+#
+# A node says when these change (`set_data()`, `availability<-`) by bumping
+# a counter shared by the session; a server rebuilds its roster when the
+# counter moved. The key also carries a session token, so that a server
+# saved with `saveRDS()` rebuilds its roster in the next session.
+
+node_changes <- new.env(parent = emptyenv())
+node_changes$count <- 0
+
+note_node_change <- function() {
+  node_changes$count <- node_changes$count + 1
+  invisible()
+}
+
+roster_key <- function() {
+  # Not from R's RNG: a session token must not move the user's seed.
+  if (is.null(node_changes$session)) {
+    node_changes$session <- paste(Sys.getpid(), format(Sys.time(), "%Y%m%d%H%M%OS6"), sep = "-")
+  }
+  paste(node_changes$session, node_changes$count)
+}
+
+node_roster <- function(private) {
+  key <- roster_key()
+  roster <- private$.roster
+  if (is.null(roster) || !identical(roster$key, key)) {
+    nodes <- private$.nodes
+    field <- function(f, type) vapply(nodes, f, type, USE.NAMES = FALSE)
+    roster <- list(key = key,
+                   n_samples = field(function(n) as.double(n$n_samples), numeric(1)),
+                   availability = field(function(n) n$availability, numeric(1)),
+                   has_validation = field(function(n) n$has_validation, logical(1)),
+                   data_version = field(function(n) n$data_version, integer(1)))
+    private$.roster <- roster
+  }
+  roster
+}
+
+# A data frame from equal-length columns, without data.frame()'s checks (a
+# round builds one over every node).
+new_frame <- function(...) {
+  cols <- list(...)
+  structure(cols, class = "data.frame", row.names = c(NA_integer_, -length(cols[[1]])))
+}
+
+# Seconds spent in the Rust core's round work (local training, aggregation,
+# evaluation), summed over the session: a round reads it before and after,
+# so that `server$timings` can split a round into core and R time without
+# changing the server before the round commits.
+core_clock <- new.env(parent = emptyenv())
+core_clock$seconds <- 0
+
+core_call <- function(expr) {
+  started <- proc.time()[["elapsed"]]
+  on.exit(core_clock$seconds <- core_clock$seconds + (proc.time()[["elapsed"]] - started))
+  call_rust(expr)
+}
