@@ -106,4 +106,19 @@ rs_evaluate <- function(sizes, head, bits, params, data, n_threads) .Call(wrap__
 #' @noRd
 rs_predict <- function(sizes, head, bits, params, x, n, p) .Call(wrap__rs_predict, sizes, head, bits, params, x, n, p)
 
+#' One update compressed as a client of a round would (client 0 of the
+#' round seeded `seed`): the decoded update, its bytes and new residual.
+#' @noRd
+rs_compress_update <- function(update, compression, residual, seed) .Call(wrap__rs_compress_update, update, compression, residual, seed)
+
+#' Exact bytes of a compressed update of `d` values.
+#' @noRd
+rs_compress_bytes <- function(compression, d) .Call(wrap__rs_compress_bytes, compression, d)
+
+#' The first `n` uniform draws of client 0's compression stream of `seed`
+#' (with `bounds`: one `below(bound)` draw per bound instead), so that
+#' plain-R references can replay random sparsification and quantisation.
+#' @noRd
+rs_compress_draws <- function(seed, n, bounds) .Call(wrap__rs_compress_draws, seed, n, bounds)
+
 

@@ -85,6 +85,16 @@
 #'   `1 .. E - 1` epochs (as in the FedProx paper).
 #' @param drop_stragglers If `TRUE`, stragglers are dropped from the round
 #'   instead (FedAvg as in the FedProx paper).
+#' @param compress `NULL` (float64 updates), or a [compressor][compression]
+#'   every client applies to its update before sending it.
+#' @param deadline Seconds of simulated time a synchronous round waits for
+#'   its clients (needs [system profiles][system_profile] on the nodes).
+#'   Clients that would finish later are dropped, except under [fedprox()]
+#'   and [fednova()], whose clients send the local steps they completed by
+#'   the deadline (partial work).
+#' @param over_select Over-selection factor, >= 1: the round selects
+#'   `ceiling(over_select * m)` clients and keeps the first `m` to report
+#'   (Bonawitz et al. 2019), with `m` the clients per round.
 #' @param diagnostics Compute the per-round diagnostics (needs the round's
 #'   client updates in memory, `clients x parameters` doubles; `FALSE`
 #'   aggregates them as they arrive).
@@ -131,7 +141,7 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
                        threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                        server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                        drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
-                       min_samples = 0, monitor = NULL) {
+                       min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1) {
   Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
              min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
              epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,
@@ -139,7 +149,8 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
              eval_every = eval_every, seed = seed, threads = threads, hooks = hooks, params = params,
              local_optimizer = local_optimizer, server_optimizer = server_optimizer, aggregator = aggregator,
              stragglers = stragglers, drop_stragglers = drop_stragglers, diagnostics = diagnostics,
-             privacy = privacy, clip = clip, filter = filter, min_samples = min_samples, monitor = monitor)
+             privacy = privacy, clip = clip, filter = filter, min_samples = min_samples, monitor = monitor,
+             compress = compress, deadline = deadline, over_select = over_select)
 }
 
 as_node_list <- function(nodes, call = rlang::caller_env()) {

@@ -16,7 +16,12 @@
 #' * `epsilon`: with [dp_central()], the privacy spent so far (at its
 #'   `delta`); `clip`: the clipping bound of the round;
 #' * `drift_alerts`: with [monitor_drift()], the round's alerts (see
-#'   `server$drift_log`); `plot()` marks these rounds.
+#'   `server$drift_log`); `plot()` marks these rounds;
+#' * `round_time` and `sim_time`: with [system profiles][system_profile],
+#'   the simulated seconds of the round and since the start (`NA`
+#'   without); `bytes_down` and `bytes_up`: the bytes the round sent to its
+#'   clients and received from them (float64 parameters, or the
+#'   [compression]'s exact encoding).
 #'
 #' Metrics are `NA` in rounds that were not evaluated (`eval_every`). The
 #' history holds no wall-clock times, so runs with the same seed give
@@ -33,6 +38,8 @@
 #' @param metric For `plot()` and `autoplot()`: the columns to draw (default:
 #'   the losses, then accuracy or RMSE, in two panels), or `"diagnostics"`
 #'   for the update diagnostics in four panels.
+#' @param along For `plot()`: the x axis, `"round"`, `"time"` (simulated
+#'   hours, `sim_time`) or `"bytes"` (megabytes sent and received so far).
 #' @param ... Passed on to `plot()` for base graphics; unused otherwise.
 #' @return `summary()` a `summary.fed_history` list; `plot()` `x`,
 #'   invisibly; `autoplot()` a ggplot.
@@ -52,7 +59,8 @@ diagnostic_columns <- c("update_norm", "client_norm_mean", "client_norm_sd", "co
 new_fed_history <- function(records, model, settings) {
   m <- metric_name(model)
   columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
-               "val_loss", paste0("val_", m), diagnostic_columns, "epsilon", "clip", "drift_alerts")
+               "val_loss", paste0("val_", m), diagnostic_columns, "epsilon", "clip", "drift_alerts",
+               "round_time", "sim_time", "bytes_down", "bytes_up")
   df <- if (length(records)) {
     as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
       vapply(records, function(r) as.double(r[[col]] %||% NA_real_), numeric(1))
@@ -180,11 +188,27 @@ panel_title <- function(cols) {
   if (kind %in% names(titles)) titles[[kind]] else metric_label(cols[1])
 }
 
+# The x axis of a history plot: rounds, simulated hours or megabytes.
+history_axis <- function(x, along, call = rlang::caller_env()) {
+  switch(along,
+    round = list(at = x$round, label = "Round"),
+    time = {
+      if (all(is.na(x$sim_time))) {
+        fedagg_abort(c("This run has no simulated time.", i = "Give the nodes device profiles with {.fn set_system}."),
+                     call = call)
+      }
+      list(at = x$sim_time / 3600, label = "Simulated time (hours)")
+    },
+    bytes = list(at = cumsum(x$bytes_down + x$bytes_up) / 1e6, label = "Data sent and received (MB)"))
+}
+
 #' @rdname fed_history
 #' @export
-plot.fed_history <- function(x, metric = NULL, ...) {
+plot.fed_history <- function(x, metric = NULL, along = c("round", "time", "bytes"), ...) {
+  along <- assert_choice(along, c("round", "time", "bytes"))
   panels <- metric_panels(x, metric)
   if (!length(panels) || !nrow(x)) fedagg_abort("There is nothing to plot: the history has no rounds or no values.")
+  axis <- history_axis(x, along)
   layout <- if (length(panels) > 3L) c(2, ceiling(length(panels) / 2)) else c(1, length(panels))
   old <- graphics::par(mfrow = layout, mar = c(4, 4, 3, 1), oma = c(0, 0, 1.5, 0))
   on.exit(graphics::par(old))
@@ -195,15 +219,15 @@ plot.fed_history <- function(x, metric = NULL, ...) {
     ylab <- if (length(cols_here) == 1L) metric_label(cols_here) else panel_title(cols_here)
     # Room above the curves for the legend, so it never hides them.
     ylim <- if (length(cols_here) > 1L) c(y[1], y[2] + 0.12 * length(cols_here) * diff(y) + 1e-12) else y
-    plot(range(x$round), ylim, type = "n", xlab = "Round", ylab = ylab, main = panel_title(cols_here), ...)
+    plot(range(axis$at), ylim, type = "n", xlab = axis$label, ylab = ylab, main = panel_title(cols_here), ...)
     for (i in seq_along(cols_here)) {
       keep <- !is.na(x[[cols_here[i]]])
       # Later curves are dashed so that equal curves (a test set that is the
       # nodes' validation data) stay visible.
-      graphics::lines(x$round[keep], x[[cols_here[i]]][keep], col = cols[i], lwd = 2, lty = i,
+      graphics::lines(axis$at[keep], x[[cols_here[i]]][keep], col = cols[i], lwd = 2, lty = i,
                       type = if (sum(keep) < 2) "p" else "l")
     }
-    alerts <- x$round[!is.na(x$drift_alerts) & x$drift_alerts > 0]
+    alerts <- axis$at[!is.na(x$drift_alerts) & x$drift_alerts > 0]
     if (length(alerts)) graphics::abline(v = alerts, lty = 3, col = "grey50")
     if (length(cols_here) > 1L) {
       graphics::legend("topright", legend = split_label(cols_here), col = cols[seq_along(cols_here)], lwd = 2,
@@ -231,6 +255,8 @@ autoplot.fed_history <- function(object, metric = NULL, ...) {
 #' @param x,object A `fed_comparison`.
 #' @param metric Column to draw (default: accuracy if present, else loss).
 #' @param main Plot title.
+#' @param along The x axis: `"round"`, `"time"` (simulated hours) or
+#'   `"bytes"` (megabytes sent and received), as in [plot.fed_history()].
 #' @return `fed_compare()`: a `fed_comparison`, a long data frame with
 #'   columns `run` and those of the histories. `summary()`: one row per run.
 #' @examples
@@ -306,9 +332,12 @@ comparison_metric <- function(x, metric, call = rlang::caller_env()) {
 
 #' @rdname fed_compare
 #' @export
-plot.fed_comparison <- function(x, metric = NULL, main = NULL, ...) {
+plot.fed_comparison <- function(x, metric = NULL, main = NULL, along = c("round", "time", "bytes"), ...) {
   metric <- comparison_metric(x, metric)
-  keep <- !is.na(x[[metric]])
+  along <- assert_choice(along, c("round", "time", "bytes"))
+  # Each run's own axis (cumulative bytes are per run).
+  x$.at <- unlist(lapply(levels(x$run), function(run) history_axis(x[x$run == run, ], along)$at))
+  keep <- !is.na(x[[metric]]) & !is.na(x$.at)
   d <- x[keep, ]
   runs <- levels(x$run)
   cols <- grDevices::hcl.colors(max(3, length(runs)), "Dark 3")[seq_along(runs)]
@@ -317,11 +346,13 @@ plot.fed_comparison <- function(x, metric = NULL, main = NULL, ...) {
   # never hides them.
   legend_cols <- if (length(runs) > 4L) 2L else 1L
   legend_rows <- ceiling(length(runs) / legend_cols)
-  plot(range(d$round), c(y[1], y[2] + 0.08 * legend_rows * diff(y) + 1e-12), type = "n", xlab = "Round",
-       ylab = metric_label(metric), main = main %||% paste(metric_label(metric), "by round"), ...)
+  axis_label <- switch(along, round = "Round", time = "Simulated time (hours)", bytes = "Data sent and received (MB)")
+  plot(range(d$.at), c(y[1], y[2] + 0.08 * legend_rows * diff(y) + 1e-12), type = "n", xlab = axis_label,
+       ylab = metric_label(metric), main = main %||% paste(metric_label(metric), "by", tolower(sub(" \\(.*", "", axis_label))),
+       ...)
   for (i in seq_along(runs)) {
     r <- d[d$run == runs[i], ]
-    graphics::lines(r$round, r[[metric]], col = cols[i], lwd = 2)
+    graphics::lines(r$.at, r[[metric]], col = cols[i], lwd = 2)
   }
   graphics::legend("top", legend = runs, col = cols, lwd = 2, bty = "n", cex = 0.85, ncol = legend_cols)
   invisible(x)

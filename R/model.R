@@ -24,11 +24,17 @@
 #'   the default, and needed, for an MLP).
 #' @param precision Arithmetic of training and prediction: `"float64"` (the
 #'   default) or `"float32"`, which runs the matrix products of the forward
-#'   and backward passes in single precision, about twice as fast on wide
-#'   models. Parameters, optimizer states, losses and the aggregation stay
-#'   in double precision either way; float32 results agree with float64 to
-#'   about 1e-6 relative per step and are as reproducible (same seed, same
-#'   results on any number of threads).
+#'   and backward passes in single precision (faster on wide models; see
+#'   `bench/README.md`). Parameters, optimizer states, losses and the
+#'   aggregation stay in double precision either way; float32 gradients
+#'   agree with float64 to about 1e-6 relative, and runs are as
+#'   reproducible (same seed, same results on any number of threads).
+#'
+#'   Built-in models train on minibatches with blocked matrix products, each
+#'   client on one thread. The products' kernels are picked at run time for
+#'   the CPU (AVX-512, AVX2 with FMA, SSE2), so machines with different
+#'   vector units may differ in the last bits; on one machine results are
+#'   bit-for-bit reproducible.
 #' @param classes Optional class labels, in the order of the model's outputs
 #'   (for logistic regression: the negative class, then the positive one).
 #'   When `NULL`, a [Server] takes them from its nodes' labels: the union of

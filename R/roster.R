@@ -34,6 +34,12 @@ node_roster <- function(private) {
                    availability = field(function(n) n$availability, numeric(1)),
                    has_validation = field(function(n) n$has_validation, logical(1)),
                    data_version = field(function(n) n$data_version, integer(1)))
+    # Device profiles, as one column per setting (NA without a profile).
+    systems <- lapply(nodes, function(n) n$system)
+    roster$has_system <- !vapply(systems, is.null, logical(1), USE.NAMES = FALSE)
+    for (name in system_settings) {
+      roster[[name]] <- vapply(systems, function(s) s[[name]] %||% NA_real_, numeric(1), USE.NAMES = FALSE)
+    }
     private$.roster <- roster
   }
   roster

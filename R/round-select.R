@@ -27,7 +27,7 @@ select_round <- function(self, private, r) {
   clients <- new_frame(id = ids, n_samples = roster$n_samples, available = unname(available),
                        reach_share = unname((private$.reach + available) / r))
   if ("last_update" %in% sel$needs) clients$last_cosine <- private$.last_cosines()
-  ctx <- list(round = r, n = self$clients_per_round, clients = clients, seed = derive_seed(private$.seed, r, 1L),
+  ctx <- list(round = r, n = selection_size(private, self$clients_per_round), clients = clients, seed = derive_seed(private$.seed, r, 1L),
               loss = function(chosen) private$.local_losses(chosen, r))
   out <- sel$select(ctx)
   if (is.data.frame(out)) {

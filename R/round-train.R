@@ -3,7 +3,7 @@
 # private methods with the server's private environment.
 
 # Local work of the selected clients, aggregation and the server step.
-train_selected <- function(private, idx, config, epochs, round) {
+train_selected <- function(private, idx, config, epochs, round, max_steps = NULL) {
   model <- private$.model
   nodes <- private$.nodes[idx]
   ids <- names(nodes)
@@ -21,13 +21,15 @@ train_selected <- function(private, idx, config, epochs, round) {
                      server = rust_server_config(private$.server_opt, private$.server_state),
                      diagnostics = private$.diagnostics, control = private$.control,
                      client_controls = lapply(states, `[[`, "control"), n_nodes = length(private$.nodes)),
-                trust_config(private, attacks, round))
+                trust_config(private, attacks, round),
+                compression_config(private, states, round))
   if (builtin) {
     train <- lapply(views, `[[`, "train")
     val <- lapply(views, `[[`, "validation")
+    round_cfg <- rust_config(config, rule, epochs, fold_cfg)
+    if (!is.null(max_steps) && any(!is.na(max_steps))) round_cfg$max_steps <- as.double(max_steps)
     out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.flat, unname(train), unname(val),
-                                    as.double(idx), rust_config(config, rule, epochs, fold_cfg),
-                                    resolve_threads(private$.threads)))
+                                    as.double(idx), round_cfg, resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
     info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,
                  val_loss = nan_to_na(out$val_loss), val_metric = nan_to_na(out$val_metric),
@@ -100,13 +102,15 @@ train_selected <- function(private, idx, config, epochs, round) {
                    i = "Poisson sampling, unreachable nodes or dropped stragglers can leave fewer clients than that."),
                  class = "cohort", round = round)
   }
+  residuals <- out_fold$residuals
   # Only states that change are committed (FedAvg's nodes keep none).
-  node_states <- if (alg$kind %in% c("scaffold", "custom") || keep_updates) {
+  node_states <- if (alg$kind %in% c("scaffold", "custom") || keep_updates || !is.null(residuals)) {
     stats::setNames(lapply(seq_along(nodes), function(k) {
       state <- states[[k]]
       if (alg$kind == "scaffold") state$control <- new_controls[[k]]
       if (keep_updates) state$last_update <- deltas[[k]]
       if (!is.null(custom_states)) state$custom <- custom_states[[k]]
+      if (!is.null(residuals)) state$residual <- residuals[[k]]
       state
     }), ids)
   } else list()
@@ -157,6 +161,15 @@ trust_config <- function(private, attacks, round) {
          list(sd = z * clip$max_norm, seed = as.double(derive_seed(private$.seed, round, 5L)),
               denominator = private$.sampling_rate() * n_eligible)
        })
+}
+
+# The round's compression of the clients' updates, with each node's
+# error-feedback residual.
+compression_config <- function(private, states, round) {
+  comp <- private$.compress
+  if (is.null(comp)) return(list())
+  list(compression = rust_compressor(comp, derive_seed(private$.seed, round, 10L)),
+       residuals = if (isTRUE(comp$error_feedback)) unname(lapply(states, `[[`, "residual")))
 }
 
 # Aggregation weights of a rule, from what the clients reported.

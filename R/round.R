@@ -21,6 +21,9 @@ round_body <- function(self, private, r, last_round) {
   picked <- private$.select_round(r)
   lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)
   work <- private$.local_work(picked$index, r)
+  # Simulated time: who reports back, with how much work.
+  system <- system_round(private, work, r, self$clients_per_round)
+  work <- system$work
   if (!is.null(private$.hooks$round_start)) {
     call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
               "The {.code round_start} hook", round = r)
@@ -31,7 +34,7 @@ round_body <- function(self, private, r, last_round) {
   config$control <- private$.control
   old <- private$.flat
   result <- if (length(work$ids)) {
-    private$.train_selected(work$index, config, work$epochs, r)
+    private$.train_selected(work$index, config, work$epochs, r, work$max_steps)
   } else {
     empty_round(old, private$.server_state, private$.control)
   }
@@ -61,12 +64,18 @@ round_body <- function(self, private, r, last_round) {
   drift <- monitor_round(private, r, result$info)
   record$drift_alerts <- if (is.null(private$.monitor)) NA_real_ else length(drift$alerts)
   record$clip <- if (!is.null(dp)) private$.dp_clip %||% dp$clip else NA_real_
+  record$round_time <- system$round_time
+  record$sim_time <- private$.sim_time + system$round_time
+  record$bytes_down <- system$bytes_down
+  record$bytes_up <- system$bytes_up
   # Commit: nothing above changed the server or a node.
   private$.flat <- as.double(proposed)
   private$.round <- r
   private$.records[[length(private$.records) + 1L]] <- record
   private$.client_log[[length(private$.client_log) + 1L]] <- c(list(round = r), info)
   private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
+  private$.system_log[[length(private$.system_log) + 1L]] <- system$log
+  private$.sim_time <- record$sim_time
   private$.reach <- private$.reach + picked$available
   private$.server_state <- result$server_state
   private$.q_log <- q_log

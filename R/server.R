@@ -56,7 +56,7 @@ Server <- R6::R6Class("Server",
   cloneable = TRUE,
   public = list(
     #' @description Create a server (see [fed_server()] for the arguments).
-    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples,monitor
+    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples,monitor,compress,deadline,over_select
     #'   See [fed_server()].
     initialize = function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
                           selection = select_uniform(), schedule = NULL, weights = NULL, epochs = 1,
@@ -65,7 +65,7 @@ Server <- R6::R6Class("Server",
                           threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                           server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                           drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
-                          min_samples = 0, monitor = NULL) {
+                          min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1) {
       assert_model(model)
       node_list <- as_node_list(nodes)
       # One class coding for the whole federation, before any label is coded.
@@ -132,6 +132,8 @@ Server <- R6::R6Class("Server",
       if (private$.algorithm$kind == "fednova" && private$.aggregator$kind != "weighted") {
         fedagg_abort("{.fn fednova} normalises a weighted mean; use {.code aggregator = agg_weighted()} with it.")
       }
+      private$.compress <- assert_compressor(compress)
+      assert_system_settings(private, deadline, over_select)
       private$.stragglers <- assert_number(stragglers, 0, 1)
       private$.drop_stragglers <- assert_flag(drop_stragglers)
       private$.diagnostics <- assert_flag(diagnostics)
@@ -333,6 +335,24 @@ Server <- R6::R6Class("Server",
       data.frame(round = seq_len(n), seconds = as.double(private$.seconds),
                  core_seconds = c(core, rep(NA_real_, n - length(core)))[seq_len(n)])
     },
+    #' @field system_log One row per client selected in a round (read-only
+    #'   data frame): `round`, `client`, `status` (`"kept"`, `"partial"`
+    #'   (work cut by the deadline), `"dropout"`, `"deadline"` (dropped for
+    #'   missing it) or `"late"` (over-selected, not needed)), its simulated
+    #'   `download`, `compute` and `upload` seconds, `finish` (seconds into
+    #'   the round when its update arrived; `NA` when it never did) and
+    #'   `work` (the share of its local steps done). Times are `NA` without
+    #'   [system profiles][system_profile].
+    system_log = function(value) {
+      if (!missing(value)) fedagg_abort("{.field system_log} is read-only.")
+      rows <- private$.system_log
+      if (!length(rows)) {
+        return(new_frame(round = integer(), client = character(), status = character(), download = numeric(),
+                         compute = numeric(), upload = numeric(), finish = numeric(), work = numeric()))
+      }
+      do.call(new_frame, lapply(stats::setNames(names(rows[[1]]), names(rows[[1]])),
+                                function(col) unlist(lapply(rows, `[[`, col), use.names = FALSE)))
+    },
     #' @field stopped `NULL`, or how the last `fit()` ended early: a list of
     #'   `round` and `reason` (read-only).
     stopped = function(value) {
@@ -454,6 +474,8 @@ Server <- R6::R6Class("Server",
     .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
     .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(), .roster = NULL,
+    .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
+    .sim_time = 0, .system_log = list(),
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {
@@ -503,7 +525,9 @@ Server <- R6::R6Class("Server",
       out
     },
 
-    .train_selected = function(idx, config, epochs, round) train_selected(private, idx, config, epochs, round),
+    .train_selected = function(idx, config, epochs, round, max_steps = NULL) {
+      train_selected(private, idx, config, epochs, round, max_steps)
+    },
 
     .evaluate_all = function(flat, round = NULL) evaluate_all(private, flat, round),
 

@@ -7,8 +7,9 @@
 # regression, E = 1, B = 32, plain SGD, FedAvg; 10, 100 and 1,000 clients
 # per round on 1 and 2 threads, no evaluation inside the timed rounds.
 # For each: ms per round, the share of the round spent in R (everything
-# outside the Rust core's round call, from `server$timings`), and the
-# speed-up of 2 threads over 1.
+# outside the Rust core's round call, from `server$timings`), the share
+# spent in R's garbage collector (`gc.time()`, which can fall inside the
+# core's call too), and the speed-up of 2 threads over 1.
 # Then memory: resident memory of 10,000 nodes of `memory_samples` (default
 # 600) x 60 features against the raw size of their features (8 bytes a
 # value), from the process's VmRSS before and after building them, and
@@ -36,6 +37,24 @@ make_nodes <- function(k, n, seed) {
 
 cat(sprintf("fedagg %s | R %s | %d cores | %s\n\n", packageVersion("fedagg"), getRversion(),
             fedagg_threads()$cores, format(Sys.time(), "%Y-%m-%d")))
+
+# Memory first, from a fresh R heap: freed memory that R keeps would hide growth.
+before <- rss_mb()
+nodes <- make_nodes(n_nodes, memory_samples, seed = 2)
+invisible(gc())
+built <- rss_mb()
+# One round in which every node trains: the Rust core reads the nodes'
+# matrices in place, so this must not add a second copy.
+invisible(fed_server(model_softmax(dim, n_classes), nodes, fraction = 1, epochs = 1, batch_size = 32, lr = 0.05,
+                     seed = 1, threads = 2, eval_every = 10^6)$fit(1, verbose = FALSE))
+invisible(gc())
+after <- rss_mb()
+raw_mb <- n_nodes * memory_samples * dim * 8 / 1024^2
+cat(sprintf("\nmemory: %d nodes x %d x %d: raw features %.0f MB\n", n_nodes, memory_samples, dim, raw_mb))
+cat(sprintf("  nodes built: resident growth %.0f MB = %.3fx the raw size\n", built - before, (built - before) / raw_mb))
+cat(sprintf("  after a round training every node: %.0f MB = %.3fx\n", after - before, (after - before) / raw_mb))
+rm(nodes); invisible(gc())
+
 nodes <- make_nodes(n_nodes, n_samples, seed = 1)
 invisible(gc())
 
@@ -45,10 +64,14 @@ time_rounds <- function(per_round, threads) {
   srv$fit(2, verbose = FALSE) # warm-up: labels coded once per node
   reps <- max(3L, rounds * 100L %/% per_round)
   reps <- min(reps, rounds)
+  gc_before <- gc.time()[[1]]
   srv$fit(reps, verbose = FALSE)
+  gc_seconds <- gc.time()[[1]] - gc_before
   t <- utils::tail(srv$timings, reps)
-  c(ms = 1000 * sum(t$seconds) / reps, r_share = 1 - sum(t$core_seconds) / sum(t$seconds))
+  c(ms = 1000 * sum(t$seconds) / reps, r_share = 1 - sum(t$core_seconds) / sum(t$seconds),
+    gc_share = gc_seconds / sum(t$seconds))
 }
+invisible(gc.time(TRUE))
 
 rows <- list()
 for (per_round in c(10L, 100L, 1000L)) {
@@ -56,24 +79,10 @@ for (per_round in c(10L, 100L, 1000L)) {
   two <- time_rounds(per_round, 2L)
   rows[[length(rows) + 1L]] <- data.frame(
     per_round = per_round, ms_1t = one[["ms"]], ms_2t = two[["ms"]], speedup_2t = one[["ms"]] / two[["ms"]],
-    r_share_1t = sprintf("%.0f%%", 100 * one[["r_share"]]), r_share_2t = sprintf("%.0f%%", 100 * two[["r_share"]]))
+    r_share_1t = sprintf("%.0f%%", 100 * one[["r_share"]]), r_share_2t = sprintf("%.0f%%", 100 * two[["r_share"]]),
+    gc_share_1t = sprintf("%.0f%%", 100 * one[["gc_share"]]), gc_share_2t = sprintf("%.0f%%", 100 * two[["gc_share"]]))
 }
 cat(sprintf("%d nodes x %d samples x %d features, softmax; ms per round over the timed rounds\n",
             n_nodes, n_samples, dim))
 print(do.call(rbind, rows), row.names = FALSE, digits = 3)
 
-rm(nodes); invisible(gc())
-before <- rss_mb()
-nodes <- make_nodes(n_nodes, memory_samples, seed = 2)
-invisible(gc())
-built <- rss_mb()
-# One round in which every node trains: the Rust core reads the nodes'
-# matrices in place, so this must not add a second copy.
-fed_server(model_softmax(dim, n_classes), nodes, fraction = 1, epochs = 1, batch_size = 32, lr = 0.05,
-           seed = 1, threads = 2, eval_every = 10^6)$fit(1, verbose = FALSE)
-invisible(gc())
-after <- rss_mb()
-raw_mb <- n_nodes * memory_samples * dim * 8 / 1024^2
-cat(sprintf("\nmemory: %d nodes x %d x %d: raw features %.0f MB\n", n_nodes, memory_samples, dim, raw_mb))
-cat(sprintf("  nodes built: resident growth %.0f MB = %.3fx the raw size\n", built - before, (built - before) / raw_mb))
-cat(sprintf("  after a round training every node: %.0f MB = %.3fx\n", after - before, (after - before) / raw_mb))

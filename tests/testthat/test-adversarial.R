@@ -807,9 +807,61 @@ test_that("servers, their methods and bindings reject bad inputs with classed er
   adv_expect_all(adv_cases_server, adv_run(adv_cases_server))
 })
 
+# --- Systems: device profiles, simulated time, compression ---------------------
+
+adv_cases_systems <- c(
+  adv_group("system profiles",
+    S(system_profile(speed = X), "speed", c("0", "-1", "NA", "Inf", "chr")),
+    S(system_profile(download = X), "download", c("0", "-1", "NaN")),
+    S(system_profile(upload = X), "upload", c("0", "Inf")),
+    S(system_profile(latency = X), "latency", c("-1", "NA")),
+    S(system_profile(dropout = X), "dropout", c("-1", "1", "1.5", "chr")),
+    E("a draw for a probability", system_profile(dropout = lognormal(0.1)), "dropout"),
+    S(lognormal(X), "median", c("0", "-1", "NA")),
+    S(lognormal(1, spread = X), "spread", c("0.5", "NA")),
+    E("profiles for something that is not nodes", set_system(1:3, system_profile()), "nodes"),
+    E("a profile that is not one", set_system(nodes, list(speed = 1)), "profile"),
+    E("per-node values of the wrong length", set_system(nodes, system_profile(speed = c(1, 2))), "speed"),
+    E("a data frame naming an unknown node", set_system(nodes, data.frame(node = c(names(nodes), "ghost"), speed = 1)),
+      NULL, class = "fedagg_error_client"),
+    E("a data frame missing a node", set_system(nodes, data.frame(node = names(nodes)[-1], speed = 1)), NULL,
+      class = "fedagg_error_client"),
+    E("a data frame with a negative speed",
+      set_system(nodes, data.frame(node = names(nodes), speed = c(1, -1, 1))), "speed", class = "fedagg_error_client"),
+    E("a data frame with an unknown column", set_system(nodes, data.frame(node = names(nodes), sped = 1)), "sped"),
+    E("a node's profile set by hand, badly", local(nodes[[1]]$system <- list(speed = -1)), "system",
+      class = "fedagg_error_client"),
+    E("system_table of something else", system_table("a"), "nodes"),
+    E("a deadline without profiles", mk_srv(deadline = 10), "deadline"),
+    S(mk_srv(deadline = X), "deadline", c("0", "-1", "chr", "NA")),
+    S(mk_srv(over_select = X), "over_select", c("0.5", "NA", "chr")),
+    E("profiles on some nodes only",
+      local({ n2 <- lapply(nodes, function(n) n$clone()); n2[[1]]$system <- as.list(system_table(nodes[1])[1, -1] * 0 + 1); mk_srv(nodes_ = n2) }),
+      NULL, class = "fedagg_error_client")
+  ),
+  adv_group("compression",
+    S(compress_topk(X), "fraction", c("0", "-1", "1.5", "NA", "chr")),
+    S(compress_topk(0.1, error_feedback = X), "error_feedback", c("NA", "chr")),
+    S(compress_random_k(X), "fraction", c("0", "Inf")),
+    S(compress_quantize(X), "bits", c("0", "1.5", "NA", "chr")),
+    E("too many bits", compress_quantize(17), "bits"),
+    OK("float16 has no settings", compress_float16(), why = "no settings to get wrong"),
+    S(compress_update(X, compress_topk(0.5)), "update", c("NULL", "chr", "num0")),
+    E("a non-finite update", compress_update(c(1, NaN), compress_topk(0.5)), "update"),
+    E("a compressor that is not one", compress_update(1:3, "topk"), "compressor"),
+    E("a residual of the wrong length", compress_update(1:3, compress_topk(0.5), residual = 1:2), "residual"),
+    E("a float16 overflow", compress_update(c(1, 1e6), compress_float16()), "update"),
+    S(mk_srv(compress = X), "compress", c("bogus", "fun", "list"))
+  )
+)
+
+test_that("system profiles, simulated rounds and compressors reject bad inputs with classed errors", {
+  adv_expect_all(adv_cases_systems, adv_run(adv_cases_systems))
+})
+
 test_that("the adversarial table covers every export with enough cases", {
   all_cases <- c(adv_cases_aggregate, adv_cases_privacy, adv_cases_partition, adv_cases_model, adv_cases_data,
-                 adv_cases_node, adv_cases_server, adv_cases_pipeline, adv_cases_trust)
+                 adv_cases_node, adv_cases_server, adv_cases_pipeline, adv_cases_trust, adv_cases_systems)
   expect_gte(length(all_cases), 150L)
   called <- unique(unlist(lapply(all_cases, function(cs) all.names(cs$expr))))
   exports <- getNamespaceExports("fedagg")

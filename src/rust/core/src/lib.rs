@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod alloc;
+pub mod compress;
 pub mod error;
 pub mod ks;
 pub mod model;

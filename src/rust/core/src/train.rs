@@ -15,7 +15,7 @@ use crate::alloc::try_copy;
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
 use crate::parallel::{effective_threads, with_threads};
-use crate::strategy::client::{fednova_steps, local_run, scaffold_client_control};
+use crate::strategy::client::{fednova_steps, local_run, local_run_partial, scaffold_client_control};
 use crate::strategy::fold::scaffold_server_control;
 use crate::strategy::{
     finish_round, ClientAlgorithm, Fold, FoldRule, GradientCorrection, LocalConfig, LocalOptimizer, Prepared, RoundTransforms, RoundUpdate,
@@ -97,6 +97,8 @@ pub struct ClientJob<'a> {
     pub epochs: usize,
     /// SCAFFOLD: this client's control c_i (absent = zeros).
     pub control: Option<&'a [f64]>,
+    /// Partial work: at most this many local steps (a deadline cut it off).
+    pub max_steps: Option<usize>,
 }
 
 /// Everything about a round that is the same for all its clients.
@@ -238,7 +240,8 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
                     }
                     ClientAlgorithm::FedAvg | ClientAlgorithm::FedNova => GradientCorrection::default(),
                 };
-                local_run(net, &mut vector, &job.train, &cfg.local, job.epochs, &correction, job.stream).map_err(fail)?
+                local_run_partial(net, &mut vector, &job.train, &cfg.local, job.epochs, &correction, job.stream, job.max_steps)
+                    .map_err(fail)?
             }
             LocalWork::Gradient => full_gradient(net, global, &job.train, cfg.local.weight_decay, &mut vector).map_err(fail)?,
         };
@@ -292,6 +295,7 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
         let mut reports = Vec::with_capacity(jobs.len());
         let mut collected = Vec::new();
         let mut client_controls = Vec::new();
+        let mut residuals = Vec::new();
         let indices: Vec<usize> = (0..jobs.len()).collect();
         for chunk in indices.chunks(chunk_len(effective)) {
             let results: Vec<CoreResult<ClientResult>> = chunk.par_iter().map(|&k| one_client(k)).collect();
@@ -299,7 +303,10 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
                 let (update, report, new_control) = result?;
                 match (&mut fold, update) {
                     (Some(fold), Sent::Raw(update)) => fold.add(Cow::Owned(update), report.weight, report.effective_steps)?,
-                    (Some(fold), Sent::Prepared(p)) => fold.add_prepared(p, report.weight, report.effective_steps)?,
+                    (Some(fold), Sent::Prepared(mut p)) => {
+                        residuals.push(p.residual.take());
+                        fold.add_prepared(p, report.weight, report.effective_steps)?
+                    }
                     (None, Sent::Raw(update)) => collected.push(update),
                     (None, Sent::Prepared(p)) => collected.push(p.update.into_owned()),
                 }
@@ -315,7 +322,11 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
             (None, None)
         };
         let update = match fold {
-            Some(fold) => Some(finish_round(global, fold, &cfg.server)?),
+            Some(fold) => {
+                let mut update = finish_round(global, fold, &cfg.server)?;
+                update.residuals = residuals;
+                Some(update)
+            }
             None => None,
         };
         Ok(RoundOutput { reports, update, collected, control, client_controls })
@@ -383,7 +394,14 @@ mod tests {
     fn jobs_for<'a>(sets: &'a [OwnedData], validation: bool, epochs: usize) -> Vec<ClientJob<'a>> {
         sets.iter()
             .enumerate()
-            .map(|(k, d)| ClientJob { train: d.view(), validation: validation.then_some(d.view()), stream: k as u64, epochs, control: None })
+            .map(|(k, d)| ClientJob {
+                train: d.view(),
+                validation: validation.then_some(d.view()),
+                stream: k as u64,
+                epochs,
+                control: None,
+                max_steps: None,
+            })
             .collect()
     }
 
@@ -835,6 +853,8 @@ mod tests {
         let sizes = vec![12, 4, 12, 3];
         assert_eq!(sizes.iter().sum::<usize>(), d);
         let robust = RoundTransforms {
+            compression: None,
+            residuals: Vec::new(),
             local_noise: None,
             attacks: attacks.clone(),
             attack_seed: 77,
@@ -844,6 +864,8 @@ mod tests {
             noise: None,
         };
         let dp = RoundTransforms {
+            compression: None,
+            residuals: Vec::new(),
             local_noise: None,
             attacks,
             attack_seed: 77,

@@ -3,9 +3,10 @@ use extendr_api::prelude::*;
 use extendr_api::Result;
 use fedagg_core::model::{Dataset, Head, Network, Precision};
 use fedagg_core::strategy::fold::{is_all_filtered, scaffold_server_control};
+use fedagg_core::compress::Compressor;
 use fedagg_core::strategy::{
-    fold_round_with, Aggregator, Attack, CentralNoise, LocalNoise, ClientAlgorithm, Clip, FoldRule, LocalConfig, LocalOptimizer, NormFilter,
-    RoundTransforms, RoundUpdate, ServerOptimizer, ServerStep,
+    fold_round_with, Aggregator, Attack, CentralNoise, Compression, LocalNoise, ClientAlgorithm, Clip, FoldRule, LocalConfig, LocalOptimizer,
+    NormFilter, RoundTransforms, RoundUpdate, ServerOptimizer, ServerStep,
 };
 use fedagg_core::train::{self, ClientJob, LocalWork, RoundConfig, WeightRule};
 use fedagg_core::{alloc, CoreError};
@@ -355,6 +356,14 @@ fn round_transforms(config: &List) -> Result<RoundTransforms> {
             seed: required_number(&l, "seed", "local_dp")? as u64,
         });
     }
+    if let Some(c) = optional_list(config, "compression")? {
+        t.compression = Some(Compression { compressor: compressor(&c)?, seed: required_number(&c, "seed", "compression")? as u64 });
+        let residuals = list_elements(&nullable_field(config, "residuals"), "residuals")?;
+        t.residuals = residuals
+            .iter()
+            .map(|r| if r.is_null() { Ok(None) } else { Ok(Some(doubles(r, "residuals")?.to_vec())) })
+            .collect::<Result<_>>()?;
+    }
     if let Some(n) = optional_list(config, "noise")? {
         t.noise = Some(CentralNoise {
             sd: required_number(&n, "sd", "noise")?,
@@ -363,6 +372,42 @@ fn round_transforms(config: &List) -> Result<RoundTransforms> {
         });
     }
     Ok(t)
+}
+
+/// A compressor from its R description (`kind` and its settings).
+pub(crate) fn compressor(c: &List) -> Result<Compressor> {
+    let what = "compression";
+    let out = match text(c, "kind")?.as_str() {
+        "topk" => Compressor::TopK {
+            fraction: required_number(c, "fraction", what)?,
+            error_feedback: optional_flag(c, "error_feedback", what)?,
+        },
+        "random_k" => Compressor::RandomK { fraction: required_number(c, "fraction", what)? },
+        "quantize" => Compressor::Quantize {
+            bits: required_number(c, "bits", what)? as u32,
+            stochastic: optional_flag(c, "stochastic", what)?,
+        },
+        "float16" => Compressor::Float16,
+        "none" => Compressor::None,
+        other => return Err(input_err(format!("config `compression$kind` \"{other}\" is not a known compressor"))),
+    };
+    out.check().map_err(core_err)?;
+    Ok(out)
+}
+
+/// Residuals per client as an R list (NULL without error feedback).
+fn residual_list(residuals: &[Option<Vec<f64>>]) -> Result<Robj> {
+    if residuals.iter().all(Option::is_none) {
+        return Ok(().into());
+    }
+    let values = residuals
+        .iter()
+        .map(|r| match r {
+            Some(v) => new_doubles(v.len(), |o| o.copy_from_slice(v)),
+            None => Ok(().into()),
+        })
+        .collect::<Result<Vec<Robj>>>()?;
+    Ok(List::from_values(values).into())
 }
 
 fn optional_vector(x: Option<&[f64]>) -> Result<Robj> {
@@ -383,6 +428,7 @@ fn optional_vector_list(x: Option<Vec<Vec<f64>>>) -> Result<Robj> {
 /// NULL when there was none (collected updates).
 struct UpdateFields {
     params: Robj,
+    residuals: Robj,
     aggregate: Robj,
     server_m: Robj,
     server_v: Robj,
@@ -401,6 +447,7 @@ impl UpdateFields {
             let null = || -> Robj { ().into() };
             return Ok(UpdateFields {
                 params: null(),
+                residuals: null(),
                 aggregate: null(),
                 server_m: null(),
                 server_v: null(),
@@ -416,6 +463,7 @@ impl UpdateFields {
         let d = &u.diagnostics;
         Ok(UpdateFields {
             params: optional_vector(Some(&u.params))?,
+            residuals: residual_list(&u.residuals)?,
             aggregate: optional_vector(Some(&u.aggregate))?,
             server_m: optional_vector(u.server.m.as_deref())?,
             server_v: optional_vector(u.server.v.as_deref())?,
@@ -471,11 +519,20 @@ fn rs_train_round(sizes: Robj, head: i32, bits: i32, global: Robj, train: List, 
     let control = optional_doubles(&control_obj, "control")?;
     let client_control_objs = list_elements(&nullable_field(&config, "client_controls"), "client_controls")?;
     let client_controls = optional_vectors(&client_control_objs, k, "client_controls")?;
+    let max_steps_obj = nullable_field(&config, "max_steps");
+    let max_steps = if max_steps_obj.is_null() { vec![f64::NAN; k] } else { numbers(&max_steps_obj, "max_steps")? };
+    if max_steps.len() != k {
+        return Err(input_err(format!("config `max_steps` has {} values for {k} clients", max_steps.len())));
+    }
+    if let Some(bad) = max_steps.iter().find(|m| !m.is_nan() && !(m.is_finite() && **m >= 1.0 && m.fract() == 0.0)) {
+        return Err(input_err(format!("config `max_steps` has {bad}, not NA or a count >= 1")));
+    }
     let mut jobs = Vec::with_capacity(k);
     for (i, t) in train_sets.iter().enumerate() {
         let train = t.ok_or_else(|| core_err(CoreError::Client(i, "has no training data".into())))?;
         let epochs = if epochs.len() == 1 { epochs[0] } else { epochs[i] } as usize;
-        jobs.push(ClientJob { train, validation: validation_sets[i], stream: streams[i] as u64, epochs, control: client_controls[i] });
+        let max_steps = (!max_steps[i].is_nan()).then_some(max_steps[i] as usize);
+        jobs.push(ClientJob { train, validation: validation_sets[i], stream: streams[i] as u64, epochs, control: client_controls[i], max_steps });
     }
     let work = match text(&config, "work")?.as_str() {
         "sgd" => LocalWork::Sgd,
@@ -543,7 +600,8 @@ fn rs_train_round(sizes: Robj, head: i32, bits: i32, global: Robj, train: List, 
         kept = fields.kept,
         filter_reason = fields.filter_reason,
         clipped = fields.clipped,
-        selected = fields.selected
+        selected = fields.selected,
+        residuals = fields.residuals
     ))
 }
 
@@ -603,8 +661,48 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
         kept = fields.kept,
         filter_reason = fields.filter_reason,
         clipped = fields.clipped,
-        selected = fields.selected
+        selected = fields.selected,
+        residuals = fields.residuals
     ))
+}
+
+/// One update compressed as a client of a round would (client 0 of the
+/// round seeded `seed`): the decoded update, its bytes and new residual.
+/// @noRd
+#[extendr]
+fn rs_compress_update(update: Robj, compression: List, residual: Robj, seed: f64) -> Result<List> {
+    let update = doubles(&update, "update")?;
+    let c = Compression { compressor: compressor(&compression)?, seed: seed as u64 };
+    let residual = if residual.is_null() { None } else { Some(doubles(&residual, "residual")?) };
+    let out = c.compressor.compress(update, residual, &mut c.rng(0)).map_err(core_err)?;
+    Ok(list!(decoded = out.decoded, bytes = out.bytes as f64, residual = optional_vector(out.residual.as_deref())?))
+}
+
+/// Exact bytes of a compressed update of `d` values.
+/// @noRd
+#[extendr]
+fn rs_compress_bytes(compression: List, d: f64) -> Result<f64> {
+    Ok(compressor(&compression)?.bytes(d as usize) as f64)
+}
+
+/// The first `n` uniform draws of client 0's compression stream of `seed`
+/// (with `bounds`: one `below(bound)` draw per bound instead), so that
+/// plain-R references can replay random sparsification and quantisation.
+/// @noRd
+#[extendr]
+fn rs_compress_draws(seed: f64, n: f64, bounds: Robj) -> Result<Robj> {
+    let c = Compression { compressor: Compressor::None, seed: seed as u64 };
+    let mut rng = c.rng(0);
+    if bounds.is_null() {
+        let draws: Vec<f64> = (0..n as usize).map(|_| rng.uniform()).collect();
+        return Ok(draws.into());
+    }
+    let bounds = numbers(&bounds, "bounds")?;
+    if bounds.iter().any(|b| !(b.is_finite() && *b >= 1.0)) {
+        return Err(input_err("`bounds` must be counts >= 1"));
+    }
+    let draws: Vec<f64> = bounds.iter().map(|&b| rng.below(b as u64) as f64).collect();
+    Ok(draws.into())
 }
 
 /// Loss and metric of one parameter vector on many data handles.
@@ -664,4 +762,7 @@ extendr_module! {
     fn rs_fold_round;
     fn rs_evaluate;
     fn rs_predict;
+    fn rs_compress_update;
+    fn rs_compress_bytes;
+    fn rs_compress_draws;
 }

@@ -125,7 +125,27 @@ pub fn local_run(
     correction: &GradientCorrection<'_>,
     stream: u64,
 ) -> CoreResult<LocalOutcome> {
+    local_run_partial(net, params, data, cfg, epochs, correction, stream, None)
+}
+
+/// `local_run` that stops after `max_steps` local steps when given: the
+/// partial work of a client cut off by a deadline (FedProx and FedNova use
+/// it; the reported loss is the mean over the samples it saw).
+#[allow(clippy::too_many_arguments)]
+pub fn local_run_partial(
+    net: &Network,
+    params: &mut [f64],
+    data: &Dataset<'_>,
+    cfg: &LocalConfig,
+    epochs: usize,
+    correction: &GradientCorrection<'_>,
+    stream: u64,
+    max_steps: Option<usize>,
+) -> CoreResult<LocalOutcome> {
     cfg.check()?;
+    if max_steps == Some(0) {
+        return invalid("max_steps", "must be at least 1");
+    }
     if epochs == 0 {
         return invalid("epochs", "must be at least 1");
     }
@@ -134,10 +154,10 @@ pub fn local_run(
     {
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { local_run_avx2(net, params, data, cfg, epochs, correction, stream) };
+            return unsafe { local_run_avx2(net, params, data, cfg, epochs, correction, stream, max_steps) };
         }
     }
-    local_run_body(net, params, data, cfg, epochs, correction, stream)
+    local_run_body(net, params, data, cfg, epochs, correction, stream, max_steps)
 }
 
 /// The same code compiled for AVX2: four doubles per instruction instead of
@@ -145,6 +165,7 @@ pub fn local_run(
 /// and results are the same on every x86-64 machine.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn local_run_avx2(
     net: &Network,
     params: &mut [f64],
@@ -153,11 +174,13 @@ unsafe fn local_run_avx2(
     epochs: usize,
     correction: &GradientCorrection<'_>,
     stream: u64,
+    max_steps: Option<usize>,
 ) -> CoreResult<LocalOutcome> {
-    local_run_body(net, params, data, cfg, epochs, correction, stream)
+    local_run_body(net, params, data, cfg, epochs, correction, stream, max_steps)
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn local_run_body(
     net: &Network,
     params: &mut [f64],
@@ -166,6 +189,7 @@ fn local_run_body(
     epochs: usize,
     correction: &GradientCorrection<'_>,
     stream: u64,
+    max_steps: Option<usize>,
 ) -> CoreResult<LocalOutcome> {
     let n = data.n;
     let batch = cfg.batch_len(n);
@@ -176,27 +200,23 @@ fn local_run_body(
     let mut rng = Rng::new(cfg.seed, stream);
     // mu = 0 adds nothing; skipping it keeps FedProx(0) bitwise FedAvg.
     let proximal = correction.proximal.filter(|(mu, _)| *mu > 0.0);
-    let (mut loss_sum, mut steps) = (0.0, 0);
-    let mut staged = false;
-    for epoch in 1..=epochs {
+    let (mut loss_sum, mut steps, mut seen, mut cut_short) = (0.0, 0, 0usize, false);
+    let limit = max_steps.unwrap_or(usize::MAX);
+    'epochs: for epoch in 1..=epochs {
         if cfg.shuffle {
             for i in (1..n).rev() {
                 let j = rng.below(i as u64 + 1) as usize;
                 order.swap(i, j);
             }
         }
-        // An epoch of several minibatches reads contiguous staged rows,
-        // laid out again whenever the order changes.
-        if n > batch && (epoch == 1 || cfg.shuffle) {
-            staged = ws.stage(data, &order);
-        }
-        for (b, rows) in order.chunks(batch).enumerate() {
-            let loss = if staged {
-                net.loss_grad_staged(params, b * batch..b * batch + rows.len(), &mut grad, &mut ws)
-            } else {
-                net.loss_grad(params, data, rows, &mut grad, &mut ws)
-            };
+        for rows in order.chunks(batch) {
+            if steps >= limit {
+                cut_short = true;
+                break 'epochs;
+            }
+            let loss = net.loss_grad(params, data, rows, &mut grad, &mut ws);
             steps += 1;
+            seen += rows.len();
             // Checked every step because it costs nothing: a diverging run
             // stops at once instead of spending its epochs on Inf and NaN.
             if !loss.is_finite() {
@@ -236,7 +256,11 @@ fn local_run_body(
             )));
         }
     }
-    let train_loss = loss_sum / (n as f64 * epochs as f64);
+    // A run cut short checks its parameters here (a full one did at its last epoch).
+    if let Some(bad) = params.iter().find(|p| cut_short && !p.is_finite()) {
+        return Err(CoreError::Diverged(format!("a parameter became {bad}; the learning rate {} is probably too large", cfg.lr)));
+    }
+    let train_loss = loss_sum / seen as f64;
     if !train_loss.is_finite() {
         return Err(CoreError::Diverged(format!(
             "the mean training loss overflowed to {train_loss}; the learning rate {} is probably too large",

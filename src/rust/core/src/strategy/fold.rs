@@ -216,6 +216,9 @@ impl<'a> Fold<'a> {
         if let Some(p) = &self.pipeline {
             let (transforms, diagnostics) = (p.transforms, p.diagnostics);
             let prepared = transforms.prepare(k, p.n_params, update, diagnostics)?;
+            if prepared.residual.is_some() {
+                return invalid("compression", "error feedback returns residuals: prepare the updates and take them first");
+            }
             return self.add_prepared(prepared, weight, a);
         }
         check_update(k, d, &update)?;
@@ -259,7 +262,8 @@ impl<'a> Fold<'a> {
         }
         let coefficient = self.coefficient(weight, a)?;
         let pipeline = self.pipeline.as_mut().expect("checked above");
-        let Prepared { update, norm, filter_norms, clipped } = prepared;
+        debug_assert!(prepared.residual.is_none(), "a residual must be taken from a Prepared before it is folded");
+        let Prepared { update, norm, filter_norms, clipped, .. } = prepared;
         let update = if pipeline.streaming {
             self.weight_total += weight;
             axpy(&mut self.weighted_sum, coefficient, &update);

@@ -37,7 +37,7 @@ pub use client::{ClientAlgorithm, GradientCorrection, LocalConfig, LocalOutcome}
 pub use fold::{ClientDiagnostics, Fold, FoldRule};
 pub use local_opt::LocalOptimizer;
 pub use server_opt::{ServerOptimizer, ServerState};
-pub use transform::{Aggregator, Attack, CentralNoise, Clip, LocalNoise, NormFilter, Prepared, RoundTransforms, NO_TRANSFORMS};
+pub use transform::{Aggregator, Attack, CentralNoise, Clip, Compression, LocalNoise, NormFilter, Prepared, RoundTransforms, NO_TRANSFORMS};
 
 /// The server side of a round: its optimizer and the state the previous
 /// round left (absent = zeros).
@@ -64,6 +64,9 @@ pub struct RoundDiagnostics {
 pub struct RoundUpdate {
     /// The new global parameters x_new.
     pub params: Vec<f64>,
+    /// Per client, with error-feedback compression: its new residual (empty
+    /// otherwise).
+    pub residuals: Vec<Option<Vec<f64>>>,
     /// The pseudo-gradient D.
     pub aggregate: Vec<f64>,
     pub server: ServerState,
@@ -100,6 +103,7 @@ pub fn finish_round(global: &[f64], fold: Fold<'_>, server: &ServerStep<'_>) -> 
     let c = folded.diagnostics;
     Ok(RoundUpdate {
         params,
+        residuals: Vec::new(),
         aggregate: folded.aggregate,
         server: state,
         diagnostics: RoundDiagnostics {
@@ -173,15 +177,20 @@ pub fn fold_round_with(
             return finish_round(global, fold, server);
         };
         let indices: Vec<usize> = (0..k).collect();
+        let mut residuals = Vec::with_capacity(k);
         for chunk in indices.chunks(4 * effective_threads(threads)) {
             let prepared: Vec<CoreResult<Prepared<'_>>> = chunk
                 .par_iter()
                 .map(|&i| transforms.prepare(i, global.len(), Cow::Borrowed(updates[i]), diagnostics))
                 .collect();
             for (&i, p) in chunk.iter().zip(prepared) {
-                fold.add_prepared(p?, weights[i], steps.map_or(1.0, |a| a[i]))?;
+                let mut p = p?;
+                residuals.push(p.residual.take());
+                fold.add_prepared(p, weights[i], steps.map_or(1.0, |a| a[i]))?;
             }
         }
-        finish_round(global, fold, server)
+        let mut update = finish_round(global, fold, server)?;
+        update.residuals = residuals;
+        Ok(update)
     })
 }

@@ -42,6 +42,7 @@ use rayon::prelude::*;
 use crate::alloc::{try_copy, try_filled, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::norms::{clip_factor, clip_layers, l2_norm};
+use crate::compress::Compressor;
 use crate::rng::Rng;
 use crate::strategy::fold::FoldRule;
 
@@ -386,6 +387,12 @@ const LOCAL_DP_STREAM_TAG: u64 = 0x10CA_1D90_0000_0000;
 pub struct RoundTransforms {
     /// Applied by every client before it sends its update.
     pub local_noise: Option<LocalNoise>,
+    /// How every client encodes what it sends (after local DP and any
+    /// simulated attack): the server folds the decoded updates.
+    pub compression: Option<Compression>,
+    /// Error feedback: each client's residual from its last round (empty:
+    /// none; else one entry per client of the round).
+    pub residuals: Vec<Option<Vec<f64>>>,
     /// Empty: no attacks; else one entry per client of the round.
     pub attacks: Vec<Option<Attack>>,
     pub attack_seed: u64,
@@ -417,6 +424,8 @@ fn split_by(per_layer: bool, layer_sizes: &Option<Vec<usize>>) -> Option<&[usize
 /// A client's update after the per-client transforms, ready to be folded.
 pub struct Prepared<'a> {
     pub update: Cow<'a, [f64]>,
+    /// The client's new error-feedback residual (top-k with error feedback).
+    pub residual: Option<Vec<f64>>,
     /// Whole L2 norm after the attack, before clipping (NaN when not needed).
     pub norm: f64,
     /// The filter's norms (per layer, or the whole norm), empty without filter.
@@ -428,6 +437,8 @@ pub struct Prepared<'a> {
 impl RoundTransforms {
     pub const NONE: RoundTransforms = RoundTransforms {
         local_noise: None,
+        compression: None,
+        residuals: Vec::new(),
         attacks: Vec::new(),
         attack_seed: 0,
         filter: None,
@@ -439,6 +450,7 @@ impl RoundTransforms {
     /// True when nothing is to be done: the plain fold.
     pub fn is_none(&self) -> bool {
         self.local_noise.is_none()
+            && self.compression.is_none()
             && self.attacks.iter().all(Option::is_none)
             && self.filter.is_none()
             && self.clip.is_none()
@@ -469,6 +481,15 @@ impl RoundTransforms {
             if !(l.sd.is_finite() && l.sd >= 0.0) {
                 return invalid("local_dp", format!("`sd` = {} is not a finite number >= 0", l.sd));
             }
+        }
+        if let Some(c) = &self.compression {
+            c.compressor.check()?;
+        }
+        if !self.residuals.is_empty() && self.residuals.len() != n_clients {
+            return invalid("residuals", format!("has {} elements for {n_clients} clients", self.residuals.len()));
+        }
+        if let Some(k) = self.residuals.iter().position(|r| r.as_ref().is_some_and(|r| r.len() != d)) {
+            return invalid("residuals", format!("element {} does not have {d} values", k + 1));
         }
         if let Some(f) = &self.filter {
             f.check(d)?;
@@ -510,6 +531,13 @@ impl RoundTransforms {
         if let Some(Some(attack)) = self.attacks.get(k) {
             attack_update(&mut update, attack, self.attack_seed, k)?;
         }
+        let mut residual = None;
+        if let Some(c) = &self.compression {
+            let previous = self.residuals.get(k).and_then(|r| r.as_deref());
+            let sent = c.compressor.compress(&update, previous, &mut c.rng(k)).map_err(|e| in_client(k, e))?;
+            update = Cow::Owned(sent.decoded);
+            residual = sent.residual;
+        }
         let norm = if norms || self.filter.is_some() || self.clip.is_some() { l2_norm(&update) } else { f64::NAN };
         let filter_norms = match &self.filter {
             None => Vec::new(),
@@ -520,7 +548,27 @@ impl RoundTransforms {
             (Some(c), None) => Some(c.apply(&mut update, norm, "a clipped client update").map_err(|e| in_client(k, e))?),
             _ => None,
         };
-        Ok(Prepared { update, norm, filter_norms, clipped })
+        Ok(Prepared { update, residual, norm, filter_norms, clipped })
+    }
+}
+
+/// A round's compression of client updates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Compression {
+    pub compressor: Compressor,
+    /// Seed of the round's random sparsification and quantisation; client
+    /// `k` draws from its own stream of it.
+    pub seed: u64,
+}
+
+/// Mixed into the stream number of compression, apart from the attack and
+/// local DP streams.
+const COMPRESS_STREAM_TAG: u64 = 0xC0B3_5500_0000_0000;
+
+impl Compression {
+    /// Client `k`'s random numbers (`compress_update()` in R is client 0).
+    pub fn rng(&self, k: usize) -> Rng {
+        Rng::new(self.seed, COMPRESS_STREAM_TAG ^ k as u64)
     }
 }
 

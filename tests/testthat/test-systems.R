@@ -1,0 +1,273 @@
+# Systems simulation against plain-R references: the simulated clock of a
+# synchronous star round (profiles, deadlines, partial work, over-selection,
+# dropouts), the bytes on the wire, and the compressors (top-k with error
+# feedback, random-k, QSGD, float16).
+
+# --- Compressors -----------------------------------------------------------------
+
+# Plain-R references written from the definitions; random ones replay the
+# Rust stream's draws (rs_compress_draws) for the same seed.
+ref_topk <- function(v, fraction, residual = NULL) {
+  if (!is.null(residual)) v <- v + residual
+  d <- length(v)
+  k <- min(d, max(1, ceiling(fraction * d)))
+  keep <- order(-abs(v), seq_len(d))[seq_len(k)]
+  decoded <- numeric(d)
+  decoded[keep] <- v[keep]
+  list(decoded = decoded, residual = v - decoded, bytes = 12 * k)
+}
+
+ref_random_k <- function(v, fraction, seed) {
+  d <- length(v)
+  k <- min(d, max(1, ceiling(fraction * d)))
+  draws <- fedagg:::rs_compress_draws(seed, 0, as.double(d - seq_len(k) + 1))
+  perm <- seq_len(d)
+  for (i in seq_len(k)) {
+    j <- i + draws[i]
+    tmp <- perm[i]; perm[i] <- perm[j]; perm[j] <- tmp
+  }
+  decoded <- numeric(d)
+  decoded[perm[seq_len(k)]] <- v[perm[seq_len(k)]] * d / k
+  list(decoded = decoded, bytes = 12 * k)
+}
+
+ref_qsgd <- function(v, bits, stochastic, seed) {
+  s <- 2^bits - 1
+  norm <- sqrt(sum(v^2))
+  r <- if (norm > 0) abs(v) / norm * s else numeric(length(v))
+  l <- floor(r)
+  level <- if (stochastic) l + (fedagg:::rs_compress_draws(seed, length(v), NULL) < r - l) else l + (r - l >= 0.5)
+  list(decoded = sign(v) * norm * level / s, bytes = 8 + ceiling(length(v) * (bits + 1) / 8))
+}
+
+test_that("top-k with error feedback matches plain R over rounds, and sends everything eventually", {
+  set.seed(1)
+  updates <- lapply(1:6, function(i) rnorm(37))
+  residual <- NULL
+  ref_residual <- NULL
+  sent <- 0
+  for (u in updates) {
+    out <- compress_update(u, compress_topk(0.1), residual = residual)
+    ref <- ref_topk(u, 0.1, ref_residual)
+    expect_identical(out$decoded, ref$decoded)
+    expect_equal(out$residual, ref$residual, tolerance = 1e-15)
+    expect_identical(out$bytes, ref$bytes)
+    residual <- out$residual
+    ref_residual <- ref$residual
+    sent <- sent + out$decoded
+  }
+  # Error feedback loses nothing: what was sent plus what is left is all.
+  expect_equal(sent + residual, Reduce(`+`, updates), tolerance = 1e-12)
+  # Without error feedback there is no residual and nothing is added.
+  plain <- compress_update(updates[[1]], compress_topk(0.1, error_feedback = FALSE), residual = rnorm(37))
+  expect_null(plain$residual)
+  expect_identical(plain$decoded, ref_topk(updates[[1]], 0.1)$decoded)
+})
+
+test_that("random-k and stochastic quantisation match plain R draw for draw, and are unbiased", {
+  set.seed(2)
+  v <- rnorm(50) * 3
+  for (seed in c(1, 7, 123)) {
+    out <- compress_update(v, compress_random_k(0.2), seed = seed)
+    ref <- ref_random_k(v, 0.2, seed)
+    expect_equal(out$decoded, ref$decoded, tolerance = 1e-15)
+    expect_identical(out$bytes, ref$bytes)
+    expect_identical(sum(out$decoded != 0), 10L)
+    for (bits in c(1, 2, 8)) {
+      q <- compress_update(v, compress_quantize(bits), seed = seed)
+      qr <- ref_qsgd(v, bits, TRUE, seed)
+      expect_equal(q$decoded, qr$decoded, tolerance = 1e-12)
+      expect_identical(q$bytes, qr$bytes)
+    }
+  }
+  nearest <- compress_update(v, compress_quantize(4, stochastic = FALSE))
+  expect_equal(nearest$decoded, ref_qsgd(v, 4, FALSE, 1)$decoded, tolerance = 1e-12)
+  # Unbiased: the mean of many decodings approaches the update, within five
+  # standard errors computed from each coordinate's own spread.
+  for (comp in list(compress_random_k(0.2), compress_quantize(2))) {
+    draws <- vapply(1:3000, function(s) compress_update(v, comp, seed = s)$decoded, numeric(50))
+    se <- apply(draws, 1, stats::sd) / sqrt(ncol(draws))
+    expect_true(all(abs(rowMeans(draws) - v) <= 5 * se + 1e-12))
+  }
+  # Top-k is biased, and the mean shows it.
+  expect_false(isTRUE(all.equal(compress_update(v, compress_topk(0.2))$decoded, v)))
+})
+
+test_that("float16 rounds to nearest even, and bytes follow the formulas", {
+  x <- c(1, 65504, 2^-24, 2^-25, 1 + 2^-11, 1 + 3 * 2^-11, -0.1, 0)
+  out <- compress_update(x, compress_float16())
+  expect_identical(out$decoded, c(1, 65504, 2^-24, 0, 1, 1 + 2^-9, -0.0999755859375, 0))
+  expect_identical(out$bytes, 2 * length(x))
+  for (d in c(1, 10, 1000, 123457)) {
+    expect_identical(compress_topk(0.01)$bytes(d), 12 * min(d, max(1, ceiling(0.01 * d))))
+    expect_identical(compress_quantize(8)$bytes(d), 8 + ceiling(d * 9 / 8))
+    expect_identical(compress_float16()$bytes(d), 2 * d)
+    # The R formulas are the Rust encoder's.
+    for (comp in list(compress_topk(0.01), compress_random_k(0.3), compress_quantize(3), compress_float16())) {
+      expect_identical(comp$bytes(d), fedagg:::rs_compress_bytes(fedagg:::rust_compressor(comp, 1), d))
+    }
+  }
+})
+
+# --- The simulated clock -----------------------------------------------------------
+
+sys_nodes <- function(n_nodes = 8, seed = 1, ...) {
+  d <- synthetic_fedprox(0.5, 0.5, n_clients = n_nodes, seed = seed)
+  nodes <- fed_nodes(d)
+  set_system(nodes, system_profile(speed = lognormal(300, 10), download = lognormal(2e4, 10),
+                                   upload = lognormal(5e3, 10), latency = 0.02, seed = seed, ...))
+  nodes
+}
+
+# The round's clock recomputed in plain R from the profiles, the selection
+# log, and the server's dropout draws.
+ref_clock <- function(srv, nodes, r, deadline = Inf, target = Inf, partial = FALSE, batch = 10, epochs = 1,
+                      up_bytes = NULL) {
+  prof <- system_table(nodes)
+  sel <- srv$selection_log
+  ids <- sel$client[sel$round == r & sel$picked]
+  p <- prof[match(ids, prof$node), ]
+  n <- vapply(nodes[ids], function(nd) nd$n_samples, numeric(1))
+  d <- length(unlist(srv$params))
+  up <- up_bytes %||% (8 * d)
+  t_down <- p$latency + 8 * d / p$download
+  t_up <- p$latency + up / p$upload
+  compute <- epochs * n / p$speed
+  finish <- t_down + compute + t_up
+  u <- fedagg:::with_seed(fedagg:::derive_seed(srv$settings$seed, r, 9L), stats::runif(length(ids)))
+  status <- ifelse(u < p$dropout, "dropout", "kept")
+  b <- pmin(batch, n)
+  steps <- floor(pmax(0, deadline - t_down - t_up) * p$speed / b)
+  late <- status == "kept" & finish > deadline
+  if (partial) {
+    status[late & steps >= 1] <- "partial"
+    finish[late & steps >= 1] <- (t_down + steps * b / p$speed + t_up)[late & steps >= 1]
+    status[late & steps < 1] <- "deadline"
+  } else {
+    status[late] <- "deadline"
+  }
+  ok <- which(status %in% c("kept", "partial"))
+  if (length(ok) > target) status[ok[order(finish[ok])][-seq_len(target)]] <- "late"
+  reported <- status %in% c("kept", "partial")
+  list(ids = ids, status = status, download = t_down, finish = ifelse(reported, finish, NA),
+       round_time = if (any(reported)) max(finish[reported]) else if (is.finite(deadline)) deadline else 0,
+       bytes_down = length(ids) * 8 * d, bytes_up = sum(reported) * up,
+       steps = ifelse(status == "partial", steps, NA))
+}
+
+test_that("the synchronous round's clock matches plain R: profiles, dropouts, deadlines, over-selection", {
+  nodes <- sys_nodes(dropout = 0.25)
+  cases <- list(
+    list(args = list(), deadline = Inf, target = Inf),
+    list(args = list(deadline = 6), deadline = 6, target = Inf),
+    list(args = list(over_select = 1.5), deadline = Inf, target = 4),
+    list(args = list(deadline = 6, over_select = 1.5), deadline = 6, target = 4)
+  )
+  seen <- character()
+  for (cs in cases) {
+    srv <- do.call(fed_server, c(list(model_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = 3), cs$args))
+    h <- srv$fit(6, verbose = FALSE)
+    sim <- 0
+    for (r in 1:6) {
+      ref <- ref_clock(srv, nodes, r, cs$deadline, cs$target)
+      log <- srv$system_log[srv$system_log$round == r, ]
+      expect_identical(log$client, ref$ids)
+      expect_identical(log$status, ref$status)
+      expect_equal(log$download, ref$download, tolerance = 1e-12)
+      expect_equal(log$finish, ref$finish, tolerance = 1e-12)
+      expect_equal(h$round_time[r], ref$round_time, tolerance = 1e-12)
+      expect_identical(h$bytes_down[r], ref$bytes_down)
+      expect_identical(h$bytes_up[r], ref$bytes_up)
+      expect_identical(h$clients[r], sum(ref$status == "kept"))
+      sim <- sim + ref$round_time
+      expect_equal(h$sim_time[r], sim, tolerance = 1e-12)
+      seen <- union(seen, ref$status)
+    }
+  }
+  # Every rule fired somewhere, so each comparison above could have failed.
+  expect_setequal(seen, c("kept", "dropout", "deadline", "late"))
+})
+
+test_that("FedProx clients cut by the deadline send exactly the steps they finished", {
+  set.seed(4)
+  x <- matrix(rnorm(60 * 3), 60)
+  y <- as.integer(x[, 1] > 0)
+  nodes <- fed_nodes(x, y, list(a = 1:30, b = 31:60))
+  # Node a is slow: it finishes 3 of its 6 minibatches by the deadline.
+  set_system(nodes, data.frame(node = c("a", "b"), speed = c(10, 1e6), download = 1e9, upload = 1e9, latency = 0))
+  m <- model_logistic(3)
+  srv <- fed_server(m, nodes, algorithm = fedprox(0), fraction = 1, epochs = 1, batch_size = 5, lr = 0.1,
+                    shuffle = FALSE, deadline = 1.55, seed = 1)
+  srv$round()
+  log <- srv$system_log
+  expect_identical(log$status, c("partial", "kept"))
+  expect_equal(log$work, c(0.5, 1))
+  start <- init_params(m, srv$settings$seed)
+  a <- ref_sgd(start, x[1:15, ], y[1:15], "logistic", 1, 5, 0.1)
+  b <- ref_sgd(start, x[31:60, ], y[31:60], "logistic", 1, 5, 0.1)
+  expected <- Map(function(s, pa, pb) s + (30 * (pa - s) + 30 * (pb - s)) / 60, start, a, b)
+  expect_equal(srv$params, expected, tolerance = 1e-10)
+  # FedAvg drops the same client instead.
+  avg <- fed_server(m, nodes, fraction = 1, epochs = 1, batch_size = 5, lr = 0.1, shuffle = FALSE, deadline = 1.55,
+                    seed = 1)
+  avg$round()
+  expect_identical(avg$system_log$status, c("deadline", "kept"))
+  expect_equal(avg$params, b, tolerance = 1e-10)
+})
+
+test_that("compressed rounds fold the decoded updates and keep each node's residual", {
+  nodes <- sys_nodes(n_nodes = 6, seed = 2)
+  srv <- fed_server(model_softmax(60, 10), nodes, fraction = 1, lr = 0.05, seed = 2, compress = compress_topk(0.05))
+  h <- srv$fit(2, verbose = FALSE)
+  d <- 610
+  expect_identical(h$bytes_up, rep(6 * 12 * ceiling(0.05 * d), 2))
+  expect_identical(h$bytes_down, rep(6 * 8 * d, 2))
+  expect_true(all(vapply(nodes, function(n) length(n$state$residual) == d, logical(1))))
+  # One client by hand: its decoded update is what the server averaged.
+  one <- fed_server(model_softmax(60, 10), nodes[1], fraction = 1, lr = 0.05, seed = 9,
+                    compress = compress_topk(0.05, error_feedback = FALSE))
+  start <- unlist(one$params)
+  delta <- unlist(nodes[[1]]$train(one$params, train_config(model_softmax(60, 10), lr = 0.05, batch_size = 10,
+                                                             seed = fedagg:::derive_seed(9, 1L, 2L)),
+                                   return = "delta")$delta)
+  one$round()
+  expect_equal(unname(unlist(one$params) - start), ref_topk(delta, 0.05)$decoded, tolerance = 1e-12)
+  expect_identical(sum(unlist(one$params) != start), as.integer(ceiling(0.05 * d)))
+})
+
+test_that("systems runs are the same on 1 and 2 threads, and a saved server resumes exactly", {
+  run <- function(threads, split = FALSE) {
+    nodes <- sys_nodes(dropout = 0.2, seed = 5)
+    srv <- fed_server(model_softmax(60, 10), nodes, algorithm = fednova(), fraction = 0.5, lr = 0.05, seed = 5,
+                      deadline = 5, over_select = 1.5, compress = compress_quantize(4), threads = threads)
+    if (split) {
+      srv$fit(2, verbose = FALSE)
+      f <- tempfile(fileext = ".rds")
+      saveRDS(srv, f)
+      srv <- readRDS(f)
+      srv$fit(2, verbose = FALSE)
+    } else {
+      srv$fit(4, verbose = FALSE)
+    }
+    list(h = srv$history, log = srv$system_log, params = srv$params)
+  }
+  one <- run(1)
+  expect_identical(one, run(2))
+  expect_identical(one, run(1, split = TRUE))
+})
+
+test_that("plots along simulated time and bytes", {
+  nodes <- sys_nodes()
+  h <- fed_server(model_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = 1)$fit(3, verbose = FALSE)
+  f <- tempfile(fileext = ".png")
+  grDevices::png(f)
+  on.exit(grDevices::dev.off())
+  expect_invisible(plot(h, along = "time"))
+  expect_invisible(plot(h, along = "bytes"))
+  expect_invisible(plot(fed_compare(a = h, b = h), along = "time"))
+  plain <- fed_server(model_softmax(60, 10), fed_nodes(synthetic_fedprox(0, 0, n_clients = 4, seed = 1)),
+                      fraction = 1, lr = 0.05, seed = 1)$fit(2, verbose = FALSE)
+  expect_true(all(is.na(plain$sim_time)))
+  expect_error(plot(plain, along = "time"), class = "fedagg_error")
+  expect_error(plot(h, along = "hours"), class = "fedagg_error")
+})
