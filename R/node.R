@@ -338,6 +338,9 @@ check_raw_labels <- function(y, n, arg, x_arg, client) {
   if (!is.numeric(y) && !is.logical(y) && !is.character(y) && !is.factor(y)) {
     abort_data("{.arg {arg}} must be numeric, logical, character or a factor, not {obj_desc(y)}.", client)
   }
+  # Integer class codes are kept as doubles: the labels the Rust core reads
+  # are then these very values, not a coded copy.
+  if (is.integer(y) && !is.factor(y)) y <- as.double(y)
   y
 }
 
