@@ -95,6 +95,8 @@
 #' @param over_select Over-selection factor, >= 1: the round selects
 #'   `ceiling(over_select * m)` clients and keeps the first `m` to report
 #'   (Bonawitz et al. 2019), with `m` the clients per round.
+#' @param asynchronous `NULL` (synchronous rounds), or [fedbuff()]:
+#'   asynchronous buffered aggregation on the simulated clock.
 #' @param diagnostics Compute the per-round diagnostics (needs the round's
 #'   client updates in memory, `clients x parameters` doubles; `FALSE`
 #'   aggregates them as they arrive).
@@ -141,7 +143,8 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
                        threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                        server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                        drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
-                       min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1) {
+                       min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1,
+                       asynchronous = NULL) {
   Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
              min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
              epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,
@@ -150,7 +153,7 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
              local_optimizer = local_optimizer, server_optimizer = server_optimizer, aggregator = aggregator,
              stragglers = stragglers, drop_stragglers = drop_stragglers, diagnostics = diagnostics,
              privacy = privacy, clip = clip, filter = filter, min_samples = min_samples, monitor = monitor,
-             compress = compress, deadline = deadline, over_select = over_select)
+             compress = compress, deadline = deadline, over_select = over_select, asynchronous = asynchronous)
 }
 
 as_node_list <- function(nodes, call = rlang::caller_env()) {

@@ -74,7 +74,8 @@ system_round <- function(private, work, r, cohort) {
   reported <- status %in% c("kept", "partial")
   log <- list(round = rep(as.integer(r), k), client = work$ids, status = status,
               download = t_down, compute = t_compute, upload = t_up, finish = finish,
-              work = ifelse(status == "partial", max_steps / full_steps, as.double(reported)))
+              work = ifelse(status == "partial", max_steps / full_steps, as.double(reported)),
+              staleness = rep(NA_real_, k))
   kept <- list(ids = work$ids[reported], index = index[reported], epochs = work$epochs[reported],
                straggler = work$straggler[reported], max_steps = max_steps[reported])
   list(work = kept, log = log, round_time = round_time,
@@ -120,4 +121,15 @@ assert_system_settings <- function(private, deadline, over_select, call = rlang:
 # Clients to select in a round: the cohort, or more with over-selection.
 selection_size <- function(private, m) {
   min(length(private$.nodes), ceiling(private$.over_select * m - 1e-9))
+}
+
+# The server's systems settings in one line of its print-out (NULL: none).
+system_line <- function(private) {
+  roster <- node_roster(private)
+  parts <- c(if (any(roster$has_system)) "simulated clock",
+             if (is.finite(private$.deadline)) sprintf("deadline %ss", format(private$.deadline)),
+             if (private$.over_select > 1) sprintf("over-selection x%s", format(private$.over_select)),
+             if (!is.null(private$.compress)) private$.compress$label,
+             if (!is.null(private$.async)) private$.async$label)
+  if (length(parts)) sprintf("  system:  %s", paste(parts, collapse = "; "))
 }

@@ -18,25 +18,39 @@ round_body <- function(self, private, r, last_round) {
                                format(dp$max_epsilon), format(dp$delta)))
     }
   }
-  picked <- private$.select_round(r)
   lr <- scheduled_lr(private$.lr_schedule, private$.local$lr, r, last_round)
-  work <- private$.local_work(picked$index, r)
-  # Simulated time: who reports back, with how much work.
-  system <- system_round(private, work, r, self$clients_per_round)
-  work <- system$work
-  if (!is.null(private$.hooks$round_start)) {
-    call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
-              "The {.code round_start} hook", round = r)
-  }
   config <- private$.local
   config$lr <- lr
   config$seed <- derive_seed(private$.seed, r, 2L)
   config$control <- private$.control
   old <- private$.flat
-  result <- if (length(work$ids)) {
-    private$.train_selected(work$index, config, work$epochs, r, work$max_steps)
+  async_state <- NULL
+  if (!is.null(private$.async)) {
+    step <- async_round(private, r, config)
+    picked <- list(log = step$picked, available = rep(TRUE, length(private$.nodes)))
+    system <- step$system
+    work <- list(ids = step$result$info$client)
+    result <- step$result
+    async_state <- step$state
+    if (!is.null(private$.hooks$round_start)) {
+      call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
+                "The {.code round_start} hook", round = r)
+    }
   } else {
-    empty_round(old, private$.server_state, private$.control)
+    picked <- private$.select_round(r)
+    work <- private$.local_work(picked$index, r)
+    # Simulated time: who reports back, with how much work.
+    system <- system_round(private, work, r, self$clients_per_round)
+    work <- system$work
+    if (!is.null(private$.hooks$round_start)) {
+      call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
+                "The {.code round_start} hook", round = r)
+    }
+    result <- if (length(work$ids)) {
+      private$.train_selected(work$index, config, work$epochs, r, work$max_steps)
+    } else {
+      empty_round(old, private$.server_state, private$.control)
+    }
   }
   proposed <- result$params
   if (!is.null(private$.hooks$server_update)) {
@@ -76,6 +90,7 @@ round_body <- function(self, private, r, last_round) {
   private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
   private$.system_log[[length(private$.system_log) + 1L]] <- system$log
   private$.sim_time <- record$sim_time
+  if (!is.null(async_state)) private$.async_state <- async_state
   private$.reach <- private$.reach + picked$available
   private$.server_state <- result$server_state
   private$.q_log <- q_log

@@ -56,7 +56,7 @@ Server <- R6::R6Class("Server",
   cloneable = TRUE,
   public = list(
     #' @description Create a server (see [fed_server()] for the arguments).
-    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples,monitor,compress,deadline,over_select
+    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples,monitor,compress,deadline,over_select,asynchronous
     #'   See [fed_server()].
     initialize = function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
                           selection = select_uniform(), schedule = NULL, weights = NULL, epochs = 1,
@@ -65,7 +65,8 @@ Server <- R6::R6Class("Server",
                           threads = NULL, hooks = list(), params = NULL, local_optimizer = NULL,
                           server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                           drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
-                          min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1) {
+                          min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1,
+                          asynchronous = NULL) {
       assert_model(model)
       node_list <- as_node_list(nodes)
       # One class coding for the whole federation, before any label is coded.
@@ -139,6 +140,7 @@ Server <- R6::R6Class("Server",
       private$.diagnostics <- assert_flag(diagnostics)
       private$.reach <- stats::setNames(integer(length(private$.nodes)), names(private$.nodes))
       private$.lr_schedule <- as_lr_schedule(lr_schedule)
+      private$.async <- assert_async(asynchronous, private)
       private$.test <- if (!is.null(test_data)) assert_test_data(test_data, model)
       private$.eval_every <- assert_count(eval_every, min = 1L)
       private$.seed <- if (is.null(seed)) sample.int(.Machine$integer.max, 1L) else assert_count(seed)
@@ -267,7 +269,9 @@ Server <- R6::R6Class("Server",
       if (private$.selection$kind == "poisson") {
         m <- sprintf("%s expected", format(signif(private$.sampling_rate() * private$.eligible(), 3)))
       }
-      how <- if (!is.null(private$.schedule)) "from a schedule"
+      if (!is.null(private$.async)) m <- sprintf("%d updates per step", private$.async$buffer_size)
+      how <- if (!is.null(private$.async)) sprintf("%d training at a time", private$.async$concurrency)
+             else if (!is.null(private$.schedule)) "from a schedule"
              else if (private$.selection$kind == "uniform") sprintf("uniform, fraction %s", format(private$.fraction))
              else private$.selection$label
       local <- if (private$.algorithm$kind == "fedsgd") "one full-batch gradient per client" else
@@ -286,6 +290,7 @@ Server <- R6::R6Class("Server",
           sprintf("  trust:   %s", paste(c(private$.filter$label, private$.clip$label, private$.privacy$label,
                                            private$.monitor$label), collapse = "; "))
         },
+        system_line(private),
         sprintf("  rounds:  %d done, seed %d", private$.round, private$.seed)
       )
       if (private$.round > 0L) {
@@ -341,14 +346,16 @@ Server <- R6::R6Class("Server",
     #'   missing it) or `"late"` (over-selected, not needed)), its simulated
     #'   `download`, `compute` and `upload` seconds, `finish` (seconds into
     #'   the round when its update arrived; `NA` when it never did) and
-    #'   `work` (the share of its local steps done). Times are `NA` without
-    #'   [system profiles][system_profile].
+    #'   `work` (the share of its local steps done), and with [fedbuff()]
+    #'   the `staleness` of its update (`NA` in synchronous rounds). Times are
+    #'   `NA` without [system profiles][system_profile].
     system_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field system_log} is read-only.")
       rows <- private$.system_log
       if (!length(rows)) {
         return(new_frame(round = integer(), client = character(), status = character(), download = numeric(),
-                         compute = numeric(), upload = numeric(), finish = numeric(), work = numeric()))
+                         compute = numeric(), upload = numeric(), finish = numeric(), work = numeric(),
+                         staleness = numeric()))
       }
       do.call(new_frame, lapply(stats::setNames(names(rows[[1]]), names(rows[[1]])),
                                 function(col) unlist(lapply(rows, `[[`, col), use.names = FALSE)))
@@ -475,7 +482,7 @@ Server <- R6::R6Class("Server",
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
     .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(), .roster = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
-    .sim_time = 0, .system_log = list(),
+    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {

@@ -852,6 +852,14 @@ adv_cases_systems <- c(
     E("a residual of the wrong length", compress_update(1:3, compress_topk(0.5), residual = 1:2), "residual"),
     E("a float16 overflow", compress_update(c(1, 1e6), compress_float16()), "update"),
     S(mk_srv(compress = X), "compress", c("bogus", "fun", "list"))
+  ),
+  adv_group("asynchronous rounds",
+    S(fedbuff(X), "buffer_size", c("0", "-1", "1.5", "NA", "chr")),
+    S(fedbuff(2, concurrency = X), "concurrency", c("0", "NA")),
+    S(fedbuff(2, staleness = X), "staleness", c("bogus", "NA_chr", "1")),
+    S(fedbuff(2, power = X), "power", c("-1", "NA")),
+    S(mk_srv(asynchronous = X), "asynchronous", c("bogus", "list")),
+    E("FedBuff without profiles", mk_srv(asynchronous = fedbuff(1, 2)), NULL)
   )
 )
 

@@ -271,3 +271,101 @@ test_that("plots along simulated time and bytes", {
   expect_error(plot(plain, along = "time"), class = "fedagg_error")
   expect_error(plot(h, along = "hours"), class = "fedagg_error")
 })
+
+# --- Asynchronous rounds (FedBuff) -------------------------------------------------
+
+# FedBuff's event loop written in plain R: dispatches, arrivals in time order
+# (ties by dispatch), staleness, and the server step x + mean(s(tau) Delta).
+ref_fedbuff <- function(nodes, model, lr, seed, K, C, steps, weight) {
+  prof <- system_table(nodes)
+  n <- vapply(nodes, function(nd) nd$n_samples, numeric(1))
+  x <- unlist(init_params(model, seed))
+  d <- length(x)
+  versions <- list(x)
+  flight <- data.frame(node = integer(), seq = integer(), version = integer(), finish = numeric())
+  deltas <- list()
+  t <- 0; v <- 0; seq <- 0
+  dispatch <- function(time, version) {
+    free <- setdiff(seq_along(nodes), flight$node)
+    seq <<- seq + 1
+    node <- free[fedagg:::with_seed(fedagg:::derive_seed(seed, seq, 11L), sample.int(length(free), 1L))]
+    p <- prof[node, ]
+    total <- 2 * p$latency + 8 * d / p$download + n[node] / p$speed + 8 * d / p$upload
+    flight <<- rbind(flight, data.frame(node = node, seq = seq, version = version, finish = time + total))
+    cfg <- train_config(model, lr = lr, batch_size = 10, seed = fedagg:::derive_seed(seed, 0L, 12L), stream = seq)
+    start <- relist(versions[[version + 1]], init_params(model, seed))
+    deltas[[as.character(seq)]] <<- unlist(nodes[[node]]$train(start, cfg, return = "delta")$delta)
+  }
+  log <- NULL
+  times <- numeric()
+  for (step in seq_len(steps)) {
+    while (nrow(flight) < C) dispatch(t, v)
+    arrived <- list()
+    for (k in seq_len(K)) {
+      j <- order(flight$finish, flight$seq)[1]
+      a <- flight[j, ]
+      flight <- flight[-j, ]
+      t <- a$finish
+      arrived[[k]] <- list(node = a$node, tau = v - a$version, delta = deltas[[as.character(a$seq)]])
+      log <- rbind(log, data.frame(round = step, client = names(nodes)[a$node], staleness = v - a$version))
+      if (k < K) dispatch(t, v)
+    }
+    tau <- vapply(arrived, `[[`, numeric(1), "tau")
+    w <- weight(tau)
+    x <- x + Reduce(`+`, Map(function(a, wi) wi * a$delta, arrived, w)) / K
+    v <- v + 1
+    versions[[v + 1]] <- x
+    times[step] <- t
+    dispatch(t, v)
+  }
+  list(params = x, log = log, sim_time = times)
+}
+
+test_that("FedBuff matches a plain-R event loop: same arrivals, staleness, weights and parameters", {
+  d <- synthetic_fedprox(0.5, 0.5, n_clients = 7, seed = 6)
+  nodes <- fed_nodes(d)
+  set_system(nodes, system_profile(speed = lognormal(400, 20), download = lognormal(1e5, 5), seed = 2))
+  for (staleness in list("sqrt", "constant", function(tau) exp(-tau))) {
+    spec <- fedbuff(buffer_size = 2, concurrency = 4, staleness = staleness)
+    srv <- fed_server(model_softmax(60, 10), nodes, lr = 0.05, seed = 4, asynchronous = spec)
+    h <- srv$fit(6, verbose = FALSE)
+    ref <- ref_fedbuff(nodes, model_softmax(60, 10), 0.05, 4, 2, 4, 6, spec$weight)
+    log <- srv$system_log
+    expect_identical(log$client, ref$log$client)
+    expect_identical(log$staleness, as.double(ref$log$staleness))
+    expect_equal(h$sim_time, ref$sim_time, tolerance = 1e-12)
+    expect_equal(unname(unlist(srv$params)), unname(ref$params), tolerance = 1e-10)
+    expect_true(any(ref$log$staleness > 0))
+  }
+  expect_equal(fedbuff(staleness = "polynomial", power = 2)$weight(c(0, 1, 3)), c(1, 1 / 4, 1 / 16))
+})
+
+test_that("FedBuff is reproducible on 1 and 2 threads and after save and reload; it refuses what it cannot simulate", {
+  d <- synthetic_fedprox(0.5, 0.5, n_clients = 8, seed = 3)
+  make <- function(threads) {
+    nodes <- fed_nodes(d, system = system_profile(speed = lognormal(400, 10), seed = 1))
+    fed_server(model_softmax(60, 10), nodes, lr = 0.05, seed = 2, threads = threads,
+               asynchronous = fedbuff(buffer_size = 3, concurrency = 5))
+  }
+  a <- make(1); a$fit(4, verbose = FALSE)
+  b <- make(2); b$fit(2, verbose = FALSE)
+  f <- tempfile(fileext = ".rds")
+  saveRDS(b, f)
+  b <- readRDS(f)
+  b$fit(2, verbose = FALSE)
+  expect_identical(a$history, b$history)
+  expect_identical(a$system_log, b$system_log)
+  nodes <- fed_nodes(d, system = system_profile(dropout = 0.1))
+  expect_error(fed_server(model_softmax(60, 10), nodes, asynchronous = fedbuff(2, 4)), class = "fedagg_error")
+  plain <- fed_nodes(d)
+  expect_error(fed_server(model_softmax(60, 10), plain, asynchronous = fedbuff(2, 4)), class = "fedagg_error")
+  timed <- fed_nodes(d, system = system_profile())
+  expect_error(fed_server(model_softmax(60, 10), timed, algorithm = scaffold(), asynchronous = fedbuff(2, 4)),
+               class = "fedagg_error")
+  expect_error(fed_server(model_softmax(60, 10), timed, asynchronous = fedbuff(2, 40)), class = "fedagg_error")
+  expect_error(fed_server(model_softmax(60, 10), timed, asynchronous = fedbuff(2, 4, staleness = "none")),
+               class = "fedagg_error")
+  bad <- fed_server(model_softmax(60, 10), timed, asynchronous = fedbuff(2, 4, staleness = function(tau) -1))
+  expect_error(bad$round(), class = "fedagg_error_user_code")
+  expect_identical(bad$rounds_done, 0L)
+})

@@ -1,0 +1,118 @@
+# An asynchronous round (FedBuff): the event loop of the simulated clock
+# from one server step to the next. Clients in flight are kept in the
+# server's async state; each dispatch trains from the model version it
+# downloaded, on its own random stream (the dispatch number), so results do
+# not depend on how dispatches are grouped into training calls. Pure: the
+# new state is returned and kept only when the round commits.
+
+async_round <- function(private, r, config) {
+  spec <- private$.async
+  state <- private$.async_state %||% list(time = 0, version = 0L, seq = 0L, flight = empty_flight(), deltas = list())
+  roster <- node_roster(private)
+  d <- length(private$.flat)
+  eligible <- which(roster$n_samples >= private$.min_samples)
+  if (length(eligible) < spec$concurrency) {
+    fedagg_abort("{.fn fedbuff} needs {spec$concurrency} eligible nodes; {length(eligible)} have {.arg min_samples}.",
+                 class = "cohort", round = r)
+  }
+  seed <- derive_seed(private$.seed, 0L, 12L)
+  bytes_down <- 0
+  dispatch <- function(state, time, version) {
+    free <- setdiff(eligible, state$flight$node)
+    state$seq <- state$seq + 1L
+    node <- free[with_seed(derive_seed(private$.seed, state$seq, 11L), sample.int(length(free), 1L))]
+    n <- roster$n_samples[node]
+    down <- roster$latency[node] + 8 * d / roster$download[node]
+    compute <- private$.epochs[[node]] * n / roster$speed[node]
+    up <- roster$latency[node] + 8 * d / roster$upload[node]
+    state$flight <- rbind_flight(state$flight, list(node = node, seq = state$seq, version = version, start = time,
+                                                    download = down, compute = compute, upload = up,
+                                                    finish = time + down + compute + up))
+    bytes_down <<- bytes_down + 8 * d
+    state
+  }
+  # Trains every client in flight without an update yet: all of them
+  # downloaded the current version.
+  train_pending <- function(state) {
+    pending <- which(!as.character(state$flight$seq) %in% names(state$deltas))
+    if (!length(pending)) return(state)
+    stopifnot(all(state$flight$version[pending] == state$version))
+    nodes <- private$.nodes[state$flight$node[pending]]
+    cfg <- config
+    cfg$seed <- seed
+    round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[state$flight$node[pending]]),
+                             list(client_controls = NULL))
+    out <- core_call(rs_train_round(private$.model$sizes, private$.model$head, model_bits(private$.model),
+                                    private$.flat, unname(lapply(nodes, function(n) n$data_for(private$.model))),
+                                    vector("list", length(nodes)), as.double(state$flight$seq[pending]), round_cfg,
+                                    resolve_threads(private$.threads)))
+    if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, r, kind = out$kind)
+    for (k in seq_along(pending)) {
+      state$deltas[[as.character(state$flight$seq[pending[k]])]] <-
+        list(delta = out$collected[[k]], n_samples = out$n_samples[k], train_loss = out$train_loss[k],
+             steps = out$steps[k])
+    }
+    state
+  }
+  started <- state$time
+  while (nrow_flight(state$flight) < spec$concurrency) state <- dispatch(state, state$time, state$version)
+  state <- train_pending(state)
+  arrivals <- list()
+  for (k in seq_len(spec$buffer_size)) {
+    fl <- state$flight
+    j <- order(fl$finish, fl$seq)[1]
+    key <- as.character(fl$seq[j])
+    if (is.null(state$deltas[[key]])) state <- train_pending(state)
+    arrived <- c(lapply(fl, `[[`, j), state$deltas[[key]], list(staleness = state$version - fl$version[j]))
+    arrivals[[k]] <- arrived
+    state$deltas[[key]] <- NULL
+    state$flight <- lapply(fl, function(col) col[-j])
+    state$time <- fl$finish[j]
+    # The freed slot goes to another node, with the model of the moment:
+    # this version before the buffer is full, the next one after.
+    if (k < spec$buffer_size) state <- dispatch(state, state$time, state$version)
+  }
+  state <- train_pending(state)
+  tau <- vapply(arrivals, `[[`, numeric(1), "staleness")
+  weights <- call_user(spec$weight, list(tau), "The staleness function", round = r)
+  if (!is.numeric(weights) || length(weights) != length(tau) || any(!is.finite(weights) | weights < 0)) {
+    fedagg_abort("The staleness function must return {length(tau)} finite weights >= 0, not {obj_desc(weights)}.",
+                 class = "user_code", round = r)
+  }
+  # sum_i s_i Delta_i / K: the equal-weight mean of the scaled updates.
+  scaled <- Map(function(a, w) w * a$delta, arrivals, weights)
+  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
+                   diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes))
+  out <- core_call(rs_fold_round(private$.flat, unname(scaled), rep(1, length(scaled)), NULL, fold_cfg,
+                                 resolve_threads(private$.threads)))
+  if (!isTRUE(out$ok)) abort_client_failure(names(private$.nodes)[arrivals[[out$client]]$node], out$message, r, kind = out$kind)
+  state$version <- state$version + 1L
+  state <- dispatch(state, state$time, state$version)
+  ids <- names(private$.nodes)[vapply(arrivals, `[[`, numeric(1), "node")]
+  field <- function(name) vapply(arrivals, function(a) as.double(a[[name]]), numeric(1))
+  k <- length(arrivals)
+  info <- list(client = ids, n_samples = field("n_samples"), train_loss = field("train_loss"),
+               val_loss = rep(NA_real_, k), val_metric = rep(NA_real_, k), weight = as.double(weights),
+               epochs = as.double(private$.epochs[field("node")]), steps = field("steps"),
+               update_norm = out$client_norms, cosine = nan_to_na(out$cosines), malicious = rep(FALSE, k),
+               kept = rep(TRUE, k), filter_reason = rep("", k), clipped = rep(NA, k), selected = rep(NA, k))
+  log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = field("download"),
+              compute = field("compute"), upload = field("upload"), finish = field("finish") - started,
+              work = rep(1, k), staleness = tau)
+  list(result = list(params = out$params, aggregate = out$aggregate,
+                     server_state = list(m = out$server_m, v = out$server_v), control = NULL, info = info,
+                     diagnostics = lapply(out$diagnostics, nan_to_na), node_states = list()),
+       system = list(log = log, round_time = state$time - started, bytes_down = bytes_down,
+                     bytes_up = k * 8 * d),
+       picked = selection_log_rows(r, ids, NULL),
+       state = state)
+}
+
+empty_flight <- function() {
+  list(node = integer(), seq = integer(), version = integer(), start = numeric(), download = numeric(),
+       compute = numeric(), upload = numeric(), finish = numeric())
+}
+
+rbind_flight <- function(flight, row) Map(c, flight, row[names(flight)])
+
+nrow_flight <- function(flight) length(flight$node)
