@@ -215,7 +215,13 @@ epsilon_after <- function(dp, q_log) {
 # take part in a round: uniform or Poisson sampling, all nodes reachable.
 check_dp_cohort <- function(private, call = rlang::caller_env()) {
   if (!identical(private$.privacy$kind, "central")) return(invisible())
-  avail <- stats::setNames(node_roster(private)$availability, names(private$.nodes))
+  roster <- node_roster(private)
+  if (any(roster$dropout > 0, na.rm = TRUE) || is.finite(private$.deadline %||% Inf) ||
+      (private$.over_select %||% 1) > 1) {
+    fedagg_abort(c("{.fn dp_central}'s accounting assumes every node is equally likely to take part.",
+                   x = "Dropouts, a deadline or over-selection favour some nodes over others."), call = call)
+  }
+  avail <- stats::setNames(roster$availability, names(private$.nodes))
   if (any(avail < 1)) {
     fedagg_abort(c("{.fn dp_central}'s accounting assumes every node is equally likely to take part.",
                    x = "Node{?s} {.val {names(avail)[avail < 1]}} ha{?s/ve} {.field availability} below 1."),

@@ -15,7 +15,8 @@
 #' @param id Identifier of the node.
 #' @param x_val,y_val Optional held-out data of the node.
 #' @param availability Probability that a node is reachable in a round, in
-#'   (0, 1]: one for all nodes, or one per node (see [selection]).
+#'   (0, 1]: one for all nodes, or one per node (see [selection]); or an
+#'   [availability_markov()] chain for all nodes.
 #' @param system For `fed_nodes()`: `NULL`, or a device and network profile
 #'   for the nodes ([system_profile()] or a data frame; see [set_system()]).
 #' @return `fed_node()`: a [Node]. `fed_nodes()`: a named list of nodes.
@@ -47,7 +48,7 @@ build_nodes <- function(x, y, partition, validation, seed, ids, availability, ca
   if (inherits(x, "fed_data")) {
     clients <- x$clients
     ids <- assert_node_ids(ids %||% names(clients), length(clients), call = call)
-    avail <- per_node(availability, ids, "availability", call = call)
+    avail <- per_node_availability(availability, ids, call = call)
     nodes <- Map(function(cl, id, p) {
       Node$new(cl$x, cl$y, id = id, x_val = cl$x_test, y_val = cl$y_test, availability = p)
     }, clients, ids, avail)
@@ -61,7 +62,7 @@ build_nodes <- function(x, y, partition, validation, seed, ids, availability, ca
   }
   parts <- assert_partition(partition, nrow(x), call = call)
   ids <- assert_node_ids(ids %||% names(parts) %||% paste0("client", seq_along(parts)), length(parts), call = call)
-  avail <- per_node(availability, ids, "availability", call = call)
+  avail <- per_node_availability(availability, ids, call = call)
   splits <- with_seed(seed, lapply(parts, function(idx) {
     n_val <- floor(validation * length(idx))
     if (n_val > 0) {
@@ -131,3 +132,8 @@ assert_node_ids <- function(ids, n, arg = "ids", call = rlang::caller_env()) {
   ids
 }
 
+
+per_node_availability <- function(availability, ids, call = rlang::caller_env()) {
+  if (inherits(availability, "fed_availability")) return(rep(list(availability), length(ids)))
+  per_node(availability, ids, "availability", call = call)
+}

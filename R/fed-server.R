@@ -97,6 +97,8 @@
 #'   (Bonawitz et al. 2019), with `m` the clients per round.
 #' @param asynchronous `NULL` (synchronous rounds), or [fedbuff()]:
 #'   asynchronous buffered aggregation on the simulated clock.
+#' @param topology `NULL` (a star: every client talks to the server), or
+#'   [topology_hierarchical()]: clients, edge aggregators and the cloud.
 #' @param diagnostics Compute the per-round diagnostics (needs the round's
 #'   client updates in memory, `clients x parameters` doubles; `FALSE`
 #'   aggregates them as they arrive).
@@ -144,7 +146,7 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
                        server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                        drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
                        min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1,
-                       asynchronous = NULL) {
+                       asynchronous = NULL, topology = NULL) {
   Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
              min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
              epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,
@@ -153,7 +155,8 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
              local_optimizer = local_optimizer, server_optimizer = server_optimizer, aggregator = aggregator,
              stragglers = stragglers, drop_stragglers = drop_stragglers, diagnostics = diagnostics,
              privacy = privacy, clip = clip, filter = filter, min_samples = min_samples, monitor = monitor,
-             compress = compress, deadline = deadline, over_select = over_select, asynchronous = asynchronous)
+             compress = compress, deadline = deadline, over_select = over_select, asynchronous = asynchronous,
+             topology = topology)
 }
 
 as_node_list <- function(nodes, call = rlang::caller_env()) {

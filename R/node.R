@@ -37,7 +37,7 @@ Node <- R6::R6Class("Node",
         fedagg_abort("{.arg id} must be a single non-empty string, not {obj_desc(id)}.")
       }
       private$.id <- id
-      private$.availability <- assert_number(availability, 0, 1, lower_open = TRUE, arg = "availability")
+      private$.availability <- assert_availability(availability)
       private$.x <- as_feature_matrix(x, "x", client = id)
       private$.y <- check_raw_labels(y, nrow(private$.x), "y", "x", id)
       if (!is.null(x_val) || !is.null(y_val)) {
@@ -73,7 +73,9 @@ Node <- R6::R6Class("Node",
       model <- config$model
       private$.check_width(model)
       flat <- flatten_params(model, params)
-      c_i <- private$.state$control
+      # A server's round reads only the state it left on this node.
+      own <- if (is.null(config$server_key)) private$.state else own_state(private$.state, config$server_key)
+      c_i <- own$control
       result <- if (is_builtin(model)) {
         round_cfg <- list(control = config$control, client_controls = list(c_i))
         out <- call_rust(rs_train_round(model$sizes, model$head, model_bits(model), flat, list(self$data_for(model)),
@@ -90,7 +92,7 @@ Node <- R6::R6Class("Node",
       }
       new <- unflatten_params(model, result$vector, params)
       value <- if (return == "params") new else unflatten_params(model, result$vector - flat, params)
-      state <- private$.state
+      state <- own
       if (config$algorithm$kind == "scaffold") state$control <- result$control
       stats::setNames(list(value, result$n_samples, result$train_loss, result$steps, state),
                       c(return, "n_samples", "train_loss", "steps", "state"))
@@ -185,8 +187,13 @@ Node <- R6::R6Class("Node",
       if (!train && is.null(private$.x_val)) return(NULL)
       cached <- private$.coded[[split]]
       if (is.null(cached) || !identical(cached$task, model$task) || !identical(cached$n_classes, model$n_classes) ||
-          !identical(cached$classes, model$classes)) {
-        cached <- list(task = model$task, n_classes = model$n_classes, classes = model$classes,
+          !identical(cached$classes, model$classes) || !identical(cached$bits, model_bits(model))) {
+        x <- if (train) private$.x else private$.x_val
+        if (model_bits(model) == 32L && max(abs(x)) > 3.4e38) {
+          abort_data("{.arg {if (train) 'x' else 'x_val'}} has values beyond float32's range; use {.code precision = \"float64\"}.",
+                     private$.id)
+        }
+        cached <- list(task = model$task, n_classes = model$n_classes, classes = model$classes, bits = model_bits(model),
                        y = as.double(private$.labels(model, if (train) "train" else "validation")))
         private$.coded[[split]] <- cached
       }
@@ -236,10 +243,11 @@ Node <- R6::R6Class("Node",
       ncol(private$.x)
     },
     #' @field availability Probability that the node is reachable in a
-    #'   round, in (0, 1] (validated when set).
+    #'   round, in (0, 1], or an [availability_markov()] chain (validated
+    #'   when set).
     availability = function(value) {
       if (missing(value)) return(private$.availability)
-      private$.availability <- assert_number(value, 0, 1, lower_open = TRUE, arg = "availability")
+      private$.availability <- assert_availability(value)
       note_node_change()
     },
     #' @field system `NULL`, or the node's device and network profile: a

@@ -9,6 +9,18 @@
 
 node_changes <- new.env(parent = emptyenv())
 node_changes$count <- 0
+node_changes$servers <- 0
+
+# A key naming one server for the state it leaves on its nodes, so that
+# servers sharing nodes never read each other's state (SCAFFOLD controls,
+# error-feedback residuals, a custom algorithm's state).
+new_server_key <- function() {
+  node_changes$servers <- node_changes$servers + 1
+  paste("server", roster_key(), node_changes$servers)
+}
+
+# A node's state if this server left it, else nothing.
+own_state <- function(state, key) if (identical(state$server, key)) state else list()
 
 note_node_change <- function() {
   node_changes$count <- node_changes$count + 1
@@ -31,7 +43,9 @@ node_roster <- function(private) {
     field <- function(f, type) vapply(nodes, f, type, USE.NAMES = FALSE)
     roster <- list(key = key,
                    n_samples = field(function(n) as.double(n$n_samples), numeric(1)),
-                   availability = field(function(n) n$availability, numeric(1)),
+                   availability = field(function(n) availability_share(n$availability), numeric(1)),
+                   mean_on = field(function(n) chain_setting(n$availability, "mean_on"), numeric(1)),
+                   mean_off = field(function(n) chain_setting(n$availability, "mean_off"), numeric(1)),
                    has_validation = field(function(n) n$has_validation, logical(1)),
                    data_version = field(function(n) n$data_version, integer(1)))
     # Device profiles, as one column per setting (NA without a profile).
@@ -64,3 +78,9 @@ core_call <- function(expr) {
   on.exit(core_clock$seconds <- core_clock$seconds + (proc.time()[["elapsed"]] - started))
   call_rust(expr)
 }
+
+# A node's chance to be reachable in a round: its probability, or a Markov
+# chain's stationary share.
+availability_share <- function(a) if (inherits(a, "fed_availability")) a$share else a
+
+chain_setting <- function(a, name) if (inherits(a, "fed_availability")) a[[name]] else NA_real_

@@ -8,8 +8,22 @@ select_round <- function(self, private, r) {
   ids <- names(private$.nodes)
   roster <- node_roster(private)
   p <- roster$availability
-  available <- if (all(p == 1)) rep(TRUE, length(ids))
-               else with_seed(derive_seed(private$.seed, r, 3L), stats::runif(length(ids))) < p
+  markov <- !is.na(roster$mean_on)
+  chains <- NULL
+  available <- if (all(p == 1)) rep(TRUE, length(ids)) else {
+    u <- with_seed(derive_seed(private$.seed, r, 3L), stats::runif(length(ids)))
+    on <- u < p
+    if (any(markov)) {
+      # Markov nodes: from the last round's state (the stationary share in
+      # the first round), stay on with 1 - 1/mean_on, come back with 1/mean_off.
+      before <- private$.chains
+      if (!is.null(before)) {
+        on[markov] <- ifelse(before[markov], u[markov] >= 1 / roster$mean_on[markov], u[markov] < 1 / roster$mean_off[markov])
+      }
+      chains <- on
+    }
+    on
+  }
   # Minimum cohort: nodes too small to disclose an update never take part.
   if (private$.min_samples > 0L) available <- available & roster$n_samples >= private$.min_samples
   names(available) <- ids
@@ -21,7 +35,8 @@ select_round <- function(self, private, r) {
     # Node order, as for the selection rules: the listing order must not
     # change a round.
     index <- which(ids %in% private$.schedule[[r]])
-    return(list(ids = ids[index], index = index, available = available, log = selection_log_rows(r, ids[index], NULL)))
+    return(list(ids = ids[index], index = index, available = available, chains = chains,
+                log = selection_log_rows(r, ids[index], NULL)))
   }
   sel <- private$.selection
   clients <- new_frame(id = ids, n_samples = roster$n_samples, available = unname(available),
@@ -39,7 +54,7 @@ select_round <- function(self, private, r) {
   }
   # Node order, so that a round does not depend on how a rule lists its picks.
   index <- which(ids %in% chosen)
-  list(ids = ids[index], index = index, available = available, log = log)
+  list(ids = ids[index], index = index, available = available, chains = chains, log = log)
 }
 
 # Epochs of each selected client (`index`: their positions among the
@@ -83,7 +98,7 @@ local_losses <- function(private, chosen, r) {
 last_cosines <- function(private) {
   d <- private$.last_delta
   vapply(private$.nodes, function(n) {
-    u <- n$state$last_update
+    u <- own_state(n$state, private$.key)$last_update
     if (is.null(u) || is.null(d)) return(NA_real_)
     denom <- sqrt(sum(u^2)) * sqrt(sum(d^2))
     if (denom > 0) sum(u * d) / denom else NA_real_

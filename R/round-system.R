@@ -17,6 +17,20 @@ system_round <- function(private, work, r, cohort) {
   down_bytes <- message_bytes(private$.compress_down, d)
   up_bytes <- message_bytes(private$.compress, d)
   timed <- any(roster$has_system)
+  if (timed && !all(roster$has_system)) {
+    missing <- names(private$.nodes)[!roster$has_system]
+    fedagg_abort(c("Some nodes have a system profile and some do not.",
+                   x = "No profile: {.val {utils::head(missing, 5)}}{if (length(missing) > 5) ', ...' else ''}."),
+                 class = "client", client = missing[1], round = r)
+  }
+  if (!timed && (is.finite(private$.deadline) || private$.over_select > 1)) {
+    fedagg_abort("{.arg deadline} and {.arg over_select} need device profiles, and the nodes have none now.",
+                 round = r)
+  }
+  # SCAFFOLD sends its control variate with the model, both ways.
+  copies <- if (private$.algorithm$kind == "scaffold") 2 else 1
+  down_bytes <- copies * down_bytes
+  up_bytes <- copies * up_bytes
   n <- roster$n_samples[index]
   batch <- private$.local$batch_size
   batch_len <- if (is.finite(batch)) pmin(batch, n) else n
@@ -60,7 +74,12 @@ system_round <- function(private, work, r, cohort) {
       status[order_in[-seq_len(target)]] <- "late"
     }
     reported <- status %in% c("kept", "partial")
-    round_time <- if (any(reported)) max(finish[reported]) else if (is.finite(deadline)) deadline else 0
+    # A server learns that a client missed the deadline only at the
+    # deadline, unless over-selection already closed the round.
+    closed_early <- any(status == "late")
+    round_time <- if (any(status == "deadline") && !closed_early) deadline
+                  else if (any(reported)) max(finish[reported])
+                  else if (is.finite(deadline)) deadline else 0
     # Over-selected clients still running when the round closes are cut off.
     cut <- status == "late"
     t_up[cut] <- NA_real_
@@ -130,6 +149,7 @@ system_line <- function(private) {
              if (is.finite(private$.deadline)) sprintf("deadline %ss", format(private$.deadline)),
              if (private$.over_select > 1) sprintf("over-selection x%s", format(private$.over_select)),
              if (!is.null(private$.compress)) private$.compress$label,
-             if (!is.null(private$.async)) private$.async$label)
+             if (!is.null(private$.async)) private$.async$label,
+             if (!is.null(private$.topology)) private$.topology$label)
   if (length(parts)) sprintf("  system:  %s", paste(parts, collapse = "; "))
 }

@@ -15,7 +15,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   views <- lapply(nodes, function(n) {
     n$round_view(if (builtin) model, validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"))
   })
-  states <- lapply(views, `[[`, "state")
+  states <- lapply(views, function(v) own_state(v$state, private$.key))
   attacks <- lapply(views, `[[`, "attack")
   fold_cfg <- c(list(algorithm = rust_config(config, rule)$algorithm,
                      server = rust_server_config(private$.server_opt, private$.server_state),
@@ -65,6 +65,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
     fold_cfg$client_controls_new <- new_controls
     out_fold <- core_call(rs_fold_round(private$.flat, unname(deltas), info$weight, a, fold_cfg,
                                         resolve_threads(private$.threads)))
+    if (!isTRUE(out_fold$ok)) abort_client_failure(ids[out_fold$client], out_fold$message, round, kind = out_fold$kind)
   } else {
     out_fold <- out
   }
@@ -99,7 +100,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
                    class = "filter", round = round)
     }
     fedagg_abort(c("Round {round}: {k} client{?s} took part; the round needs {.arg min_clients} = {private$.min_clients}.",
-                   i = "Poisson sampling, unreachable nodes or dropped stragglers can leave fewer clients than that."),
+                   i = "Poisson sampling, unreachable nodes, dropped stragglers, dropouts or a deadline can leave fewer clients than that."),
                  class = "cohort", round = round)
   }
   residuals <- out_fold$residuals
@@ -111,6 +112,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
       if (keep_updates) state$last_update <- deltas[[k]]
       if (!is.null(custom_states)) state$custom <- custom_states[[k]]
       if (!is.null(residuals)) state$residual <- residuals[[k]]
+      state$server <- private$.key
       state
     }), ids)
   } else list()

@@ -23,6 +23,7 @@ round_body <- function(self, private, r, last_round) {
   config$lr <- lr
   config$seed <- derive_seed(private$.seed, r, 2L)
   config$control <- private$.control
+  config$server_key <- private$.key
   old <- private$.flat
   async_state <- NULL
   if (!is.null(private$.async)) {
@@ -36,6 +37,16 @@ round_body <- function(self, private, r, last_round) {
       call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
                 "The {.code round_start} hook", round = r)
     }
+  } else if (!is.null(private$.topology)) {
+    picked <- private$.select_round(r)
+    work <- private$.local_work(picked$index, r)
+    if (!is.null(private$.hooks$round_start)) {
+      call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
+                "The {.code round_start} hook", round = r)
+    }
+    step <- if (length(work$ids)) hier_round(private, r, config, work)
+    result <- step$result %||% empty_round(old, private$.server_state, private$.control)
+    system <- step$system %||% list(log = NULL, round_time = NA_real_, bytes_down = 0, bytes_up = 0)
   } else {
     picked <- private$.select_round(r)
     work <- private$.local_work(picked$index, r)
@@ -79,7 +90,7 @@ round_body <- function(self, private, r, last_round) {
   record$drift_alerts <- if (is.null(private$.monitor)) NA_real_ else length(drift$alerts)
   record$clip <- if (!is.null(dp)) private$.dp_clip %||% dp$clip else NA_real_
   record$round_time <- system$round_time
-  record$sim_time <- private$.sim_time + system$round_time
+  record$sim_time <- if (is.na(system$round_time)) NA_real_ else private$.sim_time + system$round_time
   record$bytes_down <- system$bytes_down
   record$bytes_up <- system$bytes_up
   # Commit: nothing above changed the server or a node.
@@ -88,10 +99,11 @@ round_body <- function(self, private, r, last_round) {
   private$.records[[length(private$.records) + 1L]] <- record
   private$.client_log[[length(private$.client_log) + 1L]] <- c(list(round = r), info)
   private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
-  private$.system_log[[length(private$.system_log) + 1L]] <- system$log
-  private$.sim_time <- record$sim_time
+  if (!is.null(system$log)) private$.system_log[[length(private$.system_log) + 1L]] <- system$log
+  if (!is.na(record$sim_time)) private$.sim_time <- record$sim_time
   if (!is.null(async_state)) private$.async_state <- async_state
   private$.reach <- private$.reach + picked$available
+  if (!is.null(picked$chains)) private$.chains <- picked$chains
   private$.server_state <- result$server_state
   private$.q_log <- q_log
   if (!is.null(next_clip)) private$.dp_clip <- next_clip

@@ -56,7 +56,7 @@ Server <- R6::R6Class("Server",
   cloneable = TRUE,
   public = list(
     #' @description Create a server (see [fed_server()] for the arguments).
-    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples,monitor,compress,deadline,over_select,asynchronous
+    #' @param model,nodes,algorithm,fraction,min_clients,selection,schedule,weights,epochs,batch_size,lr,lr_schedule,weight_decay,momentum,shuffle,test_data,eval_every,seed,threads,hooks,params,local_optimizer,server_optimizer,aggregator,stragglers,drop_stragglers,diagnostics,privacy,clip,filter,min_samples,monitor,compress,deadline,over_select,asynchronous,topology
     #'   See [fed_server()].
     initialize = function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_clients = 1,
                           selection = select_uniform(), schedule = NULL, weights = NULL, epochs = 1,
@@ -66,7 +66,7 @@ Server <- R6::R6Class("Server",
                           server_optimizer = server_sgd(), aggregator = agg_weighted(), stragglers = 0,
                           drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
                           min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1,
-                          asynchronous = NULL) {
+                          asynchronous = NULL, topology = NULL) {
       assert_model(model)
       node_list <- as_node_list(nodes)
       # One class coding for the whole federation, before any label is coded.
@@ -135,12 +135,15 @@ Server <- R6::R6Class("Server",
       }
       private$.compress <- assert_compressor(compress)
       assert_system_settings(private, deadline, over_select)
+      check_dp_cohort(private)
       private$.stragglers <- assert_number(stragglers, 0, 1)
       private$.drop_stragglers <- assert_flag(drop_stragglers)
       private$.diagnostics <- assert_flag(diagnostics)
       private$.reach <- stats::setNames(integer(length(private$.nodes)), names(private$.nodes))
       private$.lr_schedule <- as_lr_schedule(lr_schedule)
+      private$.key <- new_server_key()
       private$.async <- assert_async(asynchronous, private)
+      private$.topology <- assert_topology(topology, private)
       private$.test <- if (!is.null(test_data)) assert_test_data(test_data, model)
       private$.eval_every <- assert_count(eval_every, min = 1L)
       private$.seed <- if (is.null(seed)) sample.int(.Machine$integer.max, 1L) else assert_count(seed)
@@ -482,7 +485,7 @@ Server <- R6::R6Class("Server",
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
     .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(), .roster = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
-    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL,
+    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL, .chains = NULL, .topology = NULL, .key = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {

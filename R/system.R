@@ -185,8 +185,10 @@ system_from_frame <- function(frame, ids, call) {
     v <- if (name %in% names(frame)) frame[[name]][rows] else eval(defaults[[name]])
     tryCatch(check_system_setting(v, name), fedagg_error = function(e) {
       bad <- if (is.numeric(v) && length(v) == length(ids)) which(!is.finite(v) | is.na(v) | !ok_value(v, name))[1]
-      fedagg_abort(c("Column {.field {name}} of the system data frame is invalid{if (!is.na(bad %||% NA)) paste0(' for node ', ids[bad]) else ''}.",
-                     x = conditionMessage(e)), class = "client", client = if (!is.na(bad %||% NA)) ids[bad], call = call)
+      known <- !is.na(bad %||% NA)
+      fedagg_abort(c("Column {.field {name}} of the system data frame is invalid{if (known) paste0(' for node ', ids[bad]) else ''}.",
+                     x = conditionMessage(e)), class = if (known) "client" else "input",
+                   client = if (known) ids[bad], call = call)
     })
     rep_len(as.double(v), length(ids))
   })
@@ -200,7 +202,7 @@ ok_value <- function(v, name) {
 # A node's profile as it is stored: a list of the five settings, checked.
 assert_node_system <- function(value, client, call = rlang::caller_env()) {
   if (is.null(value)) return(NULL)
-  if (!is.list(value) || !setequal(names(value), system_settings)) {
+  if (!is.list(value) || !setequal(names(value), system_settings) || anyDuplicated(names(value))) {
     fedagg_abort("{.field system} must be NULL or a list of {.field {system_settings}}, not {obj_desc(value)}.",
                  class = "client", client = client, call = call)
   }
@@ -216,4 +218,50 @@ assert_node_system <- function(value, client, call = rlang::caller_env()) {
     }
   }
   lapply(value[system_settings], as.double)
+}
+
+#' Availability that persists over rounds
+#'
+#' A node's `availability` is by default a probability: it is reachable in
+#' each round independently. `availability_markov()` makes it a two-state
+#' Markov chain instead, as devices that stay on (charging, on Wi-Fi) or off
+#' for a while: a reachable node stays reachable in the next round with
+#' probability `1 - 1 / mean_on`, an unreachable one stays away with
+#' probability `1 - 1 / mean_off`, so on and off spells last `mean_on` and
+#' `mean_off` rounds on average (geometric durations). A server starts each
+#' chain from its stationary share `mean_on / (mean_on + mean_off)` and
+#' draws the transitions from its seed.
+#'
+#' @param mean_on,mean_off Mean lengths, in rounds, of on and off spells
+#'   (>= 1).
+#' @return A `fed_availability` object, for `fed_nodes(availability = )`,
+#'   `fed_node()` or `node$availability <-`.
+#' @examples
+#' x <- matrix(rnorm(400), 100)
+#' nodes <- fed_nodes(x, rep(0:1, 50), partition_iid(100, 5, seed = 1),
+#'                    availability = availability_markov(mean_on = 4, mean_off = 2))
+#' nodes[[1]]$availability
+#' @export
+availability_markov <- function(mean_on, mean_off) {
+  mean_on <- assert_number(mean_on, 1)
+  mean_off <- assert_number(mean_off, 1)
+  structure(list(mean_on = mean_on, mean_off = mean_off, share = mean_on / (mean_on + mean_off)),
+            class = "fed_availability")
+}
+
+#' @export
+format.fed_availability <- function(x, ...) {
+  sprintf("<fed_availability> Markov chain: on for %s rounds, off for %s on average (%s%% of rounds on)",
+          format(x$mean_on), format(x$mean_off), format(signif(100 * x$share, 3)))
+}
+
+#' @export
+print.fed_availability <- function(x, ...) {
+  cat(format(x), "\n", sep = "")
+  invisible(x)
+}
+
+assert_availability <- function(value, call = rlang::caller_env()) {
+  if (inherits(value, "fed_availability")) return(value)
+  assert_number(value, 0, 1, lower_open = TRUE, arg = "availability", call = call)
 }

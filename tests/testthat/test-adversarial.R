@@ -860,6 +860,24 @@ adv_cases_systems <- c(
     S(fedbuff(2, power = X), "power", c("-1", "NA")),
     S(mk_srv(asynchronous = X), "asynchronous", c("bogus", "list")),
     E("FedBuff without profiles", mk_srv(asynchronous = fedbuff(1, 2)), NULL)
+  ),
+  adv_group("hierarchical topologies",
+    S(topology_hierarchical(X), "groups", c("NULL", "num0", "fun")),
+    E("groups without edge names", topology_hierarchical(list(names(nodes))), "groups"),
+    E("a node under two edges", topology_hierarchical(list(a = names(nodes)[1:2], b = names(nodes)[2:3])), "groups"),
+    S(topology_hierarchical(list(a = names(nodes)), edge_rounds = X), "edge_rounds", c("0", "1.5", "NA")),
+    E("an edge link without bandwidth", topology_hierarchical(list(a = names(nodes)), edge_link = list(latency = 1)),
+      "edge_link"),
+    E("an edge link with zero bandwidth",
+      topology_hierarchical(list(a = names(nodes)), edge_link = list(latency = 1, bandwidth = 0)), "bandwidth"),
+    E("a topology naming an unknown node", mk_srv(topology = topology_hierarchical(list(a = c(names(nodes), "ghost")))),
+      NULL, class = "fedagg_error_client"),
+    S(mk_srv(topology = X), "topology", c("bogus", "list"))
+  ),
+  adv_group("availability chains",
+    S(availability_markov(X, 2), "mean_on", c("0", "0.5", "NA", "chr")),
+    S(availability_markov(2, X), "mean_off", c("-1", "Inf")),
+    E("a chain that is not one", local(nodes[[1]]$availability <- list(mean_on = 2)), "availability")
   )
 )
 

@@ -149,8 +149,12 @@ ref_clock <- function(srv, nodes, r, deadline = Inf, target = Inf, partial = FAL
   ok <- which(status %in% c("kept", "partial"))
   if (length(ok) > target) status[ok[order(finish[ok])][-seq_len(target)]] <- "late"
   reported <- status %in% c("kept", "partial")
+  # A missed deadline is known only at the deadline, unless over-selection
+  # closed the round first.
+  waits <- any(status == "deadline") && !any(status == "late")
   list(ids = ids, status = status, download = t_down, finish = ifelse(reported, finish, NA),
-       round_time = if (any(reported)) max(finish[reported]) else if (is.finite(deadline)) deadline else 0,
+       round_time = if (waits) deadline else if (any(reported)) max(finish[reported])
+                    else if (is.finite(deadline)) deadline else 0,
        bytes_down = length(ids) * 8 * d, bytes_up = sum(reported) * up,
        steps = ifelse(status == "partial", steps, NA))
 }
@@ -368,4 +372,125 @@ test_that("FedBuff is reproducible on 1 and 2 threads and after save and reload;
   bad <- fed_server(model_softmax(60, 10), timed, asynchronous = fedbuff(2, 4, staleness = function(tau) -1))
   expect_error(bad$round(), class = "fedagg_error_user_code")
   expect_identical(bad$rounds_done, 0L)
+})
+
+test_that("Markov availability follows its chain: a plain-R chain from the same draws", {
+  d <- synthetic_fedprox(0.5, 0.5, n_clients = 12, seed = 2)
+  chain <- availability_markov(mean_on = 3, mean_off = 2)
+  nodes <- fed_nodes(d, availability = chain)
+  expect_s3_class(nodes[[1]]$availability, "fed_availability")
+  expect_equal(chain$share, 0.6)
+  srv <- fed_server(model_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = 8)
+  R <- 40
+  srv$fit(R, verbose = FALSE)
+  sel <- srv$selection_log
+  on <- NULL
+  seen_on <- 0
+  for (r in seq_len(R)) {
+    u <- fedagg:::with_seed(fedagg:::derive_seed(8, r, 3L), stats::runif(12))
+    on <- if (is.null(on)) u < 0.6 else ifelse(on, u >= 1 / 3, u < 1 / 2)
+    picked <- sel$client[sel$round == r & sel$picked]
+    expect_true(all(picked %in% names(nodes)[on]))
+    expect_identical(length(picked), as.integer(min(6, sum(on))))
+    seen_on <- seen_on + sum(on)
+  }
+  # The chain persists: successive rounds agree more than independent draws would.
+  expect_gt(seen_on / (12 * R), 0.4)
+  expect_error(availability_markov(0.5, 2), class = "fedagg_error")
+  expect_error(fed_server(model_softmax(60, 10), nodes, privacy = dp_central(1, 1)), class = "fedagg_error")
+})
+
+test_that("hierarchical rounds match a plain-R HierFAVG, with the edges' clock", {
+  set.seed(7)
+  x <- matrix(rnorm(80 * 3), 80)
+  y <- as.integer(x[, 1] - x[, 2] > 0)
+  parts <- list(a = 1:10, b = 11:25, c = 26:45, d = 46:60, e = 61:80)
+  nodes <- fed_nodes(x, y, parts)
+  groups <- list(left = c("a", "b"), right = c("c", "d", "e"))
+  set_system(nodes, system_profile(speed = c(50, 80, 40, 100, 60), download = 1e4, upload = 5e3, latency = 0.1))
+  top <- topology_hierarchical(groups, edge_rounds = 2, edge_link = list(latency = 0.5, bandwidth = 1e3))
+  m <- model_logistic(3)
+  srv <- fed_server(m, nodes, fraction = 1, epochs = 1, batch_size = 5, lr = 0.2, shuffle = FALSE, seed = 1,
+                    topology = top)
+  h <- srv$fit(2, verbose = FALSE)
+  avg <- function(models, w) Reduce(function(a, b) Map(`+`, a, b), Map(function(p, wi) lapply(p, `*`, wi / sum(w)), models, w))
+  cloud <- init_params(m, 1)
+  n <- lengths(parts)
+  for (r in 1:2) {
+    edges <- lapply(groups, function(g) {
+      edge <- cloud
+      for (it in 1:2) {
+        local <- lapply(g, function(id) ref_sgd(edge, x[parts[[id]], ], y[parts[[id]]], "logistic", 1, 5, 0.2))
+        edge <- avg(local, n[g])
+      }
+      edge
+    })
+    cloud <- avg(edges, vapply(groups, function(g) sum(n[g]), numeric(1)))
+  }
+  expect_equal(srv$params, cloud, tolerance = 1e-10)
+  # Clock: per edge, two edge rounds as long as the slowest member, plus the
+  # model's trip from and back to the cloud; the slowest edge ends the round.
+  d <- 4
+  trip <- function(id, speed) 2 * 0.1 + 8 * d / 1e4 + n[[id]] / speed + 8 * d / 5e3
+  speeds <- c(a = 50, b = 80, c = 40, d = 100, e = 60)
+  edge_time <- vapply(groups, function(g) 2 * max(vapply(g, function(id) trip(id, speeds[[id]]), numeric(1))) +
+                        2 * (0.5 + 8 * d / 1e3), numeric(1))
+  expect_equal(h$round_time, rep(max(edge_time), 2), tolerance = 1e-12)
+  expect_identical(h$bytes_up, rep(8 * d * (2 + 2 * 5), 2))
+  # One edge round is FedAvg.
+  flat <- fed_server(m, nodes, fraction = 1, epochs = 1, batch_size = 5, lr = 0.2, shuffle = FALSE, seed = 1,
+                     topology = topology_hierarchical(groups, edge_rounds = 1))
+  fedavg_srv <- fed_server(m, nodes, fraction = 1, epochs = 1, batch_size = 5, lr = 0.2, shuffle = FALSE, seed = 1)
+  flat$fit(2, verbose = FALSE)
+  fedavg_srv$fit(2, verbose = FALSE)
+  expect_equal(flat$params, fedavg_srv$params, tolerance = 1e-12)
+  expect_error(topology_hierarchical(list(left = "a", right = "a")), class = "fedagg_error")
+  expect_error(fed_server(m, nodes, topology = topology_hierarchical(list(left = c("a", "b")))),
+               class = "fedagg_error_client")
+  expect_error(fed_server(m, nodes, topology = top, compress = compress_float16()), class = "fedagg_error")
+})
+
+test_that("review findings stay fixed: fold failures, shared nodes, profiles removed, DP, deadline clocks", {
+  set.seed(1)
+  x <- matrix(rnorm(400), 100)
+  nodes <- fed_nodes(x, 1e6 * x[, 1], partition_iid(100, 4, seed = 1))
+  # A failure in the fold of collected updates names the client; nothing is kept.
+  s <- fed_server(model_linear(4), nodes, fraction = 1, seed = 1, lr = 0.1, compress = compress_float16(),
+                  selection = select_score())
+  err <- tryCatch(s$fit(1, verbose = FALSE), fedagg_error = function(e) e)
+  expect_s3_class(err, "fedagg_error_client")
+  expect_identical(s$rounds_done, 0L)
+  # Servers sharing nodes never read each other's state.
+  shared <- fed_nodes(x, as.integer(x[, 1] > 0), partition_iid(100, 4, seed = 1))
+  fresh <- fed_nodes(x, as.integer(x[, 1] > 0), partition_iid(100, 4, seed = 1))
+  fed_server(model_logistic(4), shared, fraction = 1, seed = 1, compress = compress_topk(0.2))$fit(2, verbose = FALSE)
+  run <- function(nodes) {
+    fed_server(model_logistic(4), nodes, fraction = 1, seed = 2, compress = compress_topk(0.2))$fit(2, verbose = FALSE)
+  }
+  expect_identical(run(shared), run(fresh))
+  expect_no_error(fed_server(model_mlp(4, 3, n_classes = 2), shared, fraction = 1, seed = 1,
+                             compress = compress_topk(0.2))$fit(1, verbose = FALSE))
+  # A profile removed after the server was made is a classed error, not a crash.
+  timed <- fed_nodes(x, as.integer(x[, 1] > 0), partition_iid(100, 4, seed = 1), system = system_profile())
+  t_srv <- fed_server(model_logistic(4), timed, fraction = 1, seed = 1, deadline = 10)
+  timed[[2]]$system <- NULL
+  expect_error(t_srv$round(), class = "fedagg_error_client")
+  # Central DP refuses what breaks its uniform sampling.
+  timed[[2]]$system <- timed[[1]]$system
+  expect_error(fed_server(model_logistic(4), timed, fraction = 0.5, privacy = dp_central(1, 1), deadline = 5),
+               class = "fedagg_error")
+  # A client that misses the deadline keeps the server waiting until the deadline.
+  set_system(timed, system_profile(speed = c(10, 1000, 1000, 1000), latency = 0))
+  d_srv <- fed_server(model_logistic(4), timed, fraction = 1, seed = 1, deadline = 0.5)
+  h <- d_srv$fit(1, verbose = FALSE)
+  expect_identical(d_srv$system_log$status[1], "deadline")
+  expect_identical(h$round_time, 0.5)
+  # SCAFFOLD sends its control variate too.
+  sc <- fed_server(model_logistic(4), timed, algorithm = scaffold(), fraction = 1, seed = 1)$fit(1, verbose = FALSE)
+  avg <- fed_server(model_logistic(4), timed, fraction = 1, seed = 1)$fit(1, verbose = FALSE)
+  expect_identical(sc$bytes_up, 2 * avg$bytes_up)
+  # float32 models refuse features beyond float32's range.
+  big <- fed_nodes(cbind(x[, 1:3], 1e39), as.integer(x[, 1] > 0), partition_iid(100, 2, seed = 1))
+  f32 <- fed_server(model_logistic(4, precision = "float32"), big, fraction = 1, seed = 1)
+  expect_error(f32$round(), class = "fedagg_error_client")
 })

@@ -1,0 +1,77 @@
+# A hierarchical round (HierFAVG, Liu et al. 2020): each edge runs its edge
+# rounds from the cloud model with its selected clients, then the cloud folds
+# the edge models. Each edge round is one Rust round call (local training and
+# the edge's sample-weighted mean); the cloud's fold and server step are
+# another. With device profiles it also returns the round's clock and bytes.
+# Pure: nothing is kept until the round commits.
+
+hier_round <- function(private, r, config, work) {
+  top <- private$.topology
+  index <- work$index
+  ids <- names(private$.nodes)[index]
+  edges <- unname(top$edge_of[ids])
+  roster <- node_roster(private)
+  model <- private$.model
+  d <- length(private$.flat)
+  timed <- any(roster$has_system)
+  edge_sgd <- rust_server_config(server_sgd(), list())
+  k <- length(ids)
+  train_loss <- steps <- n_samples <- rep(NA_real_, k)
+  t_down <- latency_of <- rep(NA_real_, k)
+  edge_models <- list()
+  edge_weights <- numeric()
+  group_time <- numeric()
+  bytes_down <- bytes_up <- 0
+  for (g in intersect(top$edges, edges)) {
+    members <- which(edges == g)
+    nodes <- private$.nodes[index[members]]
+    data <- lapply(nodes, function(n) n$data_for(model, "train"))
+    y <- private$.flat
+    for (it in seq_len(top$edge_rounds)) {
+      cfg <- config
+      cfg$seed <- derive_seed(derive_seed(private$.seed, r, 13L), it, match(g, top$edges))
+      fold_cfg <- list(algorithm = rust_config(cfg, "samples")$algorithm, server = edge_sgd, diagnostics = FALSE,
+                       control = NULL, client_controls = NULL, n_nodes = length(private$.nodes))
+      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), y, unname(data),
+                                      vector("list", length(members)), as.double(index[members]),
+                                      rust_config(cfg, "samples", work$epochs[members], fold_cfg),
+                                      resolve_threads(private$.threads)))
+      if (!isTRUE(out$ok)) abort_client_failure(ids[members][out$client], out$message, r, kind = out$kind)
+      y <- out$params
+    }
+    train_loss[members] <- out$train_loss
+    steps[members] <- out$steps * top$edge_rounds
+    n_samples[members] <- out$n_samples
+    edge_models[[g]] <- y - private$.flat
+    edge_weights[[g]] <- sum(out$n_samples)
+    if (timed) {
+      down <- roster$latency[index[members]] + 8 * d / roster$download[index[members]]
+      compute <- work$epochs[members] * roster$n_samples[index[members]] / roster$speed[index[members]]
+      up <- roster$latency[index[members]] + 8 * d / roster$upload[index[members]]
+      t_down[members] <- down
+      latency_of[members] <- compute + up
+      cloud_trip <- 2 * (top$latency + 8 * d / top$bandwidth)
+      group_time[[g]] <- top$edge_rounds * max(down + compute + up) + cloud_trip
+    }
+    bytes_down <- bytes_down + 8 * d * (1 + top$edge_rounds * length(members))
+    bytes_up <- bytes_up + 8 * d * (1 + top$edge_rounds * length(members))
+  }
+  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
+                   diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes))
+  cloud <- core_call(rs_fold_round(private$.flat, unname(edge_models), unname(edge_weights), NULL, fold_cfg,
+                                   resolve_threads(private$.threads)))
+  if (!isTRUE(cloud$ok)) fedagg_abort("Round {r}: the cloud could not fold the edge models: {cloud$message}", round = r)
+  info <- list(client = ids, n_samples = n_samples, train_loss = train_loss, val_loss = rep(NA_real_, k),
+               val_metric = rep(NA_real_, k), weight = n_samples, epochs = as.double(work$epochs), steps = steps,
+               update_norm = rep(NA_real_, k), cosine = rep(NA_real_, k), malicious = rep(FALSE, k),
+               kept = rep(TRUE, k), filter_reason = rep("", k), clipped = rep(NA, k), selected = rep(NA, k))
+  compute <- if (timed) work$epochs * roster$n_samples[index] / roster$speed[index] else rep(NA_real_, k)
+  log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = t_down,
+              compute = compute, upload = latency_of - compute, finish = rep(NA_real_, k), work = rep(1, k),
+              staleness = rep(NA_real_, k))
+  list(result = list(params = cloud$params, aggregate = cloud$aggregate,
+                     server_state = list(m = cloud$server_m, v = cloud$server_v), control = NULL, info = info,
+                     diagnostics = lapply(cloud$diagnostics, nan_to_na), node_states = list()),
+       system = list(log = log, round_time = if (timed) max(group_time) else NA_real_, bytes_down = bytes_down,
+                     bytes_up = bytes_up))
+}
