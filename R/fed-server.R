@@ -97,8 +97,9 @@
 #'   (Bonawitz et al. 2019), with `m` the clients per round.
 #' @param asynchronous `NULL` (synchronous rounds), or [fedbuff()]:
 #'   asynchronous buffered aggregation on the simulated clock.
-#' @param topology `NULL` (a star: every client talks to the server), or
-#'   [topology_hierarchical()]: clients, edge aggregators and the cloud.
+#' @param topology `NULL` (a star: every client talks to the server over its
+#'   own link), [topology_hierarchical()] (clients, edge aggregators and the
+#'   cloud) or [topology_links()] (messages routed over a table of links).
 #' @param diagnostics Compute the per-round diagnostics (needs the round's
 #'   client updates in memory, `clients x parameters` doubles; `FALSE`
 #'   aggregates them as they arrive).

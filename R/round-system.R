@@ -40,10 +40,19 @@ system_round <- function(private, work, r, cohort) {
   max_steps <- rep(NA_real_, k)
   if (timed) {
     speed <- roster$speed[index]
-    latency <- roster$latency[index]
-    t_down <- latency + down_bytes / roster$download[index]
+    top <- private$.topology
+    if (identical(top$kind, "links")) {
+      # Messages take each node's path to the server.
+      ids <- names(private$.nodes)[index]
+      latency <- unname(top$latency[ids])
+      t_down <- latency + down_bytes * unname(top$inverse_bandwidth[ids])
+      t_up <- latency + up_bytes * unname(top$inverse_bandwidth[ids])
+    } else {
+      latency <- roster$latency[index]
+      t_down <- latency + down_bytes / roster$download[index]
+      t_up <- latency + up_bytes / roster$upload[index]
+    }
     t_compute <- samples / speed
-    t_up <- latency + up_bytes / roster$upload[index]
     finish <- t_down + t_compute + t_up
     dropout <- roster$dropout[index]
     if (k && any(dropout > 0)) {

@@ -37,7 +37,7 @@ round_body <- function(self, private, r, last_round) {
       call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
                 "The {.code round_start} hook", round = r)
     }
-  } else if (!is.null(private$.topology)) {
+  } else if (identical(private$.topology$kind, "hierarchical")) {
     picked <- private$.select_round(r)
     work <- private$.local_work(picked$index, r)
     if (!is.null(private$.hooks$round_start)) {

@@ -68,6 +68,7 @@ assert_topology <- function(x, private, call = rlang::caller_env()) {
     fedagg_abort("{.arg topology} must be NULL or {.fn topology_hierarchical}, not {obj_desc(x)}.", call = call)
   }
   ids <- names(private$.nodes)
+  if (x$kind == "links") return(assert_link_topology(x, private, ids, call))
   unknown <- setdiff(names(x$edge_of), ids)
   if (length(unknown)) {
     fedagg_abort("{.arg topology} names unknown node{?s} {.val {unknown}}.", class = "client", client = unknown[1],
@@ -92,5 +93,100 @@ assert_topology <- function(x, private, call = rlang::caller_env()) {
     refuse("privacy, clipping, filters, robust aggregators or weights other than samples")
   }
   if (any(node_roster(private)$dropout > 0, na.rm = TRUE)) refuse("dropouts")
+  x
+}
+
+#' A network given as a table of links
+#'
+#' `topology_links(links)` routes every message between a node and the
+#' server over a user-given network: a table of links (`from`, `to`,
+#' `latency` in seconds, `bandwidth` in bytes per second), undirected, whose
+#' ends are node ids, intermediate hops of your naming (routers, edges) and
+#' `root` (the server). Each node's messages take its shortest path to the
+#' root by latency (ties: fewest hops), and cost the sum of the links'
+#' latencies plus the message's bytes over each link's bandwidth (store and
+#' forward). The nodes' [system profiles][system_profile] still give their
+#' compute speed and dropout; their own `download`, `upload` and `latency`
+#' are replaced by the path.
+#'
+#' @param links A data frame with columns `from`, `to`, `latency` (>= 0)
+#'   and `bandwidth` (> 0).
+#' @param root The name of the server in the table.
+#' @return A `fed_topology` object for [fed_server()]'s `topology`.
+#' @examples
+#' links <- data.frame(from = c("client1", "client2", "client3", "router"),
+#'                     to = c("router", "router", "server", "server"),
+#'                     latency = c(0.01, 0.01, 0.2, 0.05), bandwidth = c(1e6, 1e6, 1e5, 1e7))
+#' topology_links(links)
+#' @export
+topology_links <- function(links, root = "server") {
+  if (!is.data.frame(links) || !all(c("from", "to", "latency", "bandwidth") %in% names(links)) || !nrow(links)) {
+    fedagg_abort("{.arg links} must be a data frame with columns {.field from}, {.field to}, {.field latency} and {.field bandwidth}, not {obj_desc(links)}.")
+  }
+  if (!is.character(root) || length(root) != 1L || is.na(root)) fedagg_abort("{.arg root} must be one name, not {obj_desc(root)}.")
+  from <- as.character(links$from)
+  to <- as.character(links$to)
+  if (anyNA(from) || anyNA(to) || any(from == to)) fedagg_abort("{.arg links} has a link without two distinct ends.")
+  lat <- links$latency
+  bw <- links$bandwidth
+  if (!is.numeric(lat) || anyNA(lat) || any(!is.finite(lat) | lat < 0)) {
+    fedagg_abort("{.arg links} column {.field latency} must be finite numbers >= 0.")
+  }
+  if (!is.numeric(bw) || anyNA(bw) || any(!is.finite(bw) | bw <= 0)) {
+    fedagg_abort("{.arg links} column {.field bandwidth} must be finite numbers > 0.")
+  }
+  if (!root %in% c(from, to)) fedagg_abort("{.arg links} never reaches the root {.val {root}}.")
+  # Dijkstra from the root over the undirected links (tables are small).
+  places <- unique(c(from, to))
+  dist <- stats::setNames(rep(Inf, length(places)), places)
+  hops <- stats::setNames(rep(Inf, length(places)), places)
+  inv_bw <- stats::setNames(rep(Inf, length(places)), places)
+  dist[root] <- 0; hops[root] <- 0; inv_bw[root] <- 0
+  done <- stats::setNames(rep(FALSE, length(places)), places)
+  repeat {
+    open <- places[!done & is.finite(dist)]
+    if (!length(open)) break
+    here <- open[order(dist[open], hops[open], open)[1]]
+    done[here] <- TRUE
+    for (i in which(from == here | to == here)) {
+      there <- if (from[i] == here) to[i] else from[i]
+      d <- dist[here] + lat[i]
+      h <- hops[here] + 1
+      if (!done[there] && (d < dist[there] || (d == dist[there] && h < hops[there]))) {
+        dist[there] <- d; hops[there] <- h; inv_bw[there] <- inv_bw[here] + 1 / bw[i]
+      }
+    }
+  }
+  structure(list(kind = "links", root = root, latency = dist, inverse_bandwidth = inv_bw, links = links,
+                 label = sprintf("link table: %d links to %s", nrow(links), root)),
+            class = c("fed_topology", "fed_part"))
+}
+
+assert_link_topology <- function(x, private, ids, call) {
+  if (!all(node_roster(private)$has_system)) {
+    fedagg_abort(c("A link table routes simulated messages, which needs device profiles on every node.",
+                   i = "Give the nodes profiles with {.fn set_system}."), call = call)
+  }
+  ends <- c(as.character(x$links$from), as.character(x$links$to))
+  named <- unique(ends)
+  # A place that is neither a node nor the root, at the end of a single
+  # link, leads nowhere: a misspelt node id.
+  degree <- table(ends)
+  stray <- setdiff(names(degree)[degree == 1L], c(ids, x$root))
+  if (length(stray)) {
+    fedagg_abort("The link table names unknown node{?s} {.val {stray}} (a leaf that is no node).", class = "client",
+                 client = stray[1], call = call)
+  }
+  missing <- setdiff(ids, named)
+  if (length(missing)) {
+    fedagg_abort("The link table has no link for node{?s} {.val {missing}}.", class = "client", client = missing[1],
+                 call = call)
+  }
+  cut_off <- ids[!is.finite(x$latency[ids])]
+  if (length(cut_off)) {
+    fedagg_abort("The link table has no path from node{?s} {.val {cut_off}} to {.val {x$root}}.", class = "client",
+                 client = cut_off[1], call = call)
+  }
+  if (!is.null(private$.async)) fedagg_abort("A link table cannot be combined with asynchronous rounds yet.", call = call)
   x
 }

@@ -872,7 +872,14 @@ adv_cases_systems <- c(
       topology_hierarchical(list(a = names(nodes)), edge_link = list(latency = 1, bandwidth = 0)), "bandwidth"),
     E("a topology naming an unknown node", mk_srv(topology = topology_hierarchical(list(a = c(names(nodes), "ghost")))),
       NULL, class = "fedagg_error_client"),
-    S(mk_srv(topology = X), "topology", c("bogus", "list"))
+    S(mk_srv(topology = X), "topology", c("bogus", "list")),
+    S(topology_links(X), "links", c("NULL", "df", "list")),
+    E("a link with a negative latency",
+      topology_links(data.frame(from = "a", to = "server", latency = -1, bandwidth = 1)), "latency"),
+    E("a link with zero bandwidth", topology_links(data.frame(from = "a", to = "server", latency = 1, bandwidth = 0)),
+      "bandwidth"),
+    E("a table that never reaches the server",
+      topology_links(data.frame(from = "a", to = "b", latency = 1, bandwidth = 1)), "root")
   ),
   adv_group("availability chains",
     S(availability_markov(X, 2), "mean_on", c("0", "0.5", "NA", "chr")),

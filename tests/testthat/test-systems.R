@@ -494,3 +494,22 @@ test_that("review findings stay fixed: fold failures, shared nodes, profiles rem
   f32 <- fed_server(model_logistic(4, precision = "float32"), big, fraction = 1, seed = 1)
   expect_error(f32$round(), class = "fedagg_error_client")
 })
+
+test_that("a link table routes each node's messages over its shortest path", {
+  d <- synthetic_fedprox(0.5, 0.5, n_clients = 3, seed = 1)
+  nodes <- fed_nodes(d, ids = c("a", "b", "c"), system = system_profile(speed = 1e4, latency = 0))
+  links <- data.frame(from = c("a", "b", "router", "c", "a"), to = c("router", "router", "server", "server", "server"),
+                      latency = c(0.01, 0.02, 0.1, 0.5, 1), bandwidth = c(1e4, 2e4, 1e5, 1e3, 1e9))
+  srv <- fed_server(model_softmax(60, 10), nodes, fraction = 1, lr = 0.05, seed = 1, topology = topology_links(links))
+  srv$round()
+  bytes <- 8 * 610
+  path <- list(a = c(0.01 + 0.1, 1 / 1e4 + 1 / 1e5), b = c(0.02 + 0.1, 1 / 2e4 + 1 / 1e5), c = c(0.5, 1 / 1e3))
+  expected <- vapply(c("a", "b", "c"), function(id) path[[id]][1] + bytes * path[[id]][2], numeric(1))
+  log <- srv$system_log
+  expect_equal(log$download, unname(expected), tolerance = 1e-12)
+  expect_equal(log$upload, unname(expected), tolerance = 1e-12)
+  expect_error(fed_server(model_softmax(60, 10), nodes, topology = topology_links(links[-4:-5, ])),
+               class = "fedagg_error_client")
+  typo <- rbind(links, data.frame(from = "cc", to = "router", latency = 0, bandwidth = 1))
+  expect_error(fed_server(model_softmax(60, 10), nodes, topology = topology_links(typo)), class = "fedagg_error_client")
+})
