@@ -22,9 +22,11 @@
 #' `"constant"`, 1; `"polynomial"`, \eqn{(1 + \tau)^{-a}} with `a = power`;
 #' or a function of the staleness vector returning non-negative weights.
 #'
+#' A client that drops out (its profile's `dropout`) is lost once it has
+#' downloaded the model, and its slot goes to another node at that moment.
 #' This first version simulates FedAvg or FedProx clients of built-in models
-#' with float64 updates; dropouts, deadlines, compression, privacy, clipping,
-#' filters and robust aggregators are refused with it.
+#' with float64 updates; deadlines, compression, privacy, clipping, filters
+#' and robust aggregators are refused with it.
 #'
 #' @param buffer_size Updates per server step, K.
 #' @param concurrency Clients training at any time.
@@ -77,7 +79,6 @@ assert_async <- function(x, private, call = rlang::caller_env()) {
   }
   if (!is_builtin(private$.model)) refuse("custom R models")
   if (!private$.algorithm$kind %in% c("fedavg", "fedprox")) refuse(private$.algorithm$label)
-  if (any(roster$dropout > 0)) refuse("dropouts (set the profiles' dropout to 0)")
   if (any(roster$availability < 1)) refuse("nodes with availability below 1")
   if (is.finite(private$.deadline) || private$.over_select > 1) refuse("deadlines or over-selection")
   if (!is.null(private$.compress)) refuse("compression")

@@ -241,6 +241,9 @@ plot.fed_history <- function(x, metric = NULL, along = c("round", "time", "bytes
 #' @rdname fed_history
 #' @exportS3Method ggplot2::autoplot
 autoplot.fed_history <- function(object, metric = NULL, ...) {
+  if (!is.null(list(...)$along)) {
+    fedagg_abort("{.fn autoplot} draws against rounds; use {.code plot(x, along = )} for time or bytes.")
+  }
   autoplot.fed_comparison(fed_compare(run = object), metric = metric, ...)
 }
 
@@ -361,6 +364,9 @@ plot.fed_comparison <- function(x, metric = NULL, main = NULL, along = c("round"
 #' @rdname fed_compare
 #' @exportS3Method ggplot2::autoplot
 autoplot.fed_comparison <- function(object, metric = NULL, ...) {
+  if (!is.null(list(...)$along)) {
+    fedagg_abort("{.fn autoplot} draws against rounds; use {.code plot(x, along = )} for time or bytes.")
+  }
   if (!requireNamespace("ggplot2", quietly = TRUE)) {
     fedagg_abort("{.fn autoplot} needs the {.pkg ggplot2} package ({.code apt-get install r-cran-ggplot2}).")
   }

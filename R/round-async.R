@@ -25,16 +25,21 @@ async_round <- function(private, r, config) {
     down <- roster$latency[node] + 8 * d / roster$download[node]
     compute <- private$.epochs[[node]] * n / roster$speed[node]
     up <- roster$latency[node] + 8 * d / roster$upload[node]
+    # A client that drops out is lost once it has the model; the server
+    # then gives its slot to another node.
+    dropped <- roster$dropout[node] > 0 &&
+      with_seed(derive_seed(private$.seed, state$seq, 15L), stats::runif(1)) < roster$dropout[node]
+    finish <- if (dropped) time + down else time + down + compute + up
     state$flight <- rbind_flight(state$flight, list(node = node, seq = state$seq, version = version, start = time,
                                                     download = down, compute = compute, upload = up,
-                                                    finish = time + down + compute + up))
+                                                    finish = finish, dropped = dropped))
     bytes_down <<- bytes_down + 8 * d
     state
   }
   # Trains every client in flight without an update yet: all of them
   # downloaded the current version.
   train_pending <- function(state) {
-    pending <- which(!as.character(state$flight$seq) %in% names(state$deltas))
+    pending <- which(!state$flight$dropped & !as.character(state$flight$seq) %in% names(state$deltas))
     if (!length(pending)) return(state)
     stopifnot(all(state$flight$version[pending] == state$version))
     nodes <- private$.nodes[state$flight$node[pending]]
@@ -58,16 +63,27 @@ async_round <- function(private, r, config) {
   while (nrow_flight(state$flight) < spec$concurrency) state <- dispatch(state, state$time, state$version)
   state <- train_pending(state)
   arrivals <- list()
-  for (k in seq_len(spec$buffer_size)) {
+  lost <- list()
+  k <- 0L
+  while (k < spec$buffer_size) {
     fl <- state$flight
     j <- order(fl$finish, fl$seq)[1]
-    key <- as.character(fl$seq[j])
-    if (is.null(state$deltas[[key]])) state <- train_pending(state)
-    arrived <- c(lapply(fl, `[[`, j), state$deltas[[key]], list(staleness = state$version - fl$version[j]))
-    arrivals[[k]] <- arrived
-    state$deltas[[key]] <- NULL
     state$flight <- lapply(fl, function(col) col[-j])
     state$time <- fl$finish[j]
+    if (fl$dropped[j]) {
+      lost[[length(lost) + 1L]] <- lapply(fl, `[[`, j)
+      state <- dispatch(state, state$time, state$version)
+      next
+    }
+    k <- k + 1L
+    key <- as.character(fl$seq[j])
+    if (is.null(state$deltas[[key]])) {
+      state$flight <- fl
+      state <- train_pending(state)
+      state$flight <- lapply(state$flight, function(col) col[-j])
+    }
+    arrivals[[k]] <- c(lapply(fl, `[[`, j), state$deltas[[key]], list(staleness = state$version - fl$version[j]))
+    state$deltas[[key]] <- NULL
     # The freed slot goes to another node, with the model of the moment:
     # this version before the buffer is full, the next one after.
     if (k < spec$buffer_size) state <- dispatch(state, state$time, state$version)
@@ -99,6 +115,14 @@ async_round <- function(private, r, config) {
   log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = field("download"),
               compute = field("compute"), upload = field("upload"), finish = field("finish") - started,
               work = rep(1, k), staleness = tau)
+  if (length(lost)) {
+    lost_field <- function(name) vapply(lost, function(a) as.double(a[[name]]), numeric(1))
+    m <- length(lost)
+    log <- Map(c, log, list(round = rep(as.integer(r), m), client = names(private$.nodes)[lost_field("node")],
+                            status = rep("dropout", m), download = lost_field("download"), compute = rep(NA_real_, m),
+                            upload = rep(NA_real_, m), finish = rep(NA_real_, m), work = rep(0, m),
+                            staleness = rep(NA_real_, m)))
+  }
   list(result = list(params = out$params, aggregate = out$aggregate,
                      server_state = list(m = out$server_m, v = out$server_v), control = NULL, info = info,
                      diagnostics = lapply(out$diagnostics, nan_to_na), node_states = list()),
@@ -110,7 +134,7 @@ async_round <- function(private, r, config) {
 
 empty_flight <- function() {
   list(node = integer(), seq = integer(), version = integer(), start = numeric(), download = numeric(),
-       compute = numeric(), upload = numeric(), finish = numeric())
+       compute = numeric(), upload = numeric(), finish = numeric(), dropped = logical())
 }
 
 rbind_flight <- function(flight, row) Map(c, flight, row[names(flight)])

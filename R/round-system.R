@@ -94,6 +94,7 @@ system_round <- function(private, work, r, cohort) {
     t_up[cut] <- NA_real_
     finish[cut] <- NA_real_
     t_up[status %in% c("dropout", "deadline")] <- NA_real_
+    t_compute[status == "dropout"] <- NA_real_
     finish[status %in% c("dropout", "deadline")] <- NA_real_
   } else {
     t_down <- t_compute <- t_up <- finish <- rep(NA_real_, k)

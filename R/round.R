@@ -60,6 +60,10 @@ round_body <- function(self, private, r, last_round) {
     result <- if (length(work$ids)) {
       private$.train_selected(work$index, config, work$epochs, r, work$max_steps)
     } else {
+      if (length(picked$index)) {
+        fedagg_warn("Round {r}: none of the {length(picked$index)} selected client{?s} reported (dropouts or the deadline); the model is unchanged.",
+                    class = "empty_round")
+      }
       empty_round(old, private$.server_state, private$.control)
     }
   }

@@ -151,7 +151,10 @@ resolve_system <- function(profile, ids, call = rlang::caller_env()) {
     fedagg_abort("{.arg profile} must be a {.fn system_profile} or a data frame with a {.field node} column, not {obj_desc(profile)}.",
                  call = call)
   }
-  values <- with_seed(profile$seed, lapply(system_settings, function(name) {
+  # A stream of its own: the same seed as a data generator's must not tie
+  # the devices to the data (speed rising with data size, say).
+  seed <- if (!is.null(profile$seed)) derive_seed(profile$seed, 0L, 14L)
+  values <- with_seed(seed, lapply(system_settings, function(name) {
     v <- profile$settings[[name]]
     if (inherits(v, "fed_draw")) v$median * exp(v$sdlog * stats::rnorm(length(ids)))
     else per_node(v, ids, name, call = call)

@@ -152,7 +152,7 @@ ref_clock <- function(srv, nodes, r, deadline = Inf, target = Inf, partial = FAL
   # A missed deadline is known only at the deadline, unless over-selection
   # closed the round first.
   waits <- any(status == "deadline") && !any(status == "late")
-  list(ids = ids, status = status, download = t_down, finish = ifelse(reported, finish, NA),
+  list(ids = ids, status = status, download = t_down, finish = ifelse(reported, finish, NA_real_),
        round_time = if (waits) deadline else if (any(reported)) max(finish[reported])
                     else if (is.finite(deadline)) deadline else 0,
        bytes_down = length(ids) * 8 * d, bytes_up = sum(reported) * up,
@@ -161,16 +161,22 @@ ref_clock <- function(srv, nodes, r, deadline = Inf, target = Inf, partial = FAL
 
 test_that("the synchronous round's clock matches plain R: profiles, dropouts, deadlines, over-selection", {
   nodes <- sys_nodes(dropout = 0.25)
+  # A deadline some clients miss: below the slower clients' finish times.
+  probe <- fed_server(model_softmax(60, 10), nodes, fraction = 1, lr = 0.05, seed = 3)
+  probe$round()
+  deadline <- unname(stats::quantile(probe$system_log$finish, 0.6, na.rm = TRUE))
   cases <- list(
     list(args = list(), deadline = Inf, target = Inf),
-    list(args = list(deadline = 6), deadline = 6, target = Inf),
+    list(args = list(deadline = deadline), deadline = deadline, target = Inf),
     list(args = list(over_select = 1.5), deadline = Inf, target = 4),
-    list(args = list(deadline = 6, over_select = 1.5), deadline = 6, target = 4)
+    list(args = list(deadline = deadline, over_select = 1.5), deadline = deadline, target = 4)
   )
   seen <- character()
   for (cs in cases) {
     srv <- do.call(fed_server, c(list(model_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = 3), cs$args))
-    h <- srv$fit(6, verbose = FALSE)
+    # A round where nobody reports warns; that is part of what is tested.
+    h <- withCallingHandlers(srv$fit(6, verbose = FALSE),
+                             fedagg_warning_empty_round = function(w) invokeRestart("muffleWarning"))
     sim <- 0
     for (r in 1:6) {
       ref <- ref_clock(srv, nodes, r, cs$deadline, cs$target)
@@ -359,8 +365,13 @@ test_that("FedBuff is reproducible on 1 and 2 threads and after save and reload;
   b$fit(2, verbose = FALSE)
   expect_identical(a$history, b$history)
   expect_identical(a$system_log, b$system_log)
-  nodes <- fed_nodes(d, system = system_profile(dropout = 0.1))
-  expect_error(fed_server(model_softmax(60, 10), nodes, asynchronous = fedbuff(2, 4)), class = "fedagg_error")
+  # Dropouts lose a client after its download; the buffer still fills with K updates.
+  drops <- fed_nodes(d, system = system_profile(speed = lognormal(400, 10), dropout = 0.3, seed = 1))
+  srv <- fed_server(model_softmax(60, 10), drops, lr = 0.05, seed = 2, asynchronous = fedbuff(3, 5))
+  srv$fit(5, verbose = FALSE)
+  log <- srv$system_log
+  expect_true(any(log$status == "dropout"))
+  expect_identical(as.vector(table(log$round[log$status == "kept"])), rep(3L, 5))
   plain <- fed_nodes(d)
   expect_error(fed_server(model_softmax(60, 10), plain, asynchronous = fedbuff(2, 4)), class = "fedagg_error")
   timed <- fed_nodes(d, system = system_profile())
