@@ -32,7 +32,8 @@ loss_grad <- function(model, params, x, y) {
     return(out)
   }
   flat <- flatten_params(model, params)
-  out <- call_rust(rs_loss_grad(model$sizes, model$head, model_bits(model), flat, as.double(data$x), nrow(data$x),
+  # The matrix itself: as.double() would copy it to drop its dim.
+  out <- call_rust(rs_loss_grad(model$sizes, model$head, model_bits(model), flat, data$x, nrow(data$x),
                                 ncol(data$x), data$y))
   list(loss = out$loss, grad = unflatten_params(model, out$grad))
 }
@@ -63,7 +64,7 @@ model_predict <- function(object, params, newdata, type, arg, call = rlang::call
   x <- check_features(newdata, object, arg, call = call)
   scores <- if (is_builtin(object)) {
     flat <- flatten_params(object, params)
-    out <- call_rust(rs_predict(object$sizes, object$head, model_bits(object), flat, as.double(x), nrow(x), ncol(x)))
+    out <- call_rust(rs_predict(object$sizes, object$head, model_bits(object), flat, x, nrow(x), ncol(x)))
     if (object$head == head_codes[["softmax"]]) matrix(out, nrow(x)) else out
   } else {
     custom_predict(object, params, x)
@@ -142,14 +143,17 @@ as_feature_matrix <- function(x, arg, client = NULL, call = rlang::caller_env())
     abort_data("{.arg {arg}} must be a numeric matrix or data frame, not {obj_desc(x)}.", client, call)
   }
   if (nrow(x) == 0L) abort_data("{.arg {arg}} has no rows.", client, call)
-  bad <- which(!is.finite(x))
-  if (length(bad)) {
+  # anyNA(), min() and max() allocate nothing; which() runs only on bad data.
+  if (length(x) && (anyNA(x) || !is.finite(min(x)) || !is.finite(max(x)))) {
+    bad <- which(!is.finite(x))
     row <- (bad[1] - 1L) %% nrow(x) + 1L
     col <- (bad[1] - 1L) %/% nrow(x) + 1L
     abort_data("{.arg {arg}} has {length(bad)} missing or non-finite value{?s} (first at row {row}, column {col}).",
                client, call)
   }
-  storage.mode(x) <- "double"
+  # Only when needed: `storage.mode<-` on a double matrix returns an ALTREP
+  # wrapper, another object for the same data.
+  if (!is.double(x)) storage.mode(x) <- "double"
   x
 }
 

@@ -48,7 +48,7 @@ async_round <- function(private, r, config) {
     round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[state$flight$node[pending]]),
                              list(client_controls = NULL))
     out <- core_call(rs_train_round(private$.model$sizes, private$.model$head, model_bits(private$.model),
-                                    private$.flat, unname(lapply(nodes, function(n) n$data_for(private$.model))),
+                                    private$.flat, lapply(unname(nodes), function(n) n$data_for(private$.model)),
                                     vector("list", length(nodes)), as.double(state$flight$seq[pending]), round_cfg,
                                     resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, r, kind = out$kind)

@@ -35,8 +35,10 @@ evaluate_clients <- function(private, flat, round = NULL) {
   nodes <- private$.nodes[node_roster(private)$has_validation]
   if (!length(nodes)) return(NULL)
   if (is_builtin(model)) {
-    data <- lapply(nodes, function(n) n$data_for(model, "validation"))
-    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), flat, unname(data),
+    # Unnamed before the data are gathered: dropping the names of a list
+    # that holds them would copy every matrix.
+    data <- lapply(unname(nodes), function(n) n$data_for(model, "validation"))
+    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), flat, data,
                                  resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, round, kind = out$kind)
     return(metric_frame(names(nodes), out$n, out$loss, out$metric, model))

@@ -25,14 +25,14 @@ hier_round <- function(private, r, config, work) {
   for (g in intersect(top$edges, edges)) {
     members <- which(edges == g)
     nodes <- private$.nodes[index[members]]
-    data <- lapply(nodes, function(n) n$data_for(model, "train"))
+    data <- lapply(unname(nodes), function(n) n$data_for(model, "train"))
     y <- private$.flat
     for (it in seq_len(top$edge_rounds)) {
       cfg <- config
       cfg$seed <- derive_seed(derive_seed(private$.seed, r, 13L), it, match(g, top$edges))
       fold_cfg <- list(algorithm = rust_config(cfg, "samples")$algorithm, server = edge_sgd, diagnostics = FALSE,
                        control = NULL, client_controls = NULL, n_nodes = length(private$.nodes))
-      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), y, unname(data),
+      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), y, data,
                                       vector("list", length(members)), as.double(index[members]),
                                       rust_config(cfg, "samples", work$epochs[members], fold_cfg),
                                       resolve_threads(private$.threads)))

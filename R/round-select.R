@@ -85,8 +85,8 @@ local_losses <- function(private, chosen, r) {
   model <- private$.model
   nodes <- private$.nodes[chosen]
   if (is_builtin(model)) {
-    data <- lapply(nodes, function(n) n$data_for(model, "train"))
-    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), private$.flat, unname(data),
+    data <- lapply(unname(nodes), function(n) n$data_for(model, "train"))
+    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), private$.flat, data,
                                  resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(chosen[out$client], out$message, r, kind = out$kind)
     return(out$loss)

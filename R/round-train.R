@@ -12,7 +12,9 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
   builtin <- is_builtin(model) && alg$kind != "custom"
   # One call per selected node for everything the round reads from it.
-  views <- lapply(nodes, function(n) {
+  # Unnamed before the data are gathered: dropping the names of a list that
+  # holds the nodes' matrices would copy every one of them.
+  views <- lapply(unname(nodes), function(n) {
     n$round_view(if (builtin) model, validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"))
   })
   states <- lapply(views, function(v) own_state(v$state, private$.key))
@@ -28,7 +30,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
     val <- lapply(views, `[[`, "validation")
     round_cfg <- rust_config(config, rule, epochs, fold_cfg)
     if (!is.null(max_steps) && any(!is.na(max_steps))) round_cfg$max_steps <- as.double(max_steps)
-    out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.flat, unname(train), unname(val),
+    out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.flat, train, val,
                                     as.double(idx), round_cfg, resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
     info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,

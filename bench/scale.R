@@ -12,8 +12,8 @@
 # core's call too), and the speed-up of 2 threads over 1.
 # Then memory: resident memory of 10,000 nodes of `memory_samples` (default
 # 600) x 60 features against the raw size of their features (8 bytes a
-# value), from the process's VmRSS before and after building them, and
-# again after a round in which every node trains.
+# value), from the process's VmRSS: after making the data, after building
+# the nodes on them, and after a round in which every node trains.
 suppressPackageStartupMessages(library(fedagg))
 
 args <- commandArgs(trailingOnly = TRUE)
@@ -39,8 +39,20 @@ cat(sprintf("fedagg %s | R %s | %d cores | %s\n\n", packageVersion("fedagg"), ge
             fedagg_threads()$cores, format(Sys.time(), "%Y-%m-%d")))
 
 # Memory first, from a fresh R heap: freed memory that R keeps would hide growth.
+# The data are made first (as a user's would be), then the nodes from them,
+# so that fedagg's own cost shows apart from how the data were made.
 before <- rss_mb()
-nodes <- make_nodes(n_nodes, memory_samples, seed = 2)
+set.seed(2)
+teacher <- matrix(rnorm(dim * n_classes), dim)
+raw <- lapply(seq_len(n_nodes), function(i) {
+  x <- rnorm(memory_samples * dim)
+  dim(x) <- c(memory_samples, dim)
+  list(x = x, y = max.col(x %*% teacher, "first") - 1L)
+})
+invisible(gc())
+with_data <- rss_mb()
+nodes <- lapply(seq_along(raw), function(i) fed_node(raw[[i]]$x, raw[[i]]$y, id = sprintf("node%05d", i)))
+rm(raw)
 invisible(gc())
 built <- rss_mb()
 # One round in which every node trains: the Rust core reads the nodes'
@@ -51,7 +63,10 @@ invisible(gc())
 after <- rss_mb()
 raw_mb <- n_nodes * memory_samples * dim * 8 / 1024^2
 cat(sprintf("\nmemory: %d nodes x %d x %d: raw features %.0f MB\n", n_nodes, memory_samples, dim, raw_mb))
-cat(sprintf("  nodes built: resident growth %.0f MB = %.3fx the raw size\n", built - before, (built - before) / raw_mb))
+cat(sprintf("  the data as made in R (matrices and integer labels): %.0f MB = %.3fx\n", with_data - before,
+            (with_data - before) / raw_mb))
+cat(sprintf("  + nodes built on them: %+.0f MB (%.1f KB a node) -> %.3fx the raw size in total\n", built - with_data,
+            1024 * (built - with_data) / n_nodes, (built - before) / raw_mb))
 cat(sprintf("  after a round training every node: %.0f MB = %.3fx\n", after - before, (after - before) / raw_mb))
 rm(nodes); invisible(gc())
 

@@ -46,7 +46,7 @@ impl LayerObjects {
         for (l, objs) in self.layers.iter().enumerate() {
             let slices = objs
                 .iter()
-                .map(|o| o.as_real_slice().ok_or_else(|| input_err(format!("layer {} is not double", l + 1))))
+                .map(|o| real_slice(o).ok_or_else(|| input_err(format!("layer {} is not double", l + 1))))
                 .collect::<Result<Vec<&[f64]>>>()?;
             if slices.len() == 1 && self.n_clients > 1 {
                 let all = slices[0];
@@ -85,11 +85,30 @@ pub fn threads(n: i32) -> usize {
     n.max(0) as usize
 }
 
+/// A double vector's values, borrowed read-only. Unlike `as_real_slice()`,
+/// this never makes R copy the data: a writable pointer into a shared
+/// vector behind an ALTREP wrapper forces a copy, a read-only one does not.
+pub fn real_slice(x: &Robj) -> Option<&[f64]> {
+    if !x.is_real() {
+        return None;
+    }
+    let len = x.len();
+    if len == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: `x` is a double vector of `len` values, kept alive (and
+    // protected) by the borrow of `x`, and R never moves vector data.
+    unsafe {
+        let data = extendr_ffi::DATAPTR_RO(x.get()) as *const f64;
+        Some(std::slice::from_raw_parts(data, len))
+    }
+}
+
 /// Optional weights: R passes NULL or a double vector.
 pub fn optional_slice(x: &Robj) -> Option<&[f64]> {
     if x.is_null() {
         None
     } else {
-        x.as_real_slice()
+        real_slice(x)
     }
 }

@@ -1,4 +1,4 @@
-use super::convert::{core_err, doubles_list, input_err, new_doubles, threads};
+use super::convert::{core_err, doubles_list, input_err, new_doubles, real_slice, threads};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use fedagg_core::model::{Dataset, Head, Network, Precision};
@@ -20,7 +20,7 @@ fn network(sizes: &Robj, head: i32, bits: i32) -> Result<Network> {
 }
 
 fn doubles<'a>(x: &'a Robj, what: &str) -> Result<&'a [f64]> {
-    x.as_real_slice().ok_or_else(|| input_err(format!("`{what}` must be a double vector")))
+    real_slice(x).ok_or_else(|| input_err(format!("`{what}` must be a double vector")))
 }
 
 /// The `(x, y)` pairs of a list of client data (NULL stays None), held here
