@@ -187,3 +187,28 @@ test_that("float32 models compute in single precision and agree with float64 to 
   expect_equal(h1$train_loss, fit(m64, 1)$train_loss, tolerance = 1e-4)
   expect_error(model_softmax(4, 3, precision = "float16"), class = "fedagg_error")
 })
+
+test_that("rounds, evaluation and predictions read the nodes' data in place, never a copy", {
+  skip_if_not(capabilities("profmem"), "R without memory profiling (tracemem)")
+  set.seed(1)
+  x <- matrix(rnorm(400), 100)
+  # A shared double matrix behind an ALTREP wrapper, as storage.mode<- and
+  # other attribute setters return: a writable pointer into it would copy it.
+  wrapped <- x
+  storage.mode(wrapped) <- "double"
+  y <- as.integer(x[, 1] > 0)
+  nodes <- list(a = fed_node(wrapped, y, id = "a", x_val = x[1:20, ], y_val = y[1:20]),
+                b = fed_node(x, y, id = "b", x_val = x[21:40, ], y_val = y[21:40]))
+  m <- model_logistic(4)
+  copies <- character()
+  tracemem(x)
+  copies <- c(copies, capture.output({
+    srv <- fed_server(m, nodes, fraction = 1, seed = 1, weights = "accuracy", lr = 0.1)
+    srv$fit(2, verbose = FALSE)
+    srv$evaluate()
+    loss_grad(m, srv$params, x, y)
+    predict(m, srv$params, x)
+  }))
+  untracemem(x)
+  expect_false(any(grepl("tracemem", copies)), info = paste(copies, collapse = "\n"))
+})
