@@ -87,6 +87,11 @@ assert_async <- function(x, private, call = rlang::caller_env()) {
   }
   if (private$.aggregator$kind != "weighted") refuse("robust aggregators")
   if (!is.null(private$.schedule) || private$.stragglers > 0) refuse("schedules or stragglers")
+  if (private$.selection$kind != "uniform") refuse("selection rules other than uniform (it draws each free slot's node uniformly)")
+  if (is.function(private$.weights) || !identical(private$.weights, "samples")) {
+    refuse("aggregation weights (it weights updates by staleness)")
+  }
+  if (private$.min_clients > 1) refuse("min_clients (buffer_size is its cohort)")
   if (x$concurrency > length(private$.nodes)) {
     fedagg_abort("{.arg concurrency} = {x$concurrency} is more than the {length(private$.nodes)} nodes.", call = call)
   }

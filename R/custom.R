@@ -43,7 +43,7 @@ custom_round <- function(nodes, model, flat, template, config, idx, rule, round,
 
 user_local_work <- function(algorithm, node, params, config, round, d) {
   out <- call_user(algorithm$local, list(node = node, params = params, config = config,
-                                         state = own_state(node$state, config$server_key)$custom),
+                                         state = node$state_for(config$server_key)$custom),
                    sprintf("The client algorithm %s's `local()`", encodeString(algorithm$label, quote = '"')),
                    round = round, client = node$id)
   delta <- if (is.list(out)) unlist(out$delta, use.names = FALSE)

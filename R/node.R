@@ -74,7 +74,7 @@ Node <- R6::R6Class("Node",
       private$.check_width(model)
       flat <- flatten_params(model, params)
       # A server's round reads only the state it left on this node.
-      own <- if (is.null(config$server_key)) private$.state else own_state(private$.state, config$server_key)
+      own <- self$state_for(config$server_key)
       c_i <- own$control
       result <- if (is_builtin(model)) {
         round_cfg <- list(control = config$control, client_controls = list(c_i))
@@ -130,13 +130,24 @@ Node <- R6::R6Class("Node",
     },
 
     #' @description Internal: keep the state a committed round produced
-    #'   (called by a [Server]).
+    #'   (called by a [Server]). A node keeps one state per server that
+    #'   trained it (named by the server's key in `state$server`), so servers
+    #'   sharing nodes neither read nor erase each other's state.
     #' @param state A named list (SCAFFOLD's `control`, the node's
     #'   `last_update`, a custom algorithm's state).
     commit_state = function(state) {
       if (!is.list(state)) fedagg_abort("{.arg state} must be a list, not {obj_desc(state)}.")
       private$.state <- state
+      if (!is.null(state$server)) private$.states[[state$server]] <- state
       invisible(self)
+    },
+
+    #' @description Internal: the state a server left on this node (an
+    #'   empty list if it left none).
+    #' @param key The server's key.
+    state_for = function(key) {
+      if (is.null(key)) return(private$.state)
+      private$.states[[key]] %||% list()
     },
 
     #' @description Loss and accuracy (classification) or RMSE (regression)
@@ -206,10 +217,11 @@ Node <- R6::R6Class("Node",
     #'   the node's `state` and its `attack`.
     #' @param model A built-in [model][models], or `NULL` (no data wanted).
     #' @param validation Whether the validation data are wanted.
-    round_view = function(model, validation = FALSE) {
+    #' @param key The asking server's key (its state on this node).
+    round_view = function(model, validation = FALSE, key = NULL) {
       list(train = if (!is.null(model)) self$data_for(model, "train"),
            validation = if (!is.null(model) && validation) self$data_for(model, "validation"),
-           state = private$.state, attack = private$.attack)
+           state = self$state_for(key), attack = private$.attack)
     },
 
     #' @description A one-line description.
@@ -314,6 +326,7 @@ Node <- R6::R6Class("Node",
     .x_previous = NULL,
     .data_version = 0L,
     .state = list(),
+    .states = list(),
     .coded = list(),
     .system = NULL,
 

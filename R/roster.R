@@ -19,9 +19,6 @@ new_server_key <- function() {
   paste("server", roster_key(), node_changes$servers)
 }
 
-# A node's state if this server left it, else nothing.
-own_state <- function(state, key) if (identical(state$server, key)) state else list()
-
 note_node_change <- function() {
   node_changes$count <- node_changes$count + 1
   invisible()

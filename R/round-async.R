@@ -8,7 +8,7 @@
 async_round <- function(private, r, config) {
   spec <- private$.async
   state <- private$.async_state %||% list(time = 0, version = 0L, seq = 0L, flight = empty_flight(), deltas = list())
-  roster <- node_roster(private)
+  roster <- check_profiles(private, r)
   d <- length(private$.flat)
   eligible <- which(roster$n_samples >= private$.min_samples)
   if (length(eligible) < spec$concurrency) {

@@ -10,7 +10,11 @@ hier_round <- function(private, r, config, work) {
   index <- work$index
   ids <- names(private$.nodes)[index]
   edges <- unname(top$edge_of[ids])
-  roster <- node_roster(private)
+  roster <- check_profiles(private, r)
+  if (length(ids) < private$.min_clients) {
+    fedagg_abort(c("Round {r}: {length(ids)} client{?s} took part; the round needs {.arg min_clients} = {private$.min_clients}.",
+                   i = "Unreachable nodes can leave fewer clients than that."), class = "cohort", round = r)
+  }
   model <- private$.model
   d <- length(private$.flat)
   timed <- any(roster$has_system)

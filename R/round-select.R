@@ -98,7 +98,7 @@ local_losses <- function(private, chosen, r) {
 last_cosines <- function(private) {
   d <- private$.last_delta
   vapply(private$.nodes, function(n) {
-    u <- own_state(n$state, private$.key)$last_update
+    u <- n$state_for(private$.key)$last_update
     if (is.null(u) || is.null(d)) return(NA_real_)
     denom <- sqrt(sum(u^2)) * sqrt(sum(d^2))
     if (denom > 0) sum(u * d) / denom else NA_real_

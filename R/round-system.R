@@ -10,27 +10,23 @@
 # NA for a full run), the rows of the system log, the round's time and its
 # bytes down and up.
 system_round <- function(private, work, r, cohort) {
-  roster <- node_roster(private)
+  roster <- check_profiles(private, r)
   index <- work$index
   k <- length(index)
   d <- length(private$.flat)
   down_bytes <- message_bytes(private$.compress_down, d)
   up_bytes <- message_bytes(private$.compress, d)
   timed <- any(roster$has_system)
-  if (timed && !all(roster$has_system)) {
-    missing <- names(private$.nodes)[!roster$has_system]
-    fedagg_abort(c("Some nodes have a system profile and some do not.",
-                   x = "No profile: {.val {utils::head(missing, 5)}}{if (length(missing) > 5) ', ...' else ''}."),
-                 class = "client", client = missing[1], round = r)
-  }
   if (!timed && (is.finite(private$.deadline) || private$.over_select > 1)) {
     fedagg_abort("{.arg deadline} and {.arg over_select} need device profiles, and the nodes have none now.",
                  round = r)
   }
-  # SCAFFOLD sends its control variate with the model, both ways.
-  copies <- if (private$.algorithm$kind == "scaffold") 2 else 1
-  down_bytes <- copies * down_bytes
-  up_bytes <- copies * up_bytes
+  # SCAFFOLD sends its control variate with the model, both ways, as
+  # float64 (compression applies to the update only).
+  if (private$.algorithm$kind == "scaffold") {
+    down_bytes <- down_bytes + 8 * d
+    up_bytes <- up_bytes + 8 * d
+  }
   n <- roster$n_samples[index]
   batch <- private$.local$batch_size
   batch_len <- if (is.finite(batch)) pmin(batch, n) else n
@@ -162,4 +158,20 @@ system_line <- function(private) {
              if (!is.null(private$.async)) private$.async$label,
              if (!is.null(private$.topology)) private$.topology$label)
   if (length(parts)) sprintf("  system:  %s", paste(parts, collapse = "; "))
+}
+
+# The roster, checked at the start of a round: profiles on every node or on
+# none (a profile removed mid-run), and the settings an asynchronous server
+# or a topology refused at construction, in case nodes changed since.
+check_profiles <- function(private, r) {
+  roster <- node_roster(private)
+  if (any(roster$has_system) && !all(roster$has_system)) {
+    missing <- names(private$.nodes)[!roster$has_system]
+    fedagg_abort(c("Some nodes have a system profile and some do not.",
+                   x = "No profile: {.val {utils::head(missing, 5)}}{if (length(missing) > 5) ', ...' else ''}."),
+                 class = "client", client = missing[1], round = r)
+  }
+  if (!is.null(private$.async)) assert_async(private$.async, private)
+  if (!is.null(private$.topology)) assert_topology(private$.topology, private)
+  roster
 }

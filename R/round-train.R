@@ -15,9 +15,10 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   # Unnamed before the data are gathered: dropping the names of a list that
   # holds the nodes' matrices would copy every one of them.
   views <- lapply(unname(nodes), function(n) {
-    n$round_view(if (builtin) model, validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"))
+    n$round_view(if (builtin) model, validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"),
+                 key = private$.key)
   })
-  states <- lapply(views, function(v) own_state(v$state, private$.key))
+  states <- lapply(views, `[[`, "state")
   attacks <- lapply(views, `[[`, "attack")
   fold_cfg <- c(list(algorithm = rust_config(config, rule)$algorithm,
                      server = rust_server_config(private$.server_opt, private$.server_state),

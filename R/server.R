@@ -286,7 +286,12 @@ Server <- R6::R6Class("Server",
       } else ""
       out <- c(
         sprintf("<Server> %s, %s", private$.algorithm$label, model_description(private$.model)),
-        sprintf("  clients: %d nodes, %s per round (%s); weights: %s%s", length(private$.nodes), format(m), how, weights, slow),
+        if (!is.null(private$.async)) {
+          sprintf("  clients: %d nodes, %d training at a time, a server step every %d updates (weights: staleness)",
+                  length(private$.nodes), private$.async$concurrency, private$.async$buffer_size)
+        } else {
+          sprintf("  clients: %d nodes, %s per round (%s); weights: %s%s", length(private$.nodes), format(m), how, weights, slow)
+        },
         sprintf("  local:   %s, lr = %s, %s", local, format(loc$lr), attr(private$.lr_schedule, "label")),
         sprintf("  server:  %s, %s", private$.server_opt$label, private$.aggregator$label),
         if (!is.null(private$.filter) || !is.null(private$.clip) || !is.null(private$.privacy) || !is.null(private$.monitor)) {

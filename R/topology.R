@@ -184,8 +184,9 @@ assert_link_topology <- function(x, private, ids, call) {
   }
   cut_off <- ids[!is.finite(x$latency[ids])]
   if (length(cut_off)) {
-    fedagg_abort("The link table has no path from node{?s} {.val {cut_off}} to {.val {x$root}}.", class = "client",
-                 client = cut_off[1], call = call)
+    root <- x$root
+    fedagg_abort(c("The link table has no path to the server {.val {root}} from some nodes.",
+                   x = "Cut off: {.val {cut_off}}."), class = "client", client = cut_off[1], call = call)
   }
   if (!is.null(private$.async)) fedagg_abort("A link table cannot be combined with asynchronous rounds yet.", call = call)
   x

@@ -524,3 +524,50 @@ test_that("a link table routes each node's messages over its shortest path", {
   typo <- rbind(links, data.frame(from = "cc", to = "router", latency = 0, bandwidth = 1))
   expect_error(fed_server(model_softmax(60, 10), nodes, topology = topology_links(typo)), class = "fedagg_error_client")
 })
+
+test_that("second review's findings stay fixed", {
+  d <- synthetic_fedprox(0.5, 0.5, n_clients = 6, seed = 3)
+  # A node cut off from the server is a classed error naming it.
+  nodes <- fed_nodes(d, ids = letters[1:6], system = system_profile())
+  cut <- data.frame(from = c("a", "b", "c", "d", "e", "f", "x"), to = c("server", "server", "server", "server", "x", "x", "f"),
+                    latency = 0.1, bandwidth = 1e5)
+  err <- tryCatch(fed_server(model_softmax(60, 10), nodes, topology = topology_links(cut)), fedagg_error = function(e) e)
+  expect_s3_class(err, "fedagg_error_client")
+  expect_identical(err$client, "e")
+  # A profile removed mid-run stops FedBuff and hierarchical rounds with a classed error.
+  async <- fed_server(model_softmax(60, 10), nodes, lr = 0.05, seed = 1, asynchronous = fedbuff(2, 4))
+  async$fit(1, verbose = FALSE)
+  groups <- list(l = letters[1:3], r = letters[4:6])
+  hier <- fed_server(model_softmax(60, 10), nodes, fraction = 1, lr = 0.05, seed = 1, topology = topology_hierarchical(groups))
+  nodes[[2]]$system <- NULL
+  expect_error(async$fit(2, verbose = FALSE), class = "fedagg_error_client")
+  expect_identical(async$rounds_done, 1L)
+  expect_error(hier$round(), class = "fedagg_error_client")
+  # Hierarchical rounds keep min_clients.
+  few <- fed_nodes(d, ids = letters[1:6], availability = 0.3)
+  h_few <- fed_server(model_softmax(60, 10), few, fraction = 1, min_clients = 6, seed = 1,
+                      topology = topology_hierarchical(groups))
+  expect_error(h_few$fit(3, verbose = FALSE), class = "fedagg_error_cohort")
+  # FedBuff refuses what it would ignore.
+  timed <- fed_nodes(d, ids = letters[1:6], system = system_profile())
+  for (args in list(list(selection = select_power_of_choice(3)), list(weights = "equal"), list(min_clients = 3))) {
+    expect_error(do.call(fed_server, c(list(model_softmax(60, 10), timed, asynchronous = fedbuff(2, 4)), args)),
+                 class = "fedagg_error")
+  }
+  # Servers that share nodes keep their own state, even interleaved.
+  run <- function(nodes, interleave) {
+    a <- fed_server(model_softmax(60, 10), nodes, algorithm = scaffold(), fraction = 0.5, lr = 0.05, seed = 1,
+                    compress = NULL)
+    a$fit(2, verbose = FALSE)
+    if (interleave) {
+      fed_server(model_softmax(60, 10), nodes, algorithm = scaffold(), fraction = 1, lr = 0.05, seed = 9)$fit(1, verbose = FALSE)
+    }
+    a$fit(2, verbose = FALSE)
+    a$params
+  }
+  expect_identical(run(fed_nodes(d), TRUE), run(fed_nodes(d), FALSE))
+  # SCAFFOLD's control variate travels as float64 beside a compressed update.
+  sc <- fed_server(model_softmax(60, 10), timed, algorithm = scaffold(), fraction = 1, seed = 1,
+                   compress = compress_float16())$fit(1, verbose = FALSE)
+  expect_identical(sc$bytes_up, 6 * (2 * 610 + 8 * 610))
+})
