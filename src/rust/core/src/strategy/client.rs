@@ -9,7 +9,7 @@
 
 use crate::alloc::{try_with_capacity, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
-use crate::model::{Dataset, Network};
+use crate::model::{Dataset, Network, Precision};
 use crate::rng::Rng;
 use crate::strategy::local_opt::{LocalOptState, LocalOptimizer};
 
@@ -201,6 +201,13 @@ fn local_run_body(
     // mu = 0 adds nothing; skipping it keeps FedProx(0) bitwise FedAvg.
     let proximal = correction.proximal.filter(|(mu, _)| *mu > 0.0);
     let (mut loss_sum, mut steps, mut seen, mut cut_short) = (0.0, 0, 0usize, false);
+    // Float32 and nothing but plain SGD: the fused step (same arithmetic).
+    let fused = net.precision == Precision::F32
+        && cfg.optimizer.sgd_momentum() == Some(0.0)
+        && cfg.weight_decay == 0.0
+        && proximal.is_none()
+        && correction.client_control.is_none()
+        && correction.server_control.is_none();
     let limit = max_steps.unwrap_or(usize::MAX);
     'epochs: for epoch in 1..=epochs {
         if cfg.shuffle {
@@ -214,7 +221,11 @@ fn local_run_body(
                 cut_short = true;
                 break 'epochs;
             }
-            let loss = net.loss_grad(params, data, rows, &mut grad, &mut ws);
+            let loss = if fused {
+                net.loss_grad_f32(params, data, rows, &mut ws).expect("a float32 workspace")
+            } else {
+                net.loss_grad(params, data, rows, &mut grad, &mut ws)
+            };
             steps += 1;
             seen += rows.len();
             // Checked every step because it costs nothing: a diverging run
@@ -226,6 +237,10 @@ fn local_run_body(
                 )));
             }
             loss_sum += loss * rows.len() as f64;
+            if fused {
+                ws.sgd_step_f32(params, cfg.lr);
+                continue;
+            }
             if cfg.weight_decay > 0.0 {
                 for (g, p) in grad.iter_mut().zip(params.iter()) {
                     *g += cfg.weight_decay * p;
@@ -332,7 +347,7 @@ pub fn scaffold_client_control(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Head;
+    use crate::model::{Head, Precision};
     use crate::test_data::blobs;
 
     fn sgd(momentum: f64) -> LocalConfig {
@@ -342,6 +357,37 @@ mod tests {
     fn random(d: usize, seed: u64, scale: f64) -> Vec<f64> {
         let mut rng = Rng::new(seed, 5);
         (0..d).map(|_| scale * rng.normal()).collect()
+    }
+
+    /// Float32 with plain SGD takes the fused step; it must be the same
+    /// arithmetic as `loss_grad` followed by a float64 SGD step.
+    #[test]
+    fn the_fused_float32_sgd_step_is_the_plain_one_bit_for_bit() {
+        let net = Network::new(&[3, 7, 3], Head::Softmax).unwrap().with_precision(Precision::F32);
+        let owned = blobs(29, 4, 0.0);
+        let data = owned.view();
+        let cfg = LocalConfig { batch_size: 4, lr: 0.1, weight_decay: 0.0, shuffle: true, seed: 3, optimizer: LocalOptimizer::Sgd { momentum: 0.0 } };
+        let start = net.init(1, 2).unwrap();
+        let mut fused = start.clone();
+        local_run(&net, &mut fused, &data, &cfg, 3, &GradientCorrection::default(), 5).unwrap();
+        let mut plain = start.clone();
+        let mut ws = net.workspace(4).unwrap();
+        let mut g = vec![0.0; net.n_params()];
+        let mut order: Vec<usize> = (0..data.n).collect();
+        let mut rng = Rng::new(cfg.seed, 5);
+        for _ in 0..3 {
+            for i in (1..data.n).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            for rows in order.chunks(4) {
+                net.loss_grad(&plain, &data, rows, &mut g, &mut ws);
+                for (p, gi) in plain.iter_mut().zip(&g) {
+                    *p -= cfg.lr * gi;
+                }
+            }
+        }
+        assert_eq!(fused, plain);
+        assert_ne!(fused, start);
     }
 
     /// Each optimizer inside a real local run (softmax regression, weight
