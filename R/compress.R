@@ -115,13 +115,15 @@ rust_compressor <- function(x, seed) {
 #' new error-feedback residual. Handy to see what a compressor does to an
 #' update, or to teach.
 #'
-#' @param update A numeric vector (a flattened update).
+#' @param update An update: a numeric vector or array, or a list of numeric
+#'   layers (as [clip_update()] takes); compressed as one flat vector.
 #' @param compressor A [compressor][compression].
 #' @param residual `NULL`, or the residual from the previous call (top-k with
 #'   error feedback).
 #' @param seed Seed of random sparsification and stochastic rounding.
-#' @return A list: `decoded` (what the server sees), `bytes` (exact size of
-#'   the encoding) and `residual` (`NULL` unless top-k with error feedback).
+#' @return A list: `decoded` (what the server sees, shaped like `update`),
+#'   `bytes` (exact size of the encoding) and `residual` (a flat vector;
+#'   `NULL` unless top-k with error feedback).
 #' @examples
 #' u <- c(0.5, -2, 0.1, 3, -0.2)
 #' compress_update(u, compress_topk(0.4))
@@ -129,26 +131,29 @@ rust_compressor <- function(x, seed) {
 #' q$decoded
 #' @export
 compress_update <- function(update, compressor, residual = NULL, seed = 1) {
-  update <- check_vector(update, "update")
+  single <- flat_update(update)
   compressor <- assert_compressor(compressor)
   if (is.null(compressor)) fedagg_abort("{.arg compressor} must be a compressor such as {.fn compress_topk}.")
   if (!is.null(residual)) {
-    residual <- check_vector(residual, "residual")
-    if (length(residual) != length(update)) {
-      fedagg_abort("{.arg residual} has {length(residual)} values; {.arg update} has {length(update)}.")
+    residual <- flat_update(residual)$values
+    if (length(residual) != length(single$values)) {
+      fedagg_abort("{.arg residual} has {length(residual)} values; {.arg update} has {length(single$values)}.")
     }
   }
   seed <- assert_count(seed)
-  call_rust(rs_compress_update(update, rust_compressor(compressor, seed), residual, as.double(seed)))
+  out <- call_rust(rs_compress_update(single$values, rust_compressor(compressor, seed), residual, as.double(seed)))
+  out$decoded <- restore_shape(split(out$decoded, rep(seq_along(single$sizes), single$sizes)), single$template)
+  out
 }
 
-check_vector <- function(x, arg, call = rlang::caller_env()) {
-  if (!is.numeric(x) || !length(x) || !is.null(dim(x)) && length(dim(x)) > 1L) {
-    fedagg_abort("{.arg {arg}} must be a non-empty numeric vector, not {obj_desc(x)}.", call = call)
-  }
-  if (!all(is.finite(x))) {
-    bad <- which(!is.finite(x))[1]
-    fedagg_abort("{.arg {arg}} has a non-finite value at position {bad}.", call = call)
-  }
-  as.double(x)
+# An update in any shape clip_update() takes, checked finite, as one flat
+# vector with what restores its shape.
+flat_update <- function(update, arg = rlang::caller_arg(update), call = rlang::caller_env()) {
+  force(arg)
+  single <- as_single_update(update, arg = arg, call = call)
+  loc <- call_rust(rs_find_non_finite(single$layers, 1L, 1L), call = call)
+  if (!is.null(loc)) fedagg_abort("{.arg {arg}} must be finite (no NA, NaN or Inf); position {loc[3]} is not.", call = call)
+  values <- unlist(single$layers, use.names = FALSE)
+  if (!length(values)) fedagg_abort("{.arg {arg}} has no values.", call = call)
+  list(values = as.double(values), sizes = lengths(single$layers), template = single$template)
 }

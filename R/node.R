@@ -137,8 +137,9 @@ Node <- R6::R6Class("Node",
     #'   `last_update`, a custom algorithm's state).
     commit_state = function(state) {
       if (!is.list(state)) fedagg_abort("{.arg state} must be a list, not {obj_desc(state)}.")
-      private$.state <- state
-      if (!is.null(state$server)) private$.states[[state$server]] <- state
+      key <- state$server %||% ""
+      private$.states[[key]] <- state
+      private$.last_server <- key
       invisible(self)
     },
 
@@ -146,8 +147,7 @@ Node <- R6::R6Class("Node",
     #'   empty list if it left none).
     #' @param key The server's key.
     state_for = function(key) {
-      if (is.null(key)) return(private$.state)
-      private$.states[[key]] %||% list()
+      private$.states[[key %||% private$.last_server]] %||% list()
     },
 
     #' @description Loss and accuracy (classification) or RMSE (regression)
@@ -281,12 +281,13 @@ Node <- R6::R6Class("Node",
       # Training labels may change with the attack: code them again.
       private$.coded <- list()
     },
-    #' @field state What the node keeps between rounds (read-only): a list
-    #'   with SCAFFOLD's `control` variate, its `last_update`, or a custom
-    #'   client algorithm's state.
+    #' @field state What the node keeps between rounds for the server that
+    #'   trained it last (read-only): a list with SCAFFOLD's `control`
+    #'   variate, its `last_update`, an error-feedback `residual`, or a custom
+    #'   client algorithm's state (each server's own: see `state_for()`).
     state = function(value) {
       if (!missing(value)) fedagg_abort("{.field state} is read-only; a server sets it when a round commits.")
-      private$.state
+      self$state_for(NULL)
     },
     #' @field data_version How many times `set_data()` replaced the data
     #'   (read-only).
@@ -325,8 +326,8 @@ Node <- R6::R6Class("Node",
     .attack = NULL,
     .x_previous = NULL,
     .data_version = 0L,
-    .state = list(),
     .states = list(),
+    .last_server = "",
     .coded = list(),
     .system = NULL,
 

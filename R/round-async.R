@@ -21,10 +21,10 @@ async_round <- function(private, r, config) {
     free <- setdiff(eligible, state$flight$node)
     state$seq <- state$seq + 1L
     node <- free[with_seed(derive_seed(private$.seed, state$seq, 11L), sample.int(length(free), 1L))]
-    n <- roster$n_samples[node]
-    down <- roster$latency[node] + 8 * d / roster$download[node]
-    compute <- private$.epochs[[node]] * n / roster$speed[node]
-    up <- roster$latency[node] + 8 * d / roster$upload[node]
+    times <- client_times(private, roster, node, private$.epochs[[node]] * roster$n_samples[node], 8 * d, 8 * d)
+    down <- times$download
+    compute <- times$compute
+    up <- times$upload
     # A client that drops out is lost once it has the model; the server
     # then gives its slot to another node.
     dropped <- roster$dropout[node] > 0 &&
@@ -66,8 +66,12 @@ async_round <- function(private, r, config) {
   lost <- list()
   k <- 0L
   while (k < spec$buffer_size) {
+    j <- order(state$flight$finish, state$flight$seq)[1]
+    key <- as.character(state$flight$seq[j])
+    # A client dispatched in this round may arrive in it: train it (and any
+    # other pending one, all on this version) while it is still in flight.
+    if (!state$flight$dropped[j] && is.null(state$deltas[[key]])) state <- train_pending(state)
     fl <- state$flight
-    j <- order(fl$finish, fl$seq)[1]
     state$flight <- lapply(fl, function(col) col[-j])
     state$time <- fl$finish[j]
     if (fl$dropped[j]) {
@@ -76,12 +80,6 @@ async_round <- function(private, r, config) {
       next
     }
     k <- k + 1L
-    key <- as.character(fl$seq[j])
-    if (is.null(state$deltas[[key]])) {
-      state$flight <- fl
-      state <- train_pending(state)
-      state$flight <- lapply(state$flight, function(col) col[-j])
-    }
     arrivals[[k]] <- c(lapply(fl, `[[`, j), state$deltas[[key]], list(staleness = state$version - fl$version[j]))
     state$deltas[[key]] <- NULL
     # The freed slot goes to another node, with the model of the moment:

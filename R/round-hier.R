@@ -21,7 +21,7 @@ hier_round <- function(private, r, config, work) {
   edge_sgd <- rust_server_config(server_sgd(), list())
   k <- length(ids)
   train_loss <- steps <- n_samples <- rep(NA_real_, k)
-  t_down <- latency_of <- rep(NA_real_, k)
+  t_down <- t_compute <- t_up <- rep(NA_real_, k)
   edge_models <- list()
   edge_weights <- numeric()
   group_time <- numeric()
@@ -49,13 +49,14 @@ hier_round <- function(private, r, config, work) {
     edge_models[[g]] <- y - private$.flat
     edge_weights[[g]] <- sum(out$n_samples)
     if (timed) {
-      down <- roster$latency[index[members]] + 8 * d / roster$download[index[members]]
-      compute <- work$epochs[members] * roster$n_samples[index[members]] / roster$speed[index[members]]
-      up <- roster$latency[index[members]] + 8 * d / roster$upload[index[members]]
-      t_down[members] <- down
-      latency_of[members] <- compute + up
+      # A client's messages go to its edge over its own link.
+      times <- client_times(private, roster, index[members], work$epochs[members] * roster$n_samples[index[members]],
+                            8 * d, 8 * d)
+      t_down[members] <- times$download
+      t_compute[members] <- times$compute
+      t_up[members] <- times$upload
       cloud_trip <- 2 * (top$latency + 8 * d / top$bandwidth)
-      group_time[[g]] <- top$edge_rounds * max(down + compute + up) + cloud_trip
+      group_time[[g]] <- top$edge_rounds * max(times$download + times$compute + times$upload) + cloud_trip
     }
     bytes_down <- bytes_down + 8 * d * (1 + top$edge_rounds * length(members))
     bytes_up <- bytes_up + 8 * d * (1 + top$edge_rounds * length(members))
@@ -69,9 +70,8 @@ hier_round <- function(private, r, config, work) {
                val_metric = rep(NA_real_, k), weight = n_samples, epochs = as.double(work$epochs), steps = steps,
                update_norm = rep(NA_real_, k), cosine = rep(NA_real_, k), malicious = rep(FALSE, k),
                kept = rep(TRUE, k), filter_reason = rep("", k), clipped = rep(NA, k), selected = rep(NA, k))
-  compute <- if (timed) work$epochs * roster$n_samples[index] / roster$speed[index] else rep(NA_real_, k)
   log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = t_down,
-              compute = compute, upload = latency_of - compute, finish = rep(NA_real_, k), work = rep(1, k),
+              compute = t_compute, upload = t_up, finish = rep(NA_real_, k), work = rep(1, k),
               staleness = rep(NA_real_, k))
   list(result = list(params = cloud$params, aggregate = cloud$aggregate,
                      server_state = list(m = cloud$server_m, v = cloud$server_v), control = NULL, info = info,

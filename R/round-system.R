@@ -36,19 +36,10 @@ system_round <- function(private, work, r, cohort) {
   max_steps <- rep(NA_real_, k)
   if (timed) {
     speed <- roster$speed[index]
-    top <- private$.topology
-    if (identical(top$kind, "links")) {
-      # Messages take each node's path to the server.
-      ids <- names(private$.nodes)[index]
-      latency <- unname(top$latency[ids])
-      t_down <- latency + down_bytes * unname(top$inverse_bandwidth[ids])
-      t_up <- latency + up_bytes * unname(top$inverse_bandwidth[ids])
-    } else {
-      latency <- roster$latency[index]
-      t_down <- latency + down_bytes / roster$download[index]
-      t_up <- latency + up_bytes / roster$upload[index]
-    }
-    t_compute <- samples / speed
+    times <- client_times(private, roster, index, samples, down_bytes, up_bytes)
+    t_down <- times$download
+    t_compute <- times$compute
+    t_up <- times$upload
     finish <- t_down + t_compute + t_up
     dropout <- roster$dropout[index]
     if (k && any(dropout > 0)) {
@@ -174,4 +165,23 @@ check_profiles <- function(private, r) {
   if (!is.null(private$.async)) assert_async(private$.async, private)
   if (!is.null(private$.topology)) assert_topology(private$.topology, private)
   roster
+}
+
+# The listed nodes' download, compute and upload seconds for messages of
+# `down_bytes` and `up_bytes` and `samples` processed: over each node's own
+# link, or its path in a link table. The one formula of every clock.
+client_times <- function(private, roster, index, samples, down_bytes, up_bytes) {
+  top <- private$.topology
+  if (identical(top$kind, "links")) {
+    ids <- names(private$.nodes)[index]
+    latency <- unname(top$latency[ids])
+    per_byte <- unname(top$inverse_bandwidth[ids])
+    down <- latency + down_bytes * per_byte
+    up <- latency + up_bytes * per_byte
+  } else {
+    latency <- roster$latency[index]
+    down <- latency + down_bytes / roster$download[index]
+    up <- latency + up_bytes / roster$upload[index]
+  }
+  list(download = down, compute = samples / roster$speed[index], upload = up)
 }

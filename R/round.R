@@ -33,17 +33,11 @@ round_body <- function(self, private, r, last_round) {
     work <- list(ids = step$result$info$client)
     result <- step$result
     async_state <- step$state
-    if (!is.null(private$.hooks$round_start)) {
-      call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
-                "The {.code round_start} hook", round = r)
-    }
+    round_start_hook(self, private, r, work$ids)
   } else if (identical(private$.topology$kind, "hierarchical")) {
     picked <- private$.select_round(r)
     work <- private$.local_work(picked$index, r)
-    if (!is.null(private$.hooks$round_start)) {
-      call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
-                "The {.code round_start} hook", round = r)
-    }
+    round_start_hook(self, private, r, work$ids)
     step <- if (length(work$ids)) hier_round(private, r, config, work)
     result <- step$result %||% empty_round(old, private$.server_state, private$.control)
     system <- step$system %||% list(log = NULL, round_time = NA_real_, bytes_down = 0, bytes_up = 0)
@@ -53,10 +47,7 @@ round_body <- function(self, private, r, last_round) {
     # Simulated time: who reports back, with how much work.
     system <- system_round(private, work, r, self$clients_per_round)
     work <- system$work
-    if (!is.null(private$.hooks$round_start)) {
-      call_user(private$.hooks$round_start, list(server = self, round = r, clients = work$ids),
-                "The {.code round_start} hook", round = r)
-    }
+    round_start_hook(self, private, r, work$ids)
     result <- if (length(work$ids)) {
       private$.train_selected(work$index, config, work$epochs, r, work$max_steps)
     } else {
@@ -125,4 +116,13 @@ round_body <- function(self, private, r, last_round) {
               sprintf("The `round_end` hook (round %d is kept)", r), round = r)
   }
   invisible(record)
+}
+
+# The round_start hook, with the clients that will train (or, in an
+# asynchronous round, that arrived).
+round_start_hook <- function(self, private, r, clients) {
+  if (!is.null(private$.hooks$round_start)) {
+    call_user(private$.hooks$round_start, list(server = self, round = r, clients = clients),
+              "The {.code round_start} hook", round = r)
+  }
 }

@@ -131,11 +131,7 @@ check_system_setting <- function(value, name, call = rlang::caller_env()) {
     if (name == "dropout") fedagg_abort("{.arg dropout} is a probability; give numbers, not a draw.", call = call)
     return(invisible())
   }
-  ok <- is.numeric(value) && length(value) >= 1L && !anyNA(value) && all(is.finite(value))
-  ok <- ok && switch(name,
-    speed = , download = , upload = all(value > 0),
-    latency = all(value >= 0),
-    dropout = all(value >= 0 & value < 1))
+  ok <- is.numeric(value) && length(value) >= 1L && !anyNA(value) && all(is.finite(value)) && all(ok_value(value, name))
   if (!ok) {
     need <- switch(name, speed = , download = , upload = "positive finite numbers", latency = "finite numbers >= 0",
                    dropout = "probabilities in [0, 1)")
