@@ -70,6 +70,7 @@
 #' # Without subsampling, on a finer grid of orders:
 #' rdp_epsilon(1, 5, steps = 1, delta = 1e-6, orders = seq(1.5, 100, by = 0.5))
 rdp_epsilon <- function(q, noise_multiplier, steps, delta, orders = NULL) {
+  check_required_args()
   q <- assert_number(q, 0, 1)
   noise_multiplier <- assert_number(noise_multiplier, 0)
   steps <- assert_count(steps)
@@ -105,6 +106,7 @@ rdp_epsilon <- function(q, noise_multiplier, steps, delta, orders = NULL) {
 #' # A federated server sampling 10 of 100 clients for 200 rounds:
 #' rdp_noise_multiplier(epsilon = 5, delta = 1e-5, q = 0.1, steps = 200)
 rdp_noise_multiplier <- function(epsilon, delta, q, steps, orders = NULL) {
+  check_required_args()
   epsilon <- assert_number(epsilon, 0, lower_open = TRUE)
   delta <- assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
   q <- assert_number(q, 0, 1)
@@ -134,6 +136,7 @@ rdp_noise_multiplier <- function(epsilon, delta, q, steps, orders = NULL) {
 #' # Without subsampling it is the Gaussian mechanism's alpha / (2 sigma^2):
 #' rdp_sampled_gaussian(1, 2, orders = c(2, 8, 32))
 rdp_sampled_gaussian <- function(q, noise_multiplier, steps = 1, orders = NULL) {
+  check_required_args()
   q <- assert_number(q, 0, 1)
   noise_multiplier <- assert_number(noise_multiplier, 0)
   steps <- assert_count(steps)

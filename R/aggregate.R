@@ -32,6 +32,7 @@
 #' client <- function(s) list(W = matrix(s, 2, 2), b = c(s, -s))
 #' weighted_aggregate(list(client(1), client(2), client(4)), weights = c(2, 1, 1))
 weighted_aggregate <- function(updates, weights = NULL, threads = NULL) {
+  check_required_args()
   set <- as_update_set(updates)
   weights <- assert_weights(weights, set$n_clients, client_names = set$names)
   threads <- resolve_threads(threads)
@@ -58,6 +59,10 @@ weighted_aggregate <- function(updates, weights = NULL, threads = NULL) {
 #'   are closest (Blanchard et al. 2017).
 #' * `"multi_krum"`: the weighted mean of the `m` updates with the best Krum
 #'   scores.
+#' * `"bulyan"`: Bulyan (El Mhamdi et al. 2018): `K - 2f` updates picked
+#'   one at a time by Krum, then every coordinate is the mean of the
+#'   `K - 4f` picked values closest to their median. Needs `K >= 4f + 3`;
+#'   ignores weights. The same rule as [agg_bulyan()] in a round.
 #' * `"geometric_median"`: the (weighted) point minimising the sum of
 #'   Euclidean distances to the updates, by the smoothed Weiszfeld algorithm
 #'   started at the weighted mean (as in RFA, Pillutla et al. 2022).
@@ -72,15 +77,16 @@ weighted_aggregate <- function(updates, weights = NULL, threads = NULL) {
 #'   `"geometric_median"`; the coordinate-wise rules and `"krum"` ignore them
 #'   with a warning.
 #' @param trim For `"trimmed_mean"`: fraction cut from each end, in `[0, 0.5)`.
-#' @param f For `"krum"` and `"multi_krum"`: the number of Byzantine clients
-#'   to tolerate; needs `2 * f + 2 < K`. `NULL` takes the largest such value.
+#' @param f For `"krum"`, `"multi_krum"` and `"bulyan"`: the number of
+#'   Byzantine clients to tolerate; needs `2 * f + 2 < K` (Krum) or
+#'   `4 * f + 3 <= K` (Bulyan). `NULL` takes the largest such value.
 #' @param m For `"multi_krum"`: how many clients to average, from 1 to
 #'   `K - f`. `NULL` takes `K - f`.
 #' @param tol,max_iter For `"geometric_median"`: stop when the objective
 #'   changes by less than `tol` (relative), or after `max_iter` iterations.
 #' @return The aggregate, with the shape of one client's update, and
 #'   attributes describing the run: `selected` (client indices kept) and
-#'   `scores` for the Krum rules; `iterations`, `converged` and `objective`
+#'   `scores` for the Krum rules, `selected` for Bulyan; `iterations`, `converged` and `objective`
 #'   for the geometric median.
 #' @family aggregation
 #' @export
@@ -97,15 +103,16 @@ weighted_aggregate <- function(updates, weights = NULL, threads = NULL) {
 #' attr(k, "selected")
 #' robust_aggregate(updates, "geometric_median")
 robust_aggregate <- function(updates,
-                             method = c("median", "trimmed_mean", "krum", "multi_krum", "geometric_median"),
+                             method = c("median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "bulyan"),
                              weights = NULL, trim = 0.1, f = NULL, m = NULL,
                              tol = 1e-8, max_iter = 100L, threads = NULL) {
-  method <- assert_choice(method, c("median", "trimmed_mean", "krum", "multi_krum", "geometric_median"))
+  check_required_args()
+  method <- assert_choice(method, c("median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "bulyan"))
   set <- as_update_set(updates)
   k <- set$n_clients
   weights <- assert_weights(weights, k, client_names = set$names)
   threads <- resolve_threads(threads)
-  if (!is.null(weights) && method %in% c("median", "trimmed_mean", "krum")) {
+  if (!is.null(weights) && method %in% c("median", "trimmed_mean", "krum", "bulyan")) {
     fedagg_warn("{.arg weights} are ignored by method {.val {method}}.", class = "ignored_weights")
   }
   assert_finite_updates(set, threads, "updates", rlang::current_env())
@@ -128,6 +135,12 @@ robust_aggregate <- function(updates,
       extra <- list(selected = res$selected, scores = res$scores)
       res$aggregate
     },
+    bulyan = {
+      f <- resolve_bulyan_f(f, k)
+      res <- call_rust(rs_bulyan(set$layers, k, f, threads))
+      extra <- list(selected = res$selected)
+      res$aggregate
+    },
     geometric_median = {
       tol <- assert_number(tol, 0, lower_open = TRUE)
       max_iter <- assert_count(max_iter, min = 1L)
@@ -139,6 +152,21 @@ robust_aggregate <- function(updates,
   out <- restore_shape(values, set$template)
   for (name in names(extra)) attr(out, name) <- extra[[name]]
   out
+}
+
+resolve_bulyan_f <- function(f, k, call = rlang::caller_env()) {
+  if (k < 3L) {
+    fedagg_abort("Bulyan needs at least 3 clients (K >= 4f + 3); there {?is/are} {k}.", call = call)
+  }
+  max_f <- (k - 3L) %/% 4L
+  if (is.null(f)) return(as.integer(max_f))
+  f <- assert_count(f, min = 0L, call = call)
+  if (4L * f + 3L > k) {
+    fedagg_abort(c("{.arg f} is too large for {k} clients: Bulyan needs K >= 4f + 3.",
+                   i = "With {k} clients, {.arg f} can be at most {max_f}."),
+                 call = call)
+  }
+  f
 }
 
 resolve_krum_f <- function(f, k, call = rlang::caller_env()) {

@@ -105,6 +105,7 @@ fednova <- function() new_algorithm("fednova", "FedNova")
 #' @rdname client_algorithms
 #' @export
 fed_algorithm <- function(name, local) {
+  check_required_args()
   if (!is.character(name) || length(name) != 1L || is.na(name)) {
     fedagg_abort("{.arg name} must be a single string, not {obj_desc(name)}.")
   }

@@ -117,3 +117,19 @@ obj_desc <- function(x) {
   }
   paste0(what, " of length ", length(x))
 }
+
+# Every argument without a default of the calling function must be given:
+# the error names them, classed, instead of base R's "argument is missing"
+# from deep inside the function.
+check_required_args <- function(required = NULL, env = parent.frame()) {
+  if (is.null(required)) {
+    fmls <- formals(sys.function(sys.parent()))
+    required <- names(fmls)[vapply(fmls, function(f) is.symbol(f) && !nzchar(as.character(f)), logical(1))]
+    required <- setdiff(required, "...")
+  }
+  absent <- required[vapply(required, function(a) eval(call("missing", as.name(a)), env), logical(1))]
+  if (length(absent)) {
+    fedagg_abort("{.arg {absent}} {?is/are} missing, with no default.", call = env)
+  }
+  invisible()
+}

@@ -72,6 +72,7 @@ attack_same_value <- function(value = 100) {
 #' @rdname attacks
 #' @export
 attack_label_flip <- function(mapping) {
+  check_required_args()
   if (!is.function(mapping) && (!is.atomic(mapping) || is.null(names(mapping)) || !length(mapping) ||
                                 anyNA(names(mapping)) || anyNA(mapping))) {
     fedagg_abort("{.arg mapping} must be a named vector {.code c(from = \"to\")} or a function of the labels, not {obj_desc(mapping)}.")
@@ -82,6 +83,7 @@ attack_label_flip <- function(mapping) {
 #' @rdname attacks
 #' @export
 set_attack <- function(nodes, ids, attack) {
+  check_required_args()
   nodes <- as_node_list(nodes)
   all_ids <- vapply(nodes, function(n) n$id, character(1))
   chosen <- check_ids(ids, all_ids, "`ids`")

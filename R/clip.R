@@ -25,6 +25,7 @@
 #' clipped <- clip_update(layers, max_norm = 5, per_layer = TRUE)
 #' attr(clipped, "norm")
 clip_update <- function(update, max_norm, per_layer = FALSE, threads = NULL) {
+  check_required_args()
   single <- as_single_update(update)
   max_norm <- assert_number(max_norm, 0, lower_open = TRUE)
   per_layer <- assert_flag(per_layer)
@@ -65,6 +66,7 @@ clip_update <- function(update, max_norm, per_layer = FALSE, threads = NULL) {
 #' )
 #' update_norms(layered)
 update_norms <- function(updates, threads = NULL) {
+  check_required_args()
   set <- as_update_set(updates)
   threads <- resolve_threads(threads)
   assert_finite_updates(set, threads, "updates", rlang::current_env())

@@ -45,6 +45,7 @@ NULL
 #' @rdname compression
 #' @export
 compress_topk <- function(fraction, error_feedback = TRUE) {
+  check_required_args()
   fraction <- assert_number(fraction, 0, 1, lower_open = TRUE)
   error_feedback <- assert_flag(error_feedback)
   new_compressor("topk", sprintf("top-k %s%s", format_share(fraction), if (error_feedback) " with error feedback" else ""),
@@ -55,6 +56,7 @@ compress_topk <- function(fraction, error_feedback = TRUE) {
 #' @rdname compression
 #' @export
 compress_random_k <- function(fraction) {
+  check_required_args()
   fraction <- assert_number(fraction, 0, 1, lower_open = TRUE)
   new_compressor("random_k", sprintf("random-k %s", format_share(fraction)), list(fraction = fraction),
                  function(d) 12 * min(d, max(1, ceiling(fraction * d))))
@@ -131,6 +133,7 @@ rust_compressor <- function(x, seed) {
 #' q$decoded
 #' @export
 compress_update <- function(update, compressor, residual = NULL, seed = 1) {
+  check_required_args()
   single <- flat_update(update)
   compressor <- assert_compressor(compressor)
   if (is.null(compressor)) fedagg_abort("{.arg compressor} must be a compressor such as {.fn compress_topk}.")

@@ -50,11 +50,25 @@ user_local_work <- function(algorithm, node, params, config, round, d) {
   ok <- is.list(out) && is.numeric(delta) && length(delta) == d && all(is.finite(delta)) &&
     is.numeric(out$n_samples) && length(out$n_samples) == 1L && is.numeric(out$train_loss) && length(out$train_loss) == 1L
   if (!ok) {
-    fedagg_abort(c("The client algorithm's {.fn local} must return {.code list(delta = <{d} finite numbers>, n_samples = , train_loss = , state = )}.",
-                   x = "It returned {obj_desc(out)}."), class = "user_code", round = round, client = node$id)
+    # The explanation goes in the body: a client's failure is reported by
+    # its body, which must say what local() should have returned.
+    fedagg_abort(c("The client algorithm's {.fn local} returned a malformed result.",
+                   i = "It must return {.code list(delta = <{d} finite numbers>, n_samples = <one number>, train_loss = <one number>, state = )}.",
+                   x = "It returned {local_result_problem(out, delta, d)}."),
+                 class = "user_code", round = round, client = node$id)
   }
   list(delta = as.double(delta), n_samples = out$n_samples, train_loss = out$train_loss, steps = NA_real_,
        state = out$state)
+}
+
+# What is wrong with a custom local() result, for the error message.
+local_result_problem <- function(out, delta, d) {
+  if (!is.list(out)) return(obj_desc(out))
+  if (!is.numeric(delta)) return(sprintf("a `delta` that is %s", obj_desc(out$delta)))
+  if (length(delta) != d) return(sprintf("a `delta` of %d numbers", length(delta)))
+  if (!all(is.finite(delta))) return(sprintf("a `delta` with %d non-finite values", sum(!is.finite(delta))))
+  if (!is.numeric(out$n_samples) || length(out$n_samples) != 1L) return(sprintf("`n_samples` as %s", obj_desc(out$n_samples)))
+  sprintf("`train_loss` as %s", obj_desc(out$train_loss))
 }
 
 use_future <- function() {

@@ -35,6 +35,7 @@
 #' @export
 synthetic_fedprox <- function(alpha, beta, n_clients = 30, dim = 60, n_classes = 10, iid = FALSE,
                               train_fraction = 0.9, max_size = Inf, seed = NULL) {
+  check_required_args()
   alpha <- assert_number(alpha, 0)
   beta <- assert_number(beta, 0)
   n_clients <- assert_count(n_clients, min = 1L)
@@ -112,6 +113,7 @@ summary.fed_data <- function(object, ...) {
 #' dim(test$x)
 #' @export
 pool_clients <- function(data, split = c("train", "test")) {
+  check_required_args()
   if (!inherits(data, "fed_data")) fedagg_abort("{.arg data} must be a {.cls fed_data}, not {obj_desc(data)}.")
   split <- assert_choice(split, c("train", "test"))
   xs <- if (split == "train") "x" else "x_test"
@@ -141,6 +143,7 @@ pool_clients <- function(data, split = c("train", "test")) {
 #' read_idx(f)
 #' @export
 read_idx <- function(path) {
+  check_required_args()
   if (!is.character(path) || length(path) != 1L || is.na(path) || !file.exists(path) || dir.exists(path)) {
     fedagg_abort("{.arg path} must be an existing file, not {obj_desc(path)}.")
   }

@@ -17,7 +17,7 @@
 #' approximation for fixed-size sampling. The history's `epsilon` column is
 #' the privacy spent after each round at `delta`; [privacy_spent()] reports
 #' it for a server. With `max_epsilon`, `fit()` stops before a round would
-#' exceed that budget, keeping the rounds done (`server$stopped` says so).
+#' exceed that budget, keeping the rounds done: it warns (class `fedagg_warning_budget_exhausted`), and `server$stopped`, `print(server)` and `print(history)` say why.
 #'
 #' **Adaptive clipping** (Andrew et al. 2021): with `clip =
 #' clip_adaptive(initial, quantile, lr, count_noise)` the bound follows a
@@ -83,6 +83,7 @@ NULL
 #' @rdname differential_privacy
 #' @export
 dp_central <- function(noise_multiplier, clip, per_layer = FALSE, delta = 1e-5, max_epsilon = Inf) {
+  check_required_args()
   noise_multiplier <- assert_number(noise_multiplier, 0)
   adaptive <- if (inherits(clip, "fed_clip_adaptive")) clip
   clip <- if (is.null(adaptive)) assert_number(clip, 0, lower_open = TRUE) else adaptive$initial
@@ -101,6 +102,7 @@ dp_central <- function(noise_multiplier, clip, per_layer = FALSE, delta = 1e-5, 
 #' @rdname differential_privacy
 #' @export
 dp_local <- function(epsilon, delta = 1e-5, clip) {
+  check_required_args()
   epsilon <- assert_number(epsilon, 0, lower_open = TRUE)
   delta <- assert_number(delta, 0, 1, lower_open = TRUE, upper_open = TRUE)
   clip <- assert_number(clip, 0, lower_open = TRUE)
@@ -143,6 +145,7 @@ adaptive_noise <- function(dp, expected_clients, call = rlang::caller_env()) {
 #' @rdname differential_privacy
 #' @export
 clip_norm <- function(max_norm, per_layer = FALSE) {
+  check_required_args()
   max_norm <- assert_number(max_norm, 0, lower_open = TRUE)
   per_layer <- assert_flag(per_layer)
   structure(list(max_norm = max_norm, per_layer = per_layer,
@@ -171,6 +174,7 @@ clip_norm <- function(max_norm, per_layer = FALSE) {
 #' privacy_spent(srv, delta = 1e-6)$epsilon
 #' @export
 privacy_spent <- function(server, delta = NULL) {
+  check_required_args()
   if (!inherits(server, "Server")) fedagg_abort("{.arg server} must be a {.cls Server}, not {obj_desc(server)}.")
   dp <- server$settings$privacy_object
   if (is.null(dp)) fedagg_abort("This server has no differential privacy; give {.arg privacy} = {.fn dp_central}.")

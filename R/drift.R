@@ -23,6 +23,7 @@
 #' ks_test(rnorm(50), rnorm(40, mean = 1))
 #' ks_test(rnorm(5000), runif(5000), alternative = "greater")
 ks_test <- function(x, y, alternative = c("two.sided", "less", "greater"), exact = NULL, threads = NULL) {
+  check_required_args()
   data_name <- paste(deparse1(substitute(x)), "and", deparse1(substitute(y)))
   alternative <- assert_choice(alternative, c("two.sided", "less", "greater"))
   x <- ks_sample(x)
@@ -97,6 +98,7 @@ ks_sample <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env())
 #' ks_drift(ref, cur)
 #' ks_drift(ref$dose, cur$dose)
 ks_drift <- function(reference, current, alpha = 0.05, adjust = "none", threads = NULL) {
+  check_required_args()
   alpha <- assert_number(alpha, 0, 1, lower_open = TRUE, upper_open = TRUE)
   adjust <- assert_choice(adjust, stats::p.adjust.methods)
   ref <- drift_columns(reference)

@@ -19,6 +19,9 @@ rs_trimmed_mean <- function(layers, n_clients, trim, n_threads) .Call(wrap__rs_t
 rs_multi_krum <- function(layers, n_clients, f, m, weights, n_threads) .Call(wrap__rs_multi_krum, layers, n_clients, f, m, weights, n_threads)
 
 #' @noRd
+rs_bulyan <- function(layers, n_clients, f, n_threads) .Call(wrap__rs_bulyan, layers, n_clients, f, n_threads)
+
+#' @noRd
 rs_geometric_median <- function(layers, n_clients, weights, tol, max_iter, n_threads) .Call(wrap__rs_geometric_median, layers, n_clients, weights, tol, max_iter, n_threads)
 
 #' Two-sample KS test; `exact` is NA for the automatic choice.

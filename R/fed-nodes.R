@@ -27,6 +27,7 @@
 #' nodes[[1]]
 #' @export
 fed_node <- function(x, y, id = "client", x_val = NULL, y_val = NULL, availability = 1) {
+  check_required_args()
   Node$new(x = x, y = y, id = id, x_val = x_val, y_val = y_val, availability = availability)
 }
 
@@ -39,6 +40,7 @@ fed_node <- function(x, y, id = "client", x_val = NULL, y_val = NULL, availabili
 #' @export
 fed_nodes <- function(x, y = NULL, partition = NULL, validation = 0, seed = NULL, ids = NULL, availability = 1,
                       system = NULL) {
+  check_required_args()
   nodes <- build_nodes(x, y, partition, validation, seed, ids, availability)
   if (!is.null(system)) set_system(nodes, system)
   nodes

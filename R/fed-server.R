@@ -148,6 +148,7 @@ fed_server <- function(model, nodes, algorithm = fedavg(), fraction = 0.1, min_c
                        drop_stragglers = FALSE, diagnostics = TRUE, privacy = NULL, clip = NULL, filter = NULL,
                        min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1,
                        asynchronous = NULL, topology = NULL) {
+  check_required_args()
   Server$new(model = model, nodes = nodes, algorithm = algorithm, fraction = fraction,
              min_clients = min_clients, selection = selection, schedule = schedule, weights = weights,
              epochs = epochs, batch_size = batch_size, lr = lr, lr_schedule = lr_schedule,

@@ -87,7 +87,8 @@ format.fed_history <- function(x, ...) {
            else sprintf("E = %s, B = %s", format(s$epochs), format(s$batch_size))
   c(sprintf("<fed_history> %s: %d round%s", history_label(x), nrow(x), if (nrow(x) == 1L) "" else "s"),
     if (!is.null(s)) sprintf("%d of %d clients per round, %s, lr = %s (%s), weights: %s",
-                             s$clients_per_round, s$n_clients, local, format(s$lr), s$lr_schedule, s$weights))
+                             s$clients_per_round, s$n_clients, local, format(s$lr), s$lr_schedule, s$weights),
+    if (!is.null(s$stopped)) sprintf("stopped early after round %d: %s", s$stopped$round, s$stopped$reason))
 }
 
 #' @rdname fed_history

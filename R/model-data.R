@@ -18,6 +18,7 @@
 #' loss_grad(m, init_params(m), x, c(0, 1, 1))
 #' @export
 loss_grad <- function(model, params, x, y) {
+  check_required_args()
   assert_model(model)
   data <- check_xy(x, y, model, "x", "y")
   if (!is_builtin(model)) {

@@ -54,6 +54,7 @@ NULL
 #' @rdname models
 #' @export
 model_linear <- function(n_features, init = c("zeros", "glorot"), precision = c("float64", "float32")) {
+  check_required_args()
   new_builtin_model("linear", n_features, integer(), 1L, "linear", assert_choice(init, c("zeros", "glorot")),
                     precision = precision)
 }
@@ -62,6 +63,7 @@ model_linear <- function(n_features, init = c("zeros", "glorot"), precision = c(
 #' @export
 model_logistic <- function(n_features, init = c("zeros", "glorot"), classes = NULL,
                            precision = c("float64", "float32")) {
+  check_required_args()
   classes <- assert_classes(classes, 2L)
   new_builtin_model("logistic", n_features, integer(), 1L, "logistic", assert_choice(init, c("zeros", "glorot")),
                     classes, precision)
@@ -123,6 +125,7 @@ model_mlp <- function(n_features, hidden = 32, n_classes = NULL,
 model_custom <- function(init, loss_grad, predict, task = c("classification", "regression"),
                          n_features, n_classes = if (task == "classification") max(2L, length(classes)) else NULL,
                          name = "custom", classes = NULL) {
+  check_required_args()
   task <- assert_choice(task, c("classification", "regression"))
   for (arg in c("init", "loss_grad", "predict")) {
     f <- get(arg)
@@ -255,6 +258,7 @@ assert_model <- function(model, arg = rlang::caller_arg(model), call = rlang::ca
 #' lengths(p)
 #' @export
 init_params <- function(model, seed = 1) {
+  check_required_args()
   assert_model(model)
   seed <- assert_count(seed)
   if (!is_builtin(model)) {

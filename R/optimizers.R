@@ -190,6 +190,7 @@ server_yogi <- function(lr = 0.01, beta1 = 0.9, beta2 = 0.99, tau = 1e-3) {
 #' @rdname server_optimizers
 #' @export
 server_optimizer <- function(name, step) {
+  check_required_args()
   if (!is.character(name) || length(name) != 1L || is.na(name)) {
     fedagg_abort("{.arg name} must be a single string, not {obj_desc(name)}.")
   }

@@ -46,6 +46,7 @@
 #' summary(partition_shards(y, 10, shards_per_client = 2, seed = 1))
 #' partition_quantity(600, 8, sdlog = 1.5, seed = 1)
 partition_iid <- function(n, n_clients, seed = NULL) {
+  check_required_args()
   n <- assert_count(n, min = 1L)
   check_memory(16 * n, sprintf("a partition of %d samples", n))
   n_clients <- assert_n_clients(n_clients, n)
@@ -57,6 +58,7 @@ partition_iid <- function(n, n_clients, seed = NULL) {
 #' @rdname partition_iid
 #' @export
 partition_dirichlet <- function(y, n_clients, alpha, min_size = 10, seed = NULL, max_tries = 1000) {
+  check_required_args()
   y <- assert_labels(y)
   n <- length(y)
   n_clients <- assert_n_clients(n_clients, n)
@@ -107,6 +109,7 @@ partition_dirichlet <- function(y, n_clients, alpha, min_size = 10, seed = NULL,
 #' @rdname partition_iid
 #' @export
 partition_shards <- function(y, n_clients, shards_per_client = 2, seed = NULL) {
+  check_required_args()
   y <- assert_labels(y)
   n <- length(y)
   shards_per_client <- assert_count(shards_per_client, min = 1L)
@@ -128,6 +131,7 @@ partition_shards <- function(y, n_clients, shards_per_client = 2, seed = NULL) {
 #' @export
 partition_quantity <- function(n, n_clients, distribution = c("lognormal", "powerlaw"), sdlog = 1,
                                shape = 1.5, min_size = 1, seed = NULL) {
+  check_required_args()
   n <- assert_count(n, min = 1L)
   check_memory(16 * n, sprintf("a partition of %d samples", n))
   n_clients <- assert_n_clients(n_clients, n)

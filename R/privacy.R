@@ -29,6 +29,7 @@
 #' # Valid for large epsilon too:
 #' gaussian_noise_sd(1, epsilon = 8, delta = 1e-5)
 gaussian_noise_sd <- function(sensitivity, epsilon, delta, method = c("analytic", "classic")) {
+  check_required_args()
   method <- assert_choice(method, c("analytic", "classic"))
   check_dp_params(sensitivity, epsilon, delta)
   if (method == "classic" && epsilon >= 1) {
@@ -71,6 +72,8 @@ check_dp_params <- function(sensitivity, epsilon, delta, call = rlang::caller_en
 #' identical(noisy, add_gaussian_noise(update, 1, 1, 1e-5, seed = 42))
 add_gaussian_noise <- function(x, sensitivity, epsilon, delta, seed = NULL,
                                method = c("analytic", "classic"), sd = NULL, threads = NULL) {
+  # sensitivity, epsilon and delta may be replaced by sd.
+  check_required_args("x")
   single <- as_single_update(x, arg = "x")
   threads <- resolve_threads(threads)
   loc <- call_rust(rs_find_non_finite(single$layers, 1L, threads))

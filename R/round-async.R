@@ -5,7 +5,7 @@
 # not depend on how dispatches are grouped into training calls. Pure: the
 # new state is returned and kept only when the round commits.
 
-async_round <- function(private, r, config) {
+async_round <- function(private, r, config, before_training = function(ids) NULL) {
   spec <- private$.async
   state <- private$.async_state %||% list(time = 0, version = 0L, seq = 0L, flight = empty_flight(), deltas = list())
   roster <- check_profiles(private, r)
@@ -36,24 +36,27 @@ async_round <- function(private, r, config) {
     bytes_down <<- bytes_down + 8 * d
     state
   }
-  # Trains every client in flight without an update yet: all of them
-  # downloaded the current version.
-  train_pending <- function(state) {
-    pending <- which(!state$flight$dropped & !as.character(state$flight$seq) %in% names(state$deltas))
-    if (!length(pending)) return(state)
-    stopifnot(all(state$flight$version[pending] == state$version))
-    nodes <- private$.nodes[state$flight$node[pending]]
+  # Trains every client in flight without an update yet, and `arrived`
+  # (clients that left the flight before training): all of them downloaded
+  # the current version.
+  train_pending <- function(state, arrived = list()) {
+    fl <- state$flight
+    in_flight <- which(!fl$dropped & !as.character(fl$seq) %in% names(state$deltas))
+    stopifnot(all(fl$version[in_flight] == state$version))
+    node <- c(fl$node[in_flight], vapply(arrived, `[[`, numeric(1), "node"))
+    seq <- c(fl$seq[in_flight], vapply(arrived, `[[`, numeric(1), "seq"))
+    if (!length(node)) return(state)
+    nodes <- private$.nodes[node]
     cfg <- config
     cfg$seed <- seed
-    round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[state$flight$node[pending]]),
-                             list(client_controls = NULL))
+    round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[node]), list(client_controls = NULL))
     out <- core_call(rs_train_round(private$.model$sizes, private$.model$head, model_bits(private$.model),
                                     private$.flat, lapply(unname(nodes), function(n) n$data_for(private$.model)),
-                                    vector("list", length(nodes)), as.double(state$flight$seq[pending]), round_cfg,
+                                    vector("list", length(nodes)), as.double(seq), round_cfg,
                                     resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, r, kind = out$kind)
-    for (k in seq_along(pending)) {
-      state$deltas[[as.character(state$flight$seq[pending[k]])]] <-
+    for (k in seq_along(node)) {
+      state$deltas[[as.character(seq[k])]] <-
         list(delta = out$collected[[k]], n_samples = out$n_samples[k], train_loss = out$train_loss[k],
              steps = out$steps[k])
     }
@@ -61,16 +64,14 @@ async_round <- function(private, r, config) {
   }
   started <- state$time
   while (nrow_flight(state$flight) < spec$concurrency) state <- dispatch(state, state$time, state$version)
-  state <- train_pending(state)
+  # The clock does not depend on what the clients compute, and every client
+  # dispatched in this round trains from this version: the event loop runs
+  # first, then the round_start hook sees who arrives, then they train.
   arrivals <- list()
   lost <- list()
   k <- 0L
   while (k < spec$buffer_size) {
     j <- order(state$flight$finish, state$flight$seq)[1]
-    key <- as.character(state$flight$seq[j])
-    # A client dispatched in this round may arrive in it: train it (and any
-    # other pending one, all on this version) while it is still in flight.
-    if (!state$flight$dropped[j] && is.null(state$deltas[[key]])) state <- train_pending(state)
     fl <- state$flight
     state$flight <- lapply(fl, function(col) col[-j])
     state$time <- fl$finish[j]
@@ -80,26 +81,39 @@ async_round <- function(private, r, config) {
       next
     }
     k <- k + 1L
-    arrivals[[k]] <- c(lapply(fl, `[[`, j), state$deltas[[key]], list(staleness = state$version - fl$version[j]))
-    state$deltas[[key]] <- NULL
+    arrivals[[k]] <- c(lapply(fl, `[[`, j), list(staleness = state$version - fl$version[j]))
     # The freed slot goes to another node, with the model of the moment:
     # this version before the buffer is full, the next one after.
     if (k < spec$buffer_size) state <- dispatch(state, state$time, state$version)
   }
-  state <- train_pending(state)
+  before_training(names(private$.nodes)[vapply(arrivals, `[[`, numeric(1), "node")])
+  # Arrivals leave the flight before this: train them with the clients
+  # still in flight on this version.
+  pending_arrivals <- Filter(function(a) is.null(state$deltas[[as.character(a$seq)]]), arrivals)
+  state <- train_pending(state, pending_arrivals)
+  for (k in seq_along(arrivals)) {
+    key <- as.character(arrivals[[k]]$seq)
+    arrivals[[k]] <- c(arrivals[[k]], state$deltas[[key]])
+    state$deltas[[key]] <- NULL
+  }
   tau <- vapply(arrivals, `[[`, numeric(1), "staleness")
   weights <- call_user(spec$weight, list(tau), "The staleness function", round = r)
   if (!is.numeric(weights) || length(weights) != length(tau) || any(!is.finite(weights) | weights < 0)) {
     fedagg_abort("The staleness function must return {length(tau)} finite weights >= 0, not {obj_desc(weights)}.",
                  class = "user_code", round = r)
   }
-  # sum_i s_i Delta_i / K: the equal-weight mean of the scaled updates.
-  scaled <- Map(function(a, w) w * a$delta, arrivals, weights)
-  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
-                   diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes))
-  out <- core_call(rs_fold_round(private$.flat, unname(scaled), rep(1, length(scaled)), NULL, fold_cfg,
+  # sum_i s_i Delta_i / K, each Delta_i as its client sent it (a simulated
+  # attacker's update is what the server scales).
+  arrived_nodes <- vapply(arrivals, `[[`, numeric(1), "node")
+  attacks <- lapply(private$.nodes[arrived_nodes], function(n) n$attack)
+  fold_cfg <- c(list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
+                     diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes),
+                     denominator = as.double(length(arrivals))),
+                trust_config(private, unname(attacks), r))
+  out <- core_call(rs_fold_round(private$.flat, lapply(arrivals, `[[`, "delta"), as.double(weights), NULL, fold_cfg,
                                  resolve_threads(private$.threads)))
   if (!isTRUE(out$ok)) abort_client_failure(names(private$.nodes)[arrivals[[out$client]]$node], out$message, r, kind = out$kind)
+  stepped <- server_step(private, out, r)
   state$version <- state$version + 1L
   state <- dispatch(state, state$time, state$version)
   ids <- names(private$.nodes)[vapply(arrivals, `[[`, numeric(1), "node")]
@@ -108,7 +122,8 @@ async_round <- function(private, r, config) {
   info <- list(client = ids, n_samples = field("n_samples"), train_loss = field("train_loss"),
                val_loss = rep(NA_real_, k), val_metric = rep(NA_real_, k), weight = as.double(weights),
                epochs = as.double(private$.epochs[field("node")]), steps = field("steps"),
-               update_norm = out$client_norms, cosine = nan_to_na(out$cosines), malicious = rep(FALSE, k),
+               update_norm = out$client_norms, cosine = nan_to_na(out$cosines),
+               malicious = !vapply(attacks, is.null, logical(1), USE.NAMES = FALSE),
                kept = rep(TRUE, k), filter_reason = rep("", k), clipped = rep(NA, k), selected = rep(NA, k))
   log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = field("download"),
               compute = field("compute"), upload = field("upload"), finish = field("finish") - started,
@@ -121,9 +136,9 @@ async_round <- function(private, r, config) {
                             upload = rep(NA_real_, m), finish = rep(NA_real_, m), work = rep(0, m),
                             staleness = rep(NA_real_, m)))
   }
-  list(result = list(params = out$params, aggregate = out$aggregate,
-                     server_state = list(m = out$server_m, v = out$server_v), control = NULL, info = info,
-                     diagnostics = lapply(out$diagnostics, nan_to_na), node_states = list()),
+  list(result = list(params = stepped$params, aggregate = out$aggregate,
+                     server_state = stepped$server_state, control = NULL, info = info,
+                     diagnostics = lapply(stepped$diagnostics, nan_to_na), node_states = list()),
        system = list(log = log, round_time = state$time - started, bytes_down = bytes_down,
                      bytes_up = k * 8 * d),
        picked = selection_log_rows(r, ids, NULL),

@@ -30,12 +30,17 @@ hier_round <- function(private, r, config, work) {
     members <- which(edges == g)
     nodes <- private$.nodes[index[members]]
     data <- lapply(unname(nodes), function(n) n$data_for(model, "train"))
+    attacks <- unname(lapply(nodes, function(n) n$attack))
     y <- private$.flat
     for (it in seq_len(top$edge_rounds)) {
       cfg <- config
       cfg$seed <- derive_seed(derive_seed(private$.seed, r, 13L), it, match(g, top$edges))
-      fold_cfg <- list(algorithm = rust_config(cfg, "samples")$algorithm, server = edge_sgd, diagnostics = FALSE,
-                       control = NULL, client_controls = NULL, n_nodes = length(private$.nodes))
+      # A simulated attacker sends its distorted update to its edge in every
+      # edge round, each with its own noise.
+      fold_cfg <- c(list(algorithm = rust_config(cfg, "samples")$algorithm, server = edge_sgd, diagnostics = FALSE,
+                         control = NULL, client_controls = NULL, n_nodes = length(private$.nodes)),
+                    trust_config(private, attacks, r)[c("attacks", "attack_seed")])
+      fold_cfg$attack_seed <- as.double(derive_seed(cfg$seed, 1L, 6L))
       out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), y, data,
                                       vector("list", length(members)), as.double(index[members]),
                                       rust_config(cfg, "samples", work$epochs[members], fold_cfg),
@@ -66,16 +71,18 @@ hier_round <- function(private, r, config, work) {
   cloud <- core_call(rs_fold_round(private$.flat, unname(edge_models), unname(edge_weights), NULL, fold_cfg,
                                    resolve_threads(private$.threads)))
   if (!isTRUE(cloud$ok)) fedagg_abort("Round {r}: the cloud could not fold the edge models: {cloud$message}", round = r)
+  stepped <- server_step(private, cloud, r)
+  malicious <- !vapply(private$.nodes[index], function(n) is.null(n$attack), logical(1), USE.NAMES = FALSE)
   info <- list(client = ids, n_samples = n_samples, train_loss = train_loss, val_loss = rep(NA_real_, k),
                val_metric = rep(NA_real_, k), weight = n_samples, epochs = as.double(work$epochs), steps = steps,
-               update_norm = rep(NA_real_, k), cosine = rep(NA_real_, k), malicious = rep(FALSE, k),
+               update_norm = rep(NA_real_, k), cosine = rep(NA_real_, k), malicious = malicious,
                kept = rep(TRUE, k), filter_reason = rep("", k), clipped = rep(NA, k), selected = rep(NA, k))
   log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = t_down,
               compute = t_compute, upload = t_up, finish = rep(NA_real_, k), work = rep(1, k),
               staleness = rep(NA_real_, k))
-  list(result = list(params = cloud$params, aggregate = cloud$aggregate,
-                     server_state = list(m = cloud$server_m, v = cloud$server_v), control = NULL, info = info,
-                     diagnostics = lapply(cloud$diagnostics, nan_to_na), node_states = list()),
+  list(result = list(params = stepped$params, aggregate = cloud$aggregate,
+                     server_state = stepped$server_state, control = NULL, info = info,
+                     diagnostics = lapply(stepped$diagnostics, nan_to_na), node_states = list()),
        system = list(log = log, round_time = if (timed) max(group_time) else NA_real_, bytes_down = bytes_down,
                      bytes_up = bytes_up))
 }

@@ -25,7 +25,17 @@ select_round <- function(self, private, r) {
     on
   }
   # Minimum cohort: nodes too small to disclose an update never take part.
-  if (private$.min_samples > 0L) available <- available & roster$n_samples >= private$.min_samples
+  if (private$.min_samples > 0L) {
+    eligible <- roster$n_samples >= private$.min_samples
+    # Data changed since the server was made can leave too few nodes: a round
+    # of no clients, forever, is not a result.
+    if (sum(eligible) < private$.min_clients) {
+      n_min <- format(private$.min_samples)
+      fedagg_abort("Round {r}: {.arg min_samples} = {n_min} leaves {sum(eligible)} eligible node{?s}; a round needs {.arg min_clients} = {private$.min_clients}.",
+                   class = "cohort", round = r)
+    }
+    available <- available & eligible
+  }
   names(available) <- ids
   if (!is.null(private$.schedule)) {
     if (r > length(private$.schedule)) {

@@ -72,22 +72,10 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   } else {
     out_fold <- out
   }
-  params <- out_fold$params
-  server_state <- list(m = out_fold$server_m, v = out_fold$server_v)
-  diagnostics <- out_fold$diagnostics
-  if (private$.server_opt$kind == "custom") {
-    stepped <- call_user(private$.server_opt$step,
-                         list(params = private$.flat, delta = out_fold$aggregate, state = private$.server_state$custom,
-                              round = round),
-                         "The server optimizer's {.fn step}", round = round)
-    if (!is.list(stepped) || !is.numeric(stepped$params) || length(stepped$params) != length(private$.flat)) {
-      fedagg_abort("The server optimizer's {.fn step} must return {.code list(params = <{length(private$.flat)} numbers>, state = )}.",
-                   class = "user_code", round = round)
-    }
-    params <- as.double(stepped$params)
-    server_state <- list(custom = stepped$state)
-    diagnostics$update_norm <- sqrt(sum((params - private$.flat)^2))
-  }
+  stepped <- server_step(private, out_fold, round)
+  params <- stepped$params
+  server_state <- stepped$server_state
+  diagnostics <- stepped$diagnostics
   info$update_norm <- out_fold$client_norms
   info$cosine <- nan_to_na(out_fold$cosines)
   k <- length(ids)
@@ -121,6 +109,29 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   } else list()
   list(params = params, aggregate = out_fold$aggregate, server_state = server_state, control = out_fold$control,
        info = info, diagnostics = lapply(diagnostics, nan_to_na), node_states = node_states)
+}
+
+# The server step of a fold's output: the Rust optimizer's (already taken
+# in the fold), or a custom server_optimizer()'s step in R. Every schedule
+# (synchronous, FedBuff, the cloud of a hierarchy) steps through here.
+server_step <- function(private, out_fold, round) {
+  params <- out_fold$params
+  server_state <- list(m = out_fold$server_m, v = out_fold$server_v)
+  diagnostics <- out_fold$diagnostics
+  if (private$.server_opt$kind == "custom") {
+    stepped <- call_user(private$.server_opt$step,
+                         list(params = private$.flat, delta = out_fold$aggregate, state = private$.server_state$custom,
+                              round = round),
+                         "The server optimizer's {.fn step}", round = round)
+    if (!is.list(stepped) || !is.numeric(stepped$params) || length(stepped$params) != length(private$.flat)) {
+      fedagg_abort("The server optimizer's {.fn step} must return {.code list(params = <{length(private$.flat)} numbers>, state = )}.",
+                   class = "user_code", round = round)
+    }
+    params <- as.double(stepped$params)
+    server_state <- list(custom = stepped$state)
+    diagnostics$update_norm <- sqrt(sum((params - private$.flat)^2))
+  }
+  list(params = params, server_state = server_state, diagnostics = diagnostics)
 }
 
 # A round in which nobody was selected (Poisson sampling, all stragglers

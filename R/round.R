@@ -27,13 +27,12 @@ round_body <- function(self, private, r, last_round) {
   old <- private$.flat
   async_state <- NULL
   if (!is.null(private$.async)) {
-    step <- async_round(private, r, config)
+    step <- async_round(private, r, config, function(ids) round_start_hook(self, private, r, ids))
     picked <- list(log = step$picked, available = rep(TRUE, length(private$.nodes)))
     system <- step$system
     work <- list(ids = step$result$info$client)
     result <- step$result
     async_state <- step$state
-    round_start_hook(self, private, r, work$ids)
   } else if (identical(private$.topology$kind, "hierarchical")) {
     picked <- private$.select_round(r)
     work <- private$.local_work(picked$index, r)
@@ -107,7 +106,11 @@ round_body <- function(self, private, r, last_round) {
   private$.control <- result$control
   if (!is.null(result$aggregate)) private$.last_delta <- result$aggregate
   for (k in seq_along(result$node_states)) {
-    private$.nodes[[names(result$node_states)[k]]]$commit_state(result$node_states[[k]])
+    # The round is kept with the state, so a clone of this server can tell
+    # whether the state is still that of its own last round.
+    state <- result$node_states[[k]]
+    state$round <- r
+    private$.nodes[[names(result$node_states)[k]]]$commit_state(state)
   }
   private$.seconds[r] <- proc.time()[["elapsed"]] - started
   private$.core_seconds[r] <- core_clock$seconds - core_started

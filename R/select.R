@@ -91,6 +91,7 @@ select_by_size <- function() {
 #' @rdname selection
 #' @export
 select_poisson <- function(q) {
+  check_required_args()
   q <- assert_number(q, 0, 1, lower_open = TRUE)
   new_selection("poisson", sprintf("Poisson (q = %s)", format(q)), settings = list(q = q), function(ctx) {
     draws <- with_seed(ctx$seed, stats::runif(length(ctx$clients$id)))
@@ -101,6 +102,7 @@ select_poisson <- function(q) {
 #' @rdname selection
 #' @export
 select_power_of_choice <- function(d) {
+  check_required_args()
   d <- assert_count(d, min = 1L)
   new_selection("power_of_choice", sprintf("power of choice (d = %d)", d), needs = "losses", function(ctx) {
     avail <- which(ctx$clients$available)

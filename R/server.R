@@ -142,6 +142,7 @@ Server <- R6::R6Class("Server",
       private$.reach <- stats::setNames(integer(length(private$.nodes)), names(private$.nodes))
       private$.lr_schedule <- as_lr_schedule(lr_schedule)
       private$.key <- new_server_key()
+      private$.home <- self
       private$.async <- assert_async(asynchronous, private)
       private$.topology <- assert_topology(topology, private)
       private$.test <- if (!is.null(test_data)) assert_test_data(test_data, model)
@@ -159,11 +160,19 @@ Server <- R6::R6Class("Server",
       if (!is.null(private$.privacy$adaptive)) {
         adaptive_noise(private$.privacy, private$.sampling_rate() * private$.eligible())
       }
+      if (private$.min_samples > 0L && private$.eligible() < private$.min_clients) {
+        n_min <- format(private$.min_samples)
+        largest <- format(max(node_roster(private)$n_samples))
+        fedagg_abort(c("{.arg min_samples} = {n_min} leaves {private$.eligible()} of {length(private$.nodes)} node{?s} eligible; a round needs {.arg min_clients} = {private$.min_clients}.",
+                       i = "The largest node has {largest} sample{?s}."), class = "cohort")
+      }
       if (!is.null(private$.schedule) && private$.min_samples > 0L) {
         small <- names(private$.nodes)[vapply(private$.nodes, function(n) n$n_samples < private$.min_samples, logical(1))]
         scheduled <- intersect(small, unlist(private$.schedule))
         if (length(scheduled)) {
-          fedagg_abort("The {.arg schedule} picks node{?s} {.val {scheduled}}, which {.arg min_samples} = {private$.min_samples} keeps out.",
+          n_min <- format(private$.min_samples)
+          fedagg_abort(c("The {.arg schedule} picks {cli::qty(length(scheduled))}node{?s} {.val {scheduled}}.",
+                         x = "{.arg min_samples} = {n_min} keeps {cli::qty(length(scheduled))}{?it/them} out."),
                        class = "schedule")
         }
       }
@@ -219,10 +228,14 @@ Server <- R6::R6Class("Server",
                               format = "Round {cli::pb_current}/{cli::pb_total} {cli::pb_bar} {status} | ETA {cli::pb_eta}")
       }
       for (r in first:last) {
+        stop_cnd <- NULL
         reason <- tryCatch({
           private$.run_round(r, last_round = last)
           if (!is.null(stop_when)) stop_reason(stop_when, self$history)
-        }, fedagg_stop_training = function(cnd) cnd$reason)
+        }, fedagg_stop_training = function(cnd) {
+          stop_cnd <<- cnd
+          cnd$reason
+        })
         if (verbose) {
           row <- private$.records[[length(private$.records)]]
           if (!is.null(row)) status <- progress_status(row)
@@ -231,6 +244,14 @@ Server <- R6::R6Class("Server",
         if (!is.null(reason)) {
           private$.stopped <- list(round = private$.round, reason = reason)
           if (verbose) cli::cli_inform(c(i = "Stopped after round {private$.round}: {reason}"))
+          if (inherits(stop_cnd, "fedagg_budget_exhausted")) {
+            # Fewer rounds than asked for is a result the caller must be able
+            # to see without verbose output.
+            if (verbose) cli::cli_progress_done()
+            fedagg_warn(c("{.fn fit} stopped after round {private$.round} of {last}: the privacy budget is spent.",
+                          i = "{reason}."), class = "budget_exhausted")
+            return(self$history)
+          }
           break
         }
       }
@@ -450,6 +471,7 @@ Server <- R6::R6Class("Server",
     #' @field lr The initial learning rate (validated when set).
     lr = function(value) {
       if (missing(value)) return(private$.local$lr)
+      if (private$.busy) abort_reentrant()
       private$.local$lr <- assert_number(value, 0, lower_open = TRUE, arg = "lr")
     },
     #' @field clients_per_round Clients selected per round (read-only).
@@ -476,7 +498,7 @@ Server <- R6::R6Class("Server",
            privacy = private$.privacy$label, privacy_object = private$.privacy, sampling_rate = private$.sampling_rate(),
            sampling_rates = private$.q_log,
            clip = private$.clip$label, filter = private$.filter$label, min_samples = private$.min_samples,
-           seed = private$.seed)
+           seed = private$.seed, stopped = private$.stopped)
     }
   ),
   private = list(
@@ -490,7 +512,7 @@ Server <- R6::R6Class("Server",
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
     .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(), .roster = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
-    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL, .chains = NULL, .topology = NULL, .key = NULL,
+    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL, .chains = NULL, .topology = NULL, .key = NULL, .home = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {
@@ -513,6 +535,7 @@ Server <- R6::R6Class("Server",
 
     .run_round = function(r, last_round) {
       if (private$.busy) abort_reentrant()
+      private$.rehome()
       private$.busy <- TRUE
       on.exit(private$.busy <- FALSE, add = TRUE)
       # Every fedagg error raised during a round names the round.
@@ -520,6 +543,36 @@ Server <- R6::R6Class("Server",
         if (is.null(e$round)) e$round <- r
         stop(e)
       })
+    },
+
+    # A copy made by `$clone()` still has the original's key, and a shallow
+    # copy shares its nodes: both would read and write the same per-node
+    # state. The copy takes a key of its own and the state as of its own
+    # last round; if the original has since moved a node's state on, the
+    # copy cannot continue exactly, and says so.
+    .rehome = function() {
+      if (identical(private$.home, self)) return(invisible())
+      old <- private$.key
+      new <- new_server_key()
+      moved <- character()
+      states <- list()
+      for (id in names(private$.nodes)) {
+        st <- private$.nodes[[id]]$state_for(old)
+        if (!length(st)) next
+        if (!is.null(st$round) && st$round > private$.round) moved <- c(moved, id)
+        st$server <- new
+        states[[id]] <- st
+      }
+      if (length(moved)) {
+        fedagg_abort(c("This server is a copy made by {.code $clone()} after round {private$.round}, and the server it was copied from has trained {length(moved)} of their shared node{?s} since.",
+                       x = "Their state (SCAFFOLD controls, error-feedback residuals, a custom algorithm's state) is no longer that of round {private$.round}.",
+                       i = "Use {.code $clone(deep = TRUE)} to branch a run: the copy then has nodes of its own."),
+                     class = "clone")
+      }
+      for (id in names(states)) private$.nodes[[id]]$commit_state(states[[id]])
+      private$.key <- new
+      private$.home <- self
+      invisible()
     },
 
     .round_body = function(r, last_round) round_body(self, private, r, last_round),

@@ -53,6 +53,7 @@ system_profile <- function(speed = 1000, download = 1e6, upload = 1e6, latency =
 #' @param spread Ratio of the 90th to the 10th percentile (>= 1).
 #' @export
 lognormal <- function(median, spread = 10) {
+  check_required_args()
   median <- assert_number(median, 0, lower_open = TRUE)
   spread <- assert_number(spread, 1)
   structure(list(median = median, spread = spread, sdlog = log(spread) / (2 * stats::qnorm(0.9))),
@@ -94,6 +95,7 @@ print.fed_system <- function(x, ...) {
 #'   with a `node` column and per-node settings.
 #' @export
 set_system <- function(nodes, profile) {
+  check_required_args()
   nodes <- assert_node_list(nodes)
   ids <- vapply(nodes, function(n) n$id, character(1), USE.NAMES = FALSE)
   table <- resolve_system(profile, ids)
@@ -104,6 +106,7 @@ set_system <- function(nodes, profile) {
 #' @rdname system_profile
 #' @export
 system_table <- function(nodes) {
+  check_required_args()
   nodes <- assert_node_list(nodes)
   rows <- lapply(nodes, function(n) {
     s <- n$system
@@ -242,6 +245,7 @@ assert_node_system <- function(value, client, call = rlang::caller_env()) {
 #' nodes[[1]]$availability
 #' @export
 availability_markov <- function(mean_on, mean_off) {
+  check_required_args()
   mean_on <- assert_number(mean_on, 1)
   mean_off <- assert_number(mean_off, 1)
   structure(list(mean_on = mean_on, mean_off = mean_off, share = mean_on / (mean_on + mean_off)),

@@ -34,6 +34,7 @@
 #' srv$fit(3, verbose = FALSE)
 #' @export
 topology_hierarchical <- function(groups, edge_rounds = 2, edge_link = list(latency = 0.01, bandwidth = 1e8)) {
+  check_required_args()
   edge_rounds <- assert_count(edge_rounds, min = 1L)
   if (is.list(groups) && !is.data.frame(groups)) {
     if (is.null(names(groups)) || any(!nzchar(names(groups))) || anyDuplicated(names(groups))) {
@@ -120,6 +121,7 @@ assert_topology <- function(x, private, call = rlang::caller_env()) {
 #' topology_links(links)
 #' @export
 topology_links <- function(links, root = "server") {
+  check_required_args()
   if (!is.data.frame(links) || !all(c("from", "to", "latency", "bandwidth") %in% names(links)) || !nrow(links)) {
     fedagg_abort("{.arg links} must be a data frame with columns {.field from}, {.field to}, {.field latency} and {.field bandwidth}, not {obj_desc(links)}.")
   }

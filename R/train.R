@@ -41,6 +41,7 @@
 #' @export
 train_config <- function(model, algorithm = c("fedavg", "fedsgd"), epochs = 1, batch_size = 10, lr = 0.01,
                          weight_decay = 0, momentum = 0, shuffle = TRUE, seed = 1, stream = 1, optimizer = NULL) {
+  check_required_args()
   assert_model(model)
   algorithm <- as_algorithm(algorithm)
   if (!identical(batch_size, Inf)) batch_size <- assert_count(batch_size, min = 1L)
@@ -85,6 +86,16 @@ assert_train_config <- function(config, call = rlang::caller_env()) {
   config
 }
 
+# The name of a client algorithm in the Rust core. FedSGD trains as FedAvg's
+# "gradient" work; an algorithm Rust does not know must never run silently
+# as another one.
+rust_algorithm <- function(alg, call = rlang::caller_env()) {
+  kind <- alg$kind %||% "fedavg"
+  if (kind %in% c("fedavg", "fedsgd", "custom")) return("fedavg")
+  if (kind %in% c("fedprox", "scaffold", "fednova")) return(kind)
+  fedagg_abort("The client algorithm {.val {kind}} is not built into the Rust core.", class = "input", call = call)
+}
+
 # The Rust core's round settings. `epochs` may be one per client; `round`
 # carries the server's part (controls, server optimizer, diagnostics).
 rust_config <- function(config, weights, epochs = config$epochs, round = list()) {
@@ -94,7 +105,7 @@ rust_config <- function(config, weights, epochs = config$epochs, round = list())
          epochs = as.double(epochs), batch_size = config$batch_size, lr = config$lr,
          weight_decay = opt$weight_decay, momentum = opt$momentum, shuffle = config$shuffle,
          seed = as.double(config$seed),
-         algorithm = if (alg$kind %in% c("fedprox", "scaffold", "fednova")) alg$kind else "fedavg",
+         algorithm = rust_algorithm(alg),
          mu = alg$settings$mu %||% 0, optimizer = opt$kind, beta1 = opt$beta1, beta2 = opt$beta2, eps = opt$eps,
          alpha = opt$alpha),
     utils::modifyList(list(control = NULL, client_controls = NULL, n_nodes = 1, diagnostics = TRUE,

@@ -66,7 +66,7 @@ test_that("the history's epsilon is the RDP accountant's, and max_epsilon stops 
   expect_equal(privacy_spent(srv)$epsilon, h$epsilon[4])
   budget <- as.double(rdp_epsilon(0.25, 1.2, 6, 1e-5)) + 1e-9
   capped <- make(privacy = dp_central(1.2, clip = 1, max_epsilon = budget))
-  h <- capped$fit(20, verbose = FALSE)
+  expect_warning(h <- capped$fit(20, verbose = FALSE), class = "fedagg_warning_budget_exhausted")
   expect_identical(nrow(h), 6L)
   expect_lte(max(h$epsilon), budget)
   expect_match(capped$stopped$reason, "max_epsilon")

@@ -49,7 +49,42 @@ impl fmt::Display for CoreError {
 
 impl std::error::Error for CoreError {}
 
+#[cfg(test)]
+mod tests {
+    use super::num;
+
+    #[test]
+    fn numbers_in_messages_are_short() {
+        assert_eq!(num(1e300), "1.000e300");
+        assert_eq!(num(0.123456789123), "0.1235");
+        assert_eq!(num(0.01), "0.01");
+        assert_eq!(num(2.0), "2");
+        assert_eq!(num(1234.5678), "1235");
+        assert_eq!(num(f64::INFINITY), "inf");
+    }
+}
+
 pub type CoreResult<T> = Result<T, CoreError>;
+
+/// A number for a message: four significant digits, without trailing zeros,
+/// in scientific notation outside 1e-4..1e7 (Rust's `{}` would print 1e300
+/// with three hundred digits).
+pub fn num(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let magnitude = x.abs().log10().floor() as i32;
+    if !(-4..=6).contains(&magnitude) {
+        return format!("{x:.3e}");
+    }
+    let decimals = (3 - magnitude).max(0) as usize;
+    let s = format!("{x:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
 
 pub(crate) fn invalid<T>(arg: &'static str, msg: impl Into<String>) -> CoreResult<T> {
     Err(CoreError::InvalidArgument(arg, msg.into()))

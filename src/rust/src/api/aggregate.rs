@@ -64,6 +64,16 @@ fn rs_multi_krum(layers: List, n_clients: i32, f: i32, m: i32, weights: Robj, n_
 
 /// @noRd
 #[extendr]
+fn rs_bulyan(layers: List, n_clients: i32, f: i32, n_threads: i32) -> Result<List> {
+    let objs = LayerObjects::new(&layers, n_clients as usize)?;
+    let set = objs.update_set()?;
+    let r = with_threads(threads(n_threads), || robust::bulyan(&set, f as usize)).map_err(core_err)?;
+    let selected: Vec<i32> = r.selected.iter().map(|&i| i as i32 + 1).collect();
+    Ok(list!(aggregate = doubles_list(r.aggregate)?, selected = selected))
+}
+
+/// @noRd
+#[extendr]
 fn rs_geometric_median(layers: List, n_clients: i32, weights: Robj, tol: f64, max_iter: i32, n_threads: i32) -> Result<List> {
     let objs = LayerObjects::new(&layers, n_clients as usize)?;
     let set = objs.update_set()?;
@@ -85,5 +95,6 @@ extendr_module! {
     fn rs_coordinate_median;
     fn rs_trimmed_mean;
     fn rs_multi_krum;
+    fn rs_bulyan;
     fn rs_geometric_median;
 }

@@ -623,6 +623,14 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
         "fedavg" | "fedprox" | "scaffold" | "fedsgd" => FoldRule::Mean,
         other => return Err(input_err(format!("config `algorithm` \"{other}\" is not a known client algorithm"))),
     };
+    // FedBuff: the weighted sum over the buffer's fixed size.
+    let rule = match nullable_field(&config, "denominator") {
+        d if d.is_null() => rule,
+        d => match d.as_real() {
+            Some(n) if n >= 1.0 && n.fract() == 0.0 && n <= usize::MAX as f64 => FoldRule::SumOver(n as usize),
+            _ => return Err(input_err("config `denominator` must be a whole number >= 1")),
+        },
+    };
     let server = ServerObjects::new(&config)?;
     let step = server.step()?;
     let diagnostics = flag(&config, "diagnostics")?;

@@ -8,7 +8,7 @@
 //! along it.
 
 use crate::alloc::{try_with_capacity, try_zeroed};
-use crate::error::{invalid, CoreError, CoreResult};
+use crate::error::{invalid, num, CoreError, CoreResult};
 use crate::model::{Dataset, Network, Precision};
 use crate::rng::Rng;
 use crate::strategy::local_opt::{LocalOptState, LocalOptimizer};
@@ -233,7 +233,7 @@ fn local_run_body(
             if !loss.is_finite() {
                 return Err(CoreError::Diverged(format!(
                     "the training loss became {loss} at step {steps} (epoch {epoch}); the learning rate {} is probably too large",
-                    cfg.lr
+                    num(cfg.lr)
                 )));
             }
             loss_sum += loss * rows.len() as f64;
@@ -267,19 +267,19 @@ fn local_run_body(
         if let Some(bad) = params.iter().find(|p| !p.is_finite()) {
             return Err(CoreError::Diverged(format!(
                 "a parameter became {bad} in epoch {epoch}; the learning rate {} is probably too large",
-                cfg.lr
+                num(cfg.lr)
             )));
         }
     }
     // A run cut short checks its parameters here (a full one did at its last epoch).
     if let Some(bad) = params.iter().find(|p| cut_short && !p.is_finite()) {
-        return Err(CoreError::Diverged(format!("a parameter became {bad}; the learning rate {} is probably too large", cfg.lr)));
+        return Err(CoreError::Diverged(format!("a parameter became {bad}; the learning rate {} is probably too large", num(cfg.lr))));
     }
     let train_loss = loss_sum / seen as f64;
     if !train_loss.is_finite() {
         return Err(CoreError::Diverged(format!(
             "the mean training loss overflowed to {train_loss}; the learning rate {} is probably too large",
-            cfg.lr
+            num(cfg.lr)
         )));
     }
     Ok(LocalOutcome { n_samples: n, train_loss, steps })

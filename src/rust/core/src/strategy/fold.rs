@@ -30,6 +30,9 @@ pub enum FoldRule {
     /// FedNova: `D = (sum_i p_i a_i) sum_i p_i Delta_i / a_i`, every update
     /// normalised by its effective number of steps a_i.
     Normalized,
+    /// `D = sum_i w_i Delta_i / n` over a count fixed in advance, whatever
+    /// the weights: FedBuff's buffer of K staleness-weighted updates.
+    SumOver(usize),
 }
 
 /// Updates longer than this are folded in parallel chunks. Each coordinate
@@ -241,7 +244,7 @@ impl<'a> Fold<'a> {
             return Err(CoreError::Client(k, format!("weight {weight} is not a finite number >= 0")));
         }
         Ok(match self.rule {
-            FoldRule::Mean => weight,
+            FoldRule::Mean | FoldRule::SumOver(_) => weight,
             FoldRule::Normalized => {
                 if !(a.is_finite() && a > 0.0) {
                     return Err(CoreError::Client(k, format!("FedNova's effective steps a = {a} is not a positive number")));
@@ -406,11 +409,17 @@ impl<'a> Fold<'a> {
 /// D from the weighted sum: `sum / total` (Mean) or FedNova's
 /// `(sum_i w_i a_i / total) (sum / total)`.
 fn normalised(rule: FoldRule, weighted_sum: Vec<f64>, total: f64, weighted_steps: f64) -> CoreResult<Vec<f64>> {
-    if !(total > 0.0 && total.is_finite()) {
+    let mut aggregate = weighted_sum;
+    if let FoldRule::SumOver(n) = rule {
+        if n == 0 {
+            return invalid("denominator", "must be at least 1");
+        }
+        aggregate.iter_mut().for_each(|s| *s /= n as f64);
+    } else if !(total > 0.0 && total.is_finite()) {
         return invalid("weights", "the clients' weights sum to zero (every selected client has zero validation accuracy?)");
     }
-    let mut aggregate = weighted_sum;
     match rule {
+        FoldRule::SumOver(_) => {}
         FoldRule::Mean => aggregate.iter_mut().for_each(|s| *s /= total),
         FoldRule::Normalized => {
             let mean_steps = weighted_steps / total;
@@ -730,5 +739,20 @@ mod tests {
         assert!(got.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-15), "{got:?}");
         assert!(scaffold_server_control(None, &old, &new, 0.0, 2).is_err());
         assert!(scaffold_server_control(None, &old, &new[..1], 3.0, 2).is_err());
+    }
+
+    #[test]
+    fn a_sum_over_a_fixed_count_ignores_the_weight_total() {
+        let ups = vec![vec![1.0, 2.0], vec![3.0, -4.0], vec![0.5, 0.25]];
+        let w = [0.5, 1.0, 0.0];
+        let out = fold(FoldRule::SumOver(4), &ups, &w, &[1.0; 3], false);
+        let expected: Vec<f64> = (0..2).map(|j| (0.5 * ups[0][j] + ups[1][j] + 0.0 * ups[2][j]) / 4.0).collect();
+        assert_eq!(out.aggregate, expected);
+        // Bit for bit the plain mean of the pre-weighted updates when the
+        // count is the number of updates.
+        let scaled: Vec<Vec<f64>> = ups.iter().zip(&w).map(|(u, w)| u.iter().map(|v| w * v).collect()).collect();
+        let out3 = fold(FoldRule::SumOver(3), &ups, &w, &[1.0; 3], true);
+        let mean = fold(FoldRule::Mean, &scaled, &[1.0; 3], &[1.0; 3], true);
+        assert_eq!(out3.aggregate, mean.aggregate);
     }
 }

@@ -40,7 +40,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use crate::alloc::{try_copy, try_filled, try_zeroed};
-use crate::error::{invalid, CoreError, CoreResult};
+use crate::error::{invalid, num, CoreError, CoreResult};
 use crate::norms::{clip_factor, clip_layers, l2_norm};
 use crate::compress::Compressor;
 use crate::rng::Rng;
@@ -202,24 +202,6 @@ pub fn median_and_mad(x: &mut [f64]) -> (f64, f64) {
     let mut deviations: Vec<f64> = x.iter().map(|v| (v - median).abs()).collect();
     deviations.sort_by(cmp);
     (median, median_sorted(&deviations))
-}
-
-/// A number for a message: four significant digits, without trailing zeros.
-fn num(x: f64) -> String {
-    if x == 0.0 || !x.is_finite() {
-        return format!("{x}");
-    }
-    let magnitude = x.abs().log10().floor() as i32;
-    if !(-4..=6).contains(&magnitude) {
-        return format!("{x:.3e}");
-    }
-    let decimals = (3 - magnitude).max(0) as usize;
-    let s = format!("{x:.decimals$}");
-    if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    }
 }
 
 /// Norm clipping of the kept updates.
@@ -511,8 +493,8 @@ impl RoundTransforms {
             if self.aggregator.is_robust() {
                 return invalid("noise", "central DP noise needs the \"weighted\" aggregator");
             }
-            if rule == FoldRule::Normalized {
-                return invalid("noise", "central DP noise is defined for the mean of the updates, not FedNova's normalised fold");
+            if rule != FoldRule::Mean {
+                return invalid("noise", "central DP noise is defined for the mean of the updates, not FedNova's or FedBuff's folds");
             }
         }
         Ok(())
