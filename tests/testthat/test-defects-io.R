@@ -1,0 +1,98 @@
+# Regression tests for four input/output defects: the shortest paths of a
+# link table, memory refusals under a process limit (ulimit -v), corrupt
+# gzip IDX files, and absurd drift-monitor windows.
+
+# ---- 1. topology_links(): shortest paths --------------------------------
+
+# The O(V^2) Dijkstra topology_links() used to run, kept as the reference:
+# the open place with the least latency settles next, fewest hops on ties,
+# then the first by name (order() on the names); a link relaxes only on a
+# strict improvement, links taken in table order.
+reference_link_paths <- function(links, root) {
+  from <- as.character(links$from)
+  to <- as.character(links$to)
+  lat <- links$latency
+  bw <- links$bandwidth
+  places <- unique(c(from, to))
+  dist <- stats::setNames(rep(Inf, length(places)), places)
+  hops <- stats::setNames(rep(Inf, length(places)), places)
+  inv_bw <- stats::setNames(rep(Inf, length(places)), places)
+  dist[root] <- 0; hops[root] <- 0; inv_bw[root] <- 0
+  done <- stats::setNames(rep(FALSE, length(places)), places)
+  repeat {
+    open <- places[!done & is.finite(dist)]
+    if (!length(open)) break
+    here <- open[order(dist[open], hops[open], open)[1]]
+    done[here] <- TRUE
+    for (i in which(from == here | to == here)) {
+      there <- if (from[i] == here) to[i] else from[i]
+      d <- dist[here] + lat[i]
+      h <- hops[here] + 1
+      if (!done[there] && (d < dist[there] || (d == dist[there] && h < hops[there]))) {
+        dist[there] <- d; hops[there] <- h; inv_bw[there] <- inv_bw[here] + 1 / bw[i]
+      }
+    }
+  }
+  list(latency = dist, inverse_bandwidth = inv_bw)
+}
+
+test_that("topology_links() finds the same paths as the O(V^2) reference, ties included", {
+  set.seed(42)
+  # Mixed case and digits, so the name order (the last tie-break) matters.
+  pool <- c("server", "a", "B", "b", "A", "r1", "R2", "r10", "n_1", "n-2", "z", "Zed", "m", "M")
+  for (trial in 1:300) {
+    n_places <- sample(2:length(pool), 1)
+    places <- c("server", sample(pool[-1], n_places - 1))
+    n_links <- sample(1:(3 * n_places), 1)
+    ends <- t(replicate(n_links, sample(places, 2)))
+    # Few distinct latencies and bandwidths: many equal-latency paths, equal
+    # hop counts, parallel links, and inverse bandwidths that tell them apart.
+    lat <- sample(c(0, 0.1, 0.2, 0.3, 1, 1), n_links, replace = TRUE)
+    if (trial %% 50 == 0) lat[1] <- 1e308 # sums that overflow to Inf
+    links <- data.frame(from = ends[, 1], to = ends[, 2], latency = lat,
+                        bandwidth = sample(c(1, 2, 3, 10, 1e6), n_links, replace = TRUE))
+    if (!"server" %in% c(links$from, links$to)) links$to[1] <- "server"
+    links <- links[links$from != links$to, , drop = FALSE]
+    if (!nrow(links)) next
+    ours <- topology_links(links)
+    ref <- reference_link_paths(links, "server")
+    expect_identical(ours$latency, ref$latency, info = paste("trial", trial))
+    expect_identical(ours$inverse_bandwidth, ref$inverse_bandwidth, info = paste("trial", trial))
+  }
+  # Another root, and factors for the ends.
+  links <- data.frame(from = factor(c("x", "y", "x", "w")), to = factor(c("y", "z", "z", "z")),
+                      latency = c(1, 1, 2, 0), bandwidth = c(1, 2, 4, 8))
+  expect_identical(topology_links(links, root = "z")[c("latency", "inverse_bandwidth")],
+                   reference_link_paths(links, "z"))
+})
+
+test_that("topology_links() handles 10,001-link chains and stars", {
+  set.seed(7)
+  n <- 10001L
+  # A chain server - p1 - p2 - ... - p10001 with names in shuffled order:
+  # each place's path is the chain before it, so its latency is a cumulative
+  # sum and its hop count (with unit latencies) its position.
+  names <- sprintf("p%05d", sample(n))
+  lat <- runif(n)
+  bw <- runif(n, 1, 100)
+  chain <- data.frame(from = c("server", names[-n]), to = names, latency = lat, bandwidth = bw)
+  chain <- chain[sample(n), ] # table order must not matter
+  top <- topology_links(chain)
+  expect_equal(unname(top$latency[names]), cumsum(lat), tolerance = 1e-12)
+  expect_equal(unname(top$inverse_bandwidth[names]), cumsum(1 / bw), tolerance = 1e-12)
+  expect_identical(unname(top$latency["server"]), 0)
+  unit <- transform(chain, latency = 1)
+  expect_identical(unname(topology_links(unit)$latency[names]), as.double(seq_len(n)))
+
+  # A star: every leaf has its own link to the root, plus a second path
+  # through a hub that ties on latency but takes more hops (so it loses).
+  leaves <- sprintf("leaf%05d", seq_len(n - 1L))
+  star <- data.frame(from = c(leaves, "hub"), to = c(rep("server", n - 1L), "server"),
+                     latency = c(rep(2, n - 1L), 1), bandwidth = c(rep(10, n - 1L), 1))
+  star <- rbind(star, data.frame(from = leaves[1:100], to = "hub", latency = 1, bandwidth = 1000))
+  top <- topology_links(star)
+  expect_identical(unname(top$latency[leaves]), rep(2, n - 1L))
+  expect_identical(unname(top$inverse_bandwidth[leaves]), rep(0.1, n - 1L))
+  expect_identical(unname(top$inverse_bandwidth["hub"]), 1)
+})
+
