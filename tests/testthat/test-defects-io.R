@@ -96,3 +96,40 @@ test_that("topology_links() handles 10,001-link chains and stars", {
   expect_identical(unname(top$inverse_bandwidth["hub"]), 1)
 })
 
+# ---- 2. memory refusals under the process's own limit --------------------
+
+test_that("memory refusals count the process's address-space limit (ulimit -v)", {
+  skip_on_cran()
+  skip_on_os(c("windows", "mac", "solaris"))
+  bash <- Sys.which("bash")
+  skip_if(!nzchar(bash), "needs bash for ulimit")
+  limit_kib <- 2000000L # about 1.9 GiB
+  probe <- suppressWarnings(system2(bash, c("-c", shQuote(sprintf("ulimit -v %d && ulimit -v", limit_kib))),
+                                    stdout = TRUE, stderr = TRUE))
+  skip_if(!is.null(attr(probe, "status")) || !identical(trimws(probe), sprintf("%d", limit_kib)),
+          "ulimit -v cannot be set here")
+  script <- tempfile(fileext = ".R")
+  out <- tempfile(fileext = ".rds")
+  # synthetic_fedprox() checks 32 bytes per client before allocating: 1e8
+  # clients ask for 3.2 GB, more than the limit allows.
+  writeLines(c(
+    "library(fedagg)",
+    "e <- tryCatch({ synthetic_fedprox(1, 1, n_clients = 1e8); NULL }, error = identity)",
+    sprintf("saveRDS(list(class = class(e), message = if (!is.null(e)) conditionMessage(e)), %s)", deparse(out))
+  ), script)
+  rscript <- file.path(R.home("bin"), "Rscript")
+  command <- sprintf("ulimit -v %d && exec %s --vanilla %s", limit_kib, shQuote(rscript), shQuote(script))
+  libs <- paste(.libPaths(), collapse = .Platform$path.sep)
+  log <- suppressWarnings(system2(bash, c("-c", shQuote(command)), stdout = TRUE, stderr = TRUE,
+                                  env = paste0("R_LIBS=", shQuote(libs))))
+  skip_if(!file.exists(out), paste(c("R did not run under the limit:", log), collapse = "\n"))
+  res <- readRDS(out)
+  expect_true("fedagg_error_memory" %in% res$class, info = paste(res$class, res$message))
+  # "... needs 3.0 GiB (3200000000 bytes) but only 1.8 GiB (N bytes) are available"
+  counts <- as.numeric(regmatches(res$message, gregexpr("[0-9]+(?=\\s+bytes\\))", res$message, perl = TRUE))[[1]])
+  expect_length(counts, 2L)
+  expect_identical(counts[1], 3.2e9)
+  expect_lte(counts[2], limit_kib * 1024)
+  expect_match(res$message, "available")
+})
+
