@@ -133,3 +133,60 @@ test_that("memory refusals count the process's address-space limit (ulimit -v)",
   expect_match(res$message, "available")
 })
 
+# ---- 3. read_idx() on corrupt or truncated files -------------------------
+
+write_idx_bytes <- function(path, values, dims, gz = FALSE) {
+  con <- if (gz) gzfile(path, "wb") else file(path, "wb")
+  on.exit(close(con))
+  writeBin(as.raw(c(0, 0, 0x08, length(dims))), con)
+  writeBin(as.integer(dims), con, size = 4, endian = "big")
+  writeBin(as.raw(values), con)
+}
+
+expect_corrupt_idx <- function(bytes, label) {
+  f <- tempfile(fileext = ".gz")
+  writeBin(bytes, f)
+  # No warnings on the way either: they become the classed error.
+  err <- tryCatch(read_idx(f), error = identity, warning = identity)
+  expect_s3_class(err, "fedagg_error_input")
+  # Raised once: a connection's condition may be the cause, not a fedagg error.
+  expect_false(inherits(err$parent, "fedagg_error"))
+  msg <- conditionMessage(err)
+  expect_true(grepl(basename(f), msg, fixed = TRUE), info = paste(label, msg))
+  expect_match(msg, "corrupt|truncated", info = label)
+}
+
+test_that("read_idx() calls a corrupt or truncated gzip file a classed input error naming it", {
+  set.seed(3)
+  values <- sample(0:255, 6000, replace = TRUE)
+  f <- tempfile(fileext = ".gz")
+  write_idx_bytes(f, values, c(60, 100), gz = TRUE)
+  expect_identical(read_idx(f), matrix(values, 60, 100, byrow = TRUE))
+  bytes <- readBin(f, "raw", file.size(f))
+  n <- length(bytes)
+  # Truncated: in the deflate data, and inside the 8-byte gzip trailer.
+  for (keep in c(n %/% 2, n - 4L, n - 8L, 40L)) expect_corrupt_idx(bytes[seq_len(keep)], paste("first", keep, "bytes"))
+  # Bytes flipped in the middle of the stream, and in the CRC.
+  for (at in c(30L, n %/% 3, n %/% 2, n - 20L, n - 6L)) {
+    bad <- bytes
+    span <- at:min(at + 15L, n)
+    bad[span] <- xor(bad[span], as.raw(0xff))
+    expect_corrupt_idx(bad, paste("flipped at", at))
+  }
+})
+
+test_that("read_idx() calls a truncated plain file a classed input error naming it", {
+  f <- tempfile()
+  write_idx_bytes(f, 1:200, c(10, 20))
+  expect_identical(read_idx(f), matrix(1:200, 10, 20, byrow = TRUE))
+  bytes <- readBin(f, "raw", file.size(f))
+  for (keep in c(150L, 13L, 9L)) {
+    g <- tempfile()
+    writeBin(bytes[seq_len(keep)], g)
+    err <- tryCatch(read_idx(g), error = identity)
+    expect_s3_class(err, "fedagg_error_input")
+    expect_true(grepl(basename(g), conditionMessage(err), fixed = TRUE))
+    expect_match(conditionMessage(err), "corrupt|truncated")
+  }
+})
+
