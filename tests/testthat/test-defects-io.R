@@ -190,3 +190,24 @@ test_that("read_idx() calls a truncated plain file a classed input error naming 
   }
 })
 
+# ---- 4. monitor_drift() with absurd windows and starts --------------------
+
+test_that("monitor_drift() refuses a window or start beyond its bound, naming it", {
+  err <- tryCatch(monitor_drift(window = 1.5e9), error = identity, warning = identity)
+  expect_s3_class(err, "fedagg_error_input")
+  expect_match(conditionMessage(err), "window")
+  expect_error(monitor_drift(window = 5e8 + 1), class = "fedagg_error_input", regexp = "window")
+  err <- tryCatch(monitor_drift(window = 1.5e9, start = 2e9), error = identity, warning = identity)
+  expect_s3_class(err, "fedagg_error_input")
+  expect_match(conditionMessage(err), "window")
+  expect_error(monitor_drift(window = 5, start = 1.5e9), class = "fedagg_error_input", regexp = "start")
+  expect_error(monitor_drift(window = 5, start = 1e9 + 1), class = "fedagg_error_input", regexp = "start")
+  # At the bounds, the monitor is built and rounds run (its tests never start).
+  big <- expect_no_warning(monitor_drift(window = 5e8))
+  expect_identical(big$start, 1000000000L)
+  expect_identical(monitor_drift(window = 5, start = 1e9)$start, 1000000000L)
+  d <- synthetic_fedprox(1, 1, n_clients = 4, seed = 1)
+  srv <- fed_server(model_softmax(60, 10), fed_nodes(d), fraction = 1, lr = 0.05, seed = 1, monitor = big)
+  h <- srv$fit(2, verbose = FALSE)
+  expect_identical(h$drift_alerts, c(0, 0))
+})
