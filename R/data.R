@@ -149,13 +149,23 @@ read_idx <- function(path) {
   }
   con <- gzfile(path, "rb") # reads plain files too
   on.exit(close(con))
-  magic <- readBin(con, "raw", 4L)
+  # Every read goes through `read`: a corrupt or truncated gzip stream makes
+  # the connection warn ("invalid or incomplete compressed data") or fail
+  # ("error reading from the connection"); both become one classed error.
+  here <- environment()
+  read <- function(what, n, ...) {
+    failed <- function(cnd) idx_unreadable(path, cnd, here)
+    # The last handler is the outer one: the error `failed` raises for a
+    # warning is not caught again as an error.
+    tryCatch(readBin(con, what, n, ...), error = failed, warning = failed)
+  }
+  magic <- read("raw", 4L)
   if (length(magic) < 4L || magic[1] != as.raw(0) || magic[2] != as.raw(0)) {
     fedagg_abort("{.path {path}} is not an IDX file (bad magic number).")
   }
   type <- as.integer(magic[3])
   n_dims <- as.integer(magic[4])
-  dims <- if (n_dims) readBin(con, "integer", n_dims, size = 4L, endian = "big") else integer()
+  dims <- if (n_dims) read("integer", n_dims, size = 4L, endian = "big") else integer()
   if (length(dims) != n_dims || anyNA(dims) || any(dims < 0)) fedagg_abort("{.path {path}} has a truncated or invalid header.")
   spec <- idx_types[[as.character(type)]]
   if (is.null(spec)) fedagg_abort("{.path {path}} has unknown IDX type code {type}.")
@@ -173,11 +183,11 @@ read_idx <- function(path) {
     what <- if (size < expected_bytes) "is truncated" else "has data beyond what its header describes"
     fedagg_abort("{.path {path}} {what}: {size} bytes, where its header describes {format(expected_bytes, scientific = FALSE)}.")
   }
-  values <- read_idx_values(con, spec, n)
+  values <- read_idx_values(read, spec, n)
   if (length(values) != n) {
     fedagg_abort("{.path {path}} is truncated: {length(values)} of {format(n, scientific = FALSE)} values.")
   }
-  if (length(readBin(con, "raw", 1L))) {
+  if (length(read("raw", 1L))) {
     fedagg_abort("{.path {path}} has data beyond the {format(n, scientific = FALSE)} values its header describes.")
   }
   if (n_dims <= 1L) return(values)
@@ -203,8 +213,14 @@ is_gzip <- function(path) {
   identical(readBin(con, "raw", 2L), as.raw(c(0x1f, 0x8b)))
 }
 
-read_idx_values <- function(con, spec, n, chunk = 2^24) {
-  read <- function(k) readBin(con, spec$what, k, size = spec$size, signed = spec$signed, endian = "big")
+# A failure of the connection (`cnd`, kept as the parent) ends the reading.
+idx_unreadable <- function(path, cnd, call) {
+  fedagg_abort("{.path {path}} is corrupt or truncated: its data cannot be read.", parent = cnd, call = call)
+}
+
+# `read_bin(what, n, ...)` reads from the file's connection.
+read_idx_values <- function(read_bin, spec, n, chunk = 2^24) {
+  read <- function(k) read_bin(spec$what, k, size = spec$size, signed = spec$signed, endian = "big")
   if (n <= chunk) return(read(n))
   pieces <- list()
   left <- n

@@ -16,12 +16,14 @@
 #' `plot(history)` marks their rounds. Windows slide by one round, so a
 #' lasting shift raises alerts for several rounds.
 #'
-#' @param window Rounds in each window, at least 2.
+#' @param window Rounds in each window, at least 2 and at most 5e8 (half of
+#'   `start`'s bound).
 #' @param alpha Significance level, in (0, 1).
 #' @param features Also test the features of nodes whose data changed?
 #' @param start First round of the window tests (`NULL`: `2 * window`, the
-#'   first round with two full windows). A later start skips the rounds in
-#'   which a model is still settling, when norms and losses change anyway.
+#'   first round with two full windows), at most 1e9. A later start skips the
+#'   rounds in which a model is still settling, when norms and losses change
+#'   anyway.
 #' @param adjust Multiple-testing adjustment of a changed node's per-feature
 #'   p-values, one of [stats::p.adjust.methods] (e.g. `"holm"`; default
 #'   `"none"`).
@@ -54,6 +56,14 @@
 monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE, adjust = "none", start = NULL) {
   window <- assert_count(window, min = 2L)
   start <- assert_count(start, min = 1L, allow_null = TRUE)
+  # Round numbers are integers: the bounds keep 2 * window (and the window
+  # arithmetic of every round) within R's integers.
+  if (window > max_monitor_round %/% 2L) {
+    fedagg_abort("{.arg window} must be at most {max_monitor_round %/% 2L} rounds, not {window}.")
+  }
+  if (!is.null(start) && start > max_monitor_round) {
+    fedagg_abort("{.arg start} must be at most round {max_monitor_round}, not {start}.")
+  }
   if (!is.null(start) && start < 2L * window) {
     fedagg_abort("{.arg start} must be at least 2 * {.arg window} = {2L * window} (two full windows), not {start}.")
   }
@@ -65,6 +75,9 @@ monitor_drift <- function(window = 5, alpha = 0.05, features = TRUE, adjust = "n
                                  if (features) ", features of changed nodes" else "")),
             class = c("fed_monitor", "fed_part"))
 }
+
+# The latest round monitor_drift() accepts as `start` (and as 2 * window).
+max_monitor_round <- 1000000000L
 
 assert_monitor <- function(x, call = rlang::caller_env()) {
   if (is.null(x) || inherits(x, "fed_monitor")) return(x)

@@ -138,30 +138,89 @@ topology_links <- function(links, root = "server") {
     fedagg_abort("{.arg links} column {.field bandwidth} must be finite numbers > 0.")
   }
   if (!root %in% c(from, to)) fedagg_abort("{.arg links} never reaches the root {.val {root}}.")
-  # Dijkstra from the root over the undirected links (tables are small).
+  paths <- link_shortest_paths(from, to, lat, bw, root)
+  structure(list(kind = "links", root = root, latency = paths$latency, inverse_bandwidth = paths$inverse_bandwidth,
+                 links = links, label = sprintf("link table: %d links to %s", nrow(links), root)),
+            class = c("fed_topology", "fed_part"))
+}
+
+# Dijkstra from the root over the undirected links, with a binary heap of
+# (latency, hops, name rank) keys and lazy deletion: O(E log V). The open
+# place settled next has the least latency, then the fewest hops, then comes
+# first in order() of the names; a link improves a place only strictly, links
+# taken in table order. A place whose latency sums to Inf is updated but never
+# settled. Returns latencies and inverse bandwidths named by place.
+link_shortest_paths <- function(from, to, lat, bw, root) {
   places <- unique(c(from, to))
-  dist <- stats::setNames(rep(Inf, length(places)), places)
-  hops <- stats::setNames(rep(Inf, length(places)), places)
-  inv_bw <- stats::setNames(rep(Inf, length(places)), places)
-  dist[root] <- 0; hops[root] <- 0; inv_bw[root] <- 0
-  done <- stats::setNames(rep(FALSE, length(places)), places)
-  repeat {
-    open <- places[!done & is.finite(dist)]
-    if (!length(open)) break
-    here <- open[order(dist[open], hops[open], open)[1]]
+  n <- length(places)
+  fi <- match(from, places)
+  ti <- match(to, places)
+  # The links at each place, in table order.
+  ends <- c(fi, ti)
+  link <- c(seq_along(fi), seq_along(ti))
+  o <- order(ends, link)
+  incident <- split(link[o], factor(ends[o], levels = seq_len(n)))
+  name_rank <- integer(n)
+  name_rank[order(places)] <- seq_len(n)
+  dist <- hops <- inv_bw <- rep(Inf, n)
+  done <- logical(n)
+  r <- match(root, places)
+  dist[r] <- 0; hops[r] <- 0; inv_bw[r] <- 0
+  # Each link pushes at most once (from its first settled end).
+  cap <- length(fi) + 1L
+  heap_place <- integer(cap)
+  heap_dist <- numeric(cap)
+  heap_hops <- numeric(cap)
+  size <- 1L
+  heap_place[1] <- r; heap_dist[1] <- 0; heap_hops[1] <- 0
+  while (size > 0L) {
+    here <- heap_place[1]
+    # Pop: move the last entry down from the top.
+    p <- heap_place[size]; d <- heap_dist[size]; h <- heap_hops[size]; k <- name_rank[p]
+    size <- size - 1L
+    i <- 1L
+    repeat {
+      child <- 2L * i
+      if (child > size) break
+      if (child < size) {
+        a <- child; b <- child + 1L
+        if (heap_dist[b] < heap_dist[a] || (heap_dist[b] == heap_dist[a] &&
+            (heap_hops[b] < heap_hops[a] || (heap_hops[b] == heap_hops[a] &&
+             name_rank[heap_place[b]] < name_rank[heap_place[a]])))) child <- b
+      }
+      if (!(heap_dist[child] < d || (heap_dist[child] == d &&
+            (heap_hops[child] < h || (heap_hops[child] == h && name_rank[heap_place[child]] < k))))) break
+      heap_place[i] <- heap_place[child]; heap_dist[i] <- heap_dist[child]; heap_hops[i] <- heap_hops[child]
+      i <- child
+    }
+    if (size > 0L) { heap_place[i] <- p; heap_dist[i] <- d; heap_hops[i] <- h }
+    # A stale entry: the place settled earlier with a better key.
+    if (done[here]) next
     done[here] <- TRUE
-    for (i in which(from == here | to == here)) {
-      there <- if (from[i] == here) to[i] else from[i]
-      d <- dist[here] + lat[i]
+    for (l in incident[[here]]) {
+      there <- if (fi[l] == here) ti[l] else fi[l]
+      d <- dist[here] + lat[l]
       h <- hops[here] + 1
       if (!done[there] && (d < dist[there] || (d == dist[there] && h < hops[there]))) {
-        dist[there] <- d; hops[there] <- h; inv_bw[there] <- inv_bw[here] + 1 / bw[i]
+        dist[there] <- d; hops[there] <- h; inv_bw[there] <- inv_bw[here] + 1 / bw[l]
+        if (is.finite(d)) {
+          # Push: move the new entry up from the bottom.
+          size <- size + 1L
+          i <- size
+          k <- name_rank[there]
+          while (i > 1L) {
+            up <- i %/% 2L
+            if (!(d < heap_dist[up] || (d == heap_dist[up] &&
+                  (h < heap_hops[up] || (h == heap_hops[up] && k < name_rank[heap_place[up]]))))) break
+            heap_place[i] <- heap_place[up]; heap_dist[i] <- heap_dist[up]; heap_hops[i] <- heap_hops[up]
+            i <- up
+          }
+          heap_place[i] <- there; heap_dist[i] <- d; heap_hops[i] <- h
+        }
       }
     }
   }
-  structure(list(kind = "links", root = root, latency = dist, inverse_bandwidth = inv_bw, links = links,
-                 label = sprintf("link table: %d links to %s", nrow(links), root)),
-            class = c("fed_topology", "fed_part"))
+  list(latency = stats::setNames(dist, places), inverse_bandwidth = stats::setNames(inv_bw, places))
 }
 
 assert_link_topology <- function(x, private, ids, call) {

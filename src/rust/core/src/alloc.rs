@@ -5,7 +5,8 @@
 //! usually succeeds and the OOM killer ends R later, when the pages are
 //! touched. So buffers sized by the user are checked first: the byte count
 //! with checked arithmetic, then against the memory the system reports as
-//! available, and only then reserved with `try_reserve_exact`.
+//! available (and the process's own limits, `ulimit -v` and `ulimit -d`),
+//! and only then reserved with `try_reserve_exact`.
 
 use crate::error::{CoreError, CoreResult};
 use std::mem::size_of;
@@ -102,13 +103,68 @@ pub fn describe_bytes(bytes: usize) -> String {
 }
 
 /// Memory a new allocation can use without swapping or being killed, when the
-/// system says: MemAvailable, capped by the memory limit of the process's
-/// cgroup (containers), whichever is smaller.
+/// system says: the least of MemAvailable, the memory limit of the process's
+/// cgroup (containers) and the room left under the process's own limits.
 pub fn available_bytes() -> Option<usize> {
-    match (mem_available(), cgroup_limit()) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    [mem_available(), cgroup_limit(), process_limit()].into_iter().flatten().min()
+}
+
+/// Room left under the process's own limits, given the text of
+/// /proc/self/limits and /proc/self/status: the address-space limit
+/// (RLIMIT_AS, `ulimit -v`) minus the virtual size (VmSize), and the data
+/// limit (RLIMIT_DATA, `ulimit -d`, which counts private writable mappings
+/// such as malloc's) minus the data size (VmData). The soft limits are the
+/// ones enforced; `None` when neither is set.
+pub fn process_headroom(limits: &str, status: &str) -> Option<usize> {
+    [("Max address space", "VmSize"), ("Max data size", "VmData")]
+        .into_iter()
+        .filter_map(|(limit, usage)| {
+            let limit = soft_limit(limits, limit)?;
+            // An unknown usage leaves the whole limit as the bound.
+            Some(limit.saturating_sub(status_bytes(status, usage).unwrap_or(0)))
+        })
+        .min()
+}
+
+/// The soft limit in bytes of the line `name` of /proc/self/limits ("Max
+/// address space   4096000000   unlimited   bytes"); `None` when unlimited
+/// or absent.
+pub fn soft_limit(limits: &str, name: &str) -> Option<usize> {
+    let rest = limits.lines().find_map(|line| line.strip_prefix(name))?;
+    if !rest.starts_with(char::is_whitespace) {
+        return None;
     }
+    let mut fields = rest.split_whitespace();
+    let soft = fields.next()?.parse::<u64>().ok()?;
+    // Only byte-counted limits ("unlimited" failed to parse above).
+    if fields.nth(1) != Some("bytes") {
+        return None;
+    }
+    usize::try_from(soft).ok()
+}
+
+/// The size in bytes of the field `name` of /proc/self/status ("VmSize:
+/// 130544 kB").
+pub fn status_bytes(status: &str, name: &str) -> Option<usize> {
+    let rest = status.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
+    let mut fields = rest.split_whitespace();
+    let value = fields.next()?.parse::<usize>().ok()?;
+    match fields.next() {
+        Some("kB") => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn process_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    process_headroom(&limits, &status)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_limit() -> Option<usize> {
+    None
 }
 
 #[cfg(target_os = "linux")]
@@ -187,6 +243,75 @@ mod tests {
         if available_bytes().is_some() {
             assert!(msg.contains("available"), "{msg}");
         }
+    }
+
+    const LIMITS: &str = "\
+Limit                     Soft Limit           Hard Limit           Units     
+Max cpu time              unlimited            unlimited            seconds   
+Max file size             unlimited            unlimited            bytes     
+Max data size             DATA                 unlimited            bytes     
+Max stack size            8388608              unlimited            bytes     
+Max resident set          unlimited            unlimited            bytes     
+Max processes             96367                96367                processes 
+Max locked memory         8388608              8388608              bytes     
+Max address space         AS                   8192000000           bytes     
+Max msgqueue size         819200               819200               bytes     
+";
+
+    const STATUS: &str = "Name:\tR\nUmask:\t0022\nState:\tR (running)\nVmPeak:\t  140000 kB\n\
+VmSize:\t  130544 kB\nVmLck:\t       0 kB\nVmRSS:\t   80000 kB\nVmData:\t   67492 kB\nVmStk:\t     132 kB\n\
+VmExe:\t       4 kB\nThreads:\t3\n";
+
+    fn limits(data: &str, address_space: &str) -> String {
+        LIMITS.replace("DATA", data).replace("AS      ", address_space)
+    }
+
+    #[test]
+    fn parses_process_limits_and_sizes() {
+        let text = limits("unlimited", "4096000000");
+        assert_eq!(soft_limit(&text, "Max address space"), Some(4_096_000_000));
+        assert_eq!(soft_limit(&text, "Max stack size"), Some(8_388_608));
+        assert_eq!(soft_limit(&text, "Max data size"), None, "unlimited");
+        assert_eq!(soft_limit(&text, "Max processes"), None, "not bytes");
+        assert_eq!(soft_limit(&text, "Max nice priority"), None, "absent");
+        assert_eq!(soft_limit(&text, "Max address"), None, "a prefix of a name");
+        assert_eq!(status_bytes(STATUS, "VmSize"), Some(130_544 * 1024));
+        assert_eq!(status_bytes(STATUS, "VmData"), Some(67_492 * 1024));
+        assert_eq!(status_bytes(STATUS, "Threads"), None, "not a size");
+        assert_eq!(status_bytes(STATUS, "VmSwap"), None, "absent");
+        assert_eq!(status_bytes("VmSizeX:\t12 kB\n", "VmSize"), None);
+    }
+
+    #[test]
+    fn process_headroom_is_the_least_room_under_either_limit() {
+        // ulimit -v 4000000 (KiB): the limit minus the virtual size.
+        let text = limits("unlimited", "4096000000");
+        assert_eq!(process_headroom(&text, STATUS), Some(4_096_000_000 - 130_544 * 1024));
+        // ulimit -d: the data limit minus the data size, when that is less.
+        let text = limits("1000000000", "4096000000");
+        assert_eq!(process_headroom(&text, STATUS), Some(1_000_000_000 - 67_492 * 1024));
+        let text = limits("1000000000", "unlimited");
+        assert_eq!(process_headroom(&text, STATUS), Some(1_000_000_000 - 67_492 * 1024));
+        // Already beyond the limit: no room at all.
+        let text = limits("unlimited", "100000000");
+        assert_eq!(process_headroom(&text, STATUS), Some(0));
+        // Without the sizes, the whole limit.
+        assert_eq!(process_headroom(&text, ""), Some(100_000_000));
+        // No limits.
+        assert_eq!(process_headroom(&limits("unlimited", "unlimited"), STATUS), None);
+        assert_eq!(process_headroom("", STATUS), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn available_memory_respects_this_process_limits() {
+        if let Some(room) = process_limit() {
+            assert!(available_bytes().unwrap() <= room);
+        }
+        assert_eq!(
+            available_bytes(),
+            [mem_available(), cgroup_limit(), process_limit()].into_iter().flatten().min()
+        );
     }
 
     #[test]
