@@ -241,7 +241,7 @@ adapt_clip <- function(private, info, round) {
   if (is.null(dp$adaptive) || !length(info$client)) return(NULL)
   expected <- private$.sampling_rate() * private$.eligible()
   noise <- adaptive_noise(dp, expected)
-  unclipped <- sum(info$kept & !info$clipped, na.rm = TRUE)
+  unclipped <- sum(info$passed_filter & !info$clipped, na.rm = TRUE)
   count_noise <- if (noise$count > 0) with_seed(derive_seed(private$.seed, round, 7L), stats::rnorm(1, 0, noise$count)) else 0
   share <- (unclipped + count_noise) / expected
   private$.dp_clip * exp(-dp$adaptive$lr * (share - dp$adaptive$quantile))

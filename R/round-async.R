@@ -119,12 +119,10 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
   ids <- names(private$.nodes)[vapply(arrivals, `[[`, numeric(1), "node")]
   field <- function(name) vapply(arrivals, function(a) as.double(a[[name]]), numeric(1))
   k <- length(arrivals)
-  info <- list(client = ids, n_samples = field("n_samples"), train_loss = field("train_loss"),
-               val_loss = rep(NA_real_, k), val_metric = rep(NA_real_, k), weight = as.double(weights),
-               epochs = as.double(private$.epochs[field("node")]), steps = field("steps"),
-               update_norm = out$client_norms, cosine = nan_to_na(out$cosines),
-               malicious = !vapply(attacks, is.null, logical(1), USE.NAMES = FALSE),
-               kept = rep(TRUE, k), filter_reason = rep("", k), clipped = rep(NA, k), selected = rep(NA, k))
+  info <- client_log_rows(ids, n_samples = field("n_samples"), train_loss = field("train_loss"), weight = weights,
+                          epochs = private$.epochs[field("node")], steps = field("steps"),
+                          update_norm = out$client_norms, cosine = nan_to_na(out$cosines),
+                          malicious = !vapply(attacks, is.null, logical(1), USE.NAMES = FALSE))
   log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = field("download"),
               compute = field("compute"), upload = field("upload"), finish = field("finish") - started,
               work = rep(1, k), staleness = tau)

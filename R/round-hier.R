@@ -73,10 +73,8 @@ hier_round <- function(private, r, config, work) {
   if (!isTRUE(cloud$ok)) fedagg_abort("Round {r}: the cloud could not fold the edge models: {cloud$message}", round = r)
   stepped <- server_step(private, cloud, r)
   malicious <- !vapply(private$.nodes[index], function(n) is.null(n$attack), logical(1), USE.NAMES = FALSE)
-  info <- list(client = ids, n_samples = n_samples, train_loss = train_loss, val_loss = rep(NA_real_, k),
-               val_metric = rep(NA_real_, k), weight = n_samples, epochs = as.double(work$epochs), steps = steps,
-               update_norm = rep(NA_real_, k), cosine = rep(NA_real_, k), malicious = malicious,
-               kept = rep(TRUE, k), filter_reason = rep("", k), clipped = rep(NA, k), selected = rep(NA, k))
+  info <- client_log_rows(ids, n_samples = n_samples, train_loss = train_loss, weight = n_samples,
+                          epochs = work$epochs, steps = steps, malicious = malicious)
   log <- list(round = rep(as.integer(r), k), client = ids, status = rep("kept", k), download = t_down,
               compute = t_compute, upload = t_up, finish = rep(NA_real_, k), work = rep(1, k),
               staleness = rep(NA_real_, k))

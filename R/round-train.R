@@ -80,14 +80,15 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   info$cosine <- nan_to_na(out_fold$cosines)
   k <- length(ids)
   info$malicious <- !vapply(attacks, is.null, logical(1), USE.NAMES = FALSE)
-  info$kept <- out_fold$kept %||% rep(TRUE, k)
+  info$passed_filter <- out_fold$kept %||% rep(TRUE, k)
   info$filter_reason <- out_fold$filter_reason %||% rep("", k)
   info$clipped <- out_fold$clipped %||% rep(NA, k)
-  info$selected <- out_fold$selected %||% rep(NA, k)
-  if (sum(info$kept) < private$.min_clients) {
-    if (any(!info$kept)) {
-      fedagg_abort(c("Round {round}: {sum(info$kept)} update{?s} passed the filter; the round needs {.arg min_clients} = {private$.min_clients}.",
-                     i = "Dropped: {paste(ids[!info$kept], collapse = ', ')}."),
+  info$krum_kept <- out_fold$selected %||% rep(NA, k)
+  info <- do.call(client_log_rows, info)
+  if (sum(info$passed_filter) < private$.min_clients) {
+    if (any(!info$passed_filter)) {
+      fedagg_abort(c("Round {round}: {sum(info$passed_filter)} update{?s} passed the filter; the round needs {.arg min_clients} = {private$.min_clients}.",
+                     i = "Dropped: {paste(ids[!info$passed_filter], collapse = ', ')}."),
                    class = "filter", round = round)
     }
     fedagg_abort(c("Round {round}: {k} client{?s} took part; the round needs {.arg min_clients} = {private$.min_clients}.",
@@ -138,10 +139,7 @@ server_step <- function(private, out_fold, round) {
 # dropped): the model stays as it is.
 empty_round <- function(flat, server_state, control) {
   list(params = flat, aggregate = NULL, server_state = server_state, control = control,
-       info = list(client = character(), n_samples = numeric(), train_loss = numeric(), val_loss = numeric(),
-                   val_metric = numeric(), weight = numeric(), epochs = numeric(), steps = numeric(),
-                   update_norm = numeric(), cosine = numeric(), malicious = logical(), kept = logical(),
-                   filter_reason = character(), clipped = logical(), selected = logical()),
+       info = client_log_rows(character()),
        diagnostics = list(update_norm = 0, client_norm_mean = NA_real_, client_norm_sd = NA_real_,
                           cosine_mean = NA_real_, gradient_diversity = NA_real_),
        node_states = list())

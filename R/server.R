@@ -395,23 +395,20 @@ Server <- R6::R6Class("Server",
       if (!missing(value)) fedagg_abort("{.field stopped} is read-only.")
       private$.stopped
     },
-    #' @field client_log Per round and client: samples, training loss and
-    #'   aggregation weight (read-only data frame).
+    #' @field client_log Per round and client (read-only data frame):
+    #'   `round`, `client`; what it reported: `n_samples`, `epochs`,
+    #'   `steps`, `train_loss`, `val_loss` and `val_metric` (its trained
+    #'   model on its validation data; `NA` when not computed); its
+    #'   aggregation `weight`; `update_norm` and `cosine` (its update as the
+    #'   server received it, and its cosine with the round's aggregate);
+    #'   `malicious` (the node simulates an attack); `passed_filter` and
+    #'   `filter_reason` (the norm filter's verdict; `TRUE` and `""` without
+    #'   a filter); `clipped` (its norm exceeded the clipping bound; `NA`
+    #'   without clipping); `krum_kept` (picked by Krum, Multi-Krum or
+    #'   Bulyan; `NA` for other aggregators).
     client_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field client_log} is read-only.")
-      if (!length(private$.client_log)) {
-        return(data.frame(round = integer(), client = character(), n_samples = numeric(), epochs = numeric(),
-                          steps = numeric(), train_loss = numeric(), val_loss = numeric(), val_metric = numeric(),
-                          weight = numeric(), update_norm = numeric(), cosine = numeric(), malicious = logical(),
-                          kept = logical(), filter_reason = character(), clipped = logical(), selected = logical()))
-      }
-      columns <- c("round", "client", "n_samples", "epochs", "steps", "train_loss", "val_loss", "val_metric", "weight",
-                   "update_norm", "cosine", "malicious", "kept", "filter_reason", "clipped", "selected")
-      out <- lapply(stats::setNames(columns, columns), function(col) {
-        unlist(lapply(private$.client_log, function(entry) rep_len(entry[[col]], length(entry$client))))
-      })
-      out$round <- as.integer(out$round)
-      as.data.frame(out, stringsAsFactors = FALSE)
+      client_log_frame(private$.client_log)
     },
     #' @field selection_log Per round, the candidates of the selection rule
     #'   with their `score` (the local loss for power-of-choice, the

@@ -81,8 +81,8 @@ final_accuracy <- function(h) mean(utils::tail(h$test_accuracy[!is.na(h$test_acc
 attacker_share_used <- function(log, extra) {
   bad <- log[log$malicious, ]
   if (!nrow(bad)) return(NA_real_)
-  if (!is.null(extra$filter)) return(mean(bad$kept))
-  if (extra$aggregator$kind %in% c("krum", "multi_krum", "bulyan")) return(mean(bad$selected %in% TRUE))
+  if (!is.null(extra$filter)) return(mean(bad$passed_filter))
+  if (extra$aggregator$kind %in% c("krum", "multi_krum", "bulyan")) return(mean(bad$krum_kept %in% TRUE))
   NA_real_
 }
 

@@ -124,7 +124,7 @@ test_that("attacks change what a malicious client sends, and the filter drops it
   set_attack(nodes, "client3", attack_scale(100))
   filtered <- one_round(td, p0, nodes = nodes, filter = filter_norm(mad = 3, per_layer = FALSE))
   log <- filtered$client_log
-  expect_identical(log$kept, names(nodes) != "client3")
+  expect_identical(log$passed_filter, names(nodes) != "client3")
   expect_match(log$filter_reason[3], "MAD")
   keep <- setdiff(seq_along(deltas), 3)
   expect_equal(unlist(filtered$params, use.names = FALSE),
