@@ -154,32 +154,25 @@ robust_aggregate <- function(updates,
   out
 }
 
-resolve_bulyan_f <- function(f, k, call = rlang::caller_env()) {
+# The number f of Byzantine clients a rule tolerates among k: the given one,
+# checked, or the largest the rule allows (Krum: 2f + 2 < K, so
+# (K - 3) %/% 2; Bulyan: K >= 4f + 3, so (K - 3) %/% 4).
+resolve_byzantine_f <- function(f, k, rule, call) {
+  spec <- switch(rule, Krum = list(per_f = 2L, bound = "2f + 2 < K"), Bulyan = list(per_f = 4L, bound = "K >= 4f + 3"))
   if (k < 3L) {
-    fedagg_abort("Bulyan needs at least 3 clients (K >= 4f + 3); there {?is/are} {k}.", call = call)
+    fedagg_abort("{rule} needs at least 3 clients ({spec$bound}); there {cli::qty(k)}{?is/are} {k}.", call = call)
   }
-  max_f <- (k - 3L) %/% 4L
+  max_f <- (k - 3L) %/% spec$per_f
   if (is.null(f)) return(as.integer(max_f))
   f <- assert_count(f, min = 0L, call = call)
-  if (4L * f + 3L > k) {
-    fedagg_abort(c("{.arg f} is too large for {k} clients: Bulyan needs K >= 4f + 3.",
+  if (f > max_f) {
+    fedagg_abort(c("{.arg f} is too large for {k} clients: {rule} needs {spec$bound}.",
                    i = "With {k} clients, {.arg f} can be at most {max_f}."),
                  call = call)
   }
   f
 }
 
-resolve_krum_f <- function(f, k, call = rlang::caller_env()) {
-  if (k < 3L) {
-    fedagg_abort("Krum needs at least 3 clients (2f + 2 < K); there {?is/are} {k}.", call = call)
-  }
-  max_f <- (k - 3L) %/% 2L
-  if (is.null(f)) return(as.integer(max_f))
-  f <- assert_count(f, min = 0L, call = call)
-  if (2L * f + 2L >= k) {
-    fedagg_abort(c("{.arg f} is too large for {k} clients: Krum needs 2f + 2 < K.",
-                   i = "With {k} clients, {.arg f} can be at most {max_f}."),
-                 call = call)
-  }
-  f
-}
+resolve_krum_f <- function(f, k, call = rlang::caller_env()) resolve_byzantine_f(f, k, "Krum", call)
+
+resolve_bulyan_f <- function(f, k, call = rlang::caller_env()) resolve_byzantine_f(f, k, "Bulyan", call)
