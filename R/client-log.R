@@ -42,8 +42,14 @@ client_log_rows <- function(client, n_samples = NA_real_, epochs = NA_real_, ste
 # The committed rounds' rows as a data frame.
 client_log_frame <- function(entries) {
   if (!length(entries)) entries <- list(c(list(round = integer()), client_log_rows(character())))
+  # Rounds kept by servers saved before the columns were renamed.
+  legacy <- c(passed_filter = "kept", krum_kept = "selected")
   out <- lapply(stats::setNames(client_log_columns, client_log_columns), function(col) {
-    unlist(lapply(entries, function(entry) rep_len(entry[[col]], length(entry$client))))
+    unlist(lapply(entries, function(entry) {
+      value <- entry[[col]]
+      if (is.null(value) && col %in% names(legacy)) value <- entry[[legacy[[col]]]]
+      rep_len(value %||% NA, length(entry$client))
+    }))
   })
   out$round <- as.integer(out$round)
   out$client <- as.character(out$client)

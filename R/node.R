@@ -135,11 +135,13 @@ Node <- R6::R6Class("Node",
     #'   sharing nodes neither read nor erase each other's state.
     #' @param state A named list (SCAFFOLD's `control`, the node's
     #'   `last_update`, a custom algorithm's state).
-    commit_state = function(state) {
+    #' @param latest Whether this server becomes the one `$state` shows
+    #'   (`FALSE` when a copied server takes over state it did not train).
+    commit_state = function(state, latest = TRUE) {
       if (!is.list(state)) fedagg_abort("{.arg state} must be a list, not {obj_desc(state)}.")
       key <- state$server %||% ""
       private$.states[[key]] <- state
-      private$.last_server <- key
+      if (isTRUE(latest)) private$.last_server <- key
       invisible(self)
     },
 

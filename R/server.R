@@ -527,6 +527,8 @@ Server <- R6::R6Class("Server",
     # between the copies.
     deep_clone = function(name, value) {
       if (name == ".nodes") return(lapply(value, function(n) n$clone(deep = TRUE)))
+      # Not the original: the copy's nodes are its own (see .rehome()).
+      if (name == ".home") return(NULL)
       value
     },
 
@@ -549,6 +551,12 @@ Server <- R6::R6Class("Server",
     # copy cannot continue exactly, and says so.
     .rehome = function() {
       if (identical(private$.home, self)) return(invisible())
+      # A deep copy (its nodes are its own) or a server saved before servers
+      # knew their home: nothing is shared with a live server.
+      if (is.null(private$.home)) {
+        private$.home <- self
+        return(invisible())
+      }
       old <- private$.key
       new <- new_server_key()
       moved <- character()
@@ -556,7 +564,9 @@ Server <- R6::R6Class("Server",
       for (id in names(private$.nodes)) {
         st <- private$.nodes[[id]]$state_for(old)
         if (!length(st)) next
-        if (!is.null(st$round) && st$round > private$.round) moved <- c(moved, id)
+        # A state that does not say its round cannot be shown to be this
+        # copy's: refused as moved.
+        if (is.null(st$round) || st$round > private$.round) moved <- c(moved, id)
         st$server <- new
         states[[id]] <- st
       }
@@ -566,7 +576,7 @@ Server <- R6::R6Class("Server",
                        i = "Use {.code $clone(deep = TRUE)} to branch a run: the copy then has nodes of its own."),
                      class = "clone")
       }
-      for (id in names(states)) private$.nodes[[id]]$commit_state(states[[id]])
+      for (id in names(states)) private$.nodes[[id]]$commit_state(states[[id]], latest = FALSE)
       private$.key <- new
       private$.home <- self
       invisible()

@@ -321,3 +321,31 @@ test_that("constructors called without a required argument give a classed error 
     expect_false(grepl("is missing, with no default", msg), info = name)
   }
 })
+
+test_that("a copy taking over shared state leaves the nodes' $state to the original, and holds no reference to it", {
+  data <- synthetic_fedprox(1, 1, n_clients = 8, max_size = 80, seed = 3)
+  a <- fed_server(model_softmax(60, 10), fed_nodes(data), algorithm = scaffold(), fraction = 0.5, lr = 0.05, seed = 1)
+  a$fit(2, verbose = FALSE)
+  key_a <- a$.__enclos_env__$private$.key
+  b <- a$clone()
+  b$fit(1, verbose = FALSE)
+  key_b <- b$.__enclos_env__$private$.key
+  expect_false(identical(key_a, key_b))
+  trained_by_b <- b$client_log$client[b$client_log$round == 3L]
+  for (id in setdiff(unique(a$client_log$client), trained_by_b)) {
+    expect_identical(b$nodes[[id]]$state$server, key_a, info = id)
+  }
+  deep <- a$clone(deep = TRUE)
+  expect_null(deep$.__enclos_env__$private$.home)
+})
+
+test_that("client logs kept under the old column names still read", {
+  legacy <- list(c(list(round = 1L), fedagg:::client_log_rows(c("a", "b"))))
+  names(legacy[[1]])[names(legacy[[1]]) == "passed_filter"] <- "kept"
+  names(legacy[[1]])[names(legacy[[1]]) == "krum_kept"] <- "selected"
+  legacy[[1]]$kept <- c(TRUE, FALSE)
+  frame <- fedagg:::client_log_frame(legacy)
+  expect_identical(frame$passed_filter, c(TRUE, FALSE))
+  expect_identical(frame$krum_kept, c(NA, NA))
+  expect_identical(names(frame), fedagg:::client_log_columns)
+})
