@@ -101,6 +101,13 @@ rs_train_round <- function(sizes, head, bits, global, train, validation, streams
 #' @noRd
 rs_fold_round <- function(global, deltas, weights, a, config, n_threads) .Call(wrap__rs_fold_round, global, deltas, weights, a, config, n_threads)
 
+#' The clients' half of a round for updates computed elsewhere (clients of
+#' a custom model, FedBuff's arrivals): update `k` goes through client
+#' `k`'s encoding of config (`local_dp`, `attacks`, `attack_seed`,
+#' `compression` with `residuals`), as it would before being sent.
+#' @noRd
+rs_encode_updates <- function(deltas, config, n_threads) .Call(wrap__rs_encode_updates, deltas, config, n_threads)
+
 #' Loss and metric of one parameter vector on many data handles.
 #' @noRd
 rs_evaluate <- function(sizes, head, bits, params, data, n_threads) .Call(wrap__rs_evaluate, sizes, head, bits, params, data, n_threads)

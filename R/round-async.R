@@ -110,13 +110,14 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
                      diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes),
                      denominator = as.double(length(arrivals))),
                 trust_config(private, unname(attacks), r))
-  out <- core_call(rs_fold_round(private$.flat, lapply(arrivals, `[[`, "delta"), as.double(weights), NULL, fold_cfg,
+  ids <- names(private$.nodes)[arrived_nodes]
+  sent <- encode_updates(lapply(arrivals, `[[`, "delta"), fold_cfg, ids, r, private$.threads)
+  out <- core_call(rs_fold_round(private$.flat, sent$updates, as.double(weights), NULL, server_half(fold_cfg),
                                  resolve_threads(private$.threads)))
   if (!isTRUE(out$ok)) abort_client_failure(names(private$.nodes)[arrivals[[out$client]]$node], out$message, r, kind = out$kind)
   stepped <- server_step(private, out, r)
   state$version <- state$version + 1L
   state <- dispatch(state, state$time, state$version)
-  ids <- names(private$.nodes)[vapply(arrivals, `[[`, numeric(1), "node")]
   field <- function(name) vapply(arrivals, function(a) as.double(a[[name]]), numeric(1))
   k <- length(arrivals)
   info <- client_log_rows(ids, n_samples = field("n_samples"), train_loss = field("train_loss"), weight = weights,

@@ -39,6 +39,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
                  weight = out$weight, epochs = as.double(epochs), steps = out$steps)
     if (identical(private$.privacy$kind, "central")) info$weight <- rep(1, length(ids))
     deltas <- out$collected
+    residuals <- out$residuals
     a <- out$a
     new_controls <- out$client_controls
     custom_states <- NULL
@@ -53,7 +54,10 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
     info <- list(client = ids, n_samples = field("n_samples"), train_loss = field("train_loss"),
                  val_loss = field("val_loss"), val_metric = field("val_metric"), weight = NA_real_,
                  epochs = as.double(epochs), steps = field("steps"))
-    deltas <- lapply(res, `[[`, "delta")
+    # Each client's own half of the round: what it sends.
+    sent <- encode_updates(lapply(res, `[[`, "delta"), fold_cfg, ids, round, private$.threads)
+    deltas <- sent$updates
+    residuals <- sent$residuals
     a <- if (alg$kind == "fednova") fednova_a(info$steps, config$optimizer$momentum)
     new_controls <- if (alg$kind == "scaffold") lapply(res, function(x) x$state$control)
     custom_states <- if (alg$kind == "custom") lapply(res, `[[`, "state")
@@ -66,7 +70,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
       fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
     }
     fold_cfg$client_controls_new <- new_controls
-    out_fold <- core_call(rs_fold_round(private$.flat, unname(deltas), info$weight, a, fold_cfg,
+    out_fold <- core_call(rs_fold_round(private$.flat, unname(deltas), info$weight, a, server_half(fold_cfg),
                                         resolve_threads(private$.threads)))
     if (!isTRUE(out_fold$ok)) abort_client_failure(ids[out_fold$client], out_fold$message, round, kind = out_fold$kind)
   } else {
@@ -95,7 +99,6 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
                    i = "Poisson sampling, unreachable nodes, dropped stragglers, dropouts or a deadline can leave fewer clients than that."),
                  class = "cohort", round = round)
   }
-  residuals <- out_fold$residuals
   # Only states that change are committed (FedAvg's nodes keep none).
   node_states <- if (alg$kind %in% c("scaffold", "custom") || keep_updates || !is.null(residuals)) {
     stats::setNames(lapply(seq_along(nodes), function(k) {
@@ -175,6 +178,27 @@ trust_config <- function(private, attacks, round) {
          list(sd = z * clip$max_norm, seed = as.double(derive_seed(private$.seed, round, 5L)),
               denominator = private$.sampling_rate() * n_eligible)
        })
+}
+
+# The settings of a round's clients' half: what each client does to its
+# update before sending it (local DP, a simulated attack, compression with
+# its residual). The server's half is the rest of a fold configuration.
+client_half_fields <- c("local_dp", "attacks", "attack_seed", "compression", "residuals")
+
+server_half <- function(fold_cfg) fold_cfg[setdiff(names(fold_cfg), client_half_fields)]
+
+# The clients' half for updates computed outside the Rust round (custom
+# models, FedBuff's arrivals): update k through client k's encoding.
+# Returns the updates as sent and the new residuals (NULL without error
+# feedback).
+encode_updates <- function(deltas, fold_cfg, ids, round, threads) {
+  client <- fold_cfg[intersect(names(fold_cfg), client_half_fields)]
+  if (!length(deltas) || is.null(client$local_dp) && is.null(client$attacks) && is.null(client$compression)) {
+    return(list(updates = deltas, residuals = NULL))
+  }
+  out <- core_call(rs_encode_updates(unname(deltas), client, resolve_threads(threads)))
+  if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
+  out
 }
 
 # The round's compression of the clients' updates, with each node's

@@ -213,6 +213,14 @@ fn cgroup_limit() -> Option<usize> {
     None
 }
 
+/// `update` made owned (copied once when borrowed), to be changed in place.
+pub(crate) fn make_owned<'u>(update: &'u mut std::borrow::Cow<'_, [f64]>, what: &str) -> CoreResult<&'u mut Vec<f64>> {
+    if let std::borrow::Cow::Borrowed(x) = update {
+        *update = std::borrow::Cow::Owned(try_copy(x, what)?);
+    }
+    Ok(update.to_mut())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod alloc;
+pub mod client;
 pub mod compress;
 pub mod error;
 pub mod ks;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod norms;
 pub mod parallel;
 pub mod privacy;
+pub mod protocol;
 pub mod rng;
 pub mod strategy;
 pub mod train;

@@ -11,11 +11,12 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::alloc::try_copy;
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
 use crate::parallel::{effective_threads, with_threads};
-use crate::strategy::client::{fednova_steps, local_run, local_run_partial, scaffold_client_control};
+use crate::client::{self, FitConfig};
+pub use crate::client::{ClientJob, ClientReport, LocalWork, WeightRule};
+use crate::strategy::client::local_run;
 use crate::strategy::fold::scaffold_server_control;
 use crate::strategy::{
     finish_round, ClientAlgorithm, Fold, FoldRule, GradientCorrection, LocalConfig, LocalOptimizer, Prepared, RoundTransforms, RoundUpdate,
@@ -66,40 +67,8 @@ pub fn local_sgd(net: &Network, params: &mut [f64], data: &Dataset<'_>, cfg: &Sg
     local_run(net, params, data, &cfg.local(), cfg.epochs, &GradientCorrection::default(), stream)
 }
 
-/// What each client computes in a round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LocalWork {
-    /// Local training; update = new minus global parameters.
-    Sgd,
-    /// FedSGD: the full-batch gradient g at the global parameters; update = -lr g.
-    Gradient,
-}
 
-/// How a client's result is weighted in the aggregate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightRule {
-    Samples,
-    Equal,
-    /// The trained model's accuracy (or, for regression, 1 / (1 + RMSE)) on
-    /// the client's validation data.
-    Validation,
-    /// No fold and no server step: every client's update is returned (for
-    /// weights computed in R after the round).
-    Collect,
-}
 
-pub struct ClientJob<'a> {
-    pub train: Dataset<'a>,
-    pub validation: Option<Dataset<'a>>,
-    /// Stream of the round seed this client draws its sample order from.
-    pub stream: u64,
-    /// Local epochs of this client (clients may differ).
-    pub epochs: usize,
-    /// SCAFFOLD: this client's control c_i (absent = zeros).
-    pub control: Option<&'a [f64]>,
-    /// Partial work: at most this many local steps (a deadline cut it off).
-    pub max_steps: Option<usize>,
-}
 
 /// Everything about a round that is the same for all its clients.
 #[derive(Clone, Copy, Debug)]
@@ -124,6 +93,11 @@ pub struct RoundConfig<'a> {
 }
 
 impl RoundConfig<'_> {
+    /// What each client of the round is told.
+    pub fn fit_config(&self) -> FitConfig<'_> {
+        FitConfig { work: self.work, algorithm: self.algorithm, local: self.local, rule: self.rule, server_control: self.control }
+    }
+
     fn scaffold(&self) -> bool {
         self.work == LocalWork::Sgd && self.algorithm == ClientAlgorithm::Scaffold
     }
@@ -137,14 +111,6 @@ impl RoundConfig<'_> {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct ClientReport {
-    pub outcome: LocalOutcome,
-    pub validation: Option<Evaluation>,
-    pub weight: f64,
-    /// FedNova's effective steps a_i; the local steps tau_i otherwise.
-    pub effective_steps: f64,
-}
 
 pub struct RoundOutput {
     pub reports: Vec<ClientReport>,
@@ -156,6 +122,9 @@ pub struct RoundOutput {
     pub control: Option<Vec<f64>>,
     /// SCAFFOLD: every selected client's new control c_i_new.
     pub client_controls: Option<Vec<Vec<f64>>>,
+    /// Per client, with error-feedback compression: its new residual
+    /// (empty otherwise).
+    pub residuals: Vec<Option<Vec<f64>>>,
 }
 
 /// A client's update as it reaches the fold: as computed, or already
@@ -165,8 +134,9 @@ enum Sent {
     Prepared(Prepared<'static>),
 }
 
-/// What one client sends back: its update, report and new control.
-type ClientResult = (Sent, ClientReport, Option<Vec<f64>>);
+/// What one client sends back: its update, report, new control and new
+/// error-feedback residual.
+type ClientResult = (Sent, ClientReport, Option<Vec<f64>>, Option<Vec<f64>>);
 
 /// Clients processed together before folding.
 fn chunk_len(threads: usize) -> usize {
@@ -188,12 +158,11 @@ fn check_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Roun
     if cfg.work == LocalWork::Sgd {
         cfg.algorithm.check(&cfg.local.optimizer)?;
     }
+    // Before any client trains: a bad setting fails at once.
+    cfg.transforms.check_encodings(d, jobs.len())?;
     if cfg.rule != WeightRule::Collect {
         cfg.server.optimizer.check()?;
-        // Before any client trains: a bad setting fails at once.
-        if !cfg.transforms.is_none() {
-            cfg.transforms.check(d, jobs.len(), cfg.fold_rule())?;
-        }
+        cfg.transforms.check_guard(d, cfg.fold_rule())?;
     }
     if cfg.scaffold() {
         if cfg.control.is_some_and(|c| c.len() != d) {
@@ -224,70 +193,18 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
     let scaffold = cfg.scaffold();
     let rule = cfg.fold_rule();
     let collect = cfg.rule == WeightRule::Collect;
-    // The per-client transforms run with the client's work, in parallel.
+    // Both halves of the per-update steps run with the client's work, in
+    // parallel: the client's encoding always, the server's guard unless the
+    // updates are collected for a fold elsewhere.
     let transforms = (!collect && !cfg.transforms.is_none()).then_some(cfg.transforms);
     let one_client = |k: usize| -> CoreResult<ClientResult> {
-        let job = &jobs[k];
-        let fail = |e: CoreError| in_client(k, e);
-        net.check_data(&job.train).map_err(fail)?;
-        let mut vector = try_copy(global, "a client's copy of the parameters").map_err(fail)?;
-        let outcome = match cfg.work {
-            LocalWork::Sgd => {
-                let correction = match cfg.algorithm {
-                    ClientAlgorithm::FedProx { mu } => GradientCorrection { proximal: Some((mu, global)), ..Default::default() },
-                    ClientAlgorithm::Scaffold => {
-                        GradientCorrection { client_control: job.control, server_control: cfg.control, ..Default::default() }
-                    }
-                    ClientAlgorithm::FedAvg | ClientAlgorithm::FedNova => GradientCorrection::default(),
-                };
-                local_run_partial(net, &mut vector, &job.train, &cfg.local, job.epochs, &correction, job.stream, job.max_steps)
-                    .map_err(fail)?
-            }
-            LocalWork::Gradient => full_gradient(net, global, &job.train, cfg.local.weight_decay, &mut vector).map_err(fail)?,
-        };
-        // Whatever the local work, nothing non-finite may reach the fold.
-        if !outcome.train_loss.is_finite() {
-            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite training loss ({})", outcome.train_loss)));
-        }
-        let validation = match job.validation {
-            Some(v) => {
-                net.check_data(&v).map_err(fail)?;
-                let at = if cfg.work == LocalWork::Sgd { &vector[..] } else { global };
-                Some(net.evaluate(at, &v).map_err(fail)?)
-            }
-            None => None,
-        };
-        let new_control = if scaffold {
-            Some(scaffold_client_control(job.control, cfg.control, global, &vector, outcome.steps, cfg.local.lr).map_err(fail)?)
-        } else {
-            None
-        };
-        // `vector` becomes the update Delta_i in place.
-        match cfg.work {
-            LocalWork::Sgd => vector.iter_mut().zip(global).for_each(|(y, x)| *y -= x),
-            LocalWork::Gradient => vector.iter_mut().for_each(|g| *g *= -cfg.local.lr),
-        }
-        if let Some(i) = vector.iter().position(|v| !v.is_finite()) {
-            return Err(CoreError::ClientDiverged(k, format!("returned a non-finite value ({}) at position {}", vector[i], i + 1)));
-        }
-        let weight = match cfg.rule {
-            WeightRule::Samples => outcome.n_samples as f64,
-            WeightRule::Equal | WeightRule::Collect => 1.0,
-            WeightRule::Validation => match validation {
-                Some(e) if net.head.is_classifier() => e.metric,
-                Some(e) => 1.0 / (1.0 + e.metric),
-                None => return Err(CoreError::Client(k, "has no validation data for accuracy weights".into())),
-            },
-        };
-        let effective_steps = match (cfg.work, cfg.algorithm, cfg.local.optimizer) {
-            (LocalWork::Sgd, ClientAlgorithm::FedNova, LocalOptimizer::Sgd { momentum }) => fednova_steps(outcome.steps, momentum),
-            _ => outcome.steps as f64,
-        };
+        let fit = client::fit(net, global, &jobs[k], &cfg.fit_config(), &cfg.transforms.client(k), k)?;
+        let vector = fit.update;
         let sent = match transforms {
-            Some(t) => Sent::Prepared(t.prepare(k, d, Cow::Owned(vector), cfg.diagnostics)?),
+            Some(t) => Sent::Prepared(t.guard(k, d, Cow::Owned(vector), cfg.diagnostics)?),
             None => Sent::Raw(vector),
         };
-        Ok((sent, ClientReport { outcome, validation, weight, effective_steps }, new_control))
+        Ok((sent, fit.report, fit.new_control, fit.residual))
     };
 
     with_threads(threads, || {
@@ -300,13 +217,11 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
         for chunk in indices.chunks(chunk_len(effective)) {
             let results: Vec<CoreResult<ClientResult>> = chunk.par_iter().map(|&k| one_client(k)).collect();
             for result in results {
-                let (update, report, new_control) = result?;
+                let (update, report, new_control, residual) = result?;
+                residuals.push(residual);
                 match (&mut fold, update) {
                     (Some(fold), Sent::Raw(update)) => fold.add(Cow::Owned(update), report.weight, report.effective_steps)?,
-                    (Some(fold), Sent::Prepared(mut p)) => {
-                        residuals.push(p.residual.take());
-                        fold.add_prepared(p, report.weight, report.effective_steps)?
-                    }
+                    (Some(fold), Sent::Prepared(p)) => fold.add_prepared(p, report.weight, report.effective_steps)?,
                     (None, Sent::Raw(update)) => collected.push(update),
                     (None, Sent::Prepared(p)) => collected.push(p.update.into_owned()),
                 }
@@ -322,14 +237,13 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
             (None, None)
         };
         let update = match fold {
-            Some(fold) => {
-                let mut update = finish_round(global, fold, &cfg.server)?;
-                update.residuals = residuals;
-                Some(update)
-            }
+            Some(fold) => Some(finish_round(global, fold, &cfg.server)?),
             None => None,
         };
-        Ok(RoundOutput { reports, update, collected, control, client_controls })
+        if residuals.iter().all(Option::is_none) {
+            residuals.clear();
+        }
+        Ok(RoundOutput { reports, update, collected, control, client_controls, residuals })
     })
 }
 
@@ -879,14 +793,25 @@ mod tests {
             let one = run_round(&net, &global, &jobs, &round, 1).unwrap().update.unwrap();
             let two = run_round(&net, &global, &jobs, &round, 2).unwrap().update.unwrap();
             assert_eq!(format!("{one:?}"), format!("{two:?}"));
-            // Collected updates are the clients' own, untransformed.
+            // Collected updates are as the clients sent them: their own,
+            // through their encoding (here the attacks), not the server's steps.
             let collected = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, ..round }, 2).unwrap();
             let plain = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, transforms: &NO_TRANSFORMS, ..round }, 2).unwrap();
-            assert_eq!(collected.collected, plain.collected);
+            let encoded: Vec<Vec<f64>> =
+                plain.collected.iter().enumerate().map(|(k, u)| t.client(k).encode(Cow::Borrowed(u)).unwrap().0.into_owned()).collect();
+            assert_eq!(collected.collected, encoded);
+            assert_ne!(collected.collected, plain.collected);
+            // The server's half, folding them later, is the simulated round.
+            let server_half = RoundTransforms { attacks: Vec::new(), ..t.clone() };
             let updates: Vec<&[f64]> = collected.collected.iter().map(|v| v.as_slice()).collect();
             let later =
-                fold_round_with(&global, &updates, &[1.0; 9], None, FoldRule::Mean, &round.server, diagnostics, t, 2).unwrap();
+                fold_round_with(&global, &updates, &[1.0; 9], None, FoldRule::Mean, &round.server, diagnostics, &server_half, 2).unwrap();
             assert_eq!(format!("{one:?}"), format!("{later:?}"));
+            // Given the clients' half, the server refuses rather than ignores it.
+            assert!(matches!(
+                fold_round_with(&global, &updates, &[1.0; 9], None, FoldRule::Mean, &round.server, diagnostics, t, 2),
+                Err(CoreError::InvalidArgument("transforms", _))
+            ));
             assert!(one.clipped.as_ref().unwrap().iter().flatten().any(|c| *c));
         }
         let one = run_round(&net, &global, &jobs, &RoundConfig { transforms: &robust, ..fedavg(&cfg(), WeightRule::Equal) }, 1).unwrap();

@@ -428,7 +428,6 @@ fn optional_vector_list(x: Option<Vec<Vec<f64>>>) -> Result<Robj> {
 /// NULL when there was none (collected updates).
 struct UpdateFields {
     params: Robj,
-    residuals: Robj,
     aggregate: Robj,
     server_m: Robj,
     server_v: Robj,
@@ -447,7 +446,6 @@ impl UpdateFields {
             let null = || -> Robj { ().into() };
             return Ok(UpdateFields {
                 params: null(),
-                residuals: null(),
                 aggregate: null(),
                 server_m: null(),
                 server_v: null(),
@@ -463,7 +461,6 @@ impl UpdateFields {
         let d = &u.diagnostics;
         Ok(UpdateFields {
             params: optional_vector(Some(&u.params))?,
-            residuals: residual_list(&u.residuals)?,
             aggregate: optional_vector(Some(&u.aggregate))?,
             server_m: optional_vector(u.server.m.as_deref())?,
             server_v: optional_vector(u.server.v.as_deref())?,
@@ -601,7 +598,7 @@ fn rs_train_round(sizes: Robj, head: i32, bits: i32, global: Robj, train: List, 
         filter_reason = fields.filter_reason,
         clipped = fields.clipped,
         selected = fields.selected,
-        residuals = fields.residuals
+        residuals = residual_list(&out.residuals)?
     ))
 }
 
@@ -669,9 +666,40 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
         kept = fields.kept,
         filter_reason = fields.filter_reason,
         clipped = fields.clipped,
-        selected = fields.selected,
-        residuals = fields.residuals
+        selected = fields.selected
     ))
+}
+
+/// The clients' half of a round for updates computed elsewhere (clients of
+/// a custom model, FedBuff's arrivals): update `k` goes through client
+/// `k`'s encoding of config (`local_dp`, `attacks`, `attack_seed`,
+/// `compression` with `residuals`), as it would before being sent.
+/// @noRd
+#[extendr]
+fn rs_encode_updates(deltas: List, config: List, n_threads: i32) -> Result<List> {
+    let delta_objs: Vec<Robj> = deltas.values().collect();
+    let updates = delta_objs.iter().map(|d| doubles(d, "deltas")).collect::<Result<Vec<&[f64]>>>()?;
+    let transforms = round_transforms(&config)?;
+    let d = updates.first().map_or(0, |u| u.len());
+    if let Some(k) = updates.iter().position(|u| u.len() != d) {
+        return client_failure(CoreError::Client(k, format!("has an update of {} values, the others have {d}", updates[k].len())));
+    }
+    if let Err(e) = transforms.check_encodings(d, updates.len()) {
+        return Err(core_err(e));
+    }
+    let encoded = fedagg_core::parallel::with_threads(threads(n_threads), || {
+        updates
+            .iter()
+            .enumerate()
+            .map(|(k, u)| transforms.client(k).encode(std::borrow::Cow::Borrowed(u)).map(|(u, r)| (u.into_owned(), r)))
+            .collect::<std::result::Result<Vec<_>, CoreError>>()
+    });
+    let encoded = match encoded {
+        Ok(e) => e,
+        Err(e) => return client_failure(e),
+    };
+    let (sent, residuals): (Vec<Vec<f64>>, Vec<Option<Vec<f64>>>) = encoded.into_iter().unzip();
+    Ok(list!(ok = true, updates = doubles_list(sent)?, residuals = residual_list(&residuals)?))
 }
 
 /// One update compressed as a client of a round would (client 0 of the
@@ -768,6 +796,7 @@ extendr_module! {
     fn rs_loss_grad;
     fn rs_train_round;
     fn rs_fold_round;
+    fn rs_encode_updates;
     fn rs_evaluate;
     fn rs_predict;
     fn rs_compress_update;

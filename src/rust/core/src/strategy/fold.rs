@@ -18,22 +18,10 @@ use crate::alloc::{try_with_capacity, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::norms::{l2_norm, layer_norms, sum_squares};
 use crate::parallel::{block_sums, reduction_block};
-use crate::robust;
-use crate::strategy::transform::{check_update, Aggregator, Prepared, RoundTransforms};
+use crate::strategy::aggregator::{robust_aggregate, Aggregator, FoldRule};
+use crate::strategy::transform::{check_update, Prepared, RoundTransforms};
 use crate::updates::UpdateSet;
 
-/// How the updates are combined.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FoldRule {
-    /// `D = sum_i p_i Delta_i`, `p_i = w_i / sum w`.
-    Mean,
-    /// FedNova: `D = (sum_i p_i a_i) sum_i p_i Delta_i / a_i`, every update
-    /// normalised by its effective number of steps a_i.
-    Normalized,
-    /// `D = sum_i w_i Delta_i / n` over a count fixed in advance, whatever
-    /// the weights: FedBuff's buffer of K staleness-weighted updates.
-    SumOver(usize),
-}
 
 /// Updates longer than this are folded in parallel chunks. Each coordinate
 /// is still summed over clients in client order, so the result does not
@@ -181,7 +169,7 @@ impl<'a> Fold<'a> {
         if transforms.is_none() {
             return Fold::new(n_params, rule, diagnostics, n_clients);
         }
-        transforms.check(n_params, n_clients, rule)?;
+        transforms.check_guard(n_params, rule)?;
         let weighted_sum = if transforms.aggregator.is_robust() {
             Vec::new()
         } else {
@@ -218,10 +206,7 @@ impl<'a> Fold<'a> {
         let d = self.weighted_sum.len();
         if let Some(p) = &self.pipeline {
             let (transforms, diagnostics) = (p.transforms, p.diagnostics);
-            let prepared = transforms.prepare(k, p.n_params, update, diagnostics)?;
-            if prepared.residual.is_some() {
-                return invalid("compression", "error feedback returns residuals: prepare the updates and take them first");
-            }
+            let prepared = transforms.guard(k, p.n_params, update, diagnostics)?;
             return self.add_prepared(prepared, weight, a);
         }
         check_update(k, d, &update)?;
@@ -265,7 +250,6 @@ impl<'a> Fold<'a> {
         }
         let coefficient = self.coefficient(weight, a)?;
         let pipeline = self.pipeline.as_mut().expect("checked above");
-        debug_assert!(prepared.residual.is_none(), "a residual must be taken from a Prepared before it is folded");
         let Prepared { update, norm, filter_norms, clipped, .. } = prepared;
         let update = if pipeline.streaming {
             self.weight_total += weight;
@@ -433,42 +417,6 @@ fn normalised(rule: FoldRule, weighted_sum: Vec<f64>, total: f64, weighted_steps
         ));
     }
     Ok(aggregate)
-}
-
-/// The largest f Krum allows among `k` clients (2f + 2 < K); 0 below 3
-/// clients, where Krum itself reports the problem.
-pub fn krum_max_f(k: usize) -> usize {
-    k.saturating_sub(3) / 2
-}
-
-/// A robust rule of `robust` on `updates` (one layer each), with its picks
-/// (0-based, among `updates`) for the rules that pick.
-pub fn robust_aggregate(rule: Aggregator, updates: Vec<&[f64]>, weights: &[f64]) -> CoreResult<(Vec<f64>, Option<Vec<usize>>)> {
-    let n = updates.len();
-    let set = UpdateSet::from_vectors(updates)?;
-    let one = |mut layers: Vec<Vec<f64>>| layers.swap_remove(0);
-    Ok(match rule {
-        Aggregator::Weighted => return invalid("aggregator", "\"weighted\" is not a robust rule"),
-        Aggregator::Median => (one(robust::coordinate_median(&set)?), None),
-        Aggregator::TrimmedMean { trim } => (one(robust::trimmed_mean(&set, trim)?), None),
-        Aggregator::Krum { f } => {
-            let r = robust::multi_krum(&set, f.unwrap_or(krum_max_f(n)), 1, None)?;
-            (one(r.aggregate), Some(r.selected))
-        }
-        Aggregator::MultiKrum { f, m } => {
-            let f = f.unwrap_or(krum_max_f(n));
-            let r = robust::multi_krum(&set, f, m.unwrap_or(n.saturating_sub(f)), Some(weights))?;
-            (one(r.aggregate), Some(r.selected))
-        }
-        Aggregator::GeometricMedian { tol, max_iter } => (one(robust::geometric_median(&set, Some(weights), tol, max_iter)?.aggregate), None),
-        Aggregator::Bulyan { f } => {
-            let Some(f) = f.or(robust::bulyan_max_f(n)) else {
-                return invalid("f", format!("Bulyan needs K >= 4f + 3 clients (K = {n})"));
-            };
-            let r = robust::bulyan(&set, f)?;
-            (one(r.aggregate), Some(r.selected))
-        }
-    })
 }
 
 /// `y += a x` (with `a = 1` this is exactly `y += x`: multiplying by one is

@@ -18,7 +18,9 @@
 //! a custom model train in R). Both end in `finish_round`, so a round gives
 //! the same numbers whichever way its clients trained.
 
+pub mod aggregator;
 pub mod client;
+pub mod encode;
 pub mod fold;
 pub mod local_opt;
 pub mod server_opt;
@@ -34,10 +36,12 @@ use crate::norms::l2_norm;
 use crate::parallel::{effective_threads, with_threads};
 
 pub use client::{ClientAlgorithm, GradientCorrection, LocalConfig, LocalOutcome};
-pub use fold::{ClientDiagnostics, Fold, FoldRule};
+pub use aggregator::{Aggregator, FoldRule};
+pub use encode::{Attack, ClientEncoding, Compression, LocalNoise};
+pub use fold::{ClientDiagnostics, Fold};
 pub use local_opt::LocalOptimizer;
 pub use server_opt::{ServerOptimizer, ServerState};
-pub use transform::{Aggregator, Attack, CentralNoise, Clip, Compression, LocalNoise, NormFilter, Prepared, RoundTransforms, NO_TRANSFORMS};
+pub use transform::{CentralNoise, Clip, NormFilter, Prepared, RoundTransforms, NO_TRANSFORMS};
 
 /// The server side of a round: its optimizer and the state the previous
 /// round left (absent = zeros).
@@ -64,9 +68,6 @@ pub struct RoundDiagnostics {
 pub struct RoundUpdate {
     /// The new global parameters x_new.
     pub params: Vec<f64>,
-    /// Per client, with error-feedback compression: its new residual (empty
-    /// otherwise).
-    pub residuals: Vec<Option<Vec<f64>>>,
     /// The pseudo-gradient D.
     pub aggregate: Vec<f64>,
     pub server: ServerState,
@@ -103,7 +104,6 @@ pub fn finish_round(global: &[f64], fold: Fold<'_>, server: &ServerStep<'_>) -> 
     let c = folded.diagnostics;
     Ok(RoundUpdate {
         params,
-        residuals: Vec::new(),
         aggregate: folded.aggregate,
         server: state,
         diagnostics: RoundDiagnostics {
@@ -140,9 +140,12 @@ pub fn fold_round(
     fold_round_with(global, updates, weights, a, rule, server, diagnostics, &NO_TRANSFORMS, threads)
 }
 
-/// `fold_round` with `transforms` applied to the updates (see `transform`).
-/// The per-client steps run in parallel a chunk of clients at a time; the
-/// updates are folded in client order.
+/// The server's half of a round: `fold_round` with the server's steps of
+/// `transforms` (norms, filter, clipping, robust aggregator, noise) applied
+/// to updates received from the clients. The clients' half (local DP,
+/// attacks, compression) is theirs, done before they send: settings of it
+/// here are an error, never ignored. The per-client steps run in parallel a
+/// chunk of clients at a time; the updates are folded in client order.
 #[allow(clippy::too_many_arguments)]
 pub fn fold_round_with(
     global: &[f64],
@@ -162,6 +165,9 @@ pub fn fold_round_with(
     if weights.len() != k {
         return invalid("weights", format!("has {} values for {k} clients", weights.len()));
     }
+    if !transforms.encodes_nothing() {
+        return invalid("transforms", "local DP, attacks and compression are the clients' half of a round: encode each update where it is computed");
+    }
     let steps = match (rule, a) {
         (FoldRule::Normalized, None) => return invalid("a", "FedNova needs every client's effective steps"),
         (_, Some(a)) if a.len() != k => return invalid("a", format!("has {} values for {k} clients", a.len())),
@@ -177,20 +183,13 @@ pub fn fold_round_with(
             return finish_round(global, fold, server);
         };
         let indices: Vec<usize> = (0..k).collect();
-        let mut residuals = Vec::with_capacity(k);
         for chunk in indices.chunks(4 * effective_threads(threads)) {
-            let prepared: Vec<CoreResult<Prepared<'_>>> = chunk
-                .par_iter()
-                .map(|&i| transforms.prepare(i, global.len(), Cow::Borrowed(updates[i]), diagnostics))
-                .collect();
+            let prepared: Vec<CoreResult<Prepared<'_>>> =
+                chunk.par_iter().map(|&i| transforms.guard(i, global.len(), Cow::Borrowed(updates[i]), diagnostics)).collect();
             for (&i, p) in chunk.iter().zip(prepared) {
-                let mut p = p?;
-                residuals.push(p.residual.take());
-                fold.add_prepared(p, weights[i], steps.map_or(1.0, |a| a[i]))?;
+                fold.add_prepared(p?, weights[i], steps.map_or(1.0, |a| a[i]))?;
             }
         }
-        let mut update = finish_round(global, fold, server)?;
-        update.residuals = residuals;
-        Ok(update)
+        finish_round(global, fold, server)
     })
 }

@@ -1,16 +1,21 @@
-//! What the server does to the client updates between receiving them and
-//! folding them, in this order:
+//! A round's per-update steps, in two halves:
 //!
-//! 1. `attacks`: simulated Byzantine clients replace or distort their update.
-//! 2. The L2 norm of every update, as the server sees it (after the attack,
-//!    before clipping): the round's `client_norms`.
-//! 3. `filter`: updates whose norm is too large are dropped.
-//! 4. `clip`: the kept updates are scaled down to a bound on their norm.
-//! 5. `aggregator`: the weighted fold of `fold`, or a robust rule of `robust`.
-//! 6. `noise`: central Gaussian noise on the sum (DP-FedAvg).
+//! * the clients' half (`RoundTransforms::client(k)`, run by `encode`):
+//!   local DP, a simulated attack, compression with its residual. A client
+//!   does this before it sends its update;
+//! * the server's half (`RoundTransforms::guard`), on each update as
+//!   received: the L2 norm (the round's `client_norms`), then clipping when
+//!   no filter comes first; with a filter, the filter on every client's
+//!   norms and then clipping of the kept updates happen in `fold`.
 //!
-//! All off (`RoundTransforms::NONE`) is the fold as it was before them: the
-//! same code runs, with the same numbers and the same memory.
+//! Then `aggregator` combines the kept updates (the weighted fold of
+//! `fold`, or a robust rule) and central DP noise is added to the sum.
+//! A simulated round (`train::run_round`) runs both halves for each client
+//! (`prepare`); the server's fold of updates received from elsewhere
+//! (`fold_round_with`) runs only the server's.
+//!
+//! All off (`RoundTransforms::NONE`) is the plain fold: the same code runs,
+//! with the same numbers and the same memory.
 //!
 //! What a round reports with transforms on:
 //! * `kept`, `filter_reasons` per client (all kept, "" without a filter);
@@ -28,8 +33,8 @@
 //!
 //! Memory: every update is kept until the end of the round (K x d) when a
 //! filter or a robust aggregator needs them all, or with diagnostics; else
-//! (attacks, clipping, noise) each is folded as it comes and memory stays at
-//! d plus the updates of the clients in flight.
+//! (clipping, noise) each is folded as it comes and memory stays at d plus
+//! the updates of the clients in flight.
 //!
 //! Every step is per client or per fixed block of coordinates, and the
 //! random numbers come from streams fixed by (seed, client, block), so the
@@ -37,52 +42,13 @@
 
 use std::borrow::Cow;
 
-use rayon::prelude::*;
 
-use crate::alloc::{try_copy, try_filled, try_zeroed};
 use crate::error::{invalid, num, CoreError, CoreResult};
 use crate::norms::{clip_factor, clip_layers, l2_norm};
-use crate::compress::Compressor;
-use crate::rng::Rng;
-use crate::strategy::fold::FoldRule;
+use crate::strategy::aggregator::{Aggregator, FoldRule};
+use crate::strategy::encode::{Attack, ClientEncoding, Compression, LocalNoise};
 
-/// A simulated attack on one client's update Delta.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Attack {
-    /// `Delta <- -scale Delta`.
-    SignFlip { scale: f64 },
-    /// `Delta <- factor Delta`.
-    Scale { factor: f64 },
-    /// Delta replaced by N(0, sd^2) noise, drawn from the streams of
-    /// (`attack_seed`, client position, block of coordinates).
-    Gaussian { sd: f64 },
-    /// Every coordinate of Delta set to `value`.
-    SameValue { value: f64 },
-}
 
-impl Attack {
-    fn check(&self, k: usize) -> CoreResult<()> {
-        let (name, x) = match *self {
-            Attack::SignFlip { scale } => ("scale", scale),
-            Attack::Scale { factor } => ("factor", factor),
-            Attack::Gaussian { sd } => ("sd", sd),
-            Attack::SameValue { value } => ("value", value),
-        };
-        let ok = x.is_finite() && !(matches!(self, Attack::Gaussian { .. }) && x < 0.0);
-        if !ok {
-            return invalid("attacks", format!("element {}: `{name}` = {x} is not a finite number{}", k + 1,
-                if name == "sd" { " >= 0" } else { "" }));
-        }
-        Ok(())
-    }
-}
-
-/// Coordinates per random-number stream of the Gaussian attack.
-const ATTACK_BLOCK: usize = 4096;
-
-/// Mixed into the stream number of the Gaussian attack, so that its streams
-/// are not those of other seeded noise even when the seeds coincide.
-const ATTACK_STREAM_TAG: u64 = 0xA77A_C4ED_0000_0000;
 
 /// Lengths of consecutive layers of the flat parameter vector; `None` is one
 /// layer, the whole vector.
@@ -287,55 +253,9 @@ fn clip_part(update: &mut Cow<'_, [f64]>, range: std::ops::Range<usize>, norm: f
 /// The update as a mutable buffer, copied (with a checked allocation) when
 /// borrowed.
 fn owned<'u>(update: &'u mut Cow<'_, [f64]>, what: &str) -> CoreResult<&'u mut Vec<f64>> {
-    if let Cow::Borrowed(x) = update {
-        *update = Cow::Owned(try_copy(x, what)?);
-    }
-    Ok(update.to_mut())
+    crate::alloc::make_owned(update, what)
 }
 
-/// How the kept updates are combined into D.
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
-pub enum Aggregator {
-    /// The fold of `fold`: `sum_i p_i Delta_i` (FedNova: normalised).
-    #[default]
-    Weighted,
-    /// Coordinate-wise median (weights ignored).
-    Median,
-    /// Coordinate-wise trimmed mean (weights ignored).
-    TrimmedMean { trim: f64 },
-    /// Krum: the update with the best score (`f`: `None` = the largest
-    /// with 2f + 2 < K).
-    Krum { f: Option<usize> },
-    /// Multi-Krum: the weighted mean of the `m` best (`None` = K - f).
-    MultiKrum { f: Option<usize>, m: Option<usize> },
-    /// Weighted geometric median (smoothed Weiszfeld).
-    GeometricMedian { tol: f64, max_iter: usize },
-    /// Bulyan (`f`: `None` = the largest with K >= 4f + 3; weights ignored).
-    Bulyan { f: Option<usize> },
-}
-
-impl Aggregator {
-    pub fn is_robust(&self) -> bool {
-        *self != Aggregator::Weighted
-    }
-
-    /// Whether the rule picks clients (reported as `selected`).
-    pub fn selects(&self) -> bool {
-        matches!(self, Aggregator::Krum { .. } | Aggregator::MultiKrum { .. } | Aggregator::Bulyan { .. })
-    }
-
-    fn check(&self) -> CoreResult<()> {
-        match *self {
-            Aggregator::TrimmedMean { trim } if !(0.0..0.5).contains(&trim) => invalid("aggregator", format!("`trim` = {trim} is not in [0, 0.5)")),
-            Aggregator::MultiKrum { m: Some(0), .. } => invalid("aggregator", "`m` must be at least 1"),
-            Aggregator::GeometricMedian { tol, .. } if !(tol.is_finite() && tol > 0.0) => {
-                invalid("aggregator", format!("`tol` = {tol} is not a finite number > 0"))
-            }
-            Aggregator::GeometricMedian { max_iter: 0, .. } => invalid("aggregator", "`max_iter` must be at least 1"),
-            _ => Ok(()),
-        }
-    }
-}
 
 /// Central DP noise (McMahan et al. 2018, DP-FedAvg):
 /// `D = (sum_i w_i Delta_i + N(0, sd^2 I)) / denominator` over the kept
@@ -350,19 +270,6 @@ pub struct CentralNoise {
     pub denominator: f64,
 }
 
-/// Local DP: each client clips its update to `clip` and adds N(0, sd^2)
-/// noise before sending it, so the server only ever sees noised updates.
-/// The noise of client `k` comes from the streams of (`seed`, `k`, block),
-/// under a tag of its own.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LocalNoise {
-    pub clip: f64,
-    pub sd: f64,
-    pub seed: u64,
-}
-
-/// Stream tag of local DP noise, apart from the attacks' noise.
-const LOCAL_DP_STREAM_TAG: u64 = 0x10CA_1D90_0000_0000;
 
 /// Everything the server does to a round's updates besides folding them.
 #[derive(Clone, Debug, PartialEq)]
@@ -403,12 +310,10 @@ fn split_by(per_layer: bool, layer_sizes: &Option<Vec<usize>>) -> Option<&[usize
     }
 }
 
-/// A client's update after the per-client transforms, ready to be folded.
+/// A client's update after the server's per-client steps, ready to be folded.
 pub struct Prepared<'a> {
     pub update: Cow<'a, [f64]>,
-    /// The client's new error-feedback residual (top-k with error feedback).
-    pub residual: Option<Vec<f64>>,
-    /// Whole L2 norm after the attack, before clipping (NaN when not needed).
+    /// Whole L2 norm as received, before clipping (NaN when not needed).
     pub norm: f64,
     /// The filter's norms (per layer, or the whole norm), empty without filter.
     pub filter_norms: Vec<f64>,
@@ -431,13 +336,18 @@ impl RoundTransforms {
 
     /// True when nothing is to be done: the plain fold.
     pub fn is_none(&self) -> bool {
-        self.local_noise.is_none()
-            && self.compression.is_none()
-            && self.attacks.iter().all(Option::is_none)
-            && self.filter.is_none()
-            && self.clip.is_none()
-            && self.aggregator == Aggregator::Weighted
-            && self.noise.is_none()
+        self.encodes_nothing() && self.guards_nothing()
+    }
+
+    /// No client encodes its update (local DP, attacks, compression).
+    pub fn encodes_nothing(&self) -> bool {
+        self.local_noise.is_none() && self.compression.is_none() && self.attacks.iter().all(Option::is_none)
+    }
+
+    /// The server folds the updates as received: no filter, clipping,
+    /// robust aggregator or noise.
+    pub fn guards_nothing(&self) -> bool {
+        self.filter.is_none() && self.clip.is_none() && self.aggregator == Aggregator::Weighted && self.noise.is_none()
     }
 
     /// Whether every update must be kept until the end of the round.
@@ -445,34 +355,38 @@ impl RoundTransforms {
         self.filter.is_some() || self.aggregator.is_robust()
     }
 
+    /// Client `k`'s half: how it encodes its update before sending it.
+    pub fn client(&self, k: usize) -> ClientEncoding<'_> {
+        ClientEncoding {
+            local_noise: self.local_noise,
+            attack: self.attacks.get(k).copied().flatten(),
+            attack_seed: self.attack_seed,
+            compression: self.compression,
+            residual: self.residuals.get(k).and_then(|r| r.as_deref()),
+            stream: k as u64,
+        }
+    }
+
     /// Checks the settings for a round of `n_clients` updates of `d` values
-    /// folded by `rule`.
+    /// folded by `rule`: the clients' encodings and the server's steps.
     pub fn check(&self, d: usize, n_clients: usize, rule: FoldRule) -> CoreResult<()> {
+        self.check_encodings(d, n_clients)?;
+        self.check_guard(d, rule)
+    }
+
+    /// Checks the clients' half for a round of `n_clients` updates of `d` values.
+    pub fn check_encodings(&self, d: usize, n_clients: usize) -> CoreResult<()> {
         if !self.attacks.is_empty() && self.attacks.len() != n_clients {
             return invalid("attacks", format!("has {} elements for {n_clients} clients", self.attacks.len()));
-        }
-        for (k, a) in self.attacks.iter().enumerate() {
-            if let Some(a) = a {
-                a.check(k)?;
-            }
-        }
-        if let Some(l) = &self.local_noise {
-            if !(l.clip.is_finite() && l.clip > 0.0) {
-                return invalid("local_dp", format!("`clip` = {} is not a finite number > 0", l.clip));
-            }
-            if !(l.sd.is_finite() && l.sd >= 0.0) {
-                return invalid("local_dp", format!("`sd` = {} is not a finite number >= 0", l.sd));
-            }
-        }
-        if let Some(c) = &self.compression {
-            c.compressor.check()?;
         }
         if !self.residuals.is_empty() && self.residuals.len() != n_clients {
             return invalid("residuals", format!("has {} elements for {n_clients} clients", self.residuals.len()));
         }
-        if let Some(k) = self.residuals.iter().position(|r| r.as_ref().is_some_and(|r| r.len() != d)) {
-            return invalid("residuals", format!("element {} does not have {d} values", k + 1));
-        }
+        (0..n_clients).try_for_each(|k| self.client(k).check(d))
+    }
+
+    /// Checks the server's half for updates of `d` values folded by `rule`.
+    pub fn check_guard(&self, d: usize, rule: FoldRule) -> CoreResult<()> {
         if let Some(f) = &self.filter {
             f.check(d)?;
         }
@@ -500,26 +414,13 @@ impl RoundTransforms {
         Ok(())
     }
 
-    /// The per-client steps of client `k`'s update: the check every update
-    /// gets, the attack, the norms and, when no filter comes first, the
-    /// clipping. `norms` asks for the whole norm even when neither the
-    /// filter nor the clipping needs it (diagnostics).
-    pub fn prepare<'a>(&self, k: usize, d: usize, update: Cow<'a, [f64]>, norms: bool) -> CoreResult<Prepared<'a>> {
+    /// The server's per-client steps on client `k`'s update as received:
+    /// the check every update gets, the norms and, when no filter comes
+    /// first, the clipping. `norms` asks for the whole norm even when
+    /// neither the filter nor the clipping needs it (diagnostics).
+    pub fn guard<'a>(&self, k: usize, d: usize, update: Cow<'a, [f64]>, norms: bool) -> CoreResult<Prepared<'a>> {
         check_update(k, d, &update)?;
         let mut update = update;
-        if let Some(local) = &self.local_noise {
-            local_dp_update(&mut update, local, k).map_err(|e| in_client(k, e))?;
-        }
-        if let Some(Some(attack)) = self.attacks.get(k) {
-            attack_update(&mut update, attack, self.attack_seed, k)?;
-        }
-        let mut residual = None;
-        if let Some(c) = &self.compression {
-            let previous = self.residuals.get(k).and_then(|r| r.as_deref());
-            let sent = c.compressor.compress(&update, previous, &mut c.rng(k)).map_err(|e| in_client(k, e))?;
-            update = Cow::Owned(sent.decoded);
-            residual = sent.residual;
-        }
         let norm = if norms || self.filter.is_some() || self.clip.is_some() { l2_norm(&update) } else { f64::NAN };
         let filter_norms = match &self.filter {
             None => Vec::new(),
@@ -530,27 +431,16 @@ impl RoundTransforms {
             (Some(c), None) => Some(c.apply(&mut update, norm, "a clipped client update").map_err(|e| in_client(k, e))?),
             _ => None,
         };
-        Ok(Prepared { update, residual, norm, filter_norms, clipped })
+        Ok(Prepared { update, norm, filter_norms, clipped })
     }
-}
 
-/// A round's compression of client updates.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Compression {
-    pub compressor: Compressor,
-    /// Seed of the round's random sparsification and quantisation; client
-    /// `k` draws from its own stream of it.
-    pub seed: u64,
-}
-
-/// Mixed into the stream number of compression, apart from the attack and
-/// local DP streams.
-const COMPRESS_STREAM_TAG: u64 = 0xC0B3_5500_0000_0000;
-
-impl Compression {
-    /// Client `k`'s random numbers (`compress_update()` in R is client 0).
-    pub fn rng(&self, k: usize) -> Rng {
-        Rng::new(self.seed, COMPRESS_STREAM_TAG ^ k as u64)
+    /// Both halves of client `k`'s update, as a simulated round runs them:
+    /// the client's encoding, then the server's steps. Returns the client's
+    /// new error-feedback residual beside.
+    pub fn prepare<'a>(&self, k: usize, d: usize, update: Cow<'a, [f64]>, norms: bool) -> CoreResult<(Prepared<'a>, Option<Vec<f64>>)> {
+        check_update(k, d, &update)?;
+        let (update, residual) = self.client(k).encode(update)?;
+        Ok((self.guard(k, d, update, norms)?, residual))
     }
 }
 
@@ -565,54 +455,7 @@ pub(crate) fn check_update(k: usize, d: usize, update: &[f64]) -> CoreResult<()>
     Ok(())
 }
 
-/// What client `k` sends under local DP: its update clipped to `local.clip`
-/// (overflow-safe norm), plus N(0, sd^2) noise per coordinate.
-fn local_dp_update(update: &mut Cow<'_, [f64]>, local: &LocalNoise, k: usize) -> CoreResult<()> {
-    let factor = clip_factor(l2_norm(update), local.clip);
-    let values = owned(update, "a locally private client update")?;
-    let mut noise = try_zeroed(values.len(), "local DP noise")?;
-    noise.par_chunks_mut(ATTACK_BLOCK).enumerate().for_each(|(b, block)| {
-        let mut rng = Rng::new(local.seed, LOCAL_DP_STREAM_TAG ^ ((k as u64) << 24) ^ b as u64);
-        for v in block.iter_mut() {
-            *v = local.sd * rng.normal();
-        }
-    });
-    for (v, z) in values.iter_mut().zip(&noise) {
-        *v = *v * factor + z;
-    }
-    Ok(())
-}
 
-/// Client `k`'s update after `attack`.
-fn attack_update(update: &mut Cow<'_, [f64]>, attack: &Attack, seed: u64, k: usize) -> CoreResult<()> {
-    let d = update.len();
-    let what = "an attacked client update";
-    match *attack {
-        Attack::SignFlip { scale } => owned(update, what)?.iter_mut().for_each(|v| *v *= -scale),
-        Attack::Scale { factor } => owned(update, what)?.iter_mut().for_each(|v| *v *= factor),
-        Attack::SameValue { value } => *update = Cow::Owned(try_filled(d, value, what)?),
-        Attack::Gaussian { sd } => {
-            let mut noise = try_zeroed(d, what)?;
-            gaussian_fill(&mut noise, sd, seed, k as u64);
-            *update = Cow::Owned(noise);
-        }
-    }
-    if let Some(i) = update.iter().position(|v| !v.is_finite()) {
-        return Err(CoreError::Client(k, format!("the simulated attack made value {} of the update {}", i + 1, update[i])));
-    }
-    Ok(())
-}
-
-/// `x[j] = sd * z_j` with z from the streams of (`seed`, `client`, block of
-/// `ATTACK_BLOCK` coordinates): the same numbers on any number of threads.
-pub fn gaussian_fill(x: &mut [f64], sd: f64, seed: u64, client: u64) {
-    x.par_chunks_mut(ATTACK_BLOCK).enumerate().for_each(|(b, block)| {
-        let mut rng = Rng::new(seed, ATTACK_STREAM_TAG ^ (client << 24) ^ b as u64);
-        for v in block.iter_mut() {
-            *v = sd * rng.normal();
-        }
-    });
-}
 
 /// An error of the transforms of client `k`'s update, attributed to it.
 fn in_client(k: usize, e: CoreError) -> CoreError {
@@ -625,6 +468,8 @@ fn in_client(k: usize, e: CoreError) -> CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
+    use crate::strategy::encode::{gaussian_fill, ATTACK_BLOCK, ATTACK_STREAM_TAG};
     use crate::parallel::with_threads;
     use crate::robust;
     use crate::strategy::{fold_round, fold_round_with, RoundUpdate, ServerOptimizer, ServerStep};
@@ -646,13 +491,20 @@ mod tests {
     }
 
     /// A round of `ups` with weights `w` and `t`, server SGD(1, 0).
+    /// The clients' half of `t` on each update, then the server's half and
+    /// the fold, as the two sides of a round run them.
     fn round(ups: &[Vec<f64>], w: &[f64], t: &RoundTransforms, diagnostics: bool, threads: usize) -> CoreResult<RoundUpdate> {
         let global = vec![0.0; ups[0].len()];
-        fold_round_with(&global, &refs(ups), w, None, FoldRule::Mean, &SGD, diagnostics, t, threads)
+        t.check_encodings(ups[0].len(), ups.len())?;
+        let sent = with_threads(threads, || {
+            (0..ups.len()).map(|k| t.client(k).encode(Cow::Borrowed(&ups[k])).map(|(u, _)| u.into_owned())).collect::<CoreResult<Vec<_>>>()
+        })?;
+        let server = RoundTransforms { local_noise: None, compression: None, residuals: Vec::new(), attacks: Vec::new(), attack_seed: 0, ..t.clone() };
+        fold_round_with(&global, &refs(&sent), w, None, FoldRule::Mean, &SGD, diagnostics, &server, threads)
     }
 
     fn prepared(t: &RoundTransforms, k: usize, u: &[f64]) -> Vec<f64> {
-        t.prepare(k, u.len(), Cow::Borrowed(u), false).unwrap().update.into_owned()
+        t.prepare(k, u.len(), Cow::Borrowed(u), false).unwrap().0.update.into_owned()
     }
 
     fn norm(x: &[f64]) -> f64 {
@@ -823,7 +675,7 @@ mod tests {
         let bound = (norms[1] + norms[2]) / 2.0;
         let whole = RoundTransforms { clip: Some(Clip { max_norm: bound, per_layer: false, layer_sizes: None }), ..RoundTransforms::NONE };
         for (k, u) in ups.iter().enumerate() {
-            let p = whole.prepare(k, 10, Cow::Borrowed(u), false).unwrap();
+            let p = whole.guard(k, 10, Cow::Borrowed(u), false).unwrap();
             assert_eq!(p.clipped, Some(norms[k] > bound));
             if norms[k] > bound {
                 assert!(p.update.iter().zip(u).all(|(c, v)| (c - v * bound / norms[k]).abs() <= 1e-15 * v.abs().max(1e-300)));
@@ -843,7 +695,7 @@ mod tests {
         let mut any_clipped = false;
         let mut any_kept = false;
         for (k, u) in ups.iter().enumerate() {
-            let p = per_layer.prepare(k, 10, Cow::Borrowed(u), false).unwrap();
+            let p = per_layer.guard(k, 10, Cow::Borrowed(u), false).unwrap();
             let mut start = 0;
             let mut exceeded = false;
             for n in &sizes {
@@ -891,7 +743,7 @@ mod tests {
     fn clipping_updates_beyond_the_double_range_keeps_their_direction() {
         let u = vec![1.5e308, -1.5e308, 0.0];
         let t = RoundTransforms { clip: Some(Clip { max_norm: 2.0, per_layer: false, layer_sizes: None }), ..RoundTransforms::NONE };
-        let p = t.prepare(0, 3, Cow::Borrowed(&u), false).unwrap();
+        let p = t.guard(0, 3, Cow::Borrowed(&u), false).unwrap();
         assert_eq!(p.norm, f64::INFINITY);
         let s = 2f64.sqrt();
         assert!((p.update[0] - s).abs() < 1e-15 && (p.update[1] + s).abs() < 1e-15 && p.update[2] == 0.0, "{:?}", p.update);
@@ -978,15 +830,15 @@ mod tests {
             ..RoundTransforms::NONE
         };
         // Without noise: exactly the clipped update.
-        let quiet = with(0.0, 1).prepare(0, d, Cow::Borrowed(&u), false).unwrap().update.into_owned();
+        let quiet = with(0.0, 1).prepare(0, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned();
         for (q, v) in quiet.iter().zip(&u) {
             assert!((q - v * 2.0 / norm).abs() < 1e-15);
         }
         // With noise: clipped update + N(0, sd^2), seeded per client, never the attack streams.
-        let a = with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().update.into_owned();
-        let b = with_threads(2, || with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().update.into_owned());
+        let a = with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned();
+        let b = with_threads(2, || with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned());
         assert_eq!(a, b);
-        let other_client = with(0.5, 9).prepare(4, d, Cow::Borrowed(&u), false).unwrap().update.into_owned();
+        let other_client = with(0.5, 9).prepare(4, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned();
         assert_ne!(a, other_client);
         let resid: Vec<f64> = a.iter().zip(&quiet).map(|(x, q)| x - q).collect();
         let sd = (resid.iter().map(|r| r * r).sum::<f64>() / d as f64).sqrt();

@@ -1,0 +1,557 @@
+//! The messages of a round between a server and its nodes, versioned and
+//! validated, so that the two halves of a round (`client::fit` on a node,
+//! the fold on the server) can run in different processes or machines:
+//!
+//! * `FitIns`: the server asks a node to train: the global parameters, the
+//!   round, the settings of the client algorithm and local optimizer, the
+//!   node's random streams, its encoding (local DP, attack, compression) and
+//!   the round the server last committed;
+//! * `FitRes`: the node's update as sent, its report, and the state it will
+//!   keep if the round commits (SCAFFOLD's control, its residual);
+//! * `EvalIns` / `EvalRes`: evaluation of given parameters on a node's data
+//!   (power-of-choice losses, validation metrics);
+//! * `NodeInfo`: what a node says of itself when it joins.
+//!
+//! Wire format (`encode` / `decode`): the 6 bytes `FEDAGG`, one byte of
+//! protocol version, one byte of message kind, the header's length as a
+//! little-endian u32, a JSON header, then the message's vectors as raw
+//! little-endian float64, in the order the header's `vectors` lists them
+//! with their lengths. A reader knows every size before it reads a value,
+//! and refuses anything that does not add up.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, CoreResult};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+const MAGIC: &[u8; 6] = b"FEDAGG";
+
+/// Headers are small (settings and numbers); a larger one is refused
+/// before it is read.
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+
+/// The kinds of message, as the byte after the version says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    FitIns = 1,
+    FitRes = 2,
+    EvalIns = 3,
+    EvalRes = 4,
+    NodeInfo = 5,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> CoreResult<Kind> {
+        Ok(match b {
+            1 => Kind::FitIns,
+            2 => Kind::FitRes,
+            3 => Kind::EvalIns,
+            4 => Kind::EvalRes,
+            5 => Kind::NodeInfo,
+            other => return bad(format!("unknown message kind {other}")),
+        })
+    }
+}
+
+fn bad<T>(msg: impl Into<String>) -> CoreResult<T> {
+    Err(CoreError::InvalidArgument("message", msg.into()))
+}
+
+/// A built-in model: layer sizes, the head's code and the precision bits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub sizes: Vec<usize>,
+    pub head: i32,
+    pub bits: i32,
+}
+
+/// The local work of a round, as `FitConfig` and `LocalConfig` hold it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalSpec {
+    /// "sgd" (local training) or "gradient" (FedSGD).
+    pub work: String,
+    /// "fedavg", "fedprox", "scaffold" or "fednova".
+    pub algorithm: String,
+    pub mu: f64,
+    /// "sgd", "adam", "rmsprop" or "adagrad", with their settings.
+    pub optimizer: String,
+    pub momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub alpha: f64,
+    /// 0: full batch.
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub shuffle: bool,
+    /// The round's training seed; the node draws from its stream `stream`.
+    pub seed: u64,
+    /// "samples", "equal", "accuracy" or "collect".
+    pub weights: String,
+}
+
+/// Local DP of a client's update.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalDpSpec {
+    pub clip: f64,
+    pub sd: f64,
+    pub seed: u64,
+}
+
+/// A simulated attack: `kind` ("sign_flip", "scale", "gaussian",
+/// "same_value") and its one setting.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttackSpec {
+    pub kind: String,
+    pub value: f64,
+}
+
+/// A compressor: `kind` ("topk", "random_k", "quantize", "float16",
+/// "none") and its settings, with the round's compression seed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompressionSpec {
+    pub kind: String,
+    pub fraction: f64,
+    pub error_feedback: bool,
+    pub bits: u32,
+    pub stochastic: bool,
+    pub seed: u64,
+}
+
+/// How the node encodes what it sends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncodingSpec {
+    pub local_dp: Option<LocalDpSpec>,
+    pub attack: Option<AttackSpec>,
+    pub attack_seed: u64,
+    pub compression: Option<CompressionSpec>,
+}
+
+/// The server asks a node to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FitIns {
+    pub round: u32,
+    /// The last round the server committed: a node keeps the state of a
+    /// round only once a later instruction says that round was committed.
+    pub committed_round: u32,
+    pub node: String,
+    /// The node's training stream of the round's seed.
+    pub stream: u64,
+    /// The node's stream for its encoding (its position in the round).
+    pub position: u64,
+    pub epochs: usize,
+    /// A deadline cut the work to this many local steps.
+    pub max_steps: Option<usize>,
+    /// Evaluate the trained model on the node's validation data.
+    pub validation: bool,
+    pub model: ModelSpec,
+    pub local: LocalSpec,
+    pub encoding: EncodingSpec,
+    #[serde(skip)]
+    pub params: Vec<f64>,
+    /// SCAFFOLD's server control c.
+    #[serde(skip)]
+    pub server_control: Option<Vec<f64>>,
+}
+
+/// A node's answer to a `FitIns`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FitRes {
+    pub round: u32,
+    pub node: String,
+    pub n_samples: f64,
+    pub train_loss: f64,
+    pub steps: f64,
+    /// FedNova's a_i; the local steps otherwise.
+    pub effective_steps: f64,
+    pub weight: f64,
+    /// `None` when not evaluated.
+    pub val_loss: Option<f64>,
+    pub val_metric: Option<f64>,
+    /// The update as sent (after the node's encoding).
+    #[serde(skip)]
+    pub update: Vec<f64>,
+    /// SCAFFOLD: the node's new control c_i (kept once the round commits).
+    #[serde(skip)]
+    pub control: Option<Vec<f64>>,
+    /// Error feedback: the node's new residual (kept once the round commits).
+    #[serde(skip)]
+    pub residual: Option<Vec<f64>>,
+}
+
+/// The server asks a node to evaluate `params` on its "train" or
+/// "validation" data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalIns {
+    pub round: u32,
+    pub node: String,
+    pub split: String,
+    pub model: ModelSpec,
+    #[serde(skip)]
+    pub params: Vec<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRes {
+    pub round: u32,
+    pub node: String,
+    pub n: f64,
+    pub loss: f64,
+    /// Accuracy (classification) or RMSE (regression).
+    pub metric: f64,
+}
+
+/// What a node says of itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: String,
+    pub n_samples: f64,
+    pub has_validation: bool,
+    pub label_levels: Vec<String>,
+    pub data_version: u64,
+}
+
+/// A message of the protocol: its kind, and its vectors by name (the header
+/// carries everything else).
+pub trait Message: Serialize + DeserializeOwned {
+    const KIND: Kind;
+    /// The vectors to send, in order (absent optional ones left out).
+    fn vectors(&self) -> Vec<(&'static str, &[f64])>;
+    /// Puts a vector read from the wire in its place.
+    fn set_vector(&mut self, name: &str, values: Vec<f64>) -> CoreResult<()>;
+    /// Checks what the header alone cannot: required vectors are there.
+    fn check(&self) -> CoreResult<()>;
+}
+
+impl Message for FitIns {
+    const KIND: Kind = Kind::FitIns;
+    fn vectors(&self) -> Vec<(&'static str, &[f64])> {
+        let mut v = vec![("params", self.params.as_slice())];
+        if let Some(c) = &self.server_control {
+            v.push(("server_control", c));
+        }
+        v
+    }
+    fn set_vector(&mut self, name: &str, values: Vec<f64>) -> CoreResult<()> {
+        match name {
+            "params" => self.params = values,
+            "server_control" => self.server_control = Some(values),
+            other => return bad(format!("FitIns has no vector `{other}`")),
+        }
+        Ok(())
+    }
+    fn check(&self) -> CoreResult<()> {
+        let d = self.params.len();
+        if d == 0 {
+            return bad("FitIns has no parameters");
+        }
+        if self.server_control.as_ref().is_some_and(|c| c.len() != d) {
+            return bad(format!("FitIns' server control does not have the {d} values of the parameters"));
+        }
+        if self.epochs == 0 {
+            return bad("FitIns asks for 0 epochs");
+        }
+        Ok(())
+    }
+}
+
+impl Message for FitRes {
+    const KIND: Kind = Kind::FitRes;
+    fn vectors(&self) -> Vec<(&'static str, &[f64])> {
+        let mut v = vec![("update", self.update.as_slice())];
+        if let Some(c) = &self.control {
+            v.push(("control", c));
+        }
+        if let Some(r) = &self.residual {
+            v.push(("residual", r));
+        }
+        v
+    }
+    fn set_vector(&mut self, name: &str, values: Vec<f64>) -> CoreResult<()> {
+        match name {
+            "update" => self.update = values,
+            "control" => self.control = Some(values),
+            "residual" => self.residual = Some(values),
+            other => return bad(format!("FitRes has no vector `{other}`")),
+        }
+        Ok(())
+    }
+    fn check(&self) -> CoreResult<()> {
+        let d = self.update.len();
+        if d == 0 {
+            return bad("FitRes has no update");
+        }
+        for (name, v) in [("control", &self.control), ("residual", &self.residual)] {
+            if v.as_ref().is_some_and(|v| v.len() != d) {
+                return bad(format!("FitRes' {name} does not have the {d} values of the update"));
+            }
+        }
+        if let Some(i) = self.update.iter().position(|v| !v.is_finite()) {
+            return bad(format!("FitRes' update has a non-finite value at position {}", i + 1));
+        }
+        if !(self.n_samples.is_finite() && self.n_samples >= 0.0) {
+            return bad(format!("FitRes' n_samples = {} is not a number >= 0", self.n_samples));
+        }
+        Ok(())
+    }
+}
+
+impl Message for EvalIns {
+    const KIND: Kind = Kind::EvalIns;
+    fn vectors(&self) -> Vec<(&'static str, &[f64])> {
+        vec![("params", self.params.as_slice())]
+    }
+    fn set_vector(&mut self, name: &str, values: Vec<f64>) -> CoreResult<()> {
+        match name {
+            "params" => self.params = values,
+            other => return bad(format!("EvalIns has no vector `{other}`")),
+        }
+        Ok(())
+    }
+    fn check(&self) -> CoreResult<()> {
+        if !matches!(self.split.as_str(), "train" | "validation") {
+            return bad(format!("EvalIns' split \"{}\" is not \"train\" or \"validation\"", self.split));
+        }
+        Ok(())
+    }
+}
+
+impl Message for EvalRes {
+    const KIND: Kind = Kind::EvalRes;
+    fn vectors(&self) -> Vec<(&'static str, &[f64])> {
+        Vec::new()
+    }
+    fn set_vector(&mut self, name: &str, _: Vec<f64>) -> CoreResult<()> {
+        bad(format!("EvalRes has no vector `{name}`"))
+    }
+    fn check(&self) -> CoreResult<()> {
+        Ok(())
+    }
+}
+
+impl Message for NodeInfo {
+    const KIND: Kind = Kind::NodeInfo;
+    fn vectors(&self) -> Vec<(&'static str, &[f64])> {
+        Vec::new()
+    }
+    fn set_vector(&mut self, name: &str, _: Vec<f64>) -> CoreResult<()> {
+        bad(format!("NodeInfo has no vector `{name}`"))
+    }
+    fn check(&self) -> CoreResult<()> {
+        if self.node.is_empty() {
+            return bad("NodeInfo has an empty node id");
+        }
+        Ok(())
+    }
+}
+
+/// The header as sent: the message's own fields and its vectors' names and
+/// lengths.
+#[derive(Serialize, Deserialize)]
+struct Header<T> {
+    message: T,
+    vectors: Vec<(String, usize)>,
+}
+
+/// A message on the wire.
+pub fn encode<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
+    message.check()?;
+    let vectors = message.vectors();
+    let header = Header { message, vectors: vectors.iter().map(|(n, v)| (n.to_string(), v.len())).collect() };
+    let json = serde_json::to_vec(&header).map_err(|e| CoreError::InvalidArgument("message", format!("cannot write the header: {e}")))?;
+    if json.len() > MAX_HEADER_BYTES {
+        return bad(format!("the header has {} bytes, more than {MAX_HEADER_BYTES}", json.len()));
+    }
+    let payload: usize = vectors.iter().map(|(_, v)| v.len()).sum();
+    let total = payload.checked_mul(8).and_then(|p| p.checked_add(12 + json.len()));
+    let Some(total) = total else { return Err(CoreError::Memory("the message is larger than memory can address".into())) };
+    crate::alloc::check_bytes(total, "a protocol message")?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(total).map_err(|_| CoreError::Memory(format!("not enough memory for a protocol message of {total} bytes")))?;
+    out.extend_from_slice(MAGIC);
+    out.push(PROTOCOL_VERSION);
+    out.push(M::KIND as u8);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, v) in vectors {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// The kind of the message in `bytes`, from its frame alone.
+pub fn kind_of(bytes: &[u8]) -> CoreResult<Kind> {
+    frame(bytes).map(|(kind, _, _)| kind)
+}
+
+/// The frame: kind, header bytes, payload bytes.
+fn frame(bytes: &[u8]) -> CoreResult<(Kind, &[u8], &[u8])> {
+    if bytes.len() < 12 || &bytes[..6] != MAGIC {
+        return bad("not a fedagg message (no FEDAGG frame)");
+    }
+    if bytes[6] != PROTOCOL_VERSION {
+        return bad(format!("protocol version {} (this build speaks {PROTOCOL_VERSION})", bytes[6]));
+    }
+    let kind = Kind::from_byte(bytes[7])?;
+    let header_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    if header_len > MAX_HEADER_BYTES {
+        return bad(format!("the header claims {header_len} bytes, more than {MAX_HEADER_BYTES}"));
+    }
+    let rest = &bytes[12..];
+    if rest.len() < header_len {
+        return bad(format!("the header claims {header_len} bytes, the message has {}", rest.len()));
+    }
+    Ok((kind, &rest[..header_len], &rest[header_len..]))
+}
+
+/// A message read from the wire, checked: its kind, version, every size,
+/// and its own consistency.
+pub fn decode<M: Message>(bytes: &[u8]) -> CoreResult<M> {
+    let (kind, header, payload) = frame(bytes)?;
+    if kind != M::KIND {
+        return bad(format!("a {kind:?} message where a {:?} was expected", M::KIND));
+    }
+    let header: Header<M> =
+        serde_json::from_slice(header).map_err(|e| CoreError::InvalidArgument("message", format!("malformed header: {e}")))?;
+    let expected = header.vectors.iter().try_fold(0usize, |acc, (_, n)| n.checked_mul(8).and_then(|b| acc.checked_add(b)));
+    match expected {
+        Some(e) if e == payload.len() => {}
+        Some(e) => return bad(format!("the header announces {e} bytes of vectors, the message has {}", payload.len())),
+        None => return bad("the header announces vectors larger than memory can address"),
+    }
+    let mut message = header.message;
+    let mut at = 0;
+    for (name, n) in header.vectors {
+        let mut values = Vec::new();
+        values.try_reserve_exact(n).map_err(|_| CoreError::Memory(format!("not enough memory for the vector `{name}` of {n} values")))?;
+        values.extend(payload[at..at + 8 * n].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))));
+        at += 8 * n;
+        message.set_vector(&name, values)?;
+    }
+    message.check()?;
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fit_ins() -> FitIns {
+        FitIns {
+            round: 3,
+            committed_round: 2,
+            node: "site-a".into(),
+            stream: 7,
+            position: 1,
+            epochs: 2,
+            max_steps: None,
+            validation: false,
+            model: ModelSpec { sizes: vec![4, 3], head: 2, bits: 64 },
+            local: LocalSpec {
+                work: "sgd".into(),
+                algorithm: "fedprox".into(),
+                mu: 0.1,
+                optimizer: "sgd".into(),
+                momentum: 0.9,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                alpha: 0.99,
+                batch_size: 10,
+                lr: 0.05,
+                weight_decay: 0.0,
+                shuffle: true,
+                seed: 12345,
+                weights: "samples".into(),
+            },
+            encoding: EncodingSpec { attack: Some(AttackSpec { kind: "scale".into(), value: 10.0 }), ..Default::default() },
+            params: vec![0.1, -2.5, f64::MIN_POSITIVE, 1e300, 0.0, -0.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0],
+            server_control: Some(vec![1.0; 15]),
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_bit_for_bit() {
+        let ins = fit_ins();
+        let bytes = encode(&ins).unwrap();
+        assert_eq!(&bytes[..6], b"FEDAGG");
+        assert_eq!(kind_of(&bytes).unwrap(), Kind::FitIns);
+        let back: FitIns = decode(&bytes).unwrap();
+        assert_eq!(back, ins);
+        assert_eq!(back.params[5].to_bits(), (-0.0f64).to_bits());
+        let res = FitRes {
+            round: 3,
+            node: "site-a".into(),
+            n_samples: 54.0,
+            train_loss: 0.25,
+            steps: 12.0,
+            effective_steps: 12.0,
+            weight: 54.0,
+            val_loss: None,
+            val_metric: Some(0.5),
+            update: vec![0.5; 15],
+            control: None,
+            residual: Some(vec![0.0; 15]),
+        };
+        assert_eq!(decode::<FitRes>(&encode(&res).unwrap()).unwrap(), res);
+        let info = NodeInfo { node: "b".into(), n_samples: 10.0, has_validation: true, label_levels: vec!["no".into(), "yes".into()], data_version: 2 };
+        assert_eq!(decode::<NodeInfo>(&encode(&info).unwrap()).unwrap(), info);
+    }
+
+    #[test]
+    fn malformed_messages_are_refused_with_reasons() {
+        let bytes = encode(&fit_ins()).unwrap();
+        let refused = |b: &[u8]| matches!(decode::<FitIns>(b), Err(CoreError::InvalidArgument("message", _)));
+        // Truncated anywhere, one byte too many, another kind, version or magic.
+        for cut in [0, 5, 11, 12, 40, bytes.len() - 8, bytes.len() - 1] {
+            assert!(refused(&bytes[..cut]), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(refused(&longer));
+        let mut other = bytes.clone();
+        other[7] = Kind::FitRes as u8;
+        assert!(refused(&other));
+        let mut version = bytes.clone();
+        version[6] = 99;
+        assert!(refused(&version));
+        let mut magic = bytes.clone();
+        magic[0] = b'X';
+        assert!(refused(&magic));
+        // A header that claims more than the limit is refused before reading.
+        let mut huge = bytes.clone();
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(refused(&huge));
+        // A vector length that overflows the payload size.
+        let json = serde_json::to_vec(&Header { message: fit_ins(), vectors: vec![("params".to_string(), usize::MAX / 4)] }).unwrap();
+        let mut forged = bytes[..8].to_vec();
+        forged.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        forged.extend_from_slice(&json);
+        assert!(refused(&forged));
+        // An unknown vector, a control of the wrong length, non-finite updates.
+        let mut ins = fit_ins();
+        ins.server_control = Some(vec![1.0; 3]);
+        assert!(matches!(encode(&ins), Err(CoreError::InvalidArgument("message", _))));
+        let res = FitRes {
+            round: 1,
+            node: "a".into(),
+            n_samples: 1.0,
+            train_loss: 0.0,
+            steps: 1.0,
+            effective_steps: 1.0,
+            weight: 1.0,
+            val_loss: None,
+            val_metric: None,
+            update: vec![f64::NAN],
+            control: None,
+            residual: None,
+        };
+        assert!(encode(&res).is_err());
+    }
+}
