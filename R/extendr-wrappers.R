@@ -68,6 +68,34 @@ rs_rdp_noise_multiplier <- function(epsilon, delta, q, steps, orders) .Call(wrap
 #' @noRd
 rs_rdp_default_orders <- function() .Call(wrap__rs_rdp_default_orders)
 
+#' One `FitIns` per selected client of a round: the global parameters, the
+#' round config (local settings, server control, the clients' encodings),
+#' and per client its node id, training stream, epochs and step limit (NA:
+#' none), and the stream it encodes with (`positions`: its position in a
+#' synchronous round, its dispatch in FedBuff).
+#' @noRd
+rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, positions, epochs, max_steps, validation, round, committed_round) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, positions, epochs, max_steps, validation, round, committed_round)
+
+#' A node's half of a round: a `FitIns` (raw), the node's data
+#' (`list(x, y)`), its validation data (or NULL), its SCAFFOLD control and
+#' residual (or NULL). Returns `list(ok = TRUE, res = <raw FitRes>)`, or a
+#' failure as data as the round calls do.
+#' @noRd
+rs_client_fit <- function(ins, train, validation, control, residual) .Call(wrap__rs_client_fit, ins, train, validation, control, residual)
+
+#' A `FitRes` (raw) read and checked, as an R list.
+#' @noRd
+rs_fit_res_read <- function(res) .Call(wrap__rs_fit_res_read, res)
+
+#' A `FitIns` (raw) read and checked, as an R list (for printing and for
+#' a node to see what it is asked).
+#' @noRd
+rs_fit_ins_read <- function(ins) .Call(wrap__rs_fit_ins_read, ins)
+
+#' The protocol version and the kind of a message, from its frame.
+#' @noRd
+rs_message_kind <- function(bytes) .Call(wrap__rs_message_kind, bytes)
+
 #' Number of cores Rust sees.
 #' @noRd
 rs_available_threads <- function() .Call(wrap__rs_available_threads)
@@ -104,9 +132,10 @@ rs_fold_round <- function(global, deltas, weights, a, config, n_threads) .Call(w
 #' The clients' half of a round for updates computed elsewhere (clients of
 #' a custom model, FedBuff's arrivals): update `k` goes through client
 #' `k`'s encoding of config (`local_dp`, `attacks`, `attack_seed`,
-#' `compression` with `residuals`), as it would before being sent.
+#' `compression` with `residuals`), drawing from stream `streams[k]`, as it
+#' would before being sent.
 #' @noRd
-rs_encode_updates <- function(deltas, config, n_threads) .Call(wrap__rs_encode_updates, deltas, config, n_threads)
+rs_encode_updates <- function(deltas, config, streams, n_threads) .Call(wrap__rs_encode_updates, deltas, config, streams, n_threads)
 
 #' Loss and metric of one parameter vector on many data handles.
 #' @noRd

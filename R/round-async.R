@@ -49,18 +49,35 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
     nodes <- private$.nodes[node]
     cfg <- config
     cfg$seed <- seed
-    round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[node]), list(client_controls = NULL))
-    out <- core_call(rs_train_round(private$.model$sizes, private$.model$head, model_bits(private$.model),
-                                    private$.flat, lapply(unname(nodes), function(n) n$data_for(private$.model)),
-                                    vector("list", length(nodes)), as.double(seq), round_cfg,
-                                    resolve_threads(private$.threads)))
-    if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, r, kind = out$kind)
+    if (!is.null(private$.grid)) {
+      # Through the grid each client also encodes what it sends, on its
+      # dispatch's stream.
+      round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[node]),
+                               c(list(client_controls = NULL), client_half(lapply(nodes, function(n) n$attack))))
+      out <- grid_fit(private, nodes, rep(list(list()), length(nodes)), seq, seq, private$.epochs[node], NULL,
+                      round_cfg, r, validation = FALSE)
+      out$encoded <- TRUE
+    } else {
+      round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[node]), list(client_controls = NULL))
+      out <- core_call(rs_train_round(private$.model$sizes, private$.model$head, model_bits(private$.model),
+                                      private$.flat, lapply(unname(nodes), function(n) n$data_for(private$.model)),
+                                      vector("list", length(nodes)), as.double(seq), round_cfg,
+                                      resolve_threads(private$.threads)))
+      if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, r, kind = out$kind)
+    }
     for (k in seq_along(node)) {
       state$deltas[[as.character(seq[k])]] <-
         list(delta = out$collected[[k]], n_samples = out$n_samples[k], train_loss = out$train_loss[k],
-             steps = out$steps[k])
+             steps = out$steps[k], encoded = isTRUE(out$encoded))
     }
     state
+  }
+  # The clients' half of FedBuff: their attacks, on a seed of the run (a
+  # client trains in one round and may arrive in another).
+  client_half <- function(attacks) {
+    attacks <- lapply(unname(attacks), rust_attack)
+    if (all(vapply(attacks, is.null, logical(1)))) return(list())
+    list(attacks = attacks, attack_seed = as.double(derive_seed(private$.seed, 0L, 6L)))
   }
   started <- state$time
   while (nrow_flight(state$flight) < spec$concurrency) state <- dispatch(state, state$time, state$version)
@@ -106,12 +123,20 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
   # attacker's update is what the server scales).
   arrived_nodes <- vapply(arrivals, `[[`, numeric(1), "node")
   attacks <- lapply(private$.nodes[arrived_nodes], function(n) n$attack)
-  fold_cfg <- c(list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
-                     diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes),
-                     denominator = as.double(length(arrivals))),
-                trust_config(private, unname(attacks), r))
+  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
+                   diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes),
+                   denominator = as.double(length(arrivals)))
   ids <- names(private$.nodes)[arrived_nodes]
-  sent <- encode_updates(lapply(arrivals, `[[`, "delta"), fold_cfg, ids, r, private$.threads)
+  # Updates trained here are encoded now, each on its dispatch's stream, as
+  # its client would have before sending it.
+  deltas <- lapply(arrivals, `[[`, "delta")
+  raw <- !vapply(arrivals, function(a) isTRUE(a$encoded), logical(1))
+  sent <- list(updates = deltas)
+  if (any(raw)) {
+    encoded <- encode_updates(deltas[raw], client_half(attacks[raw]), ids[raw], r, private$.threads,
+                              streams = vapply(arrivals[raw], `[[`, numeric(1), "seq"))
+    sent$updates[raw] <- encoded$updates
+  }
   out <- core_call(rs_fold_round(private$.flat, sent$updates, as.double(weights), NULL, server_half(fold_cfg),
                                  resolve_threads(private$.threads)))
   if (!isTRUE(out$ok)) abort_client_failure(names(private$.nodes)[arrivals[[out$client]]$node], out$message, r, kind = out$kind)

@@ -29,11 +29,21 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   if (builtin) {
     train <- lapply(views, `[[`, "train")
     val <- lapply(views, `[[`, "validation")
-    round_cfg <- rust_config(config, rule, epochs, fold_cfg)
-    if (!is.null(max_steps) && any(!is.na(max_steps))) round_cfg$max_steps <- as.double(max_steps)
-    out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.flat, train, val,
-                                    as.double(idx), round_cfg, resolve_threads(private$.threads)))
-    if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
+    if (!is.null(private$.grid)) {
+      # The message path: every client's half from its FitIns, wherever the
+      # grid runs it; the server folds what comes back.
+      rule <- "collect"
+      round_cfg <- rust_config(config, rule, epochs, fold_cfg)
+      out <- grid_fit(private, nodes, lapply(states, function(st) list(control = st$control, residual = st$residual)), idx,
+                      seq_along(idx) - 1, epochs, max_steps, round_cfg, round,
+                      validation = any(!vapply(val, is.null, logical(1))))
+    } else {
+      round_cfg <- rust_config(config, rule, epochs, fold_cfg)
+      if (!is.null(max_steps) && any(!is.na(max_steps))) round_cfg$max_steps <- as.double(max_steps)
+      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.flat, train, val,
+                                      as.double(idx), round_cfg, resolve_threads(private$.threads)))
+      if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
+    }
     info <- list(client = ids, n_samples = out$n_samples, train_loss = out$train_loss,
                  val_loss = nan_to_na(out$val_loss), val_metric = nan_to_na(out$val_metric),
                  weight = out$weight, epochs = as.double(epochs), steps = out$steps)
@@ -66,6 +76,10 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   if (is.null(out) || rule == "collect") {
     info$weight <- if (is.function(private$.weights)) call_weight_function(private$.weights, info, round)
                    else rule_weights(private$.weights, info, model)
+    if (anyNA(info$weight)) {
+      k <- which(is.na(info$weight))[1]
+      abort_client_failure(ids[k], "has no validation data for accuracy weights", round, kind = "client")
+    }
     if (sum(info$weight) <= 0) {
       fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
     }
@@ -188,15 +202,17 @@ client_half_fields <- c("local_dp", "attacks", "attack_seed", "compression", "re
 server_half <- function(fold_cfg) fold_cfg[setdiff(names(fold_cfg), client_half_fields)]
 
 # The clients' half for updates computed outside the Rust round (custom
-# models, FedBuff's arrivals): update k through client k's encoding.
+# models, FedBuff's arrivals): update k through client k's encoding, drawing
+# from its stream `streams[k]` (its position in the round; FedBuff: its
+# dispatch).
 # Returns the updates as sent and the new residuals (NULL without error
 # feedback).
-encode_updates <- function(deltas, fold_cfg, ids, round, threads) {
+encode_updates <- function(deltas, fold_cfg, ids, round, threads, streams = seq_along(deltas) - 1) {
   client <- fold_cfg[intersect(names(fold_cfg), client_half_fields)]
   if (!length(deltas) || is.null(client$local_dp) && is.null(client$attacks) && is.null(client$compression)) {
     return(list(updates = deltas, residuals = NULL))
   }
-  out <- core_call(rs_encode_updates(unname(deltas), client, resolve_threads(threads)))
+  out <- core_call(rs_encode_updates(unname(deltas), client, as.double(streams), resolve_threads(threads)))
   if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
   out
 }

@@ -509,7 +509,7 @@ Server <- R6::R6Class("Server",
     .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
     .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(), .roster = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
-    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL, .chains = NULL, .topology = NULL, .key = NULL, .home = NULL,
+    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL, .chains = NULL, .topology = NULL, .key = NULL, .home = NULL, .grid = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {

@@ -3,7 +3,7 @@
 
 mod api;
 
-use api::{aggregate, drift, norms, privacy, threads, train};
+use api::{aggregate, drift, norms, privacy, protocol, threads, train};
 use extendr_api::prelude::*;
 
 extendr_module! {
@@ -12,6 +12,7 @@ extendr_module! {
     use drift;
     use norms;
     use privacy;
+    use protocol;
     use threads;
     use train;
 }

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 
 use crate::alloc::try_copy;
-use crate::error::{CoreError, CoreResult};
+use crate::error::{invalid, CoreError, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
 use crate::strategy::client::{fednova_steps, full_gradient, local_run_partial, scaffold_client_control};
 use crate::strategy::{ClientAlgorithm, ClientEncoding, GradientCorrection, LocalConfig, LocalOptimizer, LocalOutcome};
@@ -164,4 +164,145 @@ fn in_client(k: usize, e: CoreError) -> CoreError {
         CoreError::Diverged(msg) | CoreError::ClientDiverged(_, msg) => CoreError::ClientDiverged(k, msg),
         CoreError::Memory(msg) => CoreError::Memory(format!("client {}: {msg}", k + 1)),
     }
+}
+
+/// The network a `FitIns` or `EvalIns` names.
+pub fn network_of(model: &crate::protocol::ModelSpec) -> CoreResult<Network> {
+    use crate::model::{Head, Precision};
+    Ok(Network::new(&model.sizes, Head::from_code(model.head)?)?.with_precision(Precision::from_code(model.bits)?))
+}
+
+/// The client's settings a `FitIns` carries.
+pub fn fit_config_of(spec: &crate::protocol::LocalSpec) -> CoreResult<(LocalWork, ClientAlgorithm, LocalConfig, WeightRule)> {
+    let work = match spec.work.as_str() {
+        "sgd" => LocalWork::Sgd,
+        "gradient" => LocalWork::Gradient,
+        other => return invalid("work", format!("\"{other}\" is not \"sgd\" or \"gradient\"")),
+    };
+    let algorithm = match (work, spec.algorithm.as_str()) {
+        (LocalWork::Gradient, _) | (_, "fedavg") => ClientAlgorithm::FedAvg,
+        (_, "fedprox") => ClientAlgorithm::FedProx { mu: spec.mu },
+        (_, "scaffold") => ClientAlgorithm::Scaffold,
+        (_, "fednova") => ClientAlgorithm::FedNova,
+        (_, other) => return invalid("algorithm", format!("\"{other}\" is not a known client algorithm")),
+    };
+    let optimizer = match spec.optimizer.as_str() {
+        "sgd" => LocalOptimizer::Sgd { momentum: spec.momentum },
+        "adam" => LocalOptimizer::Adam { beta1: spec.beta1, beta2: spec.beta2, eps: spec.eps },
+        "rmsprop" => LocalOptimizer::RmsProp { alpha: spec.alpha, eps: spec.eps },
+        "adagrad" => LocalOptimizer::Adagrad { eps: spec.eps },
+        other => return invalid("optimizer", format!("\"{other}\" is not a known local optimizer")),
+    };
+    let rule = match spec.weights.as_str() {
+        "samples" => WeightRule::Samples,
+        "equal" => WeightRule::Equal,
+        "accuracy" => WeightRule::Validation,
+        "collect" => WeightRule::Collect,
+        other => return invalid("weights", format!("\"{other}\" is not a known weight rule")),
+    };
+    let local = LocalConfig {
+        batch_size: spec.batch_size,
+        lr: spec.lr,
+        weight_decay: spec.weight_decay,
+        shuffle: spec.shuffle,
+        seed: spec.seed,
+        optimizer,
+    };
+    local.check()?;
+    if work == LocalWork::Sgd {
+        algorithm.check(&optimizer)?;
+    }
+    Ok((work, algorithm, local, rule))
+}
+
+/// The encoding a `FitIns` asks of the node, with the residual the node
+/// kept from its last round.
+pub fn encoding_of<'a>(ins: &crate::protocol::FitIns, residual: Option<&'a [f64]>) -> CoreResult<ClientEncoding<'a>> {
+    use crate::compress::Compressor;
+    use crate::strategy::{Attack, Compression, LocalNoise};
+    let e = &ins.encoding;
+    let attack = match &e.attack {
+        None => None,
+        Some(a) => Some(match a.kind.as_str() {
+            "sign_flip" => Attack::SignFlip { scale: a.value },
+            "scale" => Attack::Scale { factor: a.value },
+            "gaussian" => Attack::Gaussian { sd: a.value },
+            "same_value" => Attack::SameValue { value: a.value },
+            other => return invalid("attack", format!("\"{other}\" is not a known attack")),
+        }),
+    };
+    let compression = match &e.compression {
+        None => None,
+        Some(c) => {
+            let compressor = match c.kind.as_str() {
+                "topk" => Compressor::TopK { fraction: c.fraction, error_feedback: c.error_feedback },
+                "random_k" => Compressor::RandomK { fraction: c.fraction },
+                "quantize" => Compressor::Quantize { bits: c.bits, stochastic: c.stochastic },
+                "float16" => Compressor::Float16,
+                "none" => Compressor::None,
+                other => return invalid("compression", format!("\"{other}\" is not a known compressor")),
+            };
+            Some(Compression { compressor, seed: c.seed })
+        }
+    };
+    let encoding = ClientEncoding {
+        local_noise: e.local_dp.map(|l| LocalNoise { clip: l.clip, sd: l.sd, seed: l.seed }),
+        attack,
+        attack_seed: e.attack_seed,
+        compression,
+        residual,
+        stream: ins.position,
+    };
+    encoding.check(ins.params.len())?;
+    Ok(encoding)
+}
+
+/// A node's half of a round from a `FitIns`: its local work on its own
+/// data, with its own state (SCAFFOLD's `control`, its error-feedback
+/// `residual`), answered as a `FitRes`. The same computation as the
+/// client's part of a simulated round (`train::run_round`), number for
+/// number.
+pub fn fit_message(
+    ins: &crate::protocol::FitIns,
+    train: &Dataset<'_>,
+    validation: Option<&Dataset<'_>>,
+    control: Option<&[f64]>,
+    residual: Option<&[f64]>,
+) -> CoreResult<crate::protocol::FitRes> {
+    let net = network_of(&ins.model)?;
+    let d = net.n_params();
+    if ins.params.len() != d {
+        return invalid("params", format!("has {} values, the model has {d}", ins.params.len()));
+    }
+    if control.is_some_and(|c| c.len() != d) {
+        return invalid("control", format!("does not have {d} values"));
+    }
+    let (work, algorithm, local, rule) = fit_config_of(&ins.local)?;
+    let cfg = FitConfig { work, algorithm, local, rule, server_control: ins.server_control.as_deref() };
+    let job = ClientJob {
+        train: *train,
+        validation: if ins.validation { validation.copied() } else { None },
+        stream: ins.stream,
+        epochs: ins.epochs,
+        control: if cfg.scaffold() { control } else { None },
+        max_steps: ins.max_steps,
+    };
+    let encoding = encoding_of(ins, residual)?;
+    let k = ins.position as usize;
+    let fit = fit(&net, &ins.params, &job, &cfg, &encoding, k)?;
+    let report = fit.report;
+    Ok(crate::protocol::FitRes {
+        round: ins.round,
+        node: ins.node.clone(),
+        n_samples: report.outcome.n_samples as f64,
+        train_loss: report.outcome.train_loss,
+        steps: report.outcome.steps as f64,
+        effective_steps: report.effective_steps,
+        weight: report.weight,
+        val_loss: report.validation.map(|e| e.loss),
+        val_metric: report.validation.map(|e| e.metric),
+        update: fit.update,
+        control: fit.new_control,
+        residual: fit.residual,
+    })
 }

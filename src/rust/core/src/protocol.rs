@@ -485,6 +485,15 @@ mod tests {
         let back: FitIns = decode(&bytes).unwrap();
         assert_eq!(back, ins);
         assert_eq!(back.params[5].to_bits(), (-0.0f64).to_bits());
+        // Header numbers too, to the bit (the default JSON float parser is
+        // not always exact).
+        let mut rng = crate::rng::Rng::new(3, 0);
+        for _ in 0..2000 {
+            let mut ins = fit_ins();
+            ins.local.lr = rng.uniform() * 10f64.powi((rng.uniform() * 40.0) as i32 - 20);
+            let back: FitIns = decode(&encode(&ins).unwrap()).unwrap();
+            assert_eq!(back.local.lr.to_bits(), ins.local.lr.to_bits());
+        }
         let res = FitRes {
             round: 3,
             node: "site-a".into(),

@@ -824,4 +824,99 @@ mod tests {
         let nova = RoundConfig { algorithm: ClientAlgorithm::FedNova, transforms: &bad, ..fedavg(&cfg(), WeightRule::Equal) };
         assert!(matches!(run_round(&net, &global, &jobs, &nova, 1), Err(CoreError::InvalidArgument("aggregator", _))));
     }
+
+    /// The node's half from a serialised `FitIns` gives, bit for bit, the
+    /// update, report, control and residual of that client in the
+    /// simulated round: SCAFFOLD with momentum, attacks, top-k with error
+    /// feedback, validation.
+    #[test]
+    fn a_client_fitted_from_its_message_is_its_part_of_the_simulated_round() {
+        use crate::compress::Compressor;
+        use crate::protocol::{self, AttackSpec, CompressionSpec, EncodingSpec, FitIns, FitRes, LocalSpec, ModelSpec};
+        use crate::strategy::{Attack, Compression};
+        let net = Network::new(&[3, 4, 3], Head::Softmax).unwrap();
+        let d = net.n_params();
+        let sets: Vec<OwnedData> = (0..5).map(|k| blobs(20 + 3 * k, k as u64, 0.1 * k as f64)).collect();
+        let controls: Vec<Vec<f64>> = (0..5).map(|k| (0..d).map(|j| 0.01 * ((k * j) % 7) as f64 - 0.03).collect()).collect();
+        let residuals: Vec<Option<Vec<f64>>> = (0..5).map(|k| (k % 2 == 0).then(|| (0..d).map(|j| 1e-3 * ((j + k) % 5) as f64).collect())).collect();
+        let server_control: Vec<f64> = (0..d).map(|j| 0.005 * (j % 5) as f64).collect();
+        let mut jobs = jobs_for(&sets, true, 2);
+        for (k, job) in jobs.iter_mut().enumerate() {
+            job.control = Some(&controls[k]);
+            job.stream = 10 + 3 * k as u64;
+        }
+        let transforms = RoundTransforms {
+            attacks: vec![None, Some(Attack::Scale { factor: 3.0 }), None, Some(Attack::Gaussian { sd: 0.5 }), None],
+            attack_seed: 99,
+            compression: Some(Compression { compressor: Compressor::TopK { fraction: 0.3, error_feedback: true }, seed: 5 }),
+            residuals: residuals.clone(),
+            ..RoundTransforms::NONE
+        };
+        let local = SgdConfig { momentum: 0.5, ..cfg() }.local();
+        let round = RoundConfig {
+            algorithm: ClientAlgorithm::Scaffold,
+            control: Some(&server_control),
+            n_nodes: 9.0,
+            rule: WeightRule::Collect,
+            transforms: &transforms,
+            local,
+            ..fedavg(&cfg(), WeightRule::Collect)
+        };
+        let global = net.init(1, 3).unwrap();
+        let sim = run_round(&net, &global, &jobs, &round, 2).unwrap();
+        for k in 0..5 {
+            let attack = transforms.attacks[k].map(|a| match a {
+                Attack::Scale { factor } => AttackSpec { kind: "scale".into(), value: factor },
+                Attack::Gaussian { sd } => AttackSpec { kind: "gaussian".into(), value: sd },
+                _ => unreachable!(),
+            });
+            let ins = FitIns {
+                round: 4,
+                committed_round: 3,
+                node: format!("node{k}"),
+                stream: jobs[k].stream,
+                position: k as u64,
+                epochs: 2,
+                max_steps: None,
+                validation: true,
+                model: ModelSpec { sizes: vec![3, 4, 3], head: 2, bits: 64 },
+                local: LocalSpec {
+                    work: "sgd".into(),
+                    algorithm: "scaffold".into(),
+                    mu: 0.0,
+                    optimizer: "sgd".into(),
+                    momentum: 0.5,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    alpha: 0.99,
+                    batch_size: local.batch_size,
+                    lr: local.lr,
+                    weight_decay: local.weight_decay,
+                    shuffle: local.shuffle,
+                    seed: local.seed,
+                    weights: "collect".into(),
+                },
+                encoding: EncodingSpec {
+                    attack,
+                    attack_seed: 99,
+                    compression: Some(CompressionSpec { kind: "topk".into(), fraction: 0.3, error_feedback: true, bits: 0, stochastic: false, seed: 5 }),
+                    local_dp: None,
+                },
+                params: global.clone(),
+                server_control: Some(server_control.clone()),
+            };
+            // Through the wire and back, on the node's side.
+            let ins: FitIns = protocol::decode(&protocol::encode(&ins).unwrap()).unwrap();
+            let view = sets[k].view();
+            let res = crate::client::fit_message(&ins, &view, Some(&view), Some(&controls[k]), residuals[k].as_deref()).unwrap();
+            let res: FitRes = protocol::decode(&protocol::encode(&res).unwrap()).unwrap();
+            assert_eq!(res.update, sim.collected[k], "client {k}");
+            assert_eq!(res.control.as_ref(), Some(&sim.client_controls.as_ref().unwrap()[k]));
+            assert_eq!(res.residual, sim.residuals[k]);
+            let report = &sim.reports[k];
+            assert_eq!((res.n_samples, res.train_loss, res.steps), (report.outcome.n_samples as f64, report.outcome.train_loss, report.outcome.steps as f64));
+            assert_eq!(res.val_loss, report.validation.map(|e| e.loss));
+        }
+    }
 }

@@ -6,6 +6,8 @@ pub mod aggregate;
 pub mod drift;
 pub mod norms;
 pub mod privacy;
+pub mod protocol;
 pub mod threads;
 pub mod train;
+mod config;
 mod convert;

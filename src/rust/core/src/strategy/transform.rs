@@ -355,15 +355,22 @@ impl RoundTransforms {
         self.filter.is_some() || self.aggregator.is_robust()
     }
 
-    /// Client `k`'s half: how it encodes its update before sending it.
+    /// Client `k`'s half: how it encodes its update before sending it,
+    /// drawing from its stream `k` (its position in the round).
     pub fn client(&self, k: usize) -> ClientEncoding<'_> {
+        self.client_on(k, k as u64)
+    }
+
+    /// Client `k`'s half drawing from its stream `stream` (FedBuff numbers
+    /// its clients by dispatch).
+    pub fn client_on(&self, k: usize, stream: u64) -> ClientEncoding<'_> {
         ClientEncoding {
             local_noise: self.local_noise,
             attack: self.attacks.get(k).copied().flatten(),
             attack_seed: self.attack_seed,
             compression: self.compression,
             residual: self.residuals.get(k).and_then(|r| r.as_deref()),
-            stream: k as u64,
+            stream,
         }
     }
 

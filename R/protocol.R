@@ -1,0 +1,135 @@
+# The round's messages between a server and its nodes (the wire format and
+# the fields are defined once, in src/rust/core/src/protocol.rs):
+#
+#   FitIns   server -> node: global parameters, round, the settings of the
+#            client algorithm and local optimizer, the node's random streams,
+#            its encoding (local DP, attack, compression), and the round the
+#            server last committed
+#   FitRes   node -> server: the update as sent, samples, steps, losses, and
+#            the node's new state (SCAFFOLD control, residual)
+#   EvalIns / EvalRes, NodeInfo: defined in Rust; not used by R yet
+#
+# A server with a `grid` sends its clients' work as FitIns messages and folds
+# the FitRes it gets back, exactly as the simulated round would; the grid
+# decides where each node's half runs (this process, callr sessions, and
+# later the network). Messages are raw vectors.
+
+# One FitIns per client of a round, named by node id. `positions` are the
+# clients' encoding streams (position in the round; FedBuff: dispatch).
+fit_instructions <- function(private, ids, streams, positions, epochs, max_steps, round_cfg, round, validation) {
+  model <- private$.model
+  max_steps <- if (is.null(max_steps)) rep(NA_real_, length(ids)) else as.double(max_steps)
+  out <- core_call(rs_fit_instructions(model$sizes, model$head, model_bits(model), private$.flat, round_cfg,
+                                       as.character(ids), as.double(streams), as.double(positions),
+                                       rep_len(as.double(epochs), length(ids)), max_steps, isTRUE(validation),
+                                       as.double(round), as.double(private$.round)))
+  stats::setNames(out, ids)
+}
+
+# A node's half of a round, from a FitIns message: its own data and its own
+# state (list(control =, residual =)). Returns the FitRes message.
+client_fit <- function(ins, train, validation = NULL, state = list(), client = NULL) {
+  out <- call_rust(rs_client_fit(ins, list(train), list(validation), state$control, state$residual))
+  if (!isTRUE(out$ok)) {
+    fedagg_abort("Client {.val {client %||% '?'}} failed.", class = out$kind, client = client,
+                 foreign = c(x = out$message))
+  }
+  out$res
+}
+
+# A FitRes message read and checked.
+read_fit_result <- function(res, node, round) {
+  if (!is.raw(res)) {
+    fedagg_abort("Node {.val {node}} answered round {round} with {obj_desc(res)}, not a FitRes message.",
+                 class = "client", client = node, round = round)
+  }
+  out <- tryCatch(call_rust(rs_fit_res_read(res)), fedagg_error = function(e) {
+    fedagg_abort("Node {.val {node}} sent a malformed FitRes in round {round}.", class = "client", client = node,
+                 round = round, parent = e)
+  })
+  if (!identical(out$node, node) || out$round != round) {
+    fedagg_abort("A FitRes from node {.val {out$node}} for round {out$round} came where node {.val {node}}'s for round {round} was due.",
+                 class = "client", client = node, round = round)
+  }
+  out
+}
+
+# The FitRes messages of a round, in the shape of the Rust round's
+# collected output (what train_selected() folds).
+collect_fit_results <- function(results, ids, round) {
+  res <- Map(read_fit_result, results[ids], ids, MoreArgs = list(round = round))
+  field <- function(name) vapply(res, function(r) as.double(r[[name]]), numeric(1), USE.NAMES = FALSE)
+  controls <- lapply(res, `[[`, "control")
+  residuals <- lapply(res, `[[`, "residual")
+  list(ok = TRUE, n_samples = field("n_samples"), train_loss = field("train_loss"), steps = field("steps"),
+       val_loss = field("val_loss"), val_metric = field("val_metric"), weight = field("weight"),
+       a = field("effective_steps"), collected = unname(lapply(res, `[[`, "update")),
+       client_controls = if (any(!vapply(controls, is.null, logical(1)))) unname(controls),
+       residuals = if (any(!vapply(residuals, is.null, logical(1)))) unname(residuals))
+}
+
+# The work of a round's clients through a grid: FitIns out, FitRes back.
+# A grid is function(messages, nodes, model, states, round) returning the
+# FitRes messages named by node id: `messages` the FitIns by node id,
+# `nodes` the Node objects, `states` what the server knows of their state
+# (list(control, residual) by node id; a grid whose nodes keep their own
+# ignores it).
+grid_fit <- function(private, nodes, states, streams, positions, epochs, max_steps, round_cfg, round, validation) {
+  ids <- names(nodes)
+  messages <- fit_instructions(private, ids, streams, positions, epochs, max_steps, round_cfg, round, validation)
+  results <- call_user(private$.grid, list(messages = messages, nodes = nodes, model = private$.model,
+                                           states = stats::setNames(states, ids), round = round),
+                       "The round's grid", round = round)
+  if (!is.list(results) || !all(ids %in% names(results))) {
+    fedagg_abort("The round's grid must return a list of FitRes messages named by node id.", class = "user_code",
+                 round = round)
+  }
+  collect_fit_results(results, ids, round)
+}
+
+# The grid that runs every node's half in this process, from the messages,
+# with the nodes' data and the state the server gives: the message path of
+# a round without leaving R, which must equal the simulated round.
+grid_in_process <- function() {
+  function(messages, nodes, model, states, round) {
+    lapply(stats::setNames(names(messages), names(messages)), function(id) {
+      node <- nodes[[id]]
+      client_fit(messages[[id]], node$data_for(model), node$data_for(model, "validation"),
+                 states[[id]][c("control", "residual")], client = id)
+    })
+  }
+}
+
+# Internal until the networked federation gives it a public form: a server
+# whose clients' work goes through `grid` (NULL: the simulated round).
+set_grid <- function(server, grid) {
+  if (!inherits(server, "Server")) fedagg_abort("{.arg server} must be a {.cls Server}, not {obj_desc(server)}.")
+  if (!is.null(grid) && !is.function(grid)) fedagg_abort("{.arg grid} must be a function or NULL, not {obj_desc(grid)}.")
+  server$.__enclos_env__$private$.grid <- grid
+  invisible(server)
+}
+
+# A node's side of the protocol, for a node that keeps its own data and
+# state (in another process, or later on another machine): it answers each
+# FitIns from its data and its committed state. The state a round produces
+# stays pending until a later FitIns says that round was committed; a round
+# that failed on the server (a FitIns for the same or an earlier round
+# comes again) leaves the node as it was.
+node_runtime <- function(id, train, validation = NULL) {
+  state <- list()
+  pending <- NULL
+  fit <- function(ins) {
+    asked <- call_rust(rs_fit_ins_read(ins))
+    if (!identical(asked$node, id)) {
+      fedagg_abort("Node {.val {id}} was sent the instructions of node {.val {asked$node}}.", class = "client", client = id)
+    }
+    if (!is.null(pending) && pending$round <= asked$committed_round) state <<- pending$state
+    pending <<- NULL
+    res <- client_fit(ins, train, validation, state, client = id)
+    out <- call_rust(rs_fit_res_read(res))
+    pending <<- list(round = asked$round,
+                     state = list(control = out$control %||% state$control, residual = out$residual %||% state$residual))
+    res
+  }
+  list(fit = fit, state = function() state, pending = function() pending)
+}

@@ -1,0 +1,264 @@
+//! The round's messages from R: the server writes a `FitIns` per selected
+//! client, a node answers with a `FitRes`, the server reads it. The bytes are
+//! R raw vectors, as they would travel between processes.
+
+use super::config::*;
+use super::convert::{core_err, input_err, new_doubles};
+use extendr_api::prelude::*;
+use extendr_api::Result;
+use fedagg_core::compress::Compressor;
+use fedagg_core::protocol::{self, AttackSpec, CompressionSpec, EncodingSpec, FitIns, FitRes, LocalDpSpec, LocalSpec, ModelSpec};
+use fedagg_core::strategy::Attack;
+
+fn raw_bytes<'a>(x: &'a Robj, what: &str) -> Result<&'a [u8]> {
+    x.as_raw_slice().ok_or_else(|| input_err(format!("`{what}` must be a raw vector")))
+}
+
+fn raw(bytes: &[u8]) -> Robj {
+    Raw::from_bytes(bytes).into()
+}
+
+fn number_or(config: &List, name: &str, default: f64) -> Result<f64> {
+    Ok(optional_number(config, name, "config")?.unwrap_or(default))
+}
+
+/// The local settings of a round config list (as R's `rust_config()`
+/// writes it).
+fn local_spec(config: &List) -> Result<LocalSpec> {
+    let batch = number(config, "batch_size")?;
+    Ok(LocalSpec {
+        work: text(config, "work")?,
+        algorithm: text(config, "algorithm")?,
+        mu: number_or(config, "mu", 0.0)?,
+        optimizer: text(config, "optimizer")?,
+        momentum: number_or(config, "momentum", 0.0)?,
+        beta1: number_or(config, "beta1", 0.0)?,
+        beta2: number_or(config, "beta2", 0.0)?,
+        eps: number_or(config, "eps", 0.0)?,
+        alpha: number_or(config, "alpha", 0.0)?,
+        batch_size: if batch.is_finite() { batch as usize } else { 0 },
+        lr: number(config, "lr")?,
+        weight_decay: number(config, "weight_decay")?,
+        shuffle: field(config, "shuffle")?.as_bool().unwrap_or(true),
+        seed: number(config, "seed")? as u64,
+        weights: text(config, "weights")?,
+    })
+}
+
+fn attack_spec(a: Attack) -> AttackSpec {
+    let (kind, value) = match a {
+        Attack::SignFlip { scale } => ("sign_flip", scale),
+        Attack::Scale { factor } => ("scale", factor),
+        Attack::Gaussian { sd } => ("gaussian", sd),
+        Attack::SameValue { value } => ("same_value", value),
+    };
+    AttackSpec { kind: kind.into(), value }
+}
+
+fn compression_spec(c: &fedagg_core::strategy::Compression) -> CompressionSpec {
+    let mut spec = CompressionSpec { kind: String::new(), fraction: 0.0, error_feedback: false, bits: 0, stochastic: false, seed: c.seed };
+    match c.compressor {
+        Compressor::TopK { fraction, error_feedback } => {
+            spec.kind = "topk".into();
+            spec.fraction = fraction;
+            spec.error_feedback = error_feedback;
+        }
+        Compressor::RandomK { fraction } => {
+            spec.kind = "random_k".into();
+            spec.fraction = fraction;
+        }
+        Compressor::Quantize { bits, stochastic } => {
+            spec.kind = "quantize".into();
+            spec.bits = bits;
+            spec.stochastic = stochastic;
+        }
+        Compressor::Float16 => spec.kind = "float16".into(),
+        Compressor::None => spec.kind = "none".into(),
+    }
+    spec
+}
+
+/// One `FitIns` per selected client of a round: the global parameters, the
+/// round config (local settings, server control, the clients' encodings),
+/// and per client its node id, training stream, epochs and step limit (NA:
+/// none), and the stream it encodes with (`positions`: its position in a
+/// synchronous round, its dispatch in FedBuff).
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_fit_instructions(
+    sizes: Robj,
+    head: i32,
+    bits: i32,
+    global: Robj,
+    config: List,
+    nodes: Strings,
+    streams: Robj,
+    positions: Robj,
+    epochs: Robj,
+    max_steps: Robj,
+    validation: bool,
+    round: f64,
+    committed_round: f64,
+) -> Result<List> {
+    let net = network(&sizes, head, bits)?;
+    let global = doubles(&global, "params")?;
+    if global.len() != net.n_params() {
+        return Err(input_err(format!("`params` has {} values, the model has {}", global.len(), net.n_params())));
+    }
+    let streams = numbers(&streams, "streams")?;
+    let positions = numbers(&positions, "positions")?;
+    let epochs = numbers(&epochs, "epochs")?;
+    let max_steps = numbers(&max_steps, "max_steps")?;
+    let k = nodes.len();
+    if streams.len() != k || positions.len() != k || epochs.len() != k || max_steps.len() != k {
+        return Err(input_err("nodes, streams, positions, epochs and max_steps differ in length"));
+    }
+    let local = local_spec(&config)?;
+    let transforms = round_transforms(&config)?;
+    transforms.check_encodings(global.len(), k).map_err(core_err)?;
+    let control_obj = nullable_field(&config, "control");
+    let server_control = optional_doubles(&control_obj, "control")?.map(<[f64]>::to_vec);
+    let model = ModelSpec { sizes: doubles(&sizes, "sizes")?.iter().map(|&s| s as usize).collect(), head, bits };
+    let mut out = Vec::with_capacity(k);
+    for i in 0..k {
+        if !(epochs[i].is_finite() && epochs[i] >= 1.0) {
+            return Err(input_err(format!("`epochs` has {}, not a count >= 1", epochs[i])));
+        }
+        let client = transforms.client_on(i, positions[i] as u64);
+        let ins = FitIns {
+            round: round as u32,
+            committed_round: committed_round as u32,
+            node: (*nodes.elt(i)).to_owned(),
+            stream: streams[i] as u64,
+            position: positions[i] as u64,
+            epochs: epochs[i] as usize,
+            max_steps: (!max_steps[i].is_nan()).then_some(max_steps[i] as usize),
+            validation,
+            model: model.clone(),
+            local: local.clone(),
+            encoding: EncodingSpec {
+                local_dp: client.local_noise.map(|l| LocalDpSpec { clip: l.clip, sd: l.sd, seed: l.seed }),
+                attack: client.attack.map(attack_spec),
+                attack_seed: client.attack_seed,
+                compression: client.compression.as_ref().map(compression_spec),
+            },
+            params: global.to_vec(),
+            server_control: server_control.clone(),
+        };
+        out.push(raw(&protocol::encode(&ins).map_err(core_err)?));
+    }
+    Ok(List::from_values(out))
+}
+
+/// A node's half of a round: a `FitIns` (raw), the node's data
+/// (`list(x, y)`), its validation data (or NULL), its SCAFFOLD control and
+/// residual (or NULL). Returns `list(ok = TRUE, res = <raw FitRes>)`, or a
+/// failure as data as the round calls do.
+/// @noRd
+#[extendr]
+fn rs_client_fit(ins: Robj, train: List, validation: List, control: Robj, residual: Robj) -> Result<List> {
+    let ins: FitIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
+    let train_objects = data_objects(&train, "train")?;
+    let validation_objects = data_objects(&validation, "validation")?;
+    let train_sets = datasets(&train_objects)?;
+    let validation_sets = datasets(&validation_objects)?;
+    let Some(Some(train)) = train_sets.first() else { return Err(input_err("`train` must hold the node's data")) };
+    let validation = validation_sets.first().copied().flatten();
+    let control = optional_doubles(&control, "control")?;
+    let residual = optional_doubles(&residual, "residual")?;
+    match fedagg_core::client::fit_message(&ins, train, validation.as_ref(), control, residual) {
+        Ok(res) => Ok(list!(ok = true, res = raw(&protocol::encode(&res).map_err(core_err)?))),
+        Err(e) => client_failure(e),
+    }
+}
+
+fn optional(x: Option<f64>) -> f64 {
+    x.unwrap_or(f64::NAN)
+}
+
+fn optional_values(x: &Option<Vec<f64>>) -> Result<Robj> {
+    match x {
+        Some(v) => new_doubles(v.len(), |o| o.copy_from_slice(v)),
+        None => Ok(().into()),
+    }
+}
+
+/// A `FitRes` (raw) read and checked, as an R list.
+/// @noRd
+#[extendr]
+fn rs_fit_res_read(res: Robj) -> Result<List> {
+    let res: FitRes = protocol::decode(raw_bytes(&res, "res")?).map_err(core_err)?;
+    Ok(list!(
+        round = res.round as f64,
+        node = res.node.as_str(),
+        n_samples = res.n_samples,
+        train_loss = res.train_loss,
+        steps = res.steps,
+        effective_steps = res.effective_steps,
+        weight = res.weight,
+        val_loss = optional(res.val_loss),
+        val_metric = optional(res.val_metric),
+        update = new_doubles(res.update.len(), |o| o.copy_from_slice(&res.update))?,
+        control = optional_values(&res.control)?,
+        residual = optional_values(&res.residual)?
+    ))
+}
+
+/// A `FitIns` (raw) read and checked, as an R list (for printing and for
+/// a node to see what it is asked).
+/// @noRd
+#[extendr]
+fn rs_fit_ins_read(ins: Robj) -> Result<List> {
+    let ins: FitIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
+    let l = &ins.local;
+    let e = &ins.encoding;
+    Ok(list!(
+        round = ins.round as f64,
+        committed_round = ins.committed_round as f64,
+        node = ins.node.as_str(),
+        stream = ins.stream as f64,
+        position = ins.position as f64,
+        epochs = ins.epochs as f64,
+        max_steps = ins.max_steps.map_or(f64::NAN, |m| m as f64),
+        validation = ins.validation,
+        model = list!(sizes = ins.model.sizes.iter().map(|&s| s as f64).collect::<Vec<_>>(), head = ins.model.head, bits = ins.model.bits),
+        local = list!(
+            work = l.work.as_str(),
+            algorithm = l.algorithm.as_str(),
+            mu = l.mu,
+            optimizer = l.optimizer.as_str(),
+            momentum = l.momentum,
+            batch_size = l.batch_size as f64,
+            lr = l.lr,
+            weight_decay = l.weight_decay,
+            shuffle = l.shuffle,
+            seed = l.seed as f64,
+            weights = l.weights.as_str()
+        ),
+        encoding = list!(
+            local_dp = e.local_dp.is_some(),
+            attack = e.attack.as_ref().map_or("", |a| a.kind.as_str()),
+            compression = e.compression.as_ref().map_or("", |c| c.kind.as_str())
+        ),
+        params = new_doubles(ins.params.len(), |o| o.copy_from_slice(&ins.params))?,
+        server_control = optional_values(&ins.server_control)?
+    ))
+}
+
+/// The protocol version and the kind of a message, from its frame.
+/// @noRd
+#[extendr]
+fn rs_message_kind(bytes: Robj) -> Result<String> {
+    let kind = protocol::kind_of(raw_bytes(&bytes, "message")?).map_err(core_err)?;
+    Ok(format!("{kind:?}"))
+}
+
+extendr_module! {
+    mod protocol;
+    fn rs_fit_instructions;
+    fn rs_client_fit;
+    fn rs_fit_res_read;
+    fn rs_fit_ins_read;
+    fn rs_message_kind;
+}

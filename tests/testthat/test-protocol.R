@@ -1,0 +1,151 @@
+# One round, two halves: the clients' work as FitIns/FitRes messages gives
+# the simulated round's results exactly, with each node's half in this
+# process or in its own R process holding its data and state.
+
+grid_data <- function() synthetic_fedprox(1, 1, n_clients = 6, max_size = 60, seed = 3)
+
+grid_cases <- list(
+  fedavg = list(),
+  fedprox_adam = list(algorithm = fedprox(0.1), server_optimizer = server_adam(lr = 0.03)),
+  scaffold = list(algorithm = scaffold()),
+  fednova_momentum = list(algorithm = fednova(), momentum = 0.5),
+  dp_adaptive = list(privacy = dp_central(0.5, clip = clip_adaptive(initial = 0.5, count_noise = 1))),
+  topk_feedback = list(compress = compress_topk(0.1)),
+  filter_attack = list(filter = filter_norm(mad = 3)),
+  accuracy_weights = list(weights = "accuracy"),
+  fedsgd = list(algorithm = fedsgd())
+)
+
+make_grid_server <- function(case, data = grid_data(), rounds_seed = 1, async = FALSE) {
+  nodes <- if (identical(case, "accuracy_weights")) fed_nodes(data, validation = 0.3, seed = 1) else fed_nodes(data)
+  if (case %in% c("filter_attack", "fedbuff")) set_attack(nodes, names(nodes)[1:2], attack_gaussian(1))
+  if (async) {
+    set_system(nodes, system_profile(speed = lognormal(400, 20), download = lognormal(1e5, 5), seed = 2))
+    return(fed_server(model_softmax(60, 10), nodes, lr = 0.05, seed = rounds_seed, asynchronous = fedbuff(2, 3),
+                      test_data = pool_clients(data, "test")))
+  }
+  do.call(fed_server, c(list(model_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = rounds_seed,
+                             test_data = pool_clients(data, "test")), grid_cases[[case]]))
+}
+
+same_run <- function(a, b, info) {
+  expect_identical(a$params, b$params, info = info)
+  expect_identical(a$history, b$history, info = info)
+  expect_identical(a$client_log, b$client_log, info = info)
+  expect_identical(a$server_state, b$server_state, info = info)
+}
+
+test_that("a round through FitIns/FitRes messages equals the simulated round, lever by lever", {
+  for (case in names(grid_cases)) {
+    simulated <- make_grid_server(case)
+    messages <- make_grid_server(case)
+    fedagg:::set_grid(messages, fedagg:::grid_in_process())
+    simulated$fit(3, verbose = FALSE)
+    messages$fit(3, verbose = FALSE)
+    same_run(simulated, messages, case)
+  }
+  simulated <- make_grid_server("fedbuff", async = TRUE)
+  messages <- make_grid_server("fedbuff", async = TRUE)
+  fedagg:::set_grid(messages, fedagg:::grid_in_process())
+  simulated$fit(4, verbose = FALSE)
+  messages$fit(4, verbose = FALSE)
+  same_run(simulated, messages, "fedbuff")
+  expect_identical(simulated$system_log, messages$system_log)
+})
+
+test_that("messages are checked: a wrong kind, a tampered frame, another node's answer", {
+  srv <- make_grid_server("fedavg")
+  priv <- srv$.__enclos_env__$private
+  ins <- fedagg:::fit_instructions(priv, c("client1", "client2"), c(0, 1), c(0, 1), c(1, 1), NULL,
+                                   fedagg:::rust_config(priv$.local, "collect", 1), 1L, FALSE)
+  expect_identical(fedagg:::rs_message_kind(ins[[1]]), "FitIns")
+  asked <- fedagg:::rs_fit_ins_read(ins[[1]])
+  expect_identical(asked$node, "client1")
+  expect_identical(asked$params, unlist(srv$params, use.names = FALSE))
+  node <- srv$nodes[["client1"]]
+  res <- fedagg:::client_fit(ins[[1]], node$data_for(srv$model), NULL, list(), client = "client1")
+  expect_identical(fedagg:::rs_message_kind(res), "FitRes")
+  # A FitIns where a FitRes is due; a truncated message; another node's answer.
+  expect_error(fedagg:::read_fit_result(ins[[1]], "client1", 1L), class = "fedagg_error_client")
+  expect_error(fedagg:::read_fit_result(res[-length(res)], "client1", 1L), class = "fedagg_error_client")
+  expect_error(fedagg:::read_fit_result(res, "client2", 1L), class = "fedagg_error_client")
+  expect_error(fedagg:::read_fit_result(res, "client1", 2L), class = "fedagg_error_client")
+  expect_error(fedagg:::read_fit_result("not raw", "client1", 1L), class = "fedagg_error_client")
+  tampered <- ins[[1]]
+  tampered[7] <- as.raw(9)
+  expect_error(fedagg:::client_fit(tampered, node$data_for(srv$model)), class = "fedagg_error_input")
+  # A node refuses another node's instructions.
+  rt <- fedagg:::node_runtime("client2", node$data_for(srv$model))
+  expect_error(rt$fit(ins[[1]]), class = "fedagg_error_client")
+  # A grid that answers nothing, or not for every client, fails the round.
+  fedagg:::set_grid(srv, function(messages, nodes, model, states, round) list())
+  expect_error(srv$round(), class = "fedagg_error_user_code")
+  expect_identical(srv$rounds_done, 0L)
+})
+
+test_that("a node keeps the state of a round only once the server committed it", {
+  srv <- make_grid_server("scaffold")
+  data <- srv$nodes[["client1"]]$data_for(srv$model)
+  rt <- fedagg:::node_runtime("client1", data)
+  priv <- srv$.__enclos_env__$private
+  cfg <- fedagg:::rust_config(c(priv$.local, list(algorithm = scaffold())), "collect", 1)
+  cfg$algorithm <- "scaffold"
+  ask <- function(round, committed) {
+    priv$.round <- committed
+    fedagg:::fit_instructions(priv, "client1", 0, 0, 1, NULL, cfg, round, FALSE)[[1]]
+  }
+  first <- fedagg:::rs_fit_res_read(rt$fit(ask(1L, 0L)))
+  expect_length(rt$state(), 0L)                       # round 1 not committed yet
+  expect_identical(rt$pending()$state$control, first$control)
+  rt$fit(ask(1L, 0L))                                 # round 1 failed and runs again
+  expect_length(rt$state(), 0L)
+  rt$fit(ask(2L, 1L))                                 # round 1 committed
+  expect_identical(rt$state()$control, first$control)
+  priv$.round <- 0L
+})
+
+test_that("each node's half in its own R process, with its data and state only there, gives the simulated run", {
+  skip_on_cran()
+  skip_if_not_installed("callr")
+  data <- grid_data()
+  ids <- names(fed_nodes(data))
+  sessions <- lapply(stats::setNames(ids, ids), function(id) callr::r_session$new())
+  withr::defer(for (s in sessions) s$close())
+  start_nodes <- function(server) {
+    for (id in ids) {
+      node <- server$nodes[[id]]
+      sessions[[id]]$run(function(id, train, validation) {
+        assign("node", fedagg:::node_runtime(id, train, validation), envir = globalenv())
+        NULL
+      }, list(id, node$data_for(server$model), node$data_for(server$model, "validation")))
+    }
+  }
+  grid <- function(messages, nodes, model, states, round) {
+    # `states` is what the server knows; these nodes keep their own.
+    lapply(stats::setNames(names(messages), names(messages)), function(id) {
+      sessions[[id]]$run(function(ins) get("node", envir = globalenv())$fit(ins), list(messages[[id]]))
+    })
+  }
+  for (case in c("fedavg", "fedprox_adam", "scaffold", "dp_adaptive", "topk_feedback", "fedbuff")) {
+    async <- case == "fedbuff"
+    simulated <- make_grid_server(case, data, async = async)
+    remote <- make_grid_server(case, data, async = async)
+    start_nodes(remote)
+    fedagg:::set_grid(remote, grid)
+    simulated$fit(3, verbose = FALSE)
+    remote$fit(3, verbose = FALSE)
+    same_run(simulated, remote, case)
+    if (case == "scaffold") {
+      # The controls the nodes hold are those the simulation keeps for them
+      # (as of the last round each node's state was committed in).
+      for (id in unique(simulated$client_log$client)) {
+        held <- sessions[[id]]$run(function() {
+          n <- get("node", envir = globalenv())
+          p <- n$pending()
+          if (is.null(p)) n$state()$control else p$state$control
+        })
+        expect_identical(held, simulated$nodes[[id]]$state$control, info = id)
+      }
+    }
+  }
+})
