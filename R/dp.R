@@ -244,13 +244,13 @@ adapt_clip <- function(private, info, round) {
   unclipped <- sum(info$passed_filter & !info$clipped, na.rm = TRUE)
   count_noise <- if (noise$count > 0) with_seed(derive_seed(private$.seed, round, 7L), stats::rnorm(1, 0, noise$count)) else 0
   share <- (unclipped + count_noise) / expected
-  private$.dp_clip * exp(-dp$adaptive$lr * (share - dp$adaptive$quantile))
+  private$.state$dp_clip * exp(-dp$adaptive$lr * (share - dp$adaptive$quantile))
 }
 
 # Local DP: the largest epsilon any client has spent, by basic composition
 # over the rounds it took part in (this one included).
 local_epsilon <- function(private, info, dp) {
-  clients <- c(unlist(lapply(private$.client_log, `[[`, "client")), info$client)
+  clients <- c(unlist(lapply(private$.state$client_log, `[[`, "client")), info$client)
   if (!length(clients)) return(0)
   max(table(clients)) * dp$epsilon
 }

@@ -90,13 +90,13 @@ drift_log_columns <- c("round", "signal", "client", "statistic", "p_value")
 # Pure: the server keeps both only if the round commits.
 monitor_round <- function(private, r, info) {
   mon <- private$.monitor
-  seen <- private$.seen_versions
+  seen <- private$.state$seen_versions
   if (is.null(mon)) return(list(alerts = NULL, seen = seen))
   alerts <- list()
   w <- mon$window
   if (r >= mon$start) {
     # Only the rounds of the two windows, not the whole log.
-    logs <- c(utils::tail(private$.client_log, 2L * w - 1L), list(c(list(round = r), info)))
+    logs <- c(utils::tail(private$.state$client_log, 2L * w - 1L), list(c(list(round = r), info)))
     rounds <- vapply(logs, function(e) as.integer(e$round), integer(1))
     values <- function(field, from, to) {
       v <- unlist(lapply(logs[rounds >= from & rounds <= to], `[[`, field))

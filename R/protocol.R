@@ -19,10 +19,10 @@
 fit_instructions <- function(private, ids, streams, positions, epochs, max_steps, round_cfg, round, validation) {
   model <- private$.model
   max_steps <- if (is.null(max_steps)) rep(NA_real_, length(ids)) else as.double(max_steps)
-  out <- core_call(rs_fit_instructions(model$sizes, model$head, model_bits(model), private$.flat, round_cfg,
+  out <- core_call(rs_fit_instructions(model$sizes, model$head, model_bits(model), private$.state$flat, round_cfg,
                                        as.character(ids), as.double(streams), as.double(positions),
                                        rep_len(as.double(epochs), length(ids)), max_steps, isTRUE(validation),
-                                       as.double(round), as.double(private$.round)))
+                                       as.double(round), as.double(private$.state$round)))
   stats::setNames(out, ids)
 }
 

@@ -7,9 +7,9 @@
 
 async_round <- function(private, r, config, before_training = function(ids) NULL) {
   spec <- private$.async
-  state <- private$.async_state %||% list(time = 0, version = 0L, seq = 0L, flight = empty_flight(), deltas = list())
+  state <- private$.state$async_state %||% list(time = 0, version = 0L, seq = 0L, flight = empty_flight(), deltas = list())
   roster <- check_profiles(private, r)
-  d <- length(private$.flat)
+  d <- length(private$.state$flat)
   eligible <- which(roster$n_samples >= private$.min_samples)
   if (length(eligible) < spec$concurrency) {
     fedagg_abort("{.fn fedbuff} needs {spec$concurrency} eligible nodes; {length(eligible)} have {.arg min_samples}.",
@@ -60,7 +60,7 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
     } else {
       round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[node]), list(client_controls = NULL))
       out <- core_call(rs_train_round(private$.model$sizes, private$.model$head, model_bits(private$.model),
-                                      private$.flat, lapply(unname(nodes), function(n) n$data_for(private$.model)),
+                                      private$.state$flat, lapply(unname(nodes), function(n) n$data_for(private$.model)),
                                       vector("list", length(nodes)), as.double(seq), round_cfg,
                                       resolve_threads(private$.threads)))
       if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, r, kind = out$kind)
@@ -123,7 +123,7 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
   # attacker's update is what the server scales).
   arrived_nodes <- vapply(arrivals, `[[`, numeric(1), "node")
   attacks <- lapply(private$.nodes[arrived_nodes], function(n) n$attack)
-  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
+  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.state$server_state),
                    diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes),
                    denominator = as.double(length(arrivals)))
   ids <- names(private$.nodes)[arrived_nodes]
@@ -137,7 +137,7 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
                               streams = vapply(arrivals[raw], `[[`, numeric(1), "seq"))
     sent$updates[raw] <- encoded$updates
   }
-  out <- core_call(rs_fold_round(private$.flat, sent$updates, as.double(weights), NULL, server_half(fold_cfg),
+  out <- core_call(rs_fold_round(private$.state$flat, sent$updates, as.double(weights), NULL, server_half(fold_cfg),
                                  resolve_threads(private$.threads)))
   if (!isTRUE(out$ok)) abort_client_failure(names(private$.nodes)[arrivals[[out$client]]$node], out$message, r, kind = out$kind)
   stepped <- server_step(private, out, r)

@@ -16,7 +16,7 @@ hier_round <- function(private, r, config, work) {
                    i = "Unreachable nodes can leave fewer clients than that."), class = "cohort", round = r)
   }
   model <- private$.model
-  d <- length(private$.flat)
+  d <- length(private$.state$flat)
   timed <- any(roster$has_system)
   edge_sgd <- rust_server_config(server_sgd(), list())
   k <- length(ids)
@@ -31,7 +31,7 @@ hier_round <- function(private, r, config, work) {
     nodes <- private$.nodes[index[members]]
     data <- lapply(unname(nodes), function(n) n$data_for(model, "train"))
     attacks <- unname(lapply(nodes, function(n) n$attack))
-    y <- private$.flat
+    y <- private$.state$flat
     for (it in seq_len(top$edge_rounds)) {
       cfg <- config
       cfg$seed <- derive_seed(derive_seed(private$.seed, r, 13L), it, match(g, top$edges))
@@ -51,7 +51,7 @@ hier_round <- function(private, r, config, work) {
     train_loss[members] <- out$train_loss
     steps[members] <- out$steps * top$edge_rounds
     n_samples[members] <- out$n_samples
-    edge_models[[g]] <- y - private$.flat
+    edge_models[[g]] <- y - private$.state$flat
     edge_weights[[g]] <- sum(out$n_samples)
     if (timed) {
       # A client's messages go to its edge over its own link.
@@ -66,9 +66,9 @@ hier_round <- function(private, r, config, work) {
     bytes_down <- bytes_down + 8 * d * (1 + top$edge_rounds * length(members))
     bytes_up <- bytes_up + 8 * d * (1 + top$edge_rounds * length(members))
   }
-  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.server_state),
+  fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.state$server_state),
                    diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes))
-  cloud <- core_call(rs_fold_round(private$.flat, unname(edge_models), unname(edge_weights), NULL, fold_cfg,
+  cloud <- core_call(rs_fold_round(private$.state$flat, unname(edge_models), unname(edge_weights), NULL, fold_cfg,
                                    resolve_threads(private$.threads)))
   if (!isTRUE(cloud$ok)) fedagg_abort("Round {r}: the cloud could not fold the edge models: {cloud$message}", round = r)
   stepped <- server_step(private, cloud, r)

@@ -16,7 +16,7 @@ select_round <- function(self, private, r) {
     if (any(markov)) {
       # Markov nodes: from the last round's state (the stationary share in
       # the first round), stay on with 1 - 1/mean_on, come back with 1/mean_off.
-      before <- private$.chains
+      before <- private$.state$chains
       if (!is.null(before)) {
         on[markov] <- ifelse(before[markov], u[markov] >= 1 / roster$mean_on[markov], u[markov] < 1 / roster$mean_off[markov])
       }
@@ -50,7 +50,7 @@ select_round <- function(self, private, r) {
   }
   sel <- private$.selection
   clients <- new_frame(id = ids, n_samples = roster$n_samples, available = unname(available),
-                       reach_share = unname((private$.reach + available) / r))
+                       reach_share = unname((private$.state$reach + available) / r))
   if ("last_update" %in% sel$needs) clients$last_cosine <- private$.last_cosines()
   ctx <- list(round = r, n = selection_size(private, self$clients_per_round), clients = clients, seed = derive_seed(private$.seed, r, 1L),
               loss = function(chosen) private$.local_losses(chosen, r))
@@ -96,17 +96,17 @@ local_losses <- function(private, chosen, r) {
   nodes <- private$.nodes[chosen]
   if (is_builtin(model)) {
     data <- lapply(unname(nodes), function(n) n$data_for(model, "train"))
-    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), private$.flat, data,
+    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), private$.state$flat, data,
                                  resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(chosen[out$client], out$message, r, kind = out$kind)
     return(out$loss)
   }
-  params <- relist_like(private$.flat, private$.template)
+  params <- relist_like(private$.state$flat, private$.template)
   vapply(nodes, function(n) n$evaluate(params, model, data = "train")$loss, numeric(1))
 }
 
 last_cosines <- function(private) {
-  d <- private$.last_delta
+  d <- private$.state$last_delta
   vapply(private$.nodes, function(n) {
     u <- n$state_for(private$.key)$last_update
     if (is.null(u) || is.null(d)) return(NA_real_)

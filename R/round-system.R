@@ -13,7 +13,7 @@ system_round <- function(private, work, r, cohort) {
   roster <- check_profiles(private, r)
   index <- work$index
   k <- length(index)
-  d <- length(private$.flat)
+  d <- length(private$.state$flat)
   down_bytes <- message_bytes(private$.compress_down, d)
   up_bytes <- message_bytes(private$.compress, d)
   timed <- any(roster$has_system)

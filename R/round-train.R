@@ -21,8 +21,8 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   states <- lapply(views, `[[`, "state")
   attacks <- lapply(views, `[[`, "attack")
   fold_cfg <- c(list(algorithm = rust_config(config, rule)$algorithm,
-                     server = rust_server_config(private$.server_opt, private$.server_state),
-                     diagnostics = private$.diagnostics, control = private$.control,
+                     server = rust_server_config(private$.server_opt, private$.state$server_state),
+                     diagnostics = private$.diagnostics, control = private$.state$control,
                      client_controls = lapply(states, `[[`, "control"), n_nodes = length(private$.nodes)),
                 trust_config(private, attacks, round),
                 compression_config(private, states, round))
@@ -40,7 +40,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
     } else {
       round_cfg <- rust_config(config, rule, epochs, fold_cfg)
       if (!is.null(max_steps) && any(!is.na(max_steps))) round_cfg$max_steps <- as.double(max_steps)
-      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.flat, train, val,
+      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.state$flat, train, val,
                                       as.double(idx), round_cfg, resolve_threads(private$.threads)))
       if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
     }
@@ -54,7 +54,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
     new_controls <- out$client_controls
     custom_states <- NULL
   } else {
-    res <- custom_round(nodes, model, private$.flat, private$.template, config, idx, rule, round, epochs, alg)
+    res <- custom_round(nodes, model, private$.state$flat, private$.template, config, idx, rule, round, epochs, alg)
     failed <- which(!vapply(res, function(x) isTRUE(x$ok), logical(1)))
     if (length(failed)) {
       f <- res[[failed[1]]]
@@ -84,7 +84,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
       fedagg_abort("Round {round}: the clients' aggregation weights sum to zero.", class = "weights", round = round)
     }
     fold_cfg$client_controls_new <- new_controls
-    out_fold <- core_call(rs_fold_round(private$.flat, unname(deltas), info$weight, a, server_half(fold_cfg),
+    out_fold <- core_call(rs_fold_round(private$.state$flat, unname(deltas), info$weight, a, server_half(fold_cfg),
                                         resolve_threads(private$.threads)))
     if (!isTRUE(out_fold$ok)) abort_client_failure(ids[out_fold$client], out_fold$message, round, kind = out_fold$kind)
   } else {
@@ -138,16 +138,16 @@ server_step <- function(private, out_fold, round) {
   diagnostics <- out_fold$diagnostics
   if (private$.server_opt$kind == "custom") {
     stepped <- call_user(private$.server_opt$step,
-                         list(params = private$.flat, delta = out_fold$aggregate, state = private$.server_state$custom,
+                         list(params = private$.state$flat, delta = out_fold$aggregate, state = private$.state$server_state$custom,
                               round = round),
                          "The server optimizer's {.fn step}", round = round)
-    if (!is.list(stepped) || !is.numeric(stepped$params) || length(stepped$params) != length(private$.flat)) {
-      fedagg_abort("The server optimizer's {.fn step} must return {.code list(params = <{length(private$.flat)} numbers>, state = )}.",
+    if (!is.list(stepped) || !is.numeric(stepped$params) || length(stepped$params) != length(private$.state$flat)) {
+      fedagg_abort("The server optimizer's {.fn step} must return {.code list(params = <{length(private$.state$flat)} numbers>, state = )}.",
                    class = "user_code", round = round)
     }
     params <- as.double(stepped$params)
     server_state <- list(custom = stepped$state)
-    diagnostics$update_norm <- sqrt(sum((params - private$.flat)^2))
+    diagnostics$update_norm <- sqrt(sum((params - private$.state$flat)^2))
   }
   list(params = params, server_state = server_state, diagnostics = diagnostics)
 }
@@ -174,7 +174,7 @@ trust_config <- function(private, attacks, round) {
   dp <- private$.privacy
   local <- identical(dp$kind, "local")
   if (local) dp <- NULL
-  clip <- if (!is.null(dp)) list(max_norm = private$.dp_clip %||% dp$clip, per_layer = dp$per_layer)
+  clip <- if (!is.null(dp)) list(max_norm = private$.state$dp_clip %||% dp$clip, per_layer = dp$per_layer)
           else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
   z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * private$.eligible())$update
        else dp$noise_multiplier

@@ -10,7 +10,7 @@ round_body <- function(self, private, r, last_round) {
   if (!is.null(dp)) check_dp_cohort(private)
   # This round's sampling rate, kept per round: the accountant composes the
   # rounds with the rates they actually had.
-  q_log <- c(private$.q_log, private$.sampling_rate())
+  q_log <- c(private$.state$q_log, private$.sampling_rate())
   if (!is.null(dp) && is.finite(dp$max_epsilon)) {
     next_epsilon <- epsilon_after(dp, q_log)
     if (next_epsilon > dp$max_epsilon) {
@@ -22,9 +22,9 @@ round_body <- function(self, private, r, last_round) {
   config <- private$.local
   config$lr <- lr
   config$seed <- derive_seed(private$.seed, r, 2L)
-  config$control <- private$.control
+  config$control <- private$.state$control
   config$server_key <- private$.key
-  old <- private$.flat
+  old <- private$.state$flat
   async_state <- NULL
   if (!is.null(private$.async)) {
     step <- async_round(private, r, config, function(ids) round_start_hook(self, private, r, ids))
@@ -38,7 +38,7 @@ round_body <- function(self, private, r, last_round) {
     work <- private$.local_work(picked$index, r)
     round_start_hook(self, private, r, work$ids)
     step <- if (length(work$ids)) hier_round(private, r, config, work)
-    result <- step$result %||% empty_round(old, private$.server_state, private$.control)
+    result <- step$result %||% empty_round(old, private$.state$server_state, private$.state$control)
     system <- step$system %||% list(log = NULL, round_time = NA_real_, bytes_down = 0, bytes_up = 0)
   } else {
     picked <- private$.select_round(r)
@@ -54,7 +54,7 @@ round_body <- function(self, private, r, last_round) {
         fedagg_warn("Round {r}: none of the {length(picked$index)} selected client{?s} reported (dropouts or the deadline); the model is unchanged.",
                     class = "empty_round")
       }
-      empty_round(old, private$.server_state, private$.control)
+      empty_round(old, private$.state$server_state, private$.state$control)
     }
   }
   proposed <- result$params
@@ -82,29 +82,32 @@ round_body <- function(self, private, r, last_round) {
   next_clip <- adapt_clip(private, result$info, r)
   drift <- monitor_round(private, r, result$info)
   record$drift_alerts <- if (is.null(private$.monitor)) NA_real_ else length(drift$alerts)
-  record$clip <- if (!is.null(dp)) private$.dp_clip %||% dp$clip else NA_real_
+  record$clip <- if (!is.null(dp)) private$.state$dp_clip %||% dp$clip else NA_real_
   record$round_time <- system$round_time
-  record$sim_time <- if (is.na(system$round_time)) NA_real_ else private$.sim_time + system$round_time
+  record$sim_time <- if (is.na(system$round_time)) NA_real_ else private$.state$sim_time + system$round_time
   record$bytes_down <- system$bytes_down
   record$bytes_up <- system$bytes_up
-  # Commit: nothing above changed the server or a node.
-  private$.flat <- as.double(proposed)
-  private$.round <- r
-  private$.records[[length(private$.records) + 1L]] <- record
-  private$.client_log[[length(private$.client_log) + 1L]] <- c(list(round = r), info)
-  private$.selection_log[[length(private$.selection_log) + 1L]] <- picked$log
-  if (!is.null(system$log)) private$.system_log[[length(private$.system_log) + 1L]] <- system$log
-  if (!is.na(record$sim_time)) private$.sim_time <- record$sim_time
-  if (!is.null(async_state)) private$.async_state <- async_state
-  private$.reach <- private$.reach + picked$available
-  if (!is.null(picked$chains)) private$.chains <- picked$chains
-  private$.server_state <- result$server_state
-  private$.q_log <- q_log
-  if (!is.null(next_clip)) private$.dp_clip <- next_clip
-  private$.drift_log <- c(private$.drift_log, drift$alerts)
-  private$.seen_versions <- drift$seen
-  private$.control <- result$control
-  if (!is.null(result$aggregate)) private$.last_delta <- result$aggregate
+  # Commit: nothing above changed the server or a node. The server's state
+  # is replaced in one assignment.
+  state <- private$.state
+  state$flat <- as.double(proposed)
+  state$round <- r
+  state$records[[length(state$records) + 1L]] <- record
+  state$client_log[[length(state$client_log) + 1L]] <- c(list(round = r), info)
+  state$selection_log[[length(state$selection_log) + 1L]] <- picked$log
+  if (!is.null(system$log)) state$system_log[[length(state$system_log) + 1L]] <- system$log
+  if (!is.na(record$sim_time)) state$sim_time <- record$sim_time
+  if (!is.null(async_state)) state$async_state <- async_state
+  state$reach <- state$reach + picked$available
+  if (!is.null(picked$chains)) state$chains <- picked$chains
+  state$server_state <- result$server_state
+  state$q_log <- q_log
+  if (!is.null(next_clip)) state$dp_clip <- next_clip
+  state$drift_log <- c(state$drift_log, drift$alerts)
+  state$seen_versions <- drift$seen
+  state$control <- result$control
+  if (!is.null(result$aggregate)) state$last_delta <- result$aggregate
+  private$.state <- state
   for (k in seq_along(result$node_states)) {
     # The round is kept with the state, so a clone of this server can tell
     # whether the state is still that of its own last round.

@@ -68,6 +68,7 @@ Server <- R6::R6Class("Server",
                           min_samples = 0, monitor = NULL, compress = NULL, deadline = Inf, over_select = 1,
                           asynchronous = NULL, topology = NULL) {
       assert_model(model)
+      private$.state <- new_server_state()
       node_list <- as_node_list(nodes)
       # One class coding for the whole federation, before any label is coded.
       private$.model <- federation_model(model, node_list, test_data)
@@ -82,13 +83,13 @@ Server <- R6::R6Class("Server",
       private$.selection <- as_selection(selection)
       private$.schedule <- assert_schedule(schedule, names(private$.nodes))
       private$.privacy <- assert_privacy(privacy)
-      if (!is.null(private$.privacy$adaptive)) private$.dp_clip <- private$.privacy$clip
+      if (!is.null(private$.privacy$adaptive)) private$.state$dp_clip <- private$.privacy$clip
       private$.clip <- assert_clip(clip)
       private$.filter <- assert_filter(filter)
       private$.min_samples <- assert_count(min_samples, min = 0L)
       private$.monitor <- assert_monitor(monitor)
       # The monitor compares data changed after the server was made.
-      private$.seen_versions <- lapply(stats::setNames(node_list, vapply(node_list, function(n) n$id, character(1))),
+      private$.state$seen_versions <- lapply(stats::setNames(node_list, vapply(node_list, function(n) n$id, character(1))),
                                        function(n) n$data_version)
       if (identical(private$.privacy$kind, "central")) {
         if (!is.null(weights) && !identical(weights, "equal")) {
@@ -139,7 +140,7 @@ Server <- R6::R6Class("Server",
       private$.stragglers <- assert_number(stragglers, 0, 1)
       private$.drop_stragglers <- assert_flag(drop_stragglers)
       private$.diagnostics <- assert_flag(diagnostics)
-      private$.reach <- stats::setNames(integer(length(private$.nodes)), names(private$.nodes))
+      private$.state$reach <- stats::setNames(integer(length(private$.nodes)), names(private$.nodes))
       private$.lr_schedule <- as_lr_schedule(lr_schedule)
       private$.key <- new_server_key()
       private$.home <- self
@@ -156,7 +157,7 @@ Server <- R6::R6Class("Server",
         if (!is_builtin(model)) assert_same_layout(params, private$.template)
         private$.template <- params
       }
-      private$.flat <- flatten_params(model, private$.template)
+      private$.state$flat <- flatten_params(model, private$.template)
       if (!is.null(private$.privacy$adaptive)) {
         adaptive_noise(private$.privacy, private$.sampling_rate() * private$.eligible())
       }
@@ -185,7 +186,7 @@ Server <- R6::R6Class("Server",
     #'   the `selection` function returns.
     #' @param round Round number (default: the next one).
     #' @return Node ids.
-    select = function(round = private$.round + 1L) {
+    select = function(round = private$.state$round + 1L) {
       round <- assert_count(round, min = 1L)
       private$.select_round(round)$ids
     },
@@ -201,7 +202,7 @@ Server <- R6::R6Class("Server",
     #' @description Run one round.
     #' @return The round's history row, invisibly.
     round = function() {
-      r <- private$.round + 1L
+      r <- private$.state$round + 1L
       private$.run_round(r, last_round = r)
       invisible(utils::tail(self$history, 1L))
     },
@@ -219,8 +220,8 @@ Server <- R6::R6Class("Server",
       verbose <- assert_flag(verbose)
       stop_when <- assert_stop_rule(stop_when)
       if (private$.busy) abort_reentrant()
-      first <- private$.round + 1L
-      last <- private$.round + rounds
+      first <- private$.state$round + 1L
+      last <- private$.state$round + rounds
       private$.stopped <- NULL
       status <- ""
       if (verbose) {
@@ -237,18 +238,18 @@ Server <- R6::R6Class("Server",
           cnd$reason
         })
         if (verbose) {
-          row <- private$.records[[length(private$.records)]]
+          row <- private$.state$records[[length(private$.state$records)]]
           if (!is.null(row)) status <- progress_status(row)
           cli::cli_progress_update()
         }
         if (!is.null(reason)) {
-          private$.stopped <- list(round = private$.round, reason = reason)
-          if (verbose) cli::cli_inform(c(i = "Stopped after round {private$.round}: {reason}"))
+          private$.stopped <- list(round = private$.state$round, reason = reason)
+          if (verbose) cli::cli_inform(c(i = "Stopped after round {private$.state$round}: {reason}"))
           if (inherits(stop_cnd, "fedagg_budget_exhausted")) {
             # Fewer rounds than asked for is a result the caller must be able
             # to see without verbose output.
             if (verbose) cli::cli_progress_done()
-            fedagg_warn(c("{.fn fit} stopped after round {private$.round} of {last}: the privacy budget is spent.",
+            fedagg_warn(c("{.fn fit} stopped after round {private$.state$round} of {last}: the privacy budget is spent.",
                           i = "{reason}."), class = "budget_exhausted")
             return(self$history)
           }
@@ -266,10 +267,10 @@ Server <- R6::R6Class("Server",
     evaluate = function() {
       rows <- list()
       if (!is.null(private$.test)) {
-        ev <- private$.evaluate_test(private$.flat)
+        ev <- private$.evaluate_test(private$.state$flat)
         rows[[1]] <- metric_frame("(test)", ev$n, ev$loss, ev$metric, private$.model)
       }
-      per_client <- private$.evaluate_clients(private$.flat)
+      per_client <- private$.evaluate_clients(private$.state$flat)
       if (!is.null(per_client)) rows[[length(rows) + 1L]] <- per_client
       if (!length(rows)) fedagg_abort("There is nothing to evaluate on: give {.arg test_data} or nodes with validation data.")
       out <- do.call(rbind, rows)
@@ -320,10 +321,10 @@ Server <- R6::R6Class("Server",
                                            private$.monitor$label), collapse = "; "))
         },
         system_line(private),
-        sprintf("  rounds:  %d done, seed %d", private$.round, private$.seed)
+        sprintf("  rounds:  %d done, seed %d", private$.state$round, private$.seed)
       )
-      if (private$.round > 0L) {
-        last <- private$.records[[private$.round]]
+      if (private$.state$round > 0L) {
+        last <- private$.state$records[[private$.state$round]]
         metric <- main_metric(last)
         out <- c(out, sprintf("  latest:  %s = %.4f, train loss %.4f", metric, last[[metric]], last$train_loss))
       }
@@ -344,17 +345,17 @@ Server <- R6::R6Class("Server",
     #' @field params The global parameters (a named list of layers). Can be
     #'   set (validated) to warm-start.
     params = function(value) {
-      if (missing(value)) return(unflatten_params(private$.model, private$.flat, private$.template))
+      if (missing(value)) return(unflatten_params(private$.model, private$.state$flat, private$.template))
       if (private$.busy) abort_reentrant()
       if (!is_builtin(private$.model)) assert_same_layout(value, private$.template)
       flat <- flatten_params(private$.model, value, arg = "params")
-      private$.flat <- flat
+      private$.state$flat <- flat
       invisible(self)
     },
     #' @field history The [fed_history] of the rounds run (read-only).
     history = function(value) {
       if (!missing(value)) fedagg_abort("{.field history} is read-only.")
-      new_fed_history(private$.records, private$.model, self$settings)
+      new_fed_history(private$.state$records, private$.model, self$settings)
     },
     #' @field timings Wall-clock seconds per round, evaluation included
     #'   (`seconds`), and the part of them spent in the Rust core's local
@@ -380,7 +381,7 @@ Server <- R6::R6Class("Server",
     #'   `NA` without [system profiles][system_profile].
     system_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field system_log} is read-only.")
-      rows <- private$.system_log
+      rows <- private$.state$system_log
       if (!length(rows)) {
         return(new_frame(round = integer(), client = character(), status = character(), download = numeric(),
                          compute = numeric(), upload = numeric(), finish = numeric(), work = numeric(),
@@ -408,7 +409,7 @@ Server <- R6::R6Class("Server",
     #'   Bulyan; `NA` for other aggregators).
     client_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field client_log} is read-only.")
-      client_log_frame(private$.client_log)
+      client_log_frame(private$.state$client_log)
     },
     #' @field selection_log Per round, the candidates of the selection rule
     #'   with their `score` (the local loss for power-of-choice, the
@@ -418,8 +419,8 @@ Server <- R6::R6Class("Server",
     selection_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field selection_log} is read-only.")
       cols <- c("round", "client", "score", "picked")
-      out <- lapply(stats::setNames(cols, cols), function(col) unlist(lapply(private$.selection_log, `[[`, col)))
-      if (!length(private$.selection_log)) {
+      out <- lapply(stats::setNames(cols, cols), function(col) unlist(lapply(private$.state$selection_log, `[[`, col)))
+      if (!length(private$.state$selection_log)) {
         out <- list(round = integer(), client = character(), score = numeric(), picked = logical())
       }
       as.data.frame(out, stringsAsFactors = FALSE)
@@ -428,12 +429,12 @@ Server <- R6::R6Class("Server",
     #'   below its `alpha` (read-only data frame).
     drift_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field drift_log} is read-only.")
-      if (!length(private$.drift_log)) {
+      if (!length(private$.state$drift_log)) {
         return(data.frame(round = integer(), signal = character(), client = character(), statistic = numeric(),
                           p_value = numeric()))
       }
       out <- lapply(stats::setNames(drift_log_columns, drift_log_columns), function(col) {
-        unlist(lapply(private$.drift_log, `[[`, col))
+        unlist(lapply(private$.state$drift_log, `[[`, col))
       })
       out$round <- as.integer(out$round)
       as.data.frame(out, stringsAsFactors = FALSE)
@@ -442,12 +443,12 @@ Server <- R6::R6Class("Server",
     #'   SCAFFOLD's server `control` variate (read-only).
     server_state = function(value) {
       if (!missing(value)) fedagg_abort("{.field server_state} is read-only.")
-      c(private$.server_state, list(control = private$.control))
+      c(private$.state$server_state, list(control = private$.state$control))
     },
     #' @field rounds_done Number of rounds run (read-only).
     rounds_done = function(value) {
       if (!missing(value)) fedagg_abort("{.field rounds_done} is read-only.")
-      private$.round
+      private$.state$round
     },
     #' @field nodes The nodes (read-only).
     nodes = function(value) {
@@ -493,7 +494,7 @@ Server <- R6::R6Class("Server",
            server_optimizer = private$.server_opt$label, aggregator = private$.aggregator$label,
            stragglers = private$.stragglers, drop_stragglers = private$.drop_stragglers,
            privacy = private$.privacy$label, privacy_object = private$.privacy, sampling_rate = private$.sampling_rate(),
-           sampling_rates = private$.q_log,
+           sampling_rates = private$.state$q_log,
            clip = private$.clip$label, filter = private$.filter$label, min_samples = private$.min_samples,
            seed = private$.seed, stopped = private$.stopped)
     }
@@ -502,14 +503,17 @@ Server <- R6::R6Class("Server",
     .model = NULL, .nodes = NULL, .algorithm = NULL, .fraction = NULL, .min_clients = NULL,
     .selection = NULL, .schedule = NULL, .weights = NULL, .local = NULL, .lr_schedule = NULL,
     .test = NULL, .eval_every = NULL, .seed = NULL, .threads = NULL, .hooks = NULL,
-    .flat = NULL, .template = NULL, .round = 0L, .records = list(), .client_log = list(),
+    .template = NULL,
+    # Everything a committed round changes, as one value: replaced whole at
+    # the commit (see new_server_state()).
+    .state = NULL,
     .seconds = numeric(), .core_seconds = numeric(), .stopped = NULL, .busy = FALSE,
-    .epochs = NULL, .server_opt = NULL, .server_state = list(), .aggregator = NULL, .control = NULL,
-    .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE, .reach = NULL, .selection_log = list(),
-    .last_delta = NULL, .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L, .dp_clip = NULL,
-    .monitor = NULL, .drift_log = list(), .seen_versions = list(), .q_log = numeric(), .roster = NULL,
+    .epochs = NULL, .server_opt = NULL, .aggregator = NULL,
+    .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE,
+    .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L,
+    .monitor = NULL, .roster = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
-    .sim_time = 0, .system_log = list(), .async = NULL, .async_state = NULL, .chains = NULL, .topology = NULL, .key = NULL, .home = NULL, .grid = NULL,
+    .async = NULL, .topology = NULL, .key = NULL, .home = NULL, .grid = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {
@@ -566,13 +570,13 @@ Server <- R6::R6Class("Server",
         if (!length(st)) next
         # A state that does not say its round cannot be shown to be this
         # copy's: refused as moved.
-        if (is.null(st$round) || st$round > private$.round) moved <- c(moved, id)
+        if (is.null(st$round) || st$round > private$.state$round) moved <- c(moved, id)
         st$server <- new
         states[[id]] <- st
       }
       if (length(moved)) {
-        fedagg_abort(c("This server is a copy made by {.code $clone()} after round {private$.round}, and the server it was copied from has trained {length(moved)} of their shared node{?s} since.",
-                       x = "Their state (SCAFFOLD controls, error-feedback residuals, a custom algorithm's state) is no longer that of round {private$.round}.",
+        fedagg_abort(c("This server is a copy made by {.code $clone()} after round {private$.state$round}, and the server it was copied from has trained {length(moved)} of their shared node{?s} since.",
+                       x = "Their state (SCAFFOLD controls, error-feedback residuals, a custom algorithm's state) is no longer that of round {private$.state$round}.",
                        i = "Use {.code $clone(deep = TRUE)} to branch a run: the copy then has nodes of its own."),
                      class = "clone")
       }
@@ -611,6 +615,28 @@ Server <- R6::R6Class("Server",
     .evaluate_clients = function(flat, round = NULL) evaluate_clients(private, flat, round)
   )
 )
+
+# The committed state of a server: everything a round changes, replaced in
+# one assignment when a round commits, so a failed round changes nothing.
+#   flat           the global parameters (one vector)
+#   round          rounds committed
+#   records, client_log, selection_log, system_log, drift_log
+#                  one entry per round (history rows, logs)
+#   server_state   the server optimizer's moments (m, v) or a custom state
+#   control        SCAFFOLD's server control c
+#   last_delta     the last aggregate D (contribution scores)
+#   dp_clip        the adaptive clipping bound; q_log: each round's sampling
+#                  rate (the accountant)
+#   reach          per node, rounds it was reachable; chains: Markov
+#                  availability; seen_versions: node data versions the drift
+#                  monitor has seen
+#   sim_time, async_state
+#                  the simulated clock and FedBuff's clients in flight
+new_server_state <- function() {
+  list(flat = NULL, round = 0L, records = list(), client_log = list(), selection_log = list(), system_log = list(),
+       drift_log = list(), server_state = list(), control = NULL, last_delta = NULL, dp_clip = NULL,
+       q_log = numeric(), reach = NULL, chains = NULL, seen_versions = list(), sim_time = 0, async_state = NULL)
+}
 
 abort_reentrant <- function(call = rlang::caller_env()) {
   fedagg_abort(c("A round is already running on this server.",

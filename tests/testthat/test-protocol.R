@@ -91,7 +91,7 @@ test_that("a node keeps the state of a round only once the server committed it",
   cfg <- fedagg:::rust_config(c(priv$.local, list(algorithm = scaffold())), "collect", 1)
   cfg$algorithm <- "scaffold"
   ask <- function(round, committed) {
-    priv$.round <- committed
+    priv$.state$round <- committed
     fedagg:::fit_instructions(priv, "client1", 0, 0, 1, NULL, cfg, round, FALSE)[[1]]
   }
   first <- fedagg:::rs_fit_res_read(rt$fit(ask(1L, 0L)))
@@ -101,7 +101,7 @@ test_that("a node keeps the state of a round only once the server committed it",
   expect_length(rt$state(), 0L)
   rt$fit(ask(2L, 1L))                                 # round 1 committed
   expect_identical(rt$state()$control, first$control)
-  priv$.round <- 0L
+  priv$.state$round <- 0L
 })
 
 test_that("each node's half in its own R process, with its data and state only there, gives the simulated run", {

@@ -349,3 +349,25 @@ test_that("client logs kept under the old column names still read", {
   expect_identical(frame$krum_kept, c(NA, NA))
   expect_identical(names(frame), fedagg:::client_log_columns)
 })
+
+test_that("a server's committed state is one value, replaced whole by a round and untouched by a failed one", {
+  data <- synthetic_fedprox(1, 1, n_clients = 6, max_size = 60, seed = 1)
+  fail <- FALSE
+  srv <- fed_server(model_softmax(60, 10), fed_nodes(data), algorithm = scaffold(), fraction = 0.5, seed = 1,
+                    server_optimizer = server_adam(lr = 0.03),
+                    hooks = list(server_update = function(old, proposed, round, lr) if (fail) stop("no") else proposed))
+  srv$fit(2, verbose = FALSE)
+  private <- srv$.__enclos_env__$private
+  before <- private$.state
+  expect_setequal(names(before), names(fedagg:::new_server_state()))
+  fail <- TRUE
+  expect_error(srv$round(), class = "fedagg_error_user_code")
+  expect_identical(private$.state, before)
+  fail <- FALSE
+  srv$round()
+  after <- private$.state
+  expect_identical(after$round, 3L)
+  expect_false(identical(after$flat, before$flat))
+  expect_identical(unlist(srv$params, use.names = FALSE), after$flat)
+  expect_identical(srv$server_state, c(after$server_state, list(control = after$control)))
+})
