@@ -78,16 +78,12 @@ assert_async <- function(x, private, call = rlang::caller_env()) {
                    i = "Give the nodes profiles with {.fn set_system}."), call = call)
   }
   if (!is_builtin(private$.model)) refuse("custom R models")
-  if (!private$.algorithm$kind %in% c("fedavg", "fedprox")) refuse(private$.algorithm$label)
+  # The parts it cannot run: a lookup in the registry of parts.
+  part <- unsupported_part(private, "fedbuff")
+  if (!is.null(part)) refuse(part)
   if (any(roster$availability < 1)) refuse("nodes with availability below 1")
   if (is.finite(private$.deadline) || private$.over_select > 1) refuse("deadlines or over-selection")
-  if (!is.null(private$.compress)) refuse("compression")
-  if (!is.null(private$.privacy) || !is.null(private$.clip) || !is.null(private$.filter)) {
-    refuse("privacy, clipping or filters")
-  }
-  if (private$.aggregator$kind != "weighted") refuse("robust aggregators")
   if (!is.null(private$.schedule) || private$.stragglers > 0) refuse("schedules or stragglers")
-  if (private$.selection$kind != "uniform") refuse("selection rules other than uniform (it draws each free slot's node uniformly)")
   if (is.function(private$.weights) || !identical(private$.weights, "samples")) {
     refuse("aggregation weights (it weights updates by staleness)")
   }

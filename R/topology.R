@@ -84,15 +84,12 @@ assert_topology <- function(x, private, call = rlang::caller_env()) {
     fedagg_abort("A hierarchical topology cannot be combined with {what} yet.", call = call)
   }
   if (!is_builtin(private$.model)) refuse("custom R models")
-  if (!private$.algorithm$kind %in% c("fedavg", "fedprox")) refuse(private$.algorithm$label)
+  # The parts it cannot run: a lookup in the registry of parts.
+  part <- unsupported_part(private, "hierarchical")
+  if (!is.null(part)) refuse(part)
   if (!is.null(private$.async)) refuse("asynchronous rounds")
-  if (!is.null(private$.compress) || is.finite(private$.deadline) || private$.over_select > 1) {
-    refuse("compression, deadlines or over-selection")
-  }
-  if (!is.null(private$.privacy) || !is.null(private$.clip) || !is.null(private$.filter) ||
-      private$.aggregator$kind != "weighted" || is.function(private$.weights) || !identical(private$.weights, "samples")) {
-    refuse("privacy, clipping, filters, robust aggregators or weights other than samples")
-  }
+  if (is.finite(private$.deadline) || private$.over_select > 1) refuse("deadlines or over-selection")
+  if (is.function(private$.weights) || !identical(private$.weights, "samples")) refuse("weights other than samples")
   if (any(node_roster(private)$dropout > 0, na.rm = TRUE)) refuse("dropouts")
   x
 }

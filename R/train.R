@@ -90,10 +90,7 @@ assert_train_config <- function(config, call = rlang::caller_env()) {
 # "gradient" work; an algorithm Rust does not know must never run silently
 # as another one.
 rust_algorithm <- function(alg, call = rlang::caller_env()) {
-  kind <- alg$kind %||% "fedavg"
-  if (kind %in% c("fedavg", "fedsgd", "custom")) return("fedavg")
-  if (kind %in% c("fedprox", "scaffold", "fednova")) return(kind)
-  fedagg_abort("The client algorithm {.val {kind}} is not built into the Rust core.", class = "input", call = call)
+  lever_part("algorithm", alg$kind %||% "fedavg", call = call)$rust
 }
 
 # The Rust core's round settings. `epochs` may be one per client; `round`
