@@ -71,10 +71,10 @@ rs_rdp_default_orders <- function() .Call(wrap__rs_rdp_default_orders)
 #' One `FitIns` per selected client of a round: the global parameters, the
 #' round config (local settings, server control, the clients' encodings),
 #' and per client its node id, training stream, epochs and step limit (NA:
-#' none), and the stream it encodes with (`positions`: its position in a
-#' synchronous round, its dispatch in FedBuff).
+#' none). Each client's training and encoding draw from its stream (its
+#' node's number; FedBuff: its dispatch).
 #' @noRd
-rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, positions, epochs, max_steps, validation, round, committed_round) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, positions, epochs, max_steps, validation, round, committed_round)
+rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, epochs, max_steps, validation, round, committed_round) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, epochs, max_steps, validation, round, committed_round)
 
 #' A node's half of a round: a `FitIns` (raw), the node's data
 #' (`list(x, y)`), its validation data (or NULL), its SCAFFOLD control and

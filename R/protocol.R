@@ -14,13 +14,14 @@
 # decides where each node's half runs (this process, callr sessions, and
 # later the network). Messages are raw vectors.
 
-# One FitIns per client of a round, named by node id. `positions` are the
-# clients' encoding streams (position in the round; FedBuff: dispatch).
-fit_instructions <- function(private, ids, streams, positions, epochs, max_steps, round_cfg, round, validation) {
+# One FitIns per client of a round, named by node id. `streams`: each
+# client's random stream, for its training and its encoding (its node's
+# number; FedBuff: its dispatch).
+fit_instructions <- function(private, ids, streams, epochs, max_steps, round_cfg, round, validation) {
   model <- private$.model
   max_steps <- if (is.null(max_steps)) rep(NA_real_, length(ids)) else as.double(max_steps)
   out <- core_call(rs_fit_instructions(model$sizes, model$head, model_bits(model), private$.state$flat, round_cfg,
-                                       as.character(ids), as.double(streams), as.double(positions),
+                                       as.character(ids), as.double(streams),
                                        rep_len(as.double(epochs), length(ids)), max_steps, isTRUE(validation),
                                        as.double(round), as.double(private$.state$round)))
   stats::setNames(out, ids)
@@ -74,9 +75,9 @@ collect_fit_results <- function(results, ids, round) {
 # `nodes` the Node objects, `states` what the server knows of their state
 # (list(control, residual) by node id; a grid whose nodes keep their own
 # ignores it).
-grid_fit <- function(private, nodes, states, streams, positions, epochs, max_steps, round_cfg, round, validation) {
+grid_fit <- function(private, nodes, states, streams, epochs, max_steps, round_cfg, round, validation) {
   ids <- names(nodes)
-  messages <- fit_instructions(private, ids, streams, positions, epochs, max_steps, round_cfg, round, validation)
+  messages <- fit_instructions(private, ids, streams, epochs, max_steps, round_cfg, round, validation)
   results <- call_user(private$.grid, list(messages = messages, nodes = nodes, model = private$.model,
                                            states = stats::setNames(states, ids), round = round),
                        "The round's grid", round = round)

@@ -54,7 +54,7 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
       # dispatch's stream.
       round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[node]),
                                c(list(client_controls = NULL), client_half(lapply(nodes, function(n) n$attack))))
-      out <- grid_fit(private, nodes, rep(list(list()), length(nodes)), seq, seq, private$.epochs[node], NULL,
+      out <- grid_fit(private, nodes, rep(list(list()), length(nodes)), seq, private$.epochs[node], NULL,
                       round_cfg, r, validation = FALSE)
       out$encoded <- TRUE
     } else {

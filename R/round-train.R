@@ -35,7 +35,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
       rule <- "collect"
       round_cfg <- rust_config(config, rule, epochs, fold_cfg)
       out <- grid_fit(private, nodes, lapply(states, function(st) list(control = st$control, residual = st$residual)), idx,
-                      seq_along(idx) - 1, epochs, max_steps, round_cfg, round,
+                      epochs, max_steps, round_cfg, round,
                       validation = any(!vapply(val, is.null, logical(1))))
     } else {
       round_cfg <- rust_config(config, rule, epochs, fold_cfg)
@@ -65,7 +65,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
                  val_loss = field("val_loss"), val_metric = field("val_metric"), weight = NA_real_,
                  epochs = as.double(epochs), steps = field("steps"))
     # Each client's own half of the round: what it sends.
-    sent <- encode_updates(lapply(res, `[[`, "delta"), fold_cfg, ids, round, private$.threads)
+    sent <- encode_updates(lapply(res, `[[`, "delta"), fold_cfg, ids, round, private$.threads, streams = idx)
     deltas <- sent$updates
     residuals <- sent$residuals
     a <- if (alg$kind == "fednova") fednova_a(info$steps, config$optimizer$momentum)
@@ -203,11 +203,11 @@ server_half <- function(fold_cfg) fold_cfg[setdiff(names(fold_cfg), client_half_
 
 # The clients' half for updates computed outside the Rust round (custom
 # models, FedBuff's arrivals): update k through client k's encoding, drawing
-# from its stream `streams[k]` (its position in the round; FedBuff: its
-# dispatch).
+# from its stream `streams[k]`, the stream of its training (its node's
+# number; FedBuff: its dispatch).
 # Returns the updates as sent and the new residuals (NULL without error
 # feedback).
-encode_updates <- function(deltas, fold_cfg, ids, round, threads, streams = seq_along(deltas) - 1) {
+encode_updates <- function(deltas, fold_cfg, ids, round, threads, streams) {
   client <- fold_cfg[intersect(names(fold_cfg), client_half_fields)]
   if (!length(deltas) || is.null(client$local_dp) && is.null(client$attacks) && is.null(client$compression)) {
     return(list(updates = deltas, residuals = NULL))

@@ -56,7 +56,7 @@ test_that("a round through FitIns/FitRes messages equals the simulated round, le
 test_that("messages are checked: a wrong kind, a tampered frame, another node's answer", {
   srv <- make_grid_server("fedavg")
   priv <- srv$.__enclos_env__$private
-  ins <- fedagg:::fit_instructions(priv, c("client1", "client2"), c(0, 1), c(0, 1), c(1, 1), NULL,
+  ins <- fedagg:::fit_instructions(priv, c("client1", "client2"), c(0, 1), c(1, 1), NULL,
                                    fedagg:::rust_config(priv$.local, "collect", 1), 1L, FALSE)
   expect_identical(fedagg:::rs_message_kind(ins[[1]]), "FitIns")
   asked <- fedagg:::rs_fit_ins_read(ins[[1]])
@@ -92,7 +92,7 @@ test_that("a node keeps the state of a round only once the server committed it",
   cfg$algorithm <- "scaffold"
   ask <- function(round, committed) {
     priv$.state$round <- committed
-    fedagg:::fit_instructions(priv, "client1", 0, 0, 1, NULL, cfg, round, FALSE)[[1]]
+    fedagg:::fit_instructions(priv, "client1", 0, 1, NULL, cfg, round, FALSE)[[1]]
   }
   first <- fedagg:::rs_fit_res_read(rt$fit(ask(1L, 0L)))
   expect_length(rt$state(), 0L)                       # round 1 not committed yet
@@ -148,4 +148,29 @@ test_that("each node's half in its own R process, with its data and state only t
       }
     }
   }
+})
+
+test_that("a client draws from one stream of its own, whoever else is in the round", {
+  # Its Gaussian attack, its local DP noise and its random-k draws are the
+  # same whether it is the first or the third client of a round.
+  data <- grid_data()
+  sent_norm <- function(schedule, ...) {
+    nodes <- fed_nodes(data)
+    set_attack(nodes, "client3", attack_gaussian(1))
+    srv <- fed_server(model_softmax(60, 10), nodes, schedule = list(schedule), lr = 0.05, seed = 1, ...)
+    srv$round()
+    log <- srv$client_log
+    log$update_norm[log$client == "client3"]
+  }
+  expect_identical(sent_norm(c("client3", "client4")), sent_norm(c("client1", "client2", "client3")))
+  expect_identical(sent_norm(c("client3", "client4"), compress = compress_random_k(0.2)),
+                   sent_norm(c("client1", "client2", "client3"), compress = compress_random_k(0.2)))
+  local_norm <- function(schedule) {
+    srv <- fed_server(model_softmax(60, 10), fed_nodes(data), schedule = list(schedule), lr = 0.05, seed = 1,
+                      privacy = dp_local(1, clip = 0.5))
+    srv$round()
+    log <- srv$client_log
+    log$update_norm[log$client == "client3"]
+  }
+  expect_identical(local_norm(c("client3", "client4")), local_norm(c("client1", "client2", "client3")))
 })

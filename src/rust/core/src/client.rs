@@ -251,7 +251,8 @@ pub fn encoding_of<'a>(ins: &crate::protocol::FitIns, residual: Option<&'a [f64]
         attack_seed: e.attack_seed,
         compression,
         residual,
-        stream: ins.position,
+        stream: ins.stream,
+        client: 0,
     };
     encoding.check(ins.params.len())?;
     Ok(encoding)
@@ -288,8 +289,7 @@ pub fn fit_message(
         max_steps: ins.max_steps,
     };
     let encoding = encoding_of(ins, residual)?;
-    let k = ins.position as usize;
-    let fit = fit(&net, &ins.params, &job, &cfg, &encoding, k)?;
+    let fit = fit(&net, &ins.params, &job, &cfg, &encoding, 0)?;
     let report = fit.report;
     Ok(crate::protocol::FitRes {
         round: ins.round,

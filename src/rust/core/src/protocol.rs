@@ -139,10 +139,10 @@ pub struct FitIns {
     /// round only once a later instruction says that round was committed.
     pub committed_round: u32,
     pub node: String,
-    /// The node's training stream of the round's seed.
+    /// The node's random stream of the round's seeds, for its training and
+    /// its encoding alike (its number among the server's nodes; FedBuff:
+    /// its dispatch).
     pub stream: u64,
-    /// The node's stream for its encoding (its position in the round).
-    pub position: u64,
     pub epochs: usize,
     /// A deadline cut the work to this many local steps.
     pub max_steps: Option<usize>,
@@ -448,7 +448,6 @@ mod tests {
             committed_round: 2,
             node: "site-a".into(),
             stream: 7,
-            position: 1,
             epochs: 2,
             max_steps: None,
             validation: false,

@@ -198,7 +198,8 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
     // updates are collected for a fold elsewhere.
     let transforms = (!collect && !cfg.transforms.is_none()).then_some(cfg.transforms);
     let one_client = |k: usize| -> CoreResult<ClientResult> {
-        let fit = client::fit(net, global, &jobs[k], &cfg.fit_config(), &cfg.transforms.client(k), k)?;
+        // One stream per client for its training and its encoding.
+        let fit = client::fit(net, global, &jobs[k], &cfg.fit_config(), &cfg.transforms.client_on(k, jobs[k].stream), k)?;
         let vector = fit.update;
         let sent = match transforms {
             Some(t) => Sent::Prepared(t.guard(k, d, Cow::Owned(vector), cfg.diagnostics)?),
@@ -798,7 +799,7 @@ mod tests {
             let collected = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, ..round }, 2).unwrap();
             let plain = run_round(&net, &global, &jobs, &RoundConfig { rule: WeightRule::Collect, transforms: &NO_TRANSFORMS, ..round }, 2).unwrap();
             let encoded: Vec<Vec<f64>> =
-                plain.collected.iter().enumerate().map(|(k, u)| t.client(k).encode(Cow::Borrowed(u)).unwrap().0.into_owned()).collect();
+                plain.collected.iter().enumerate().map(|(k, u)| t.client_on(k, jobs[k].stream).encode(Cow::Borrowed(u)).unwrap().0.into_owned()).collect();
             assert_eq!(collected.collected, encoded);
             assert_ne!(collected.collected, plain.collected);
             // The server's half, folding them later, is the simulated round.
@@ -875,7 +876,6 @@ mod tests {
                 committed_round: 3,
                 node: format!("node{k}"),
                 stream: jobs[k].stream,
-                position: k as u64,
                 epochs: 2,
                 max_steps: None,
                 validation: true,

@@ -81,8 +81,8 @@ fn compression_spec(c: &fedagg_core::strategy::Compression) -> CompressionSpec {
 /// One `FitIns` per selected client of a round: the global parameters, the
 /// round config (local settings, server control, the clients' encodings),
 /// and per client its node id, training stream, epochs and step limit (NA:
-/// none), and the stream it encodes with (`positions`: its position in a
-/// synchronous round, its dispatch in FedBuff).
+/// none). Each client's training and encoding draw from its stream (its
+/// node's number; FedBuff: its dispatch).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -94,7 +94,6 @@ fn rs_fit_instructions(
     config: List,
     nodes: Strings,
     streams: Robj,
-    positions: Robj,
     epochs: Robj,
     max_steps: Robj,
     validation: bool,
@@ -107,12 +106,11 @@ fn rs_fit_instructions(
         return Err(input_err(format!("`params` has {} values, the model has {}", global.len(), net.n_params())));
     }
     let streams = numbers(&streams, "streams")?;
-    let positions = numbers(&positions, "positions")?;
     let epochs = numbers(&epochs, "epochs")?;
     let max_steps = numbers(&max_steps, "max_steps")?;
     let k = nodes.len();
-    if streams.len() != k || positions.len() != k || epochs.len() != k || max_steps.len() != k {
-        return Err(input_err("nodes, streams, positions, epochs and max_steps differ in length"));
+    if streams.len() != k || epochs.len() != k || max_steps.len() != k {
+        return Err(input_err("nodes, streams, epochs and max_steps differ in length"));
     }
     let local = local_spec(&config)?;
     let transforms = round_transforms(&config)?;
@@ -125,13 +123,12 @@ fn rs_fit_instructions(
         if !(epochs[i].is_finite() && epochs[i] >= 1.0) {
             return Err(input_err(format!("`epochs` has {}, not a count >= 1", epochs[i])));
         }
-        let client = transforms.client_on(i, positions[i] as u64);
+        let client = transforms.client_on(i, streams[i] as u64);
         let ins = FitIns {
             round: round as u32,
             committed_round: committed_round as u32,
             node: (*nodes.elt(i)).to_owned(),
             stream: streams[i] as u64,
-            position: positions[i] as u64,
             epochs: epochs[i] as usize,
             max_steps: (!max_steps[i].is_nan()).then_some(max_steps[i] as usize),
             validation,
@@ -218,7 +215,6 @@ fn rs_fit_ins_read(ins: Robj) -> Result<List> {
         committed_round = ins.committed_round as f64,
         node = ins.node.as_str(),
         stream = ins.stream as f64,
-        position = ins.position as f64,
         epochs = ins.epochs as f64,
         max_steps = ins.max_steps.map_or(f64::NAN, |m| m as f64),
         validation = ins.validation,

@@ -87,14 +87,15 @@ const COMPRESS_STREAM_TAG: u64 = 0xC0B3_5500_0000_0000;
 
 impl Compression {
     /// Client `k`'s random numbers (`compress_update()` in R is client 0).
-    pub fn rng(&self, k: usize) -> Rng {
-        Rng::new(self.seed, COMPRESS_STREAM_TAG ^ k as u64)
+    pub fn rng(&self, stream: u64) -> Rng {
+        Rng::new(self.seed, COMPRESS_STREAM_TAG ^ stream)
     }
 }
 
 /// One client's encoding of its update: the settings of its round and its
-/// own residual. `stream` numbers its random streams (today its position in
-/// the round) and names it in errors.
+/// own residual. `stream` numbers its random streams: the same stream as its
+/// training (its node's number; FedBuff: its dispatch), so a node in another
+/// process draws the same numbers. `client` names it in errors.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ClientEncoding<'a> {
     pub local_noise: Option<LocalNoise>,
@@ -104,6 +105,7 @@ pub struct ClientEncoding<'a> {
     /// Error feedback: the residual the client kept from its last round.
     pub residual: Option<&'a [f64]>,
     pub stream: u64,
+    pub client: usize,
 }
 
 impl ClientEncoding<'_> {
@@ -114,7 +116,7 @@ impl ClientEncoding<'_> {
 
     /// Checks the settings for updates of `d` values.
     pub fn check(&self, d: usize) -> CoreResult<()> {
-        let k = self.stream as usize;
+        let k = self.client;
         if let Some(a) = &self.attack {
             a.check(k)?;
         }
@@ -139,17 +141,17 @@ impl ClientEncoding<'_> {
     /// attack and compression (decoded, as the server will read it), and its
     /// new error-feedback residual.
     pub fn encode<'u>(&self, update: Cow<'u, [f64]>) -> CoreResult<(Cow<'u, [f64]>, Option<Vec<f64>>)> {
-        let k = self.stream as usize;
+        let (k, stream) = (self.client, self.stream);
         let mut update = update;
         if let Some(local) = &self.local_noise {
-            local_dp_update(&mut update, local, k).map_err(|e| in_client(k, e))?;
+            local_dp_update(&mut update, local, stream).map_err(|e| in_client(k, e))?;
         }
         if let Some(attack) = &self.attack {
-            attack_update(&mut update, attack, self.attack_seed, k)?;
+            attack_update(&mut update, attack, self.attack_seed, stream, k)?;
         }
         let mut residual = None;
         if let Some(c) = &self.compression {
-            let sent = c.compressor.compress(&update, self.residual, &mut c.rng(k)).map_err(|e| in_client(k, e))?;
+            let sent = c.compressor.compress(&update, self.residual, &mut c.rng(stream)).map_err(|e| in_client(k, e))?;
             update = Cow::Owned(sent.decoded);
             residual = sent.residual;
         }
@@ -164,12 +166,12 @@ fn owned<'u>(update: &'u mut Cow<'_, [f64]>, what: &str) -> CoreResult<&'u mut V
 
 /// What client `k` sends under local DP: its update clipped to `local.clip`
 /// (overflow-safe norm), plus N(0, sd^2) noise per coordinate.
-fn local_dp_update(update: &mut Cow<'_, [f64]>, local: &LocalNoise, k: usize) -> CoreResult<()> {
+fn local_dp_update(update: &mut Cow<'_, [f64]>, local: &LocalNoise, stream: u64) -> CoreResult<()> {
     let factor = clip_factor(l2_norm(update), local.clip);
     let values = owned(update, "a locally private client update")?;
     let mut noise = try_zeroed(values.len(), "local DP noise")?;
     noise.par_chunks_mut(ATTACK_BLOCK).enumerate().for_each(|(b, block)| {
-        let mut rng = Rng::new(local.seed, LOCAL_DP_STREAM_TAG ^ ((k as u64) << 24) ^ b as u64);
+        let mut rng = Rng::new(local.seed, LOCAL_DP_STREAM_TAG ^ (stream << 24) ^ b as u64);
         for v in block.iter_mut() {
             *v = local.sd * rng.normal();
         }
@@ -181,7 +183,7 @@ fn local_dp_update(update: &mut Cow<'_, [f64]>, local: &LocalNoise, k: usize) ->
 }
 
 /// Client `k`'s update after `attack`.
-fn attack_update(update: &mut Cow<'_, [f64]>, attack: &Attack, seed: u64, k: usize) -> CoreResult<()> {
+fn attack_update(update: &mut Cow<'_, [f64]>, attack: &Attack, seed: u64, stream: u64, k: usize) -> CoreResult<()> {
     let d = update.len();
     let what = "an attacked client update";
     match *attack {
@@ -190,7 +192,7 @@ fn attack_update(update: &mut Cow<'_, [f64]>, attack: &Attack, seed: u64, k: usi
         Attack::SameValue { value } => *update = Cow::Owned(try_filled(d, value, what)?),
         Attack::Gaussian { sd } => {
             let mut noise = try_zeroed(d, what)?;
-            gaussian_fill(&mut noise, sd, seed, k as u64);
+            gaussian_fill(&mut noise, sd, seed, stream);
             *update = Cow::Owned(noise);
         }
     }

@@ -355,14 +355,14 @@ impl RoundTransforms {
         self.filter.is_some() || self.aggregator.is_robust()
     }
 
-    /// Client `k`'s half: how it encodes its update before sending it,
-    /// drawing from its stream `k` (its position in the round).
+    /// Client `k`'s half (the `k`-th of the round): how it encodes its
+    /// update before sending it, drawing from its stream `k`.
     pub fn client(&self, k: usize) -> ClientEncoding<'_> {
         self.client_on(k, k as u64)
     }
 
-    /// Client `k`'s half drawing from its stream `stream` (FedBuff numbers
-    /// its clients by dispatch).
+    /// Client `k`'s half drawing from its own stream `stream`: the stream
+    /// of its training (its node's number; FedBuff: its dispatch).
     pub fn client_on(&self, k: usize, stream: u64) -> ClientEncoding<'_> {
         ClientEncoding {
             local_noise: self.local_noise,
@@ -371,6 +371,7 @@ impl RoundTransforms {
             compression: self.compression,
             residual: self.residuals.get(k).and_then(|r| r.as_deref()),
             stream,
+            client: k,
         }
     }
 
