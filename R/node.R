@@ -282,6 +282,7 @@ Node <- R6::R6Class("Node",
       private$.attack <- value
       # Training labels may change with the attack: code them again.
       private$.coded <- list()
+      note_node_change()
     },
     #' @field state What the node keeps between rounds for the server that
     #'   trained it last (read-only): a list with SCAFFOLD's `control`

@@ -60,14 +60,21 @@ lever_registry <- local({
   )
 })
 
-# The registry's row of a part; an unknown kind is an error, never a
-# default.
+# The registry's rows as lists keyed "type/kind": a lookup in a round costs
+# a hash, not a data frame subset.
+lever_index <- local({
+  rows <- lapply(seq_len(nrow(lever_registry)), function(i) as.list(lever_registry[i, ]))
+  stats::setNames(rows, paste(lever_registry$type, lever_registry$kind, sep = "/"))
+})
+
+# The registry's row of a part (a list); an unknown kind is an error, never
+# a default.
 lever_part <- function(type, kind, call = rlang::caller_env()) {
-  hit <- lever_registry$type == type & lever_registry$kind == kind
-  if (!any(hit)) {
+  row <- lever_index[[paste(type, kind, sep = "/")]]
+  if (is.null(row)) {
     fedagg_abort("The {type} {.val {kind}} is not in fedagg's registry of parts.", class = "input", call = call)
   }
-  lever_registry[which(hit)[1], ]
+  row
 }
 
 # The parts a server is made of, as (type, kind, label) rows.

@@ -48,12 +48,42 @@ node_roster <- function(private) {
     # Device profiles, as one column per setting (NA without a profile).
     systems <- lapply(nodes, function(n) n$system)
     roster$has_system <- !vapply(systems, is.null, logical(1), USE.NAMES = FALSE)
+    roster$attack <- lapply(unname(nodes), function(n) n$attack)
     for (name in system_settings) {
       roster[[name]] <- vapply(systems, function(s) s[[name]] %||% NA_real_, numeric(1), USE.NAMES = FALSE)
     }
     private$.roster <- roster
   }
   roster
+}
+
+# What a round reads from its selected nodes (`idx`): their training data
+# (and validation data) for `model` (NULL: none wanted), and their attacks.
+# The data handles (a node's matrix and coded labels, never copies) are
+# asked of a node once and kept while a fit() or round() call runs
+# (`private$.views`, cleared when it ends): kept longer, saveRDS() would
+# write every node's data twice, since R shares no vectors between the
+# copies it writes. Unnamed: dropping the names of a list that holds the
+# nodes' matrices would copy every one of them.
+roster_views <- function(private, idx, model, validation = FALSE) {
+  roster <- node_roster(private)
+  out <- list(attack = roster$attack[idx], train = vector("list", length(idx)), validation = vector("list", length(idx)))
+  if (is.null(model)) return(out)
+  views <- private$.views
+  if (is.null(views) || !identical(views$key, roster$key)) {
+    n <- length(private$.nodes)
+    views <- list(key = roster$key, train = vector("list", n), validation = vector("list", n))
+  }
+  changed <- FALSE
+  for (split in c("train", if (validation) "validation")) {
+    wanted <- if (split == "train") idx else idx[roster$has_validation[idx]]
+    missing <- wanted[vapply(views[[split]][wanted], is.null, logical(1))]
+    for (i in missing) views[[split]][[i]] <- private$.nodes[[i]]$data_for(model, split)
+    changed <- changed || length(missing) > 0L
+    out[[split]] <- views[[split]][idx]
+  }
+  if (changed) private$.views <- views
+  out
 }
 
 # A data frame from equal-length columns, without data.frame()'s checks (a

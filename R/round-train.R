@@ -11,15 +11,14 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   keep_updates <- "last_update" %in% private$.selection$needs
   rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
   builtin <- is_builtin(model) && alg$kind != "custom"
-  # One call per selected node for everything the round reads from it.
-  # Unnamed before the data are gathered: dropping the names of a list that
-  # holds the nodes' matrices would copy every one of them.
-  views <- lapply(unname(nodes), function(n) {
-    n$round_view(if (builtin) model, validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"),
-                 key = private$.key)
-  })
-  states <- lapply(views, `[[`, "state")
-  attacks <- lapply(views, `[[`, "attack")
+  # The nodes' data handles and attacks come from the roster (asked of each
+  # node once, until a node changes); their state only when the round's
+  # parts keep one.
+  views <- roster_views(private, idx, if (builtin) model,
+                        validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"))
+  needs_state <- alg$kind %in% c("scaffold", "custom") || keep_updates || isTRUE(private$.compress$error_feedback)
+  states <- if (needs_state) lapply(unname(nodes), function(n) n$state_for(private$.key)) else rep(list(list()), length(idx))
+  attacks <- views$attack
   fold_cfg <- c(list(algorithm = rust_config(config, rule)$algorithm,
                      server = rust_server_config(private$.server_opt, private$.state$server_state),
                      diagnostics = private$.diagnostics, control = private$.state$control,
@@ -27,8 +26,8 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
                 trust_config(private, attacks, round),
                 compression_config(private, states, round))
   if (builtin) {
-    train <- lapply(views, `[[`, "train")
-    val <- lapply(views, `[[`, "validation")
+    train <- views$train
+    val <- views$validation
     if (!is.null(private$.grid)) {
       # The message path: every client's half from its FitIns, wherever the
       # grid runs it; the server folds what comes back.

@@ -118,6 +118,9 @@ round_body <- function(self, private, r, last_round) {
   private$.seconds[r] <- proc.time()[["elapsed"]] - started
   private$.core_seconds[r] <- core_clock$seconds - core_started
   if (!is.null(private$.hooks$round_end)) {
+    # A hook may save the server (a checkpoint): without the data handles,
+    # whose copies saveRDS() would write beside the nodes' own.
+    private$.views <- NULL
     call_user(private$.hooks$round_end, list(server = self, round = r, record = record),
               sprintf("The `round_end` hook (round %d is kept)", r), round = r)
   }

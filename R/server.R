@@ -203,6 +203,7 @@ Server <- R6::R6Class("Server",
     #' @return The round's history row, invisibly.
     round = function() {
       r <- private$.state$round + 1L
+      on.exit(private$.views <- NULL, add = TRUE)
       private$.run_round(r, last_round = r)
       invisible(utils::tail(self$history, 1L))
     },
@@ -220,6 +221,8 @@ Server <- R6::R6Class("Server",
       verbose <- assert_flag(verbose)
       stop_when <- assert_stop_rule(stop_when)
       if (private$.busy) abort_reentrant()
+      # The nodes' data handles are kept while this call runs, not after.
+      on.exit(private$.views <- NULL, add = TRUE)
       first <- private$.state$round + 1L
       last <- private$.state$round + rounds
       private$.stopped <- NULL
@@ -511,7 +514,7 @@ Server <- R6::R6Class("Server",
     .epochs = NULL, .server_opt = NULL, .aggregator = NULL,
     .stragglers = 0, .drop_stragglers = FALSE, .diagnostics = TRUE,
     .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L,
-    .monitor = NULL, .roster = NULL,
+    .monitor = NULL, .roster = NULL, .views = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
     .async = NULL, .topology = NULL, .key = NULL, .home = NULL, .grid = NULL,
 
