@@ -74,7 +74,7 @@ rs_rdp_default_orders <- function() .Call(wrap__rs_rdp_default_orders)
 #' none). Each client's training and encoding draw from its stream (its
 #' node's number; FedBuff: its dispatch).
 #' @noRd
-rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, epochs, max_steps, validation, round, committed_round) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, epochs, max_steps, validation, round, committed_round)
+rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round)
 
 #' A node's half of a round: a `FitIns` (raw), the node's data
 #' (`list(x, y)`), its validation data (or NULL), its SCAFFOLD control and

@@ -17,24 +17,25 @@
 # One FitIns per client of a round, named by node id. `streams`: each
 # client's random stream, for its training and its encoding (its node's
 # number; FedBuff: its dispatch).
+# Each carries the round whose state of its node the server committed last,
+# so a node keeps a pending state only if it was committed.
 fit_instructions <- function(private, ids, streams, epochs, max_steps, round_cfg, round, validation) {
   model <- private$.model
   max_steps <- if (is.null(max_steps)) rep(NA_real_, length(ids)) else as.double(max_steps)
+  node_rounds <- private$.state$node_rounds[ids] %||% rep(0, length(ids))
+  node_rounds[is.na(node_rounds)] <- 0
   out <- core_call(rs_fit_instructions(model$sizes, model$head, model_bits(model), private$.state$flat, round_cfg,
                                        as.character(ids), as.double(streams),
-                                       rep_len(as.double(epochs), length(ids)), max_steps, isTRUE(validation),
-                                       as.double(round), as.double(private$.state$round)))
+                                       rep_len(as.double(epochs), length(ids)), max_steps, as.double(node_rounds),
+                                       isTRUE(validation), as.double(round), as.double(private$.state$round)))
   stats::setNames(out, ids)
 }
 
 # A node's half of a round, from a FitIns message: its own data and its own
 # state (list(control =, residual =)). Returns the FitRes message.
-client_fit <- function(ins, train, validation = NULL, state = list(), client = NULL) {
+client_fit <- function(ins, train, validation = NULL, state = list(), client = NULL, round = NULL) {
   out <- call_rust(rs_client_fit(ins, list(train), list(validation), state$control, state$residual))
-  if (!isTRUE(out$ok)) {
-    fedagg_abort("Client {.val {client %||% '?'}} failed.", class = out$kind, client = client,
-                 foreign = c(x = out$message))
-  }
+  if (!isTRUE(out$ok)) abort_client_failure(client %||% "?", out$message, round, kind = out$kind)
   out$res
 }
 
@@ -55,10 +56,10 @@ read_fit_result <- function(res, node, round) {
   out
 }
 
-# The FitRes messages of a round, in the shape of the Rust round's
-# collected output (what train_selected() folds).
+# The FitRes messages of a round (in the order of the FitIns), in the shape
+# of the Rust round's collected output (what train_selected() folds).
 collect_fit_results <- function(results, ids, round) {
-  res <- Map(read_fit_result, results[ids], ids, MoreArgs = list(round = round))
+  res <- Map(read_fit_result, results, ids, MoreArgs = list(round = round))
   field <- function(name) vapply(res, function(r) as.double(r[[name]]), numeric(1), USE.NAMES = FALSE)
   controls <- lapply(res, `[[`, "control")
   residuals <- lapply(res, `[[`, "residual")
@@ -71,21 +72,22 @@ collect_fit_results <- function(results, ids, round) {
 
 # The work of a round's clients through a grid: FitIns out, FitRes back.
 # A grid is function(messages, nodes, model, states, round) returning the
-# FitRes messages named by node id: `messages` the FitIns by node id,
-# `nodes` the Node objects, `states` what the server knows of their state
-# (list(control, residual) by node id; a grid whose nodes keep their own
-# ignores it).
+# FitRes messages in the order of `messages` (a list of FitIns named by node
+# id: a node may appear twice, as in FedBuff); `nodes` the Node objects in
+# the same order, `states` what the server knows of their state
+# (list(control, residual) each; a grid whose nodes keep their own ignores
+# it).
 grid_fit <- function(private, nodes, states, streams, epochs, max_steps, round_cfg, round, validation) {
   ids <- names(nodes)
   messages <- fit_instructions(private, ids, streams, epochs, max_steps, round_cfg, round, validation)
-  results <- call_user(private$.grid, list(messages = messages, nodes = nodes, model = private$.model,
-                                           states = stats::setNames(states, ids), round = round),
+  results <- call_user(private$.grid, list(messages = messages, nodes = unname(nodes), model = private$.model,
+                                           states = unname(states), round = round),
                        "The round's grid", round = round)
-  if (!is.list(results) || !all(ids %in% names(results))) {
-    fedagg_abort("The round's grid must return a list of FitRes messages named by node id.", class = "user_code",
-                 round = round)
+  if (!is.list(results) || length(results) != length(ids)) {
+    fedagg_abort("The round's grid must return a list of {length(ids)} FitRes message{?s}, one per FitIns in order, not {obj_desc(results)}.",
+                 class = "user_code", round = round)
   }
-  collect_fit_results(results, ids, round)
+  collect_fit_results(unname(results), ids, round)
 }
 
 # The grid that runs every node's half in this process, from the messages,
@@ -93,29 +95,39 @@ grid_fit <- function(private, nodes, states, streams, epochs, max_steps, round_c
 # a round without leaving R, which must equal the simulated round.
 grid_in_process <- function() {
   function(messages, nodes, model, states, round) {
-    lapply(stats::setNames(names(messages), names(messages)), function(id) {
-      node <- nodes[[id]]
-      client_fit(messages[[id]], node$data_for(model), node$data_for(model, "validation"),
-                 states[[id]][c("control", "residual")], client = id)
+    lapply(seq_along(messages), function(i) {
+      node <- nodes[[i]]
+      client_fit(messages[[i]], node$data_for(model), node$data_for(model, "validation"),
+                 states[[i]][c("control", "residual")], client = node$id, round = round)
     })
   }
 }
 
 # Internal until the networked federation gives it a public form: a server
 # whose clients' work goes through `grid` (NULL: the simulated round).
+# Refused, not ignored: what the message path does not carry yet (custom
+# models and algorithms train in R, a hierarchy's edges, and selection rules
+# that read the nodes' losses or last updates).
 set_grid <- function(server, grid) {
   if (!inherits(server, "Server")) fedagg_abort("{.arg server} must be a {.cls Server}, not {obj_desc(server)}.")
   if (!is.null(grid) && !is.function(grid)) fedagg_abort("{.arg grid} must be a function or NULL, not {obj_desc(grid)}.")
-  server$.__enclos_env__$private$.grid <- grid
+  private <- server$.__enclos_env__$private
+  if (!is.null(grid)) {
+    refuse <- function(what) fedagg_abort("Rounds through messages do not carry {what} yet.")
+    if (!is_builtin(private$.model) || private$.algorithm$kind == "custom") refuse("custom models or client algorithms")
+    if (identical(private$.topology$kind, "hierarchical")) refuse("hierarchical topologies")
+    if (length(private$.selection$needs)) refuse(private$.selection$label)
+  }
+  private$.grid <- grid
   invisible(server)
 }
 
 # A node's side of the protocol, for a node that keeps its own data and
 # state (in another process, or later on another machine): it answers each
 # FitIns from its data and its committed state. The state a round produces
-# stays pending until a later FitIns says that round was committed; a round
-# that failed on the server (a FitIns for the same or an earlier round
-# comes again) leaves the node as it was.
+# stays pending until a later FitIns says the server committed this node's
+# state of that round; an attempt the server threw away (a failed round,
+# or a retried one without this node) leaves the node as it was.
 node_runtime <- function(id, train, validation = NULL) {
   state <- list()
   pending <- NULL
@@ -124,7 +136,9 @@ node_runtime <- function(id, train, validation = NULL) {
     if (!identical(asked$node, id)) {
       fedagg_abort("Node {.val {id}} was sent the instructions of node {.val {asked$node}}.", class = "client", client = id)
     }
-    if (!is.null(pending) && pending$round <= asked$committed_round) state <<- pending$state
+    # Kept only if the server committed this node's state of that very
+    # round; an attempt the server threw away is dropped.
+    if (!is.null(pending) && pending$round == asked$node_round) state <<- pending$state
     pending <<- NULL
     res <- client_fit(ins, train, validation, state, client = id)
     out <- call_rust(rs_fit_res_read(res))

@@ -68,7 +68,7 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
     for (k in seq_along(node)) {
       state$deltas[[as.character(seq[k])]] <-
         list(delta = out$collected[[k]], n_samples = out$n_samples[k], train_loss = out$train_loss[k],
-             steps = out$steps[k], encoded = isTRUE(out$encoded))
+             steps = out$steps[k], encoded = isTRUE(out$encoded), attack = nodes[[k]]$attack)
     }
     state
   }
@@ -122,7 +122,8 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
   # sum_i s_i Delta_i / K, each Delta_i as its client sent it (a simulated
   # attacker's update is what the server scales).
   arrived_nodes <- vapply(arrivals, `[[`, numeric(1), "node")
-  attacks <- lapply(private$.nodes[arrived_nodes], function(n) n$attack)
+  # A client's attack is the one it had when it trained.
+  attacks <- lapply(arrivals, `[[`, "attack")
   fold_cfg <- list(algorithm = "fedavg", server = rust_server_config(private$.server_opt, private$.state$server_state),
                    diagnostics = private$.diagnostics, control = NULL, n_nodes = length(private$.nodes),
                    denominator = as.double(length(arrivals)))

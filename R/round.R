@@ -107,6 +107,7 @@ round_body <- function(self, private, r, last_round) {
   state$seen_versions <- drift$seen
   state$control <- result$control
   if (!is.null(result$aggregate)) state$last_delta <- result$aggregate
+  if (length(result$node_states)) state$node_rounds[names(result$node_states)] <- r
   private$.state <- state
   for (k in seq_along(result$node_states)) {
     # The round is kept with the state, so a clone of this server can tell

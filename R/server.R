@@ -635,10 +635,12 @@ Server <- R6::R6Class("Server",
 #                  monitor has seen
 #   sim_time, async_state
 #                  the simulated clock and FedBuff's clients in flight
+#   node_rounds    per node, the last round whose state of it was committed
 new_server_state <- function() {
   list(flat = NULL, round = 0L, records = list(), client_log = list(), selection_log = list(), system_log = list(),
        drift_log = list(), server_state = list(), control = NULL, last_delta = NULL, dp_clip = NULL,
-       q_log = numeric(), reach = NULL, chains = NULL, seen_versions = list(), sim_time = 0, async_state = NULL)
+       q_log = numeric(), reach = NULL, chains = NULL, seen_versions = list(), sim_time = 0, async_state = NULL,
+       node_rounds = NULL)
 }
 
 abort_reentrant <- function(call = rlang::caller_env()) {

@@ -90,18 +90,82 @@ test_that("a node keeps the state of a round only once the server committed it",
   priv <- srv$.__enclos_env__$private
   cfg <- fedagg:::rust_config(c(priv$.local, list(algorithm = scaffold())), "collect", 1)
   cfg$algorithm <- "scaffold"
-  ask <- function(round, committed) {
+  saved <- priv$.state
+  withr::defer(priv$.state <- saved)
+  # `node_round`: the round whose state of this node the server committed.
+  ask <- function(round, committed, node_round) {
     priv$.state$round <- committed
+    priv$.state$node_rounds <- c(client1 = node_round)
     fedagg:::fit_instructions(priv, "client1", 0, 1, NULL, cfg, round, FALSE)[[1]]
   }
-  first <- fedagg:::rs_fit_res_read(rt$fit(ask(1L, 0L)))
+  first <- fedagg:::rs_fit_res_read(rt$fit(ask(1L, 0L, 0L)))
   expect_length(rt$state(), 0L)                       # round 1 not committed yet
   expect_identical(rt$pending()$state$control, first$control)
-  rt$fit(ask(1L, 0L))                                 # round 1 failed and runs again
+  again <- fedagg:::rs_fit_res_read(rt$fit(ask(1L, 0L, 0L)))  # round 1 failed and runs again
   expect_length(rt$state(), 0L)
-  rt$fit(ask(2L, 1L))                                 # round 1 committed
-  expect_identical(rt$state()$control, first$control)
-  priv$.state$round <- 0L
+  rt$fit(ask(2L, 1L, 1L))                             # round 1 committed with this node
+  expect_identical(rt$state()$control, again$control)
+  # A round the node answered but the server threw away (round 3 failed;
+  # its retry ran without this node): its state is never kept.
+  rt2 <- fedagg:::node_runtime("client1", data)
+  thrown <- fedagg:::rs_fit_res_read(rt2$fit(ask(3L, 2L, 0L)))
+  rt2$fit(ask(5L, 4L, 0L))
+  expect_length(rt2$state(), 0L)
+})
+
+test_that("FedBuff through messages stays exact when a node trains twice in one batch", {
+  # 6 nodes, 3 training at a time, 3 updates per step: a node that arrives
+  # is free again and can be dispatched before the batch trains.
+  for (seed in 1:4) {
+    d <- grid_data()
+    make <- function() {
+      nodes <- fed_nodes(d)
+      set_system(nodes, system_profile(speed = lognormal(400, 20), download = lognormal(1e5, 5), seed = 2))
+      fed_server(model_softmax(60, 10), nodes, lr = 0.05, seed = seed, asynchronous = fedbuff(3, 3))
+    }
+    seen <- character()
+    simulated <- make()
+    messages <- make()
+    grid <- fedagg:::grid_in_process()
+    fedagg:::set_grid(messages, function(messages, nodes, model, states, round) {
+      if (anyDuplicated(names(messages))) seen <<- c(seen, "duplicate")
+      grid(messages, nodes, model, states, round)
+    })
+    simulated$fit(4, verbose = FALSE)
+    messages$fit(4, verbose = FALSE)
+    expect_identical(messages$params, simulated$params, info = seed)
+  }
+  expect_true("duplicate" %in% seen)
+})
+
+test_that("what the message path cannot carry yet is refused, not ignored", {
+  data <- grid_data()
+  custom <- fed_server(model_softmax(60, 10), fed_nodes(data), seed = 1,
+                       algorithm = fed_algorithm("mine", local = function(node, params, config, state) NULL))
+  expect_error(fedagg:::set_grid(custom, fedagg:::grid_in_process()), class = "fedagg_error_input")
+  poc <- fed_server(model_softmax(60, 10), fed_nodes(data), seed = 1, selection = select_power_of_choice(3))
+  expect_error(fedagg:::set_grid(poc, fedagg:::grid_in_process()), class = "fedagg_error_input")
+  nodes <- fed_nodes(data)
+  hier <- fed_server(model_softmax(60, 10), nodes, fraction = 1, seed = 1,
+                     topology = topology_hierarchical(list(a = names(nodes)[1:3], b = names(nodes)[4:6])))
+  expect_error(fedagg:::set_grid(hier, fedagg:::grid_in_process()), class = "fedagg_error_input")
+})
+
+test_that("a client that fails through messages raises the error it raises in the simulated round", {
+  set.seed(1)
+  x <- matrix(rnorm(200), 100)
+  y <- x[, 1] * 3 + rnorm(100)
+  make <- function() fed_server(model_linear(2), fed_nodes(x, y, partition_iid(100, 2, seed = 1)), fraction = 1,
+                                lr = 1e200, seed = 1)
+  simulated <- make()
+  messages <- make()
+  fedagg:::set_grid(messages, fedagg:::grid_in_process())
+  a <- tryCatch(simulated$round(), error = identity)
+  b <- tryCatch(messages$round(), error = identity)
+  expect_s3_class(a, "fedagg_error_diverged")
+  expect_s3_class(a, "fedagg_error_client")
+  expect_identical(class(b), class(a))
+  expect_identical(b$client, a$client)
 })
 
 test_that("each node's half in its own R process, with its data and state only there, gives the simulated run", {
@@ -122,8 +186,8 @@ test_that("each node's half in its own R process, with its data and state only t
   }
   grid <- function(messages, nodes, model, states, round) {
     # `states` is what the server knows; these nodes keep their own.
-    lapply(stats::setNames(names(messages), names(messages)), function(id) {
-      sessions[[id]]$run(function(ins) get("node", envir = globalenv())$fit(ins), list(messages[[id]]))
+    lapply(seq_along(messages), function(i) {
+      sessions[[names(messages)[i]]]$run(function(ins) get("node", envir = globalenv())$fit(ins), list(messages[[i]]))
     })
   }
   for (case in c("fedavg", "fedprox_adam", "scaffold", "dp_adaptive", "topk_feedback", "fedbuff")) {

@@ -383,6 +383,19 @@ impl Network {
     /// Buffers for runs whose minibatches have at most `max_rows` rows.
     pub fn workspace(&self, max_rows: usize) -> CoreResult<Workspace> {
         let rows = max_rows.clamp(1, BLOCK_ROWS);
+        // Checked once as a whole: each buffer below is allocated on its
+        // own, and many too small to be checked against free memory one by
+        // one can still add up to more than there is (a model described by
+        // a message from elsewhere can be as wide as it likes).
+        let widths = self.layers.iter().try_fold(self.n_inputs(), |acc, l| acc.checked_add(l.outputs));
+        let bytes = widths
+            .and_then(|w| w.checked_add(2 * self.widest))
+            .and_then(|w| w.checked_mul(rows))
+            .and_then(|n| n.checked_mul(std::mem::size_of::<f64>()));
+        let Some(bytes) = bytes else {
+            return Err(CoreError::Memory("the workspace of the model's matrix products exceeds the address space".into()));
+        };
+        crate::alloc::check_bytes(bytes, "the workspace of the model's matrix products")?;
         let buffers = match self.precision {
             Precision::F64 => Buffers::F64(self.block(rows)?),
             Precision::F32 => Buffers::F32 {

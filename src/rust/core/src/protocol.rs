@@ -138,6 +138,10 @@ pub struct FitIns {
     /// The last round the server committed: a node keeps the state of a
     /// round only once a later instruction says that round was committed.
     pub committed_round: u32,
+    /// The round whose state of this node the server committed last (0:
+    /// none): the node keeps a pending state only if it is that round's, so
+    /// the state of an attempt the server threw away is never kept.
+    pub node_round: u32,
     pub node: String,
     /// The node's random stream of the round's seeds, for its training and
     /// its encoding alike (its number among the server's nodes; FedBuff:
@@ -215,6 +219,18 @@ pub struct NodeInfo {
     pub data_version: u64,
 }
 
+/// The most epochs a `FitIns` may ask of a node.
+pub const MAX_EPOCHS: usize = 1_000_000;
+
+/// JSON has no Inf or NaN (serde_json writes them as null, which reads back
+/// as something else or not at all): a header number must be finite.
+fn finite_numbers(what: &str, numbers: &[(&str, f64)]) -> CoreResult<()> {
+    match numbers.iter().find(|(_, x)| !x.is_finite()) {
+        Some((name, x)) => bad(format!("{what}'s {name} = {x} is not finite")),
+        None => Ok(()),
+    }
+}
+
 /// A message of the protocol: its kind, and its vectors by name (the header
 /// carries everything else).
 pub trait Message: Serialize + DeserializeOwned {
@@ -252,10 +268,15 @@ impl Message for FitIns {
         if self.server_control.as_ref().is_some_and(|c| c.len() != d) {
             return bad(format!("FitIns' server control does not have the {d} values of the parameters"));
         }
-        if self.epochs == 0 {
-            return bad("FitIns asks for 0 epochs");
+        if self.epochs == 0 || self.epochs > MAX_EPOCHS {
+            return bad(format!("FitIns asks for {} epochs (1 to {MAX_EPOCHS})", self.epochs));
         }
-        Ok(())
+        if self.max_steps == Some(0) {
+            return bad("FitIns asks for at most 0 steps");
+        }
+        finite_numbers("FitIns", &[("lr", self.local.lr), ("mu", self.local.mu), ("momentum", self.local.momentum),
+                                   ("weight_decay", self.local.weight_decay), ("beta1", self.local.beta1),
+                                   ("beta2", self.local.beta2), ("eps", self.local.eps), ("alpha", self.local.alpha)])
     }
 }
 
@@ -296,7 +317,9 @@ impl Message for FitRes {
         if !(self.n_samples.is_finite() && self.n_samples >= 0.0) {
             return bad(format!("FitRes' n_samples = {} is not a number >= 0", self.n_samples));
         }
-        Ok(())
+        finite_numbers("FitRes", &[("train_loss", self.train_loss), ("steps", self.steps),
+                                   ("effective_steps", self.effective_steps), ("weight", self.weight),
+                                   ("val_loss", self.val_loss.unwrap_or(0.0)), ("val_metric", self.val_metric.unwrap_or(0.0))])
     }
 }
 
@@ -446,6 +469,7 @@ mod tests {
         FitIns {
             round: 3,
             committed_round: 2,
+            node_round: 1,
             node: "site-a".into(),
             stream: 7,
             epochs: 2,
@@ -561,5 +585,19 @@ mod tests {
             residual: None,
         };
         assert!(encode(&res).is_err());
+        // Header numbers must be finite (JSON has no Inf or NaN), epochs bounded.
+        let inf_loss = FitRes { update: vec![0.5], train_loss: f64::INFINITY, ..res.clone() };
+        assert!(matches!(encode(&inf_loss), Err(CoreError::InvalidArgument("message", _))));
+        let inf_val = FitRes { update: vec![0.5], val_loss: Some(f64::INFINITY), ..res };
+        assert!(matches!(encode(&inf_val), Err(CoreError::InvalidArgument("message", _))));
+        let mut nan_lr = fit_ins();
+        nan_lr.local.lr = f64::NAN;
+        assert!(matches!(encode(&nan_lr), Err(CoreError::InvalidArgument("message", _))));
+        let mut many = fit_ins();
+        many.epochs = MAX_EPOCHS + 1;
+        assert!(matches!(encode(&many), Err(CoreError::InvalidArgument("message", _))));
+        many.epochs = 1;
+        many.max_steps = Some(0);
+        assert!(matches!(encode(&many), Err(CoreError::InvalidArgument("message", _))));
     }
 }

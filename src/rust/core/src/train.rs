@@ -874,6 +874,7 @@ mod tests {
             let ins = FitIns {
                 round: 4,
                 committed_round: 3,
+                node_round: 0,
                 node: format!("node{k}"),
                 stream: jobs[k].stream,
                 epochs: 2,

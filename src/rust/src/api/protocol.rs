@@ -96,6 +96,7 @@ fn rs_fit_instructions(
     streams: Robj,
     epochs: Robj,
     max_steps: Robj,
+    node_rounds: Robj,
     validation: bool,
     round: f64,
     committed_round: f64,
@@ -108,9 +109,29 @@ fn rs_fit_instructions(
     let streams = numbers(&streams, "streams")?;
     let epochs = numbers(&epochs, "epochs")?;
     let max_steps = numbers(&max_steps, "max_steps")?;
+    let node_rounds = numbers(&node_rounds, "node_rounds")?;
     let k = nodes.len();
-    if streams.len() != k || epochs.len() != k || max_steps.len() != k {
-        return Err(input_err("nodes, streams, epochs and max_steps differ in length"));
+    if streams.len() != k || epochs.len() != k || max_steps.len() != k || node_rounds.len() != k {
+        return Err(input_err("nodes, streams, epochs, max_steps and node_rounds differ in length"));
+    }
+    let count = |x: f64, max: f64| x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x <= max;
+    let round_max = u32::MAX as f64;
+    if !count(round, round_max) || !count(committed_round, round_max) {
+        return Err(input_err(format!("`round` ({round}) and `committed_round` ({committed_round}) must be whole numbers >= 0")));
+    }
+    for i in 0..k {
+        if !count(streams[i], (1u64 << 53) as f64) {
+            return Err(input_err(format!("`streams` has {}, not a whole number >= 0", streams[i])));
+        }
+        if !(count(epochs[i], protocol::MAX_EPOCHS as f64) && epochs[i] >= 1.0) {
+            return Err(input_err(format!("`epochs` has {}, not a count from 1 to {}", epochs[i], protocol::MAX_EPOCHS)));
+        }
+        if !max_steps[i].is_nan() && !(count(max_steps[i], usize::MAX as f64) && max_steps[i] >= 1.0) {
+            return Err(input_err(format!("`max_steps` has {}, not NA or a count >= 1", max_steps[i])));
+        }
+        if !count(node_rounds[i], round_max) {
+            return Err(input_err(format!("`node_rounds` has {}, not a whole number >= 0", node_rounds[i])));
+        }
     }
     let local = local_spec(&config)?;
     let transforms = round_transforms(&config)?;
@@ -120,13 +141,11 @@ fn rs_fit_instructions(
     let model = ModelSpec { sizes: doubles(&sizes, "sizes")?.iter().map(|&s| s as usize).collect(), head, bits };
     let mut out = Vec::with_capacity(k);
     for i in 0..k {
-        if !(epochs[i].is_finite() && epochs[i] >= 1.0) {
-            return Err(input_err(format!("`epochs` has {}, not a count >= 1", epochs[i])));
-        }
         let client = transforms.client_on(i, streams[i] as u64);
         let ins = FitIns {
             round: round as u32,
             committed_round: committed_round as u32,
+            node_round: node_rounds[i] as u32,
             node: (*nodes.elt(i)).to_owned(),
             stream: streams[i] as u64,
             epochs: epochs[i] as usize,
@@ -213,6 +232,7 @@ fn rs_fit_ins_read(ins: Robj) -> Result<List> {
     Ok(list!(
         round = ins.round as f64,
         committed_round = ins.committed_round as f64,
+        node_round = ins.node_round as f64,
         node = ins.node.as_str(),
         stream = ins.stream as f64,
         epochs = ins.epochs as f64,
