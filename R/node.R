@@ -192,26 +192,7 @@ Node <- R6::R6Class("Node",
     #'   and the labels coded for the model (coded once per model, then kept).
     #' @param model A built-in [model][models].
     #' @param split `"train"` or `"validation"`.
-    data_for = function(model, split = "train") {
-      train <- identical(split, "train")
-      if (!train && !identical(split, "validation")) {
-        fedagg_abort("{.arg split} must be \"train\" or \"validation\", not {obj_desc(split)}.")
-      }
-      if (!train && is.null(private$.x_val)) return(NULL)
-      cached <- private$.coded[[split]]
-      if (is.null(cached) || !identical(cached$task, model$task) || !identical(cached$n_classes, model$n_classes) ||
-          !identical(cached$classes, model$classes) || !identical(cached$bits, model_bits(model))) {
-        x <- if (train) private$.x else private$.x_val
-        if (model_bits(model) == 32L && max(abs(x)) > 3.4e38) {
-          abort_data("{.arg {if (train) 'x' else 'x_val'}} has values beyond float32's range; use {.code precision = \"float64\"}.",
-                     private$.id)
-        }
-        cached <- list(task = model$task, n_classes = model$n_classes, classes = model$classes, bits = model_bits(model),
-                       y = as.double(private$.labels(model, if (train) "train" else "validation")))
-        private$.coded[[split]] <- cached
-      }
-      list(if (train) private$.x else private$.x_val, cached$y)
-    },
+    data_for = function(model, split = "train") node_data_for(private, model, split),
 
     #' @description Internal: everything a server's round reads from this
     #'   node, in one call: `train` and `validation` data for a built-in
@@ -343,10 +324,7 @@ Node <- R6::R6Class("Node",
     },
 
     # The labels of a split coded for a model (0-based classes or responses).
-    .labels = function(model, split) {
-      if (split == "train") encode_labels(flip_labels(private$.y, private$.attack, private$.id), model, "y", private$.id)
-      else encode_labels(private$.y_val, model, "y_val", private$.id)
-    }
+    .labels = function(model, split) node_labels(private, model, split)
   )
 )
 
@@ -379,6 +357,37 @@ label_levels <- function(...) {
     return(list(kind = "character", levels = sort(unique(unlist(lapply(ys, as.character))))))
   }
   NULL
+}
+
+# A node's data for a model, coded once and cached on the node: a function
+# of the package, called with the node's private environment, rather than a
+# method. Every R6 object has its own copy of each method, which R compiles
+# the first time it runs: tens of microseconds a node, the larger part of a
+# round's R time when most of its clients train for the first time.
+node_data_for <- function(private, model, split = "train") {
+  train <- identical(split, "train")
+  if (!train && !identical(split, "validation")) {
+    fedagg_abort("{.arg split} must be \"train\" or \"validation\", not {obj_desc(split)}.")
+  }
+  if (!train && is.null(private$.x_val)) return(NULL)
+  cached <- private$.coded[[split]]
+  if (is.null(cached) || !identical(cached$task, model$task) || !identical(cached$n_classes, model$n_classes) ||
+      !identical(cached$classes, model$classes) || !identical(cached$bits, model_bits(model))) {
+    x <- if (train) private$.x else private$.x_val
+    if (model_bits(model) == 32L && max(abs(x)) > 3.4e38) {
+      abort_data("{.arg {if (train) 'x' else 'x_val'}} has values beyond float32's range; use {.code precision = \"float64\"}.",
+                 private$.id)
+    }
+    cached <- list(task = model$task, n_classes = model$n_classes, classes = model$classes, bits = model_bits(model),
+                   y = as.double(node_labels(private, model, if (train) "train" else "validation")))
+    private$.coded[[split]] <- cached
+  }
+  list(if (train) private$.x else private$.x_val, cached$y)
+}
+
+node_labels <- function(private, model, split) {
+  if (split == "train") encode_labels(flip_labels(private$.y, private$.attack, private$.id), model, "y", private$.id)
+  else encode_labels(private$.y_val, model, "y_val", private$.id)
 }
 
 abort_client_failure <- function(client, message, round = NULL, kind = NULL, parent = NULL,

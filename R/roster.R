@@ -78,7 +78,7 @@ roster_views <- function(private, idx, model, validation = FALSE) {
   for (split in c("train", if (validation) "validation")) {
     wanted <- if (split == "train") idx else idx[roster$has_validation[idx]]
     missing <- wanted[vapply(views[[split]][wanted], is.null, logical(1))]
-    for (i in missing) views[[split]][[i]] <- private$.nodes[[i]]$data_for(model, split)
+    for (i in missing) views[[split]][[i]] <- node_data_for(private$.nodes[[i]]$.__enclos_env__$private, model, split)
     changed <- changed || length(missing) > 0L
     out[[split]] <- views[[split]][idx]
   }

@@ -44,7 +44,7 @@ select_round <- function(self, private, r) {
     }
     # Node order, as for the selection rules: the listing order must not
     # change a round.
-    index <- which(ids %in% private$.schedule[[r]])
+    index <- node_positions(ids, private$.schedule[[r]])
     return(list(ids = ids[index], index = index, available = available, chains = chains,
                 log = selection_log_rows(r, ids[index], NULL)))
   }
@@ -63,8 +63,16 @@ select_round <- function(self, private, r) {
     log <- selection_log_rows(r, chosen, NULL)
   }
   # Node order, so that a round does not depend on how a rule lists its picks.
-  index <- which(ids %in% chosen)
+  index <- node_positions(ids, chosen)
   list(ids = ids[index], index = index, available = available, chains = chains, log = log)
+}
+
+# The positions of `chosen` among the nodes `ids`, in node order, each once:
+# what which(ids %in% chosen) gives, at the cost of the chosen few rather
+# than of every node.
+node_positions <- function(ids, chosen) {
+  at <- match(chosen, ids)
+  sort(unique(at[!is.na(at)]))
 }
 
 # Epochs of each selected client (`index`: their positions among the
