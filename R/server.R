@@ -37,6 +37,10 @@
 #' uninterrupted run would (the nodes' Rust copies of their data are rebuilt
 #' on first use). `srv$clone(deep = TRUE)` makes an independent copy to
 #' branch a run, for example to try two learning rates from the same round.
+#' A shallow `srv$clone()` shares the nodes: the copy takes its own key for
+#' the state it leaves on them and continues exactly, unless the original
+#' has trained a shared node since the copy was made (then the copy's next
+#' round is a `fedagg_error_clone`).
 #'
 #' @examples
 #' data <- synthetic_fedprox(1, 1, n_clients = 10, seed = 1)
