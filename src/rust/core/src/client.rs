@@ -157,7 +157,7 @@ pub fn fit(net: &Network, global: &[f64], job: &ClientJob<'_>, cfg: &FitConfig<'
 }
 
 /// An error of client `k`'s own work, attributed to it.
-fn in_client(k: usize, e: CoreError) -> CoreError {
+pub(crate) fn in_client(k: usize, e: CoreError) -> CoreError {
     match e {
         CoreError::InvalidArgument(arg, msg) => CoreError::Client(k, format!("`{arg}` {msg}")),
         CoreError::Client(_, msg) => CoreError::Client(k, msg),

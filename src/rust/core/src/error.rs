@@ -61,6 +61,10 @@ mod tests {
         assert_eq!(num(2.0), "2");
         assert_eq!(num(1234.5678), "1235");
         assert_eq!(num(f64::INFINITY), "inf");
+        assert_eq!(num(12.345678), "12.35");
+        assert_eq!(num(4.1), "4.1");
+        assert_eq!(num(1.5e-7), "1.500e-7");
+        assert_eq!(num(0.0), "0");
     }
 }
 

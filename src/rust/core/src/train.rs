@@ -11,10 +11,10 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::error::{invalid, CoreError, CoreResult};
+use crate::error::{invalid, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
 use crate::parallel::{effective_threads, with_threads};
-use crate::client::{self, FitConfig};
+use crate::client::{self, in_client, FitConfig};
 pub use crate::client::{ClientJob, ClientReport, LocalWork, WeightRule};
 use crate::strategy::client::local_run;
 use crate::strategy::fold::scaffold_server_control;
@@ -267,19 +267,10 @@ pub fn evaluate_many(net: &Network, params: &[f64], data: &[Dataset<'_>], thread
     results.into_iter().collect()
 }
 
-/// An error of client `k`'s work, attributed to it and kept in its class.
-fn in_client(k: usize, e: CoreError) -> CoreError {
-    match e {
-        CoreError::InvalidArgument(arg, msg) => CoreError::Client(k, format!("`{arg}` {msg}")),
-        CoreError::Client(_, msg) => CoreError::Client(k, msg),
-        CoreError::Diverged(msg) | CoreError::ClientDiverged(_, msg) => CoreError::ClientDiverged(k, msg),
-        CoreError::Memory(msg) => CoreError::Memory(format!("client {}: {msg}", k + 1)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::CoreError;
     use crate::model::{Head, OwnedData};
     use crate::rng::Rng;
     use crate::strategy::{fold_round, ServerOptimizer, NO_TRANSFORMS};

@@ -526,16 +526,6 @@ mod tests {
     }
 
     #[test]
-    fn numbers_in_messages_are_short() {
-        assert_eq!(num(12.345678), "12.35");
-        assert_eq!(num(4.1), "4.1");
-        assert_eq!(num(3.0), "3");
-        assert_eq!(num(1234.6), "1235");
-        assert_eq!(num(1.5e-7), "1.500e-7");
-        assert_eq!(num(0.0), "0");
-    }
-
-    #[test]
     fn median_and_mad_by_hand() {
         // Median 3; deviations 2, 1, 0, 1, 97: MAD 1.
         assert_eq!(median_and_mad(&mut [1.0, 2.0, 3.0, 4.0, 100.0]), (3.0, 1.0));
