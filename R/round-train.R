@@ -19,7 +19,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   needs_state <- alg$kind %in% c("scaffold", "custom") || keep_updates || isTRUE(private$.compress$error_feedback)
   states <- if (needs_state) lapply(unname(nodes), function(n) n$state_for(private$.key)) else rep(list(list()), length(idx))
   attacks <- views$attack
-  fold_cfg <- c(list(algorithm = rust_config(config, rule)$algorithm,
+  fold_cfg <- c(list(algorithm = rust_algorithm(config$algorithm),
                      server = rust_server_config(private$.server_opt, private$.state$server_state),
                      diagnostics = private$.diagnostics, control = private$.state$control,
                      client_controls = lapply(states, `[[`, "control"), n_nodes = length(private$.nodes)),

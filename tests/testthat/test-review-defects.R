@@ -371,3 +371,16 @@ test_that("a server's committed state is one value, replaced whole by a round an
   expect_identical(unlist(srv$params, use.names = FALSE), after$flat)
   expect_identical(srv$server_state, c(after$server_state, list(control = after$control)))
 })
+
+test_that("the round's settings merge as utils::modifyList(keep.null = TRUE) does", {
+  d <- list(control = NULL, client_controls = NULL, n_nodes = 1, diagnostics = TRUE,
+            server = list(kind = "sgd", lr = 1, momentum = 0, beta1 = 0, beta2 = 0, tau = 1e-3, m = NULL, v = NULL))
+  cases <- list(list(),
+                list(control = 1:3, server = list(kind = "adam", lr = 0.1, m = c(1, 2))),
+                list(client_controls = list(NULL, 1), attacks = list(NULL, list(kind = "scale")), n_nodes = 5,
+                     server = list(kind = "sgd", lr = 1, momentum = 0.9, m = NULL, v = NULL), diagnostics = FALSE,
+                     denominator = 3, control = NULL))
+  for (given in cases) {
+    expect_identical(fedagg:::merge_settings(d, given), utils::modifyList(d, given, keep.null = TRUE))
+  }
+})
