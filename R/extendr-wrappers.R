@@ -78,8 +78,9 @@ rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, stream
 
 #' A node's half of a round: a `FitIns` (raw), the node's data
 #' (`list(x, y)`), its validation data (or NULL), its SCAFFOLD control and
-#' residual (or NULL). Returns `list(ok = TRUE, res = <raw FitRes>)`, or a
-#' failure as data as the round calls do.
+#' residual (or NULL). Returns `list(ok = TRUE, res = <raw FitRes>,
+#' control =, residual =)` (the state the node keeps if the round commits),
+#' or a failure as data as the round calls do.
 #' @noRd
 rs_client_fit <- function(ins, train, validation, control, residual) .Call(wrap__rs_client_fit, ins, train, validation, control, residual)
 
@@ -88,9 +89,9 @@ rs_client_fit <- function(ins, train, validation, control, residual) .Call(wrap_
 rs_fit_res_read <- function(res) .Call(wrap__rs_fit_res_read, res)
 
 #' A `FitIns` (raw) read and checked, as an R list (for printing and for
-#' a node to see what it is asked).
+#' a node to see what it is asked); its vectors only `with_vectors`.
 #' @noRd
-rs_fit_ins_read <- function(ins) .Call(wrap__rs_fit_ins_read, ins)
+rs_fit_ins_read <- function(ins, with_vectors) .Call(wrap__rs_fit_ins_read, ins, with_vectors)
 
 #' The protocol version and the kind of a message, from its frame.
 #' @noRd

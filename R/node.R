@@ -85,7 +85,7 @@ Node <- R6::R6Class("Node",
         list(vector = flat + out$collected[[1]], n_samples = out$n_samples, train_loss = out$train_loss,
              steps = out$steps, control = out$client_controls[[1]])
       } else {
-        tryCatch(custom_local_train(model, params, private$.x, private$.labels(model, "train"), config, epochs, c_i),
+        tryCatch(custom_local_train(model, params, private$.x, node_labels(private, model, "train"), config, epochs, c_i),
                  fedagg_local_failure = function(e) {
                    abort_client_failure(private$.id, e$message, kind = e$kind, parent = e$parent)
                  })
@@ -172,7 +172,7 @@ Node <- R6::R6Class("Node",
         out
       } else {
         x <- if (data == "train") private$.x else private$.x_val
-        evaluate_custom(model, params, x, private$.labels(model, data), client = private$.id)
+        evaluate_custom(model, params, x, node_labels(private, model, data), client = private$.id)
       }
       metric_frame(private$.id, ev$n, ev$loss, ev$metric, model)
     },
@@ -182,8 +182,8 @@ Node <- R6::R6Class("Node",
     #' @param model A [model][models].
     check_model = function(model) {
       private$.check_width(model)
-      private$.labels(model, "train")
-      if (self$has_validation) private$.labels(model, "validation")
+      node_labels(private, model, "train")
+      if (self$has_validation) node_labels(private, model, "validation")
       invisible(self)
     },
 
@@ -193,19 +193,6 @@ Node <- R6::R6Class("Node",
     #' @param model A built-in [model][models].
     #' @param split `"train"` or `"validation"`.
     data_for = function(model, split = "train") node_data_for(private, model, split),
-
-    #' @description Internal: everything a server's round reads from this
-    #'   node, in one call: `train` and `validation` data for a built-in
-    #'   model (as `data_for()`; `NULL` without a model or validation data),
-    #'   the node's `state` and its `attack`.
-    #' @param model A built-in [model][models], or `NULL` (no data wanted).
-    #' @param validation Whether the validation data are wanted.
-    #' @param key The asking server's key (its state on this node).
-    round_view = function(model, validation = FALSE, key = NULL) {
-      list(train = if (!is.null(model)) self$data_for(model, "train"),
-           validation = if (!is.null(model) && validation) self$data_for(model, "validation"),
-           state = self$state_for(key), attack = private$.attack)
-    },
 
     #' @description A one-line description.
     #' @param ... Unused.
@@ -321,10 +308,7 @@ Node <- R6::R6Class("Node",
         abort_data("{.arg x} has {ncol(private$.x)} column{?s}, the model expects {model$n_features}.",
                    private$.id, call)
       }
-    },
-
-    # The labels of a split coded for a model (0-based classes or responses).
-    .labels = function(model, split) node_labels(private, model, split)
+    }
   )
 )
 
@@ -385,6 +369,7 @@ node_data_for <- function(private, model, split = "train") {
   list(if (train) private$.x else private$.x_val, cached$y)
 }
 
+# The labels of a split coded for a model (0-based classes or responses).
 node_labels <- function(private, model, split) {
   if (split == "train") encode_labels(flip_labels(private$.y, private$.attack, private$.id), model, "y", private$.id)
   else encode_labels(private$.y_val, model, "y_val", private$.id)

@@ -34,9 +34,15 @@ fit_instructions <- function(private, ids, streams, epochs, max_steps, round_cfg
 # A node's half of a round, from a FitIns message: its own data and its own
 # state (list(control =, residual =)). Returns the FitRes message.
 client_fit <- function(ins, train, validation = NULL, state = list(), client = NULL, round = NULL) {
+  client_fit_state(ins, train, validation, state, client, round)$res
+}
+
+# client_fit() with the state the node keeps if the round commits:
+# list(res = <FitRes>, control =, residual =).
+client_fit_state <- function(ins, train, validation = NULL, state = list(), client = NULL, round = NULL) {
   out <- call_rust(rs_client_fit(ins, list(train), list(validation), state$control, state$residual))
   if (!isTRUE(out$ok)) abort_client_failure(client %||% "?", out$message, round, kind = out$kind)
-  out$res
+  out
 }
 
 # A FitRes message read and checked.
@@ -132,7 +138,7 @@ node_runtime <- function(id, train, validation = NULL) {
   state <- list()
   pending <- NULL
   fit <- function(ins) {
-    asked <- call_rust(rs_fit_ins_read(ins))
+    asked <- call_rust(rs_fit_ins_read(ins, FALSE))
     if (!identical(asked$node, id)) {
       fedagg_abort("Node {.val {id}} was sent the instructions of node {.val {asked$node}}.", class = "client", client = id)
     }
@@ -140,11 +146,10 @@ node_runtime <- function(id, train, validation = NULL) {
     # round; an attempt the server threw away is dropped.
     if (!is.null(pending) && pending$round == asked$node_round) state <<- pending$state
     pending <<- NULL
-    res <- client_fit(ins, train, validation, state, client = id)
-    out <- call_rust(rs_fit_res_read(res))
+    out <- client_fit_state(ins, train, validation, state, client = id, round = asked$round)
     pending <<- list(round = asked$round,
                      state = list(control = out$control %||% state$control, residual = out$residual %||% state$residual))
-    res
+    out$res
   }
   list(fit = fit, state = function() state, pending = function() pending)
 }

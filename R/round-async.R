@@ -74,11 +74,7 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
   }
   # The clients' half of FedBuff: their attacks, on a seed of the run (a
   # client trains in one round and may arrive in another).
-  client_half <- function(attacks) {
-    attacks <- lapply(unname(attacks), rust_attack)
-    if (all(vapply(attacks, is.null, logical(1)))) return(list())
-    list(attacks = attacks, attack_seed = as.double(derive_seed(private$.seed, 0L, 6L)))
-  }
+  client_half <- function(attacks) attack_config(attacks, derive_seed(private$.seed, 0L, 6L))
   started <- state$time
   while (nrow_flight(state$flight) < spec$concurrency) state <- dispatch(state, state$time, state$version)
   # The clock does not depend on what the clients compute, and every client

@@ -39,8 +39,7 @@ hier_round <- function(private, r, config, work) {
       # edge round, each with its own noise.
       fold_cfg <- c(list(algorithm = rust_config(cfg, "samples")$algorithm, server = edge_sgd, diagnostics = FALSE,
                          control = NULL, client_controls = NULL, n_nodes = length(private$.nodes)),
-                    trust_config(private, attacks, r)[c("attacks", "attack_seed")])
-      fold_cfg$attack_seed <- as.double(derive_seed(cfg$seed, 1L, 6L))
+                    attack_config(attacks, derive_seed(cfg$seed, 1L, 6L)))
       out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), y, data,
                                       vector("list", length(members)), as.double(index[members]),
                                       rust_config(cfg, "samples", work$epochs[members], fold_cfg),

@@ -177,20 +177,25 @@ trust_config <- function(private, attacks, round) {
           else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
   z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * private$.eligible())$update
        else dp$noise_multiplier
-  attacks <- lapply(attacks, rust_attack)
   n_eligible <- private$.eligible()
-  list(local_dp = if (local) {
+  c(list(local_dp = if (local) {
          list(clip = private$.privacy$clip, sd = private$.privacy$sd, seed = as.double(derive_seed(private$.seed, round, 8L)))
-       },
-       attacks = if (any(!vapply(attacks, is.null, logical(1)))) unname(attacks),
-       attack_seed = as.double(derive_seed(private$.seed, round, 6L)),
-       filter = rust_filter(private$.filter, sizes),
+       }),
+    attack_config(attacks, derive_seed(private$.seed, round, 6L)),
+    list(filter = rust_filter(private$.filter, sizes),
        clip = if (!is.null(clip)) c(clip, list(layer_sizes = sizes)),
        aggregator = rust_aggregator(private$.aggregator),
        noise = if (!is.null(dp)) {
          list(sd = z * clip$max_norm, seed = as.double(derive_seed(private$.seed, round, 5L)),
               denominator = private$.sampling_rate() * n_eligible)
-       })
+       }))
+}
+
+# The clients' simulated attacks (their `attack` parts, NULL for honest
+# ones) as the Rust round reads them, drawing from `seed`.
+attack_config <- function(attacks, seed) {
+  attacks <- lapply(unname(attacks), rust_attack)
+  list(attacks = if (any(!vapply(attacks, is.null, logical(1)))) attacks, attack_seed = as.double(seed))
 }
 
 # The settings of a round's clients' half: what each client does to its

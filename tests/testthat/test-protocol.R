@@ -59,7 +59,7 @@ test_that("messages are checked: a wrong kind, a tampered frame, another node's 
   ins <- fedagg:::fit_instructions(priv, c("client1", "client2"), c(0, 1), c(1, 1), NULL,
                                    fedagg:::rust_config(priv$.local, "collect", 1), 1L, FALSE)
   expect_identical(fedagg:::rs_message_kind(ins[[1]]), "FitIns")
-  asked <- fedagg:::rs_fit_ins_read(ins[[1]])
+  asked <- fedagg:::rs_fit_ins_read(ins[[1]], TRUE)
   expect_identical(asked$node, "client1")
   expect_identical(asked$params, unlist(srv$params, use.names = FALSE))
   node <- srv$nodes[["client1"]]

@@ -11,7 +11,7 @@ use crate::alloc::try_copy;
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
 use crate::strategy::client::{fednova_steps, full_gradient, local_run_partial, scaffold_client_control};
-use crate::strategy::{ClientAlgorithm, ClientEncoding, GradientCorrection, LocalConfig, LocalOptimizer, LocalOutcome};
+use crate::strategy::{ClientAlgorithm, ClientEncoding, LocalConfig, LocalOptimizer, LocalOutcome};
 
 /// What each client computes in a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,13 +97,7 @@ pub fn fit(net: &Network, global: &[f64], job: &ClientJob<'_>, cfg: &FitConfig<'
     let mut vector = try_copy(global, "a client's copy of the parameters").map_err(fail)?;
     let outcome = match cfg.work {
         LocalWork::Sgd => {
-            let correction = match cfg.algorithm {
-                ClientAlgorithm::FedProx { mu } => GradientCorrection { proximal: Some((mu, global)), ..Default::default() },
-                ClientAlgorithm::Scaffold => {
-                    GradientCorrection { client_control: job.control, server_control: cfg.server_control, ..Default::default() }
-                }
-                ClientAlgorithm::FedAvg | ClientAlgorithm::FedNova => GradientCorrection::default(),
-            };
+            let correction = cfg.algorithm.correction(global, job.control, cfg.server_control);
             local_run_partial(net, &mut vector, &job.train, &cfg.local, job.epochs, &correction, job.stream, job.max_steps)
                 .map_err(fail)?
         }
@@ -174,32 +168,22 @@ pub fn network_of(model: &crate::protocol::ModelSpec) -> CoreResult<Network> {
 
 /// The client's settings a `FitIns` carries.
 pub fn fit_config_of(spec: &crate::protocol::LocalSpec) -> CoreResult<(LocalWork, ClientAlgorithm, LocalConfig, WeightRule)> {
-    let work = match spec.work.as_str() {
-        "sgd" => LocalWork::Sgd,
-        "gradient" => LocalWork::Gradient,
-        other => return invalid("work", format!("\"{other}\" is not \"sgd\" or \"gradient\"")),
+    use crate::protocol::{algorithm_named, optimizer_named, weight_rule_named, work_named};
+    let work = work_named(&spec.work)?;
+    // FedSGD sends a gradient whatever the algorithm says.
+    let algorithm = match work {
+        LocalWork::Gradient => ClientAlgorithm::FedAvg,
+        LocalWork::Sgd => algorithm_named(&spec.algorithm, |_| Ok(spec.mu))?,
     };
-    let algorithm = match (work, spec.algorithm.as_str()) {
-        (LocalWork::Gradient, _) | (_, "fedavg") => ClientAlgorithm::FedAvg,
-        (_, "fedprox") => ClientAlgorithm::FedProx { mu: spec.mu },
-        (_, "scaffold") => ClientAlgorithm::Scaffold,
-        (_, "fednova") => ClientAlgorithm::FedNova,
-        (_, other) => return invalid("algorithm", format!("\"{other}\" is not a known client algorithm")),
-    };
-    let optimizer = match spec.optimizer.as_str() {
-        "sgd" => LocalOptimizer::Sgd { momentum: spec.momentum },
-        "adam" => LocalOptimizer::Adam { beta1: spec.beta1, beta2: spec.beta2, eps: spec.eps },
-        "rmsprop" => LocalOptimizer::RmsProp { alpha: spec.alpha, eps: spec.eps },
-        "adagrad" => LocalOptimizer::Adagrad { eps: spec.eps },
-        other => return invalid("optimizer", format!("\"{other}\" is not a known local optimizer")),
-    };
-    let rule = match spec.weights.as_str() {
-        "samples" => WeightRule::Samples,
-        "equal" => WeightRule::Equal,
-        "accuracy" => WeightRule::Validation,
-        "collect" => WeightRule::Collect,
-        other => return invalid("weights", format!("\"{other}\" is not a known weight rule")),
-    };
+    let optimizer = optimizer_named(&spec.optimizer, |field| {
+        Ok(match field {
+            "momentum" => spec.momentum,
+            "beta1" => spec.beta1,
+            "beta2" => spec.beta2,
+            "eps" => spec.eps,
+            _ => spec.alpha,
+        })
+    })?;
     let local = LocalConfig {
         batch_size: spec.batch_size,
         lr: spec.lr,
@@ -212,44 +196,19 @@ pub fn fit_config_of(spec: &crate::protocol::LocalSpec) -> CoreResult<(LocalWork
     if work == LocalWork::Sgd {
         algorithm.check(&optimizer)?;
     }
-    Ok((work, algorithm, local, rule))
+    Ok((work, algorithm, local, weight_rule_named(&spec.weights)?))
 }
 
 /// The encoding a `FitIns` asks of the node, with the residual the node
 /// kept from its last round.
 pub fn encoding_of<'a>(ins: &crate::protocol::FitIns, residual: Option<&'a [f64]>) -> CoreResult<ClientEncoding<'a>> {
-    use crate::compress::Compressor;
-    use crate::strategy::{Attack, Compression, LocalNoise};
+    use crate::strategy::LocalNoise;
     let e = &ins.encoding;
-    let attack = match &e.attack {
-        None => None,
-        Some(a) => Some(match a.kind.as_str() {
-            "sign_flip" => Attack::SignFlip { scale: a.value },
-            "scale" => Attack::Scale { factor: a.value },
-            "gaussian" => Attack::Gaussian { sd: a.value },
-            "same_value" => Attack::SameValue { value: a.value },
-            other => return invalid("attack", format!("\"{other}\" is not a known attack")),
-        }),
-    };
-    let compression = match &e.compression {
-        None => None,
-        Some(c) => {
-            let compressor = match c.kind.as_str() {
-                "topk" => Compressor::TopK { fraction: c.fraction, error_feedback: c.error_feedback },
-                "random_k" => Compressor::RandomK { fraction: c.fraction },
-                "quantize" => Compressor::Quantize { bits: c.bits, stochastic: c.stochastic },
-                "float16" => Compressor::Float16,
-                "none" => Compressor::None,
-                other => return invalid("compression", format!("\"{other}\" is not a known compressor")),
-            };
-            Some(Compression { compressor, seed: c.seed })
-        }
-    };
     let encoding = ClientEncoding {
         local_noise: e.local_dp.map(|l| LocalNoise { clip: l.clip, sd: l.sd, seed: l.seed }),
-        attack,
+        attack: e.attack.as_ref().map(|a| a.attack()).transpose()?,
         attack_seed: e.attack_seed,
-        compression,
+        compression: e.compression.as_ref().map(|c| c.compression()).transpose()?,
         residual,
         stream: ins.stream,
         client: 0,

@@ -22,7 +22,10 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{CoreError, CoreResult};
+use crate::client::{LocalWork, WeightRule};
+use crate::compress::Compressor;
+use crate::error::{invalid, CoreError, CoreResult};
+use crate::strategy::{Attack, ClientAlgorithm, Compression, LocalOptimizer};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -129,6 +132,136 @@ pub struct EncodingSpec {
     pub attack: Option<AttackSpec>,
     pub attack_seed: u64,
     pub compression: Option<CompressionSpec>,
+}
+
+// The names of the parts a round is made of, once for the whole crate: the
+// binding layer reads R's settings by them and a node reads its FitIns by
+// them. `get(field)` gives a setting of the part by its name.
+
+/// The local work "sgd" (local training) or "gradient" (FedSGD).
+pub fn work_named(name: &str) -> CoreResult<LocalWork> {
+    match name {
+        "sgd" => Ok(LocalWork::Sgd),
+        "gradient" => Ok(LocalWork::Gradient),
+        other => invalid("work", format!("\"{other}\" is not \"sgd\" or \"gradient\"")),
+    }
+}
+
+/// The weight rule "samples", "equal", "accuracy" or "collect".
+pub fn weight_rule_named(name: &str) -> CoreResult<WeightRule> {
+    match name {
+        "samples" => Ok(WeightRule::Samples),
+        "equal" => Ok(WeightRule::Equal),
+        "accuracy" => Ok(WeightRule::Validation),
+        "collect" => Ok(WeightRule::Collect),
+        other => invalid("weights", format!("\"{other}\" is not a known weight rule")),
+    }
+}
+
+/// A client algorithm by name, with its setting `mu` (FedProx).
+pub fn algorithm_named(name: &str, get: impl Fn(&'static str) -> CoreResult<f64>) -> CoreResult<ClientAlgorithm> {
+    Ok(match name {
+        "fedavg" => ClientAlgorithm::FedAvg,
+        "fedprox" => ClientAlgorithm::FedProx { mu: get("mu")? },
+        "scaffold" => ClientAlgorithm::Scaffold,
+        "fednova" => ClientAlgorithm::FedNova,
+        other => return invalid("algorithm", format!("\"{other}\" is not a known client algorithm")),
+    })
+}
+
+/// A local optimizer by name, with its settings.
+pub fn optimizer_named(name: &str, get: impl Fn(&'static str) -> CoreResult<f64>) -> CoreResult<LocalOptimizer> {
+    Ok(match name {
+        "sgd" => LocalOptimizer::Sgd { momentum: get("momentum")? },
+        "adam" => LocalOptimizer::Adam { beta1: get("beta1")?, beta2: get("beta2")?, eps: get("eps")? },
+        "rmsprop" => LocalOptimizer::RmsProp { alpha: get("alpha")?, eps: get("eps")? },
+        "adagrad" => LocalOptimizer::Adagrad { eps: get("eps")? },
+        other => return invalid("optimizer", format!("\"{other}\" is not a known local optimizer")),
+    })
+}
+
+/// A simulated attack by kind, with its one setting (`scale`, `factor`,
+/// `sd` or `value`).
+pub fn attack_named(kind: &str, get: impl Fn(&'static str) -> CoreResult<f64>) -> CoreResult<Attack> {
+    Ok(match kind {
+        "sign_flip" => Attack::SignFlip { scale: get("scale")? },
+        "scale" => Attack::Scale { factor: get("factor")? },
+        "gaussian" => Attack::Gaussian { sd: get("sd")? },
+        "same_value" => Attack::SameValue { value: get("value")? },
+        other => return invalid("attack", format!("\"{other}\" is not a known attack")),
+    })
+}
+
+/// A compressor by kind, with its settings (`fraction`, `bits`) and flags
+/// (`error_feedback`, `stochastic`).
+pub fn compressor_named(
+    kind: &str,
+    get: impl Fn(&'static str) -> CoreResult<f64>,
+    flag: impl Fn(&'static str) -> CoreResult<bool>,
+) -> CoreResult<Compressor> {
+    let out = match kind {
+        "topk" => Compressor::TopK { fraction: get("fraction")?, error_feedback: flag("error_feedback")? },
+        "random_k" => Compressor::RandomK { fraction: get("fraction")? },
+        "quantize" => Compressor::Quantize { bits: get("bits")? as u32, stochastic: flag("stochastic")? },
+        "float16" => Compressor::Float16,
+        "none" => Compressor::None,
+        other => return invalid("compression", format!("\"{other}\" is not a known compressor")),
+    };
+    out.check()?;
+    Ok(out)
+}
+
+impl From<Attack> for AttackSpec {
+    fn from(a: Attack) -> Self {
+        let (kind, value) = match a {
+            Attack::SignFlip { scale } => ("sign_flip", scale),
+            Attack::Scale { factor } => ("scale", factor),
+            Attack::Gaussian { sd } => ("gaussian", sd),
+            Attack::SameValue { value } => ("same_value", value),
+        };
+        AttackSpec { kind: kind.into(), value }
+    }
+}
+
+impl AttackSpec {
+    pub fn attack(&self) -> CoreResult<Attack> {
+        attack_named(&self.kind, |_| Ok(self.value))
+    }
+}
+
+impl From<&Compression> for CompressionSpec {
+    fn from(c: &Compression) -> Self {
+        let mut spec = CompressionSpec { kind: String::new(), fraction: 0.0, error_feedback: false, bits: 0, stochastic: false, seed: c.seed };
+        spec.kind = match c.compressor {
+            Compressor::TopK { fraction, error_feedback } => {
+                (spec.fraction, spec.error_feedback) = (fraction, error_feedback);
+                "topk"
+            }
+            Compressor::RandomK { fraction } => {
+                spec.fraction = fraction;
+                "random_k"
+            }
+            Compressor::Quantize { bits, stochastic } => {
+                (spec.bits, spec.stochastic) = (bits, stochastic);
+                "quantize"
+            }
+            Compressor::Float16 => "float16",
+            Compressor::None => "none",
+        }
+        .into();
+        spec
+    }
+}
+
+impl CompressionSpec {
+    pub fn compression(&self) -> CoreResult<Compression> {
+        let compressor = compressor_named(
+            &self.kind,
+            |f| Ok(if f == "bits" { self.bits as f64 } else { self.fraction }),
+            |f| Ok(if f == "stochastic" { self.stochastic } else { self.error_feedback }),
+        )?;
+        Ok(Compression { compressor, seed: self.seed })
+    }
 }
 
 /// The server asks a node to train.

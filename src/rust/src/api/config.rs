@@ -9,9 +9,10 @@ use fedagg_core::compress::Compressor;
 use fedagg_core::model::{Dataset, Head, Network, Precision};
 use fedagg_core::strategy::fold::is_all_filtered;
 use fedagg_core::strategy::{
-    Aggregator, Attack, CentralNoise, ClientAlgorithm, Clip, Compression, LocalNoise, LocalOptimizer, NormFilter, RoundTransforms, ServerOptimizer,
+    Aggregator, CentralNoise, ClientAlgorithm, Clip, Compression, LocalNoise, LocalOptimizer, NormFilter, RoundTransforms, ServerOptimizer,
     ServerStep,
 };
+use fedagg_core::protocol;
 use fedagg_core::CoreError;
 
 /// The network of a built-in model: layer sizes, head code and precision
@@ -154,23 +155,16 @@ pub(crate) fn optional_vectors<'a>(elements: &'a [Robj], n: usize, what: &str) -
 }
 
 pub(crate) fn local_optimizer(config: &List) -> Result<LocalOptimizer> {
-    Ok(match text(config, "optimizer")?.as_str() {
-        "sgd" => LocalOptimizer::Sgd { momentum: number(config, "momentum")? },
-        "adam" => LocalOptimizer::Adam { beta1: number(config, "beta1")?, beta2: number(config, "beta2")?, eps: number(config, "eps")? },
-        "rmsprop" => LocalOptimizer::RmsProp { alpha: number(config, "alpha")?, eps: number(config, "eps")? },
-        "adagrad" => LocalOptimizer::Adagrad { eps: number(config, "eps")? },
-        other => return Err(input_err(format!("config `optimizer` \"{other}\" is not a known local optimizer"))),
-    })
+    protocol::optimizer_named(&text(config, "optimizer")?, |f| number(config, f).map_err(as_core)).map_err(core_err)
 }
 
 pub(crate) fn client_algorithm(config: &List) -> Result<ClientAlgorithm> {
-    Ok(match text(config, "algorithm")?.as_str() {
-        "fedavg" => ClientAlgorithm::FedAvg,
-        "fedprox" => ClientAlgorithm::FedProx { mu: number(config, "mu")? },
-        "scaffold" => ClientAlgorithm::Scaffold,
-        "fednova" => ClientAlgorithm::FedNova,
-        other => return Err(input_err(format!("config `algorithm` \"{other}\" is not a known client algorithm"))),
-    })
+    protocol::algorithm_named(&text(config, "algorithm")?, |f| number(config, f).map_err(as_core)).map_err(core_err)
+}
+
+/// An R-side reading error carried through the core's name lookups.
+fn as_core(e: extendr_api::Error) -> CoreError {
+    CoreError::InvalidArgument("config", e.to_string())
 }
 
 /// The R objects of config `server`, held while their state is borrowed.
@@ -279,13 +273,8 @@ pub(crate) fn round_transforms(config: &List) -> Result<RoundTransforms> {
             }
             let what = format!("attacks[[{}]]", i + 1);
             let a = element.as_list().ok_or_else(|| input_err(format!("config `{what}` must be a list or NULL")))?;
-            t.attacks.push(Some(match text(&a, "kind")?.as_str() {
-                "sign_flip" => Attack::SignFlip { scale: required_number(&a, "scale", &what)? },
-                "scale" => Attack::Scale { factor: required_number(&a, "factor", &what)? },
-                "gaussian" => Attack::Gaussian { sd: required_number(&a, "sd", &what)? },
-                "same_value" => Attack::SameValue { value: required_number(&a, "value", &what)? },
-                other => return Err(input_err(format!("config `{what}$kind` \"{other}\" is not a known attack"))),
-            }));
+            let attack = protocol::attack_named(&text(&a, "kind")?, |f| required_number(&a, f, &what).map_err(as_core));
+            t.attacks.push(Some(attack.map_err(core_err)?));
         }
         let seed = nullable_field(config, "attack_seed");
         if !seed.is_null() {
@@ -353,22 +342,12 @@ pub(crate) fn round_transforms(config: &List) -> Result<RoundTransforms> {
 /// A compressor from its R description (`kind` and its settings).
 pub(crate) fn compressor(c: &List) -> Result<Compressor> {
     let what = "compression";
-    let out = match text(c, "kind")?.as_str() {
-        "topk" => Compressor::TopK {
-            fraction: required_number(c, "fraction", what)?,
-            error_feedback: optional_flag(c, "error_feedback", what)?,
-        },
-        "random_k" => Compressor::RandomK { fraction: required_number(c, "fraction", what)? },
-        "quantize" => Compressor::Quantize {
-            bits: required_number(c, "bits", what)? as u32,
-            stochastic: optional_flag(c, "stochastic", what)?,
-        },
-        "float16" => Compressor::Float16,
-        "none" => Compressor::None,
-        other => return Err(input_err(format!("config `compression$kind` \"{other}\" is not a known compressor"))),
-    };
-    out.check().map_err(core_err)?;
-    Ok(out)
+    protocol::compressor_named(
+        &text(c, "kind")?,
+        |f| required_number(c, f, what).map_err(as_core),
+        |f| optional_flag(c, f, what).map_err(as_core),
+    )
+    .map_err(core_err)
 }
 
 /// Residuals per client as an R list (NULL without error feedback).

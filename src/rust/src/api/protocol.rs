@@ -6,9 +6,7 @@ use super::config::*;
 use super::convert::{core_err, input_err, new_doubles};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use fedagg_core::compress::Compressor;
 use fedagg_core::protocol::{self, AttackSpec, CompressionSpec, EncodingSpec, FitIns, FitRes, LocalDpSpec, LocalSpec, ModelSpec};
-use fedagg_core::strategy::Attack;
 
 fn raw_bytes<'a>(x: &'a Robj, what: &str) -> Result<&'a [u8]> {
     x.as_raw_slice().ok_or_else(|| input_err(format!("`{what}` must be a raw vector")))
@@ -43,39 +41,6 @@ fn local_spec(config: &List) -> Result<LocalSpec> {
         seed: number(config, "seed")? as u64,
         weights: text(config, "weights")?,
     })
-}
-
-fn attack_spec(a: Attack) -> AttackSpec {
-    let (kind, value) = match a {
-        Attack::SignFlip { scale } => ("sign_flip", scale),
-        Attack::Scale { factor } => ("scale", factor),
-        Attack::Gaussian { sd } => ("gaussian", sd),
-        Attack::SameValue { value } => ("same_value", value),
-    };
-    AttackSpec { kind: kind.into(), value }
-}
-
-fn compression_spec(c: &fedagg_core::strategy::Compression) -> CompressionSpec {
-    let mut spec = CompressionSpec { kind: String::new(), fraction: 0.0, error_feedback: false, bits: 0, stochastic: false, seed: c.seed };
-    match c.compressor {
-        Compressor::TopK { fraction, error_feedback } => {
-            spec.kind = "topk".into();
-            spec.fraction = fraction;
-            spec.error_feedback = error_feedback;
-        }
-        Compressor::RandomK { fraction } => {
-            spec.kind = "random_k".into();
-            spec.fraction = fraction;
-        }
-        Compressor::Quantize { bits, stochastic } => {
-            spec.kind = "quantize".into();
-            spec.bits = bits;
-            spec.stochastic = stochastic;
-        }
-        Compressor::Float16 => spec.kind = "float16".into(),
-        Compressor::None => spec.kind = "none".into(),
-    }
-    spec
 }
 
 /// One `FitIns` per selected client of a round: the global parameters, the
@@ -155,9 +120,9 @@ fn rs_fit_instructions(
             local: local.clone(),
             encoding: EncodingSpec {
                 local_dp: client.local_noise.map(|l| LocalDpSpec { clip: l.clip, sd: l.sd, seed: l.seed }),
-                attack: client.attack.map(attack_spec),
+                attack: client.attack.map(AttackSpec::from),
                 attack_seed: client.attack_seed,
-                compression: client.compression.as_ref().map(compression_spec),
+                compression: client.compression.as_ref().map(CompressionSpec::from),
             },
             params: global.to_vec(),
             server_control: server_control.clone(),
@@ -169,8 +134,9 @@ fn rs_fit_instructions(
 
 /// A node's half of a round: a `FitIns` (raw), the node's data
 /// (`list(x, y)`), its validation data (or NULL), its SCAFFOLD control and
-/// residual (or NULL). Returns `list(ok = TRUE, res = <raw FitRes>)`, or a
-/// failure as data as the round calls do.
+/// residual (or NULL). Returns `list(ok = TRUE, res = <raw FitRes>,
+/// control =, residual =)` (the state the node keeps if the round commits),
+/// or a failure as data as the round calls do.
 /// @noRd
 #[extendr]
 fn rs_client_fit(ins: Robj, train: List, validation: List, control: Robj, residual: Robj) -> Result<List> {
@@ -184,7 +150,12 @@ fn rs_client_fit(ins: Robj, train: List, validation: List, control: Robj, residu
     let control = optional_doubles(&control, "control")?;
     let residual = optional_doubles(&residual, "residual")?;
     match fedagg_core::client::fit_message(&ins, train, validation.as_ref(), control, residual) {
-        Ok(res) => Ok(list!(ok = true, res = raw(&protocol::encode(&res).map_err(core_err)?))),
+        Ok(res) => Ok(list!(
+            ok = true,
+            res = raw(&protocol::encode(&res).map_err(core_err)?),
+            control = optional_values(&res.control)?,
+            residual = optional_values(&res.residual)?
+        )),
         Err(e) => client_failure(e),
     }
 }
@@ -222,10 +193,10 @@ fn rs_fit_res_read(res: Robj) -> Result<List> {
 }
 
 /// A `FitIns` (raw) read and checked, as an R list (for printing and for
-/// a node to see what it is asked).
+/// a node to see what it is asked); its vectors only `with_vectors`.
 /// @noRd
 #[extendr]
-fn rs_fit_ins_read(ins: Robj) -> Result<List> {
+fn rs_fit_ins_read(ins: Robj, with_vectors: bool) -> Result<List> {
     let ins: FitIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
     let l = &ins.local;
     let e = &ins.encoding;
@@ -257,8 +228,8 @@ fn rs_fit_ins_read(ins: Robj) -> Result<List> {
             attack = e.attack.as_ref().map_or("", |a| a.kind.as_str()),
             compression = e.compression.as_ref().map_or("", |c| c.kind.as_str())
         ),
-        params = new_doubles(ins.params.len(), |o| o.copy_from_slice(&ins.params))?,
-        server_control = optional_values(&ins.server_control)?
+        params = if with_vectors { new_doubles(ins.params.len(), |o| o.copy_from_slice(&ins.params))? } else { ().into() },
+        server_control = if with_vectors { optional_values(&ins.server_control)? } else { ().into() }
     ))
 }
 

@@ -8,7 +8,7 @@ use fedagg_core::compress::Compressor;
 use fedagg_core::strategy::{
     fold_round_with, Compression, ClientAlgorithm, FoldRule, LocalConfig, RoundUpdate,
 };
-use fedagg_core::train::{self, ClientJob, LocalWork, RoundConfig, WeightRule};
+use fedagg_core::train::{self, ClientJob, LocalWork, RoundConfig};
 use fedagg_core::{alloc, CoreError};
 
 
@@ -146,18 +146,8 @@ fn rs_train_round(sizes: Robj, head: i32, bits: i32, global: Robj, train: List, 
         let max_steps = (!max_steps[i].is_nan()).then_some(max_steps[i] as usize);
         jobs.push(ClientJob { train, validation: validation_sets[i], stream: streams[i] as u64, epochs, control: client_controls[i], max_steps });
     }
-    let work = match text(&config, "work")?.as_str() {
-        "sgd" => LocalWork::Sgd,
-        "gradient" => LocalWork::Gradient,
-        _ => return Err(input_err("config `work` must be \"sgd\" or \"gradient\"")),
-    };
-    let rule = match text(&config, "weights")?.as_str() {
-        "samples" => WeightRule::Samples,
-        "equal" => WeightRule::Equal,
-        "accuracy" => WeightRule::Validation,
-        "collect" => WeightRule::Collect,
-        _ => return Err(input_err("config `weights` is not a known rule")),
-    };
+    let work = fedagg_core::protocol::work_named(&text(&config, "work")?).map_err(core_err)?;
+    let rule = fedagg_core::protocol::weight_rule_named(&text(&config, "weights")?).map_err(core_err)?;
     let batch = number(&config, "batch_size")?;
     let local = LocalConfig {
         batch_size: if batch.is_finite() { batch as usize } else { 0 },

@@ -28,6 +28,17 @@ pub enum ClientAlgorithm {
 }
 
 impl ClientAlgorithm {
+    /// How the algorithm steers a local run from the global parameters
+    /// `global`, with the client's control `c_i` and the server's `c`
+    /// (SCAFFOLD; absent = zeros).
+    pub fn correction<'a>(&self, global: &'a [f64], c_i: Option<&'a [f64]>, c: Option<&'a [f64]>) -> GradientCorrection<'a> {
+        match *self {
+            ClientAlgorithm::FedProx { mu } => GradientCorrection { proximal: Some((mu, global)), ..Default::default() },
+            ClientAlgorithm::Scaffold => GradientCorrection { client_control: c_i, server_control: c, ..Default::default() },
+            ClientAlgorithm::FedAvg | ClientAlgorithm::FedNova => GradientCorrection::default(),
+        }
+    }
+
     pub fn check(&self, optimizer: &LocalOptimizer) -> CoreResult<()> {
         match *self {
             ClientAlgorithm::FedProx { mu } if !(mu.is_finite() && mu >= 0.0) => invalid("mu", "must be a number >= 0"),

@@ -242,7 +242,7 @@ impl<'a> Fold<'a> {
         })
     }
 
-    /// Adds the next client's update after `RoundTransforms::prepare` (of
+    /// Adds the next client's update after `RoundTransforms::guard` (of
     /// this fold's transforms, for this client), with its weight and steps.
     pub fn add_prepared(&mut self, prepared: Prepared<'a>, weight: f64, a: f64) -> CoreResult<()> {
         if self.pipeline.is_none() {

@@ -11,8 +11,8 @@
 //! Then `aggregator` combines the kept updates (the weighted fold of
 //! `fold`, or a robust rule) and central DP noise is added to the sum.
 //! A simulated round (`train::run_round`) runs both halves for each client
-//! (`prepare`); the server's fold of updates received from elsewhere
-//! (`fold_round_with`) runs only the server's.
+//! (`client::fit` encodes, then `guard`); the server's fold of updates
+//! received from elsewhere (`fold_round_with`) runs only the server's.
 //!
 //! All off (`RoundTransforms::NONE`) is the plain fold: the same code runs,
 //! with the same numbers and the same memory.
@@ -441,15 +441,6 @@ impl RoundTransforms {
         };
         Ok(Prepared { update, norm, filter_norms, clipped })
     }
-
-    /// Both halves of client `k`'s update, as a simulated round runs them:
-    /// the client's encoding, then the server's steps. Returns the client's
-    /// new error-feedback residual beside.
-    pub fn prepare<'a>(&self, k: usize, d: usize, update: Cow<'a, [f64]>, norms: bool) -> CoreResult<(Prepared<'a>, Option<Vec<f64>>)> {
-        check_update(k, d, &update)?;
-        let (update, residual) = self.client(k).encode(update)?;
-        Ok((self.guard(k, d, update, norms)?, residual))
-    }
 }
 
 /// An update's length and values, checked as the fold always did.
@@ -511,8 +502,11 @@ mod tests {
         fold_round_with(&global, &refs(&sent), w, None, FoldRule::Mean, &SGD, diagnostics, &server, threads)
     }
 
+    /// Client `k`'s update through both halves: its encoding, then the
+    /// server's steps (no diagnostics).
     fn prepared(t: &RoundTransforms, k: usize, u: &[f64]) -> Vec<f64> {
-        t.prepare(k, u.len(), Cow::Borrowed(u), false).unwrap().0.update.into_owned()
+        let (sent, _) = t.client(k).encode(Cow::Borrowed(u)).unwrap();
+        t.guard(k, u.len(), sent, false).unwrap().update.into_owned()
     }
 
     fn norm(x: &[f64]) -> f64 {
@@ -828,15 +822,15 @@ mod tests {
             ..RoundTransforms::NONE
         };
         // Without noise: exactly the clipped update.
-        let quiet = with(0.0, 1).prepare(0, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned();
+        let quiet = prepared(&with(0.0, 1), 0, &u);
         for (q, v) in quiet.iter().zip(&u) {
             assert!((q - v * 2.0 / norm).abs() < 1e-15);
         }
         // With noise: clipped update + N(0, sd^2), seeded per client, never the attack streams.
-        let a = with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned();
-        let b = with_threads(2, || with(0.5, 9).prepare(3, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned());
+        let a = prepared(&with(0.5, 9), 3, &u);
+        let b = with_threads(2, || prepared(&with(0.5, 9), 3, &u));
         assert_eq!(a, b);
-        let other_client = with(0.5, 9).prepare(4, d, Cow::Borrowed(&u), false).unwrap().0.update.into_owned();
+        let other_client = prepared(&with(0.5, 9), 4, &u);
         assert_ne!(a, other_client);
         let resid: Vec<f64> = a.iter().zip(&quiet).map(|(x, q)| x - q).collect();
         let sd = (resid.iter().map(|r| r * r).sum::<f64>() / d as f64).sqrt();
