@@ -133,3 +133,11 @@ check_required_args <- function(required = NULL, env = parent.frame()) {
   }
   invisible()
 }
+
+# A positive amount that may be Inf (a timeout, a count of attempts).
+assert_limit <- function(x, arg = rlang::caller_arg(x), call = rlang::caller_env()) {
+  if (!is.numeric(x) || length(x) != 1L || is.na(x) || x <= 0) {
+    fedagg_abort("{.arg {arg}} must be one positive number (or Inf), not {obj_desc(x)}.", call = call)
+  }
+  as.double(x)
+}

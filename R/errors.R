@@ -31,7 +31,11 @@ fedagg_warn <- function(message, class, .envir = parent.frame()) {
 }
 
 # The Rust core tags its messages "[kind] text"; the kind becomes the class.
-rust_error_kinds <- c("input", "memory", "client", "diverged", "filter")
+# The networked federation adds: network (no answer, a refused connection),
+# timeout, key (a key or certificate that cannot be read), forged (an answer
+# not signed by the server), crypto and protocol.
+rust_error_kinds <- c("input", "memory", "client", "diverged", "filter", "network", "timeout", "key", "forged",
+                      "crypto", "protocol")
 
 call_rust <- function(expr, call = rlang::caller_env()) {
   tryCatch(expr, error = function(e) {
@@ -42,6 +46,10 @@ call_rust <- function(expr, call = rlang::caller_env()) {
       diverged = "Training diverged.",
       filter = "The filter dropped every update.",
       input = "fedagg's Rust core cannot use this input.",
+      network = "The network failed.",
+      timeout = "No answer in time.",
+      key = "A key or certificate cannot be used.",
+      forged = "An answer was not signed by the server's key; it was refused.",
       "Computation failed in fedagg's Rust core."
     )
     fedagg_abort(headline, class = parsed$kind, foreign = c(x = parsed$text), call = call)

@@ -28,6 +28,83 @@ rs_geometric_median <- function(layers, n_clients, weights, tol, max_iter, n_thr
 #' @noRd
 rs_ks_test <- function(x, y, alternative, exact, n_threads) .Call(wrap__rs_ks_test, x, y, alternative, exact, n_threads)
 
+#' A new Ed25519 key pair: list(private = <PEM>, public = "ed25519:...").
+#' @noRd
+rs_net_keygen <- function() .Call(wrap__rs_net_keygen)
+
+#' The public key of a private key (PEM).
+#' @noRd
+rs_net_public_key <- function(pem) .Call(wrap__rs_net_public_key, pem)
+
+#' Checks a public key's text.
+#' @noRd
+rs_net_check_public <- function(text) .Call(wrap__rs_net_check_public, text)
+
+#' A teaching CA and a server certificate: list(ca, cert, key) as PEM.
+#' @noRd
+rs_net_tls_selfsigned <- function(hosts) .Call(wrap__rs_net_tls_selfsigned, hosts)
+
+#' Writes a file atomically (temporary file, fsync, rename).
+#' @noRd
+rs_net_write_atomic <- function(path, bytes, private) .Call(wrap__rs_net_write_atomic, path, bytes, private)
+
+#' A NodeInfo message: what a node says of itself when it joins.
+#' @noRd
+rs_node_info <- function(node, n_samples, has_validation, label_levels, data_version) .Call(wrap__rs_node_info, node, n_samples, has_validation, label_levels, data_version)
+
+#' Starts the coordinator on background threads; returns its handle and
+#' the port it listens on (`port` 0: one the system picks).
+#' @noRd
+rs_net_serve <- function(host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads) .Call(wrap__rs_net_serve, host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads)
+
+#' "starting", "running", "done" or "stopping".
+#' @noRd
+rs_net_set_phase <- function(server, phase) .Call(wrap__rs_net_set_phase, server, phase)
+
+#' This round's tasks (replacing the last round's): one FitIns per node.
+#' @noRd
+rs_net_post_tasks <- function(server, round, dim, nodes, bodies) .Call(wrap__rs_net_post_tasks, server, round, dim, nodes, bodies)
+
+#' The uploads kept since the last call, waiting up to `wait` seconds for
+#' the first: list(node, round, task, body = list of raw).
+#' @noRd
+rs_net_wait_uploads <- function(server, wait) .Call(wrap__rs_net_wait_uploads, server, wait)
+
+#' The allow-listed nodes and what the joined ones said of themselves.
+#' @noRd
+rs_net_nodes <- function(server) .Call(wrap__rs_net_nodes, server)
+
+#' Prometheus text of `GET /metrics`.
+#' @noRd
+rs_net_metrics <- function(server) .Call(wrap__rs_net_metrics, server)
+
+#' A committed round's wall time, for the metrics.
+#' @noRd
+rs_net_observe_round <- function(server, seconds) .Call(wrap__rs_net_observe_round, server, seconds)
+
+#' The last `n` JSON log lines.
+#' @noRd
+rs_net_log <- function(server, n) .Call(wrap__rs_net_log, server, n)
+
+#' Stops the coordinator: refuses new work, lets requests in flight end
+#' within `grace` seconds.
+#' @noRd
+rs_net_stop <- function(server, grace) .Call(wrap__rs_net_stop, server, grace)
+
+#' Whether the coordinator's threads run.
+#' @noRd
+rs_net_running <- function(server) .Call(wrap__rs_net_running, server)
+
+#' A node's connection to its server.
+#' @noRd
+rs_net_client <- function(url, node, key_pem, server_key, ca_pem, insecure) .Call(wrap__rs_net_client, url, node, key_pem, server_key, ca_pem, insecure)
+
+#' One signed request of a node: list(status, body, round, task).
+#' Refusals are answers; no answer, a time-out or a forged answer is an
+#' error.
+#' @noRd
+rs_net_request <- function(client, method, path, round, task, body, timeout) .Call(wrap__rs_net_request, client, method, path, round, task, body, timeout)
+
 #' Per-client, per-layer L2 norms, row-major (client by layer).
 #' @noRd
 rs_layer_norms <- function(layers, n_clients, n_threads) .Call(wrap__rs_layer_norms, layers, n_clients, n_threads)
@@ -96,6 +173,20 @@ rs_fit_ins_read <- function(ins, with_vectors) .Call(wrap__rs_fit_ins_read, ins,
 #' The protocol version and the kind of a message, from its frame.
 #' @noRd
 rs_message_kind <- function(bytes) .Call(wrap__rs_message_kind, bytes)
+
+#' One `EvalIns` per node: the candidate global parameters to evaluate on
+#' each node's `split` ("validation" or "train").
+#' @noRd
+rs_eval_instructions <- function(sizes, head, bits, params, nodes, split, round) .Call(wrap__rs_eval_instructions, sizes, head, bits, params, nodes, split, round)
+
+#' A node's answer to an `EvalIns`, from the data of the split it asks
+#' for: list(ok, res) or a client failure.
+#' @noRd
+rs_client_evaluate <- function(ins, data) .Call(wrap__rs_client_evaluate, ins, data)
+
+#' An `EvalIns` or `EvalRes` header (raw) as an R list.
+#' @noRd
+rs_eval_read <- function(message) .Call(wrap__rs_eval_read, message)
 
 #' Number of cores Rust sees.
 #' @noRd

@@ -93,7 +93,15 @@ grid_fit <- function(private, nodes, states, streams, epochs, max_steps, round_c
     fedagg_abort("The round's grid must return a list of {length(ids)} FitRes message{?s}, one per FitIns in order, not {obj_desc(results)}.",
                  class = "user_code", round = round)
   }
-  collect_fit_results(unname(results), ids, round)
+  # NULL: a node that did not answer (a dropout of a networked round).
+  reported <- !vapply(results, is.null, logical(1), USE.NAMES = FALSE)
+  if (!any(reported)) {
+    fedagg_abort(c("Round {round}: none of the {length(ids)} selected node{?s} answered in time.",
+                   i = "Dropped: {paste(ids, collapse = ', ')}."), class = "cohort", round = round)
+  }
+  out <- collect_fit_results(unname(results[reported]), ids[reported], round)
+  out$reported <- reported
+  out
 }
 
 # The grid that runs every node's half in this process, from the messages,
@@ -134,9 +142,10 @@ set_grid <- function(server, grid) {
 # stays pending until a later FitIns says the server committed this node's
 # state of that round; an attempt the server threw away (a failed round,
 # or a retried one without this node) leaves the node as it was.
-node_runtime <- function(id, train, validation = NULL) {
-  state <- list()
-  pending <- NULL
+# `state` and `pending` restore what a node saved (see fed_join()).
+node_runtime <- function(id, train, validation = NULL, state = list(), pending = NULL) {
+  force(state)
+  force(pending)
   fit <- function(ins) {
     asked <- call_rust(rs_fit_ins_read(ins, FALSE))
     if (!identical(asked$node, id)) {

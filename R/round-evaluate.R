@@ -34,6 +34,7 @@ evaluate_clients <- function(private, flat, round = NULL) {
   model <- private$.model
   nodes <- private$.nodes[node_roster(private)$has_validation]
   if (!length(nodes)) return(NULL)
+  if (!is.null(private$.net)) return(net_evaluate(private, flat, names(nodes), round %||% private$.state$round))
   if (is_builtin(model)) {
     # Unnamed before the data are gathered: dropping the names of a list
     # that holds them would copy every matrix.

@@ -24,6 +24,8 @@ select_round <- function(self, private, r) {
     }
     on
   }
+  # A networked server selects among the nodes that joined and are heard from.
+  if (!is.null(private$.net)) available <- available & private$.net$reachable
   # Minimum cohort: nodes too small to disclose an update never take part.
   if (private$.min_samples > 0L) {
     eligible <- roster$n_samples >= private$.min_samples

@@ -11,10 +11,11 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   keep_updates <- "last_update" %in% private$.selection$needs
   rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
   builtin <- is_builtin(model) && alg$kind != "custom"
+  dropped <- character()
   # The nodes' data handles and attacks come from the roster (asked of each
   # node once, until a node changes); their state only when the round's
   # parts keep one.
-  views <- roster_views(private, idx, if (builtin) model,
+  views <- roster_views(private, idx, if (builtin && is.null(private$.net)) model,
                         validation = builtin && (rule == "collect" || private$.weights %in% "accuracy"))
   needs_state <- alg$kind %in% c("scaffold", "custom") || keep_updates || isTRUE(private$.compress$error_feedback)
   states <- if (needs_state) lapply(unname(nodes), function(n) n$state_for(private$.key)) else rep(list(list()), length(idx))
@@ -36,6 +37,19 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
       out <- grid_fit(private, nodes, lapply(states, function(st) list(control = st$control, residual = st$residual)), idx,
                       epochs, max_steps, round_cfg, round,
                       validation = any(!vapply(val, is.null, logical(1))))
+      if (!all(out$reported)) {
+        # Nodes that did not answer in time (a networked round) leave the
+        # round: it goes on with the others, as with simulated dropouts.
+        keep <- out$reported
+        dropped <- ids[!keep]
+        nodes <- nodes[keep]
+        ids <- ids[keep]
+        idx <- idx[keep]
+        epochs <- rep_len(epochs, length(keep))[keep]
+        states <- states[keep]
+        attacks <- attacks[keep]
+        fold_cfg$client_controls <- fold_cfg$client_controls[keep]
+      }
     } else {
       round_cfg <- rust_config(config, rule, epochs, fold_cfg)
       if (!is.null(max_steps) && any(!is.na(max_steps))) round_cfg$max_steps <- as.double(max_steps)
@@ -125,7 +139,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
     }), ids)
   } else list()
   list(params = params, aggregate = out_fold$aggregate, server_state = server_state, control = out_fold$control,
-       info = info, diagnostics = lapply(diagnostics, nan_to_na), node_states = node_states)
+       info = info, diagnostics = lapply(diagnostics, nan_to_na), node_states = node_states, dropped = dropped)
 }
 
 # The server step of a fold's output: the Rust optimizer's (already taken

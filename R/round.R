@@ -6,6 +6,9 @@
 round_body <- function(self, private, r, last_round) {
   started <- proc.time()[["elapsed"]]
   core_started <- core_clock$seconds
+  # A networked server first hears what its nodes said (their sizes count
+  # in the sampling rate) and which are reachable.
+  if (!is.null(private$.net)) private$.net$reachable <- net_sync(private)
   dp <- private$.privacy
   if (!is.null(dp)) check_dp_cohort(private)
   # This round's sampling rate, kept per round: the accountant composes the
@@ -56,6 +59,12 @@ round_body <- function(self, private, r, last_round) {
       }
       empty_round(old, private$.state$server_state, private$.state$control)
     }
+  }
+  if (length(result$dropped) && !is.null(system$log)) {
+    # Networked dropouts: selected, never answered in time.
+    gone <- system$log$client %in% result$dropped
+    system$log$status[gone] <- "dropout"
+    system$log$work[gone] <- 0
   }
   proposed <- result$params
   if (!is.null(private$.hooks$server_update)) {

@@ -212,6 +212,72 @@ Server <- R6::R6Class("Server",
       invisible(utils::tail(self$history, 1L))
     },
 
+    #' @description Serve a real federation: listen for nodes (see
+    #'   [fed_join()]), wait until `min_nodes` joined, run `rounds` rounds
+    #'   with them over the network (the same pipeline, levers and results
+    #'   as the simulation), tell the nodes the federation is over, and stop.
+    #'   The server's nodes are [fed_remote_nodes()]. A round that too few
+    #'   nodes answer in `round_timeout` seconds fails and changes nothing;
+    #'   it is run again when nodes are back. With `checkpoint`, the server
+    #'   writes its state after every committed round, atomically, and a
+    #'   server started again with the same directory resumes from it.
+    #'   Interrupting R (Ctrl-C) stops the server cleanly.
+    #' @param rounds Rounds to run in all (a resumed server runs the rest).
+    #' @param key The server's private key file (see [fed_keygen()]);
+    #'   not needed if the server already listens (`$listen()`), whose
+    #'   settings then hold.
+    #' @param port Port to listen on (0: one the system picks; see `$url`).
+    #' @param host IP address to listen on (`"0.0.0.0"` or `"::"` for all).
+    #' @param tls `NULL` (plain HTTP, loopback only) or [fed_tls()] /
+    #'   [fed_tls_selfsigned()].
+    #' @param min_nodes Nodes that must have joined before a round starts
+    #'   (default: all).
+    #' @param round_timeout Seconds a round waits for its clients' updates;
+    #'   the late ones are dropouts (`system_log`).
+    #' @param wait_timeout Seconds to wait for `min_nodes` nodes.
+    #' @param checkpoint `NULL` or a directory for checkpoints.
+    #' @param limits [net_limits()].
+    #' @param log_file `NULL` or a file for JSON log lines of every request.
+    #' @param insecure Allow plain HTTP on an address that is not loopback.
+    #' @param threads Threads of the HTTP server.
+    #' @param verbose Print progress.
+    #' @param linger Seconds to keep answering after the last round, so that
+    #'   polling nodes hear the federation is over.
+    #' @return The [fed_history], invisibly.
+    serve = function(rounds, key = NULL, port = 0, host = "127.0.0.1", tls = NULL, min_nodes = NULL, round_timeout = 300,
+                     wait_timeout = Inf, checkpoint = NULL, limits = net_limits(), log_file = NULL, insecure = FALSE,
+                     threads = 2, verbose = getOption("fedagg.verbose", interactive()), linger = 2) {
+      check_required_args()
+      verbose <- assert_flag(verbose)
+      # A server already listening (see `$listen()`) serves as it listens.
+      if (is.null(private$.net)) {
+        self$listen(key, port = port, host = host, tls = tls, round_timeout = round_timeout, limits = limits,
+                    log_file = log_file, insecure = insecure, threads = threads)
+      }
+      net_serve(self, private, rounds, min_nodes, wait_timeout, checkpoint, verbose,
+                assert_number(linger, 0, 600))
+    },
+
+    #' @description Start listening for nodes without running rounds (the
+    #'   rounds then run with `$round()` or `$fit()`, through the network);
+    #'   `$serve()` does this and more.
+    #' @param key,port,host,tls,round_timeout,limits,log_file,insecure,threads See `$serve()`.
+    listen = function(key, port = 0, host = "127.0.0.1", tls = NULL, round_timeout = 300, limits = net_limits(),
+                      log_file = NULL, insecure = FALSE, threads = 2) {
+      check_required_args()
+      net_listen(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads)
+      call_rust(rs_net_set_phase(private$.net$handle, "running"))
+      invisible(self)
+    },
+
+    #' @description Stop listening: refuse new requests, let those in flight
+    #'   finish within `grace` seconds.
+    #' @param grace Seconds.
+    stop = function(grace = 5) {
+      net_stop(private, assert_number(grace, 0, 600))
+      invisible(self)
+    },
+
     #' @description Run `rounds` rounds.
     #' @param rounds Number of rounds.
     #' @param verbose Show a progress bar (default: in interactive sessions;
@@ -462,6 +528,18 @@ Server <- R6::R6Class("Server",
       if (!missing(value)) fedagg_abort("{.field nodes} is read-only.")
       private$.nodes
     },
+    #' @field url Where the server listens (`NULL` when it does not).
+    url = function(value) {
+      if (!missing(value)) fedagg_abort("{.field url} is read-only.")
+      private$.net$url
+    },
+    #' @field network `NULL` when the server does not listen; otherwise its
+    #'   nodes as the coordinator sees them: a data frame of `node`,
+    #'   `joined`, `n_samples`, `has_validation` and `seconds_since_seen`.
+    network = function(value) {
+      if (!missing(value)) fedagg_abort("{.field network} is read-only.")
+      net_status(private)
+    },
     #' @field model The model, with the federation's `classes` (read-only).
     model = function(value) {
       if (!missing(value)) fedagg_abort("{.field model} is read-only.")
@@ -520,7 +598,7 @@ Server <- R6::R6Class("Server",
     .privacy = NULL, .clip = NULL, .filter = NULL, .min_samples = 0L,
     .monitor = NULL, .roster = NULL, .views = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
-    .async = NULL, .topology = NULL, .key = NULL, .home = NULL, .grid = NULL,
+    .async = NULL, .topology = NULL, .key = NULL, .home = NULL, .grid = NULL, .net = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {
@@ -540,6 +618,9 @@ Server <- R6::R6Class("Server",
       if (name == ".nodes") return(lapply(value, function(n) n$clone(deep = TRUE)))
       # Not the original: the copy's nodes are its own (see .rehome()).
       if (name == ".home") return(NULL)
+      # A copy does not serve: the coordinator belongs to the original.
+      if (name == ".net") return(NULL)
+      if (name == ".grid" && !is.null(private$.net)) return(NULL)
       value
     },
 

@@ -3,13 +3,14 @@
 
 mod api;
 
-use api::{aggregate, drift, norms, privacy, protocol, threads, train};
+use api::{aggregate, drift, net, norms, privacy, protocol, threads, train};
 use extendr_api::prelude::*;
 
 extendr_module! {
     mod fedagg;
     use aggregate;
     use drift;
+    use net;
     use norms;
     use privacy;
     use protocol;

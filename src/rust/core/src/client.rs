@@ -265,3 +265,14 @@ pub fn fit_message(
         residual: fit.residual,
     })
 }
+
+/// A node's answer to an `EvalIns`: the global parameters evaluated on the
+/// node's data of the asked split (the caller passes that split's data).
+pub fn evaluate_message(ins: &crate::protocol::EvalIns, data: &Dataset<'_>) -> CoreResult<crate::protocol::EvalRes> {
+    let net = network_of(&ins.model)?;
+    if ins.params.len() != net.n_params() {
+        return invalid("params", format!("has {} values, the model has {}", ins.params.len(), net.n_params()));
+    }
+    let ev = net.evaluate(&ins.params, data)?;
+    Ok(crate::protocol::EvalRes { round: ins.round, node: ins.node.clone(), n: ev.n as f64, loss: ev.loss, metric: ev.metric })
+}

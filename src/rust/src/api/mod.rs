@@ -4,6 +4,7 @@
 
 pub mod aggregate;
 pub mod drift;
+pub mod net;
 pub mod norms;
 pub mod privacy;
 pub mod protocol;

@@ -6,7 +6,9 @@ use super::config::*;
 use super::convert::{core_err, input_err, new_doubles};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use fedagg_core::protocol::{self, AttackSpec, CompressionSpec, EncodingSpec, FitIns, FitRes, LocalDpSpec, LocalSpec, ModelSpec};
+use fedagg_core::protocol::{
+    self, AttackSpec, CompressionSpec, EncodingSpec, EvalIns, EvalRes, FitIns, FitRes, LocalDpSpec, LocalSpec, ModelSpec,
+};
 
 fn raw_bytes<'a>(x: &'a Robj, what: &str) -> Result<&'a [u8]> {
     x.as_raw_slice().ok_or_else(|| input_err(format!("`{what}` must be a raw vector")))
@@ -171,6 +173,58 @@ fn optional_values(x: &Option<Vec<f64>>) -> Result<Robj> {
     }
 }
 
+/// One `EvalIns` per node: the candidate global parameters to evaluate on
+/// each node's `split` ("validation" or "train").
+/// @noRd
+#[extendr]
+fn rs_eval_instructions(sizes: Robj, head: i32, bits: i32, params: Robj, nodes: Strings, split: &str, round: f64) -> Result<List> {
+    let net = network(&sizes, head, bits)?;
+    let params = doubles(&params, "params")?;
+    if params.len() != net.n_params() {
+        return Err(input_err(format!("`params` has {} values, the model has {}", params.len(), net.n_params())));
+    }
+    let model = ModelSpec { sizes: doubles(&sizes, "sizes")?.iter().map(|&s| s as usize).collect(), head, bits };
+    let mut out = Vec::with_capacity(nodes.len());
+    for node in nodes.iter() {
+        let ins = EvalIns { round: round as u32, node: node.to_string(), split: split.to_string(), model: model.clone(), params: params.to_vec() };
+        out.push(raw(&protocol::encode(&ins).map_err(core_err)?));
+    }
+    Ok(List::from_values(out))
+}
+
+/// A node's answer to an `EvalIns`, from the data of the split it asks
+/// for: list(ok, res) or a client failure.
+/// @noRd
+#[extendr]
+fn rs_client_evaluate(ins: Robj, data: List) -> Result<List> {
+    let ins: EvalIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
+    let objects = data_objects(&data, "data")?;
+    let sets = datasets(&objects)?;
+    let Some(Some(set)) = sets.first() else { return Err(input_err("`data` must hold the node's data")) };
+    match fedagg_core::client::evaluate_message(&ins, set) {
+        Ok(res) => Ok(list!(ok = true, res = raw(&protocol::encode(&res).map_err(core_err)?))),
+        Err(e) => client_failure(e),
+    }
+}
+
+/// An `EvalIns` or `EvalRes` header (raw) as an R list.
+/// @noRd
+#[extendr]
+fn rs_eval_read(message: Robj) -> Result<List> {
+    let bytes = raw_bytes(&message, "message")?;
+    match protocol::kind_of(bytes).map_err(core_err)? {
+        protocol::Kind::EvalIns => {
+            let ins: EvalIns = protocol::decode(bytes).map_err(core_err)?;
+            Ok(list!(kind = "EvalIns", round = ins.round as f64, node = ins.node.as_str(), split = ins.split.as_str()))
+        }
+        _ => {
+            let res: EvalRes = protocol::decode(bytes).map_err(core_err)?;
+            Ok(list!(kind = "EvalRes", round = res.round as f64, node = res.node.as_str(), n = res.n, loss = res.loss,
+                     metric = res.metric))
+        }
+    }
+}
+
 /// A `FitRes` (raw) read and checked, as an R list.
 /// @noRd
 #[extendr]
@@ -248,4 +302,7 @@ extendr_module! {
     fn rs_fit_res_read;
     fn rs_fit_ins_read;
     fn rs_message_kind;
+    fn rs_eval_instructions;
+    fn rs_client_evaluate;
+    fn rs_eval_read;
 }

@@ -1,0 +1,429 @@
+//! The coordinator's HTTP(S) server: hyper on a tokio runtime of its own
+//! (background threads), so that R keeps its thread and stays
+//! interruptible while nodes talk to the server.
+//!
+//! Endpoints (inst/protocol.md): `GET /healthz`, `GET /ready`,
+//! `GET /metrics`, and the signed `POST /v1/join`, `GET /v1/task`,
+//! `POST /v1/update`, `POST /v1/heartbeat`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::coord::{self, Coordinator, Phase, Refusal, Signed};
+use crate::sign::{H_FEDERATION, H_ROUND, H_SERVER_SIGNATURE, H_TASK};
+use crate::NetError;
+
+pub const H_TASK_SIGNATURE: &str = "x-fedagg-task-signature";
+const LOG_KEPT: usize = 10_000;
+
+/// What the server's threads share.
+pub struct Shared {
+    pub coord: Coordinator,
+    /// Woken when tasks are posted or the phase changes (long polls).
+    pub tasks_changed: Notify,
+    /// Woken when an upload is kept (R waiting in `wait_uploads`).
+    pub uploads_ready: Condvar,
+    pub log: Mutex<VecDeque<String>>,
+    pub log_file: Option<Mutex<std::fs::File>>,
+    shutdown: Notify,
+}
+
+pub struct Server {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+}
+
+pub struct Options {
+    pub address: SocketAddr,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub log_file: Option<std::path::PathBuf>,
+    pub threads: usize,
+}
+
+impl Server {
+    /// Binds now (so a taken port is an error here), then serves on
+    /// background threads until `stop()`.
+    pub fn start(coord: Coordinator, opts: Options) -> Result<Server, NetError> {
+        let std_listener = std::net::TcpListener::bind(opts.address)
+            .map_err(|e| NetError::Io(format!("cannot listen on {}: {e}", opts.address)))?;
+        std_listener.set_nonblocking(true).map_err(|e| NetError::Io(e.to_string()))?;
+        let addr = std_listener.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
+        let log_file = match &opts.log_file {
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| NetError::Io(format!("cannot open the log file {}: {e}", p.display())))?,
+            )),
+            None => None,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.threads.max(1))
+            .thread_name("fedagg-net")
+            .enable_all()
+            .build()
+            .map_err(|e| NetError::Io(format!("cannot start the server's threads: {e}")))?;
+        let shared = Arc::new(Shared {
+            coord,
+            tasks_changed: Notify::new(),
+            uploads_ready: Condvar::new(),
+            log: Mutex::new(VecDeque::new()),
+            log_file,
+            shutdown: Notify::new(),
+        });
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener).map_err(|e| NetError::Io(e.to_string()))?
+        };
+        runtime.spawn(accept_loop(listener, shared.clone(), opts.tls));
+        Ok(Server { runtime: Some(runtime), shared, addr })
+    }
+
+    /// Ready to serve nodes (or not: resuming, shutting down); wakes the
+    /// long polls so that they answer at once.
+    pub fn set_phase(&self, phase: Phase) {
+        self.shared.coord.set_phase(phase);
+        self.shared.tasks_changed.notify_waiters();
+    }
+
+    pub fn post_tasks(&self, round: u64, dim: usize, tasks: Vec<(String, Bytes)>) -> Result<Vec<String>, String> {
+        let ids = self.shared.coord.post_tasks(round, dim, tasks)?;
+        self.shared.tasks_changed.notify_waiters();
+        Ok(ids)
+    }
+
+    /// The uploads kept since the last call, waiting up to `wait` for the
+    /// first one.
+    pub fn wait_uploads(&self, wait: Duration) -> Vec<coord::Upload> {
+        let st = self.shared.coord.lock();
+        let (mut st, _) = self
+            .shared
+            .uploads_ready
+            .wait_timeout_while(st, wait, |s| s.uploads.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut st.uploads)
+    }
+
+    pub fn log_lines(&self, n: usize) -> Vec<String> {
+        let log = self.shared.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter().skip(log.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// Refuses new work at once, lets requests in flight finish for up to
+    /// `grace`, then stops the threads.
+    pub fn stop(&mut self, grace: Duration) {
+        self.set_phase(Phase::ShuttingDown);
+        self.shared.shutdown.notify_waiters();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(grace);
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.runtime.is_some()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, tls: Option<Arc<rustls::ServerConfig>>) {
+    let limit = Arc::new(Semaphore::new(shared.coord.settings.max_connections));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.notified() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((tcp, peer)) = accepted else {
+            // Out of descriptors and the like: wait rather than spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.coord.refused(coord::refuse(503, "too_many_connections"));
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let header_timeout = Duration::from_millis(shared.coord.settings.header_timeout_ms);
+            match acceptor {
+                Some(acc) => {
+                    // A handshake that never ends would hold a connection.
+                    if let Ok(Ok(stream)) = tokio::time::timeout(header_timeout, acc.accept(tcp)).await {
+                        serve_connection(TokioIo::new(stream), shared, peer).await;
+                    }
+                }
+                None => serve_connection(TokioIo::new(tcp), shared, peer).await,
+            }
+        });
+    }
+}
+
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, peer: SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let header_timeout = Duration::from_millis(shared.coord.settings.header_timeout_ms);
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(req, shared, peer).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(64 * 1024)
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .await;
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn plain(status: u16, body: impl Into<Bytes>, content_type: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn refusal_body(r: Refusal) -> String {
+    format!("{{\"error\":\"{}\",\"status\":{}}}\n", r.reason, r.status)
+}
+
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Reply {
+    let method = req.method().clone();
+    let route = req.uri().path().to_string();
+    let coord = &shared.coord;
+    match route.as_str() {
+        "/healthz" | "/ready" | "/metrics" => {
+            count(coord, &route);
+            if method != Method::GET {
+                coord.refused(coord::METHOD);
+                return plain(405, refusal_body(coord::METHOD), "application/json");
+            }
+            match route.as_str() {
+                "/healthz" => plain(200, "ok\n", "text/plain"),
+                "/ready" => {
+                    if coord.phase() == Phase::Running {
+                        plain(200, "ready\n", "text/plain")
+                    } else {
+                        plain(503, "not ready\n", "text/plain")
+                    }
+                }
+                _ => plain(200, coord.metrics_text(), "text/plain; version=0.0.4"),
+            }
+        }
+        "/v1/join" | "/v1/task" | "/v1/update" | "/v1/heartbeat" => {
+            count(coord, &route);
+            let expected = if route == "/v1/task" { Method::GET } else { Method::POST };
+            if method != expected {
+                coord.refused(coord::METHOD);
+                log(&shared, &route, "", peer, 405, Some(coord::METHOD.reason), 0);
+                return plain(405, refusal_body(coord::METHOD), "application/json");
+            }
+            signed(req, shared.clone(), peer, route).await
+        }
+        _ => {
+            coord.refused(coord::NOT_FOUND);
+            plain(404, refusal_body(coord::NOT_FOUND), "application/json")
+        }
+    }
+}
+
+fn count(coord: &Coordinator, route: &str) {
+    let key: &'static str = match route {
+        "/healthz" => "healthz",
+        "/ready" => "ready",
+        "/metrics" => "metrics",
+        "/v1/join" => "join",
+        "/v1/task" => "task",
+        "/v1/update" => "update",
+        _ => "heartbeat",
+    };
+    *coord.lock().metrics.requests.entry(key).or_insert(0) += 1;
+}
+
+async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, route: String) -> Reply {
+    let coord = &shared.coord;
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| route.clone());
+    let headers = req.headers().clone();
+    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let node_claimed = header(crate::sign::H_NODE).filter(|n| crate::sign::is_token(n, coord::MAX_ID)).unwrap_or_default();
+    let refuse = |r: Refusal, s: Option<&Signed>| {
+        coord.refused(r);
+        log(&shared, &route, &node_claimed, peer, r.status, Some(r.reason), 0);
+        let body = refusal_body(r);
+        let mut reply = plain(r.status, body.clone(), "application/json");
+        // Answers to authenticated requests are signed, refusals too, so a
+        // node can tell the server's "no" from a forged one.
+        if let Some(s) = s {
+            let sig = coord.sign_response(&s.fields, &s.fields.path, r.status, 0, "", body.as_bytes());
+            insert(&mut reply, H_SERVER_SIGNATURE, &sig);
+        }
+        reply
+    };
+    let Some(s) = coord::read_signed(req.method().as_str(), &path, header) else {
+        return refuse(coord::MALFORMED_HEADERS, None);
+    };
+    if let Err(r) = coord.authenticate(&s, crate::unix_now()) {
+        return refuse(r, None);
+    }
+    let phase = coord.phase();
+    if matches!(phase, Phase::Starting | Phase::ShuttingDown) {
+        return refuse(coord::NOT_READY, Some(&s));
+    }
+    let f = s.fields.clone();
+    let limit = match route.as_str() {
+        "/v1/join" => Ok(coord.settings.join_max_bytes),
+        "/v1/update" => coord.upload_limit(&f.node, &f.task, f.round),
+        _ => Ok(0),
+    };
+    let limit = match limit {
+        Ok(l) => l,
+        Err(r) => return refuse(r, Some(&s)),
+    };
+    // The body's size is known, and refused, before a byte of it is read.
+    let length = match headers.get(CONTENT_LENGTH) {
+        Some(v) => match v.to_str().ok().and_then(|t| t.parse::<u64>().ok()) {
+            Some(n) => n,
+            None => return refuse(coord::MALFORMED_HEADERS, Some(&s)),
+        },
+        None if limit == 0 => 0,
+        None => return refuse(coord::LENGTH_REQUIRED, Some(&s)),
+    };
+    if length > limit as u64 {
+        return refuse(coord::TOO_LARGE, Some(&s));
+    }
+    let body_timeout = Duration::from_millis(coord.settings.body_timeout_ms);
+    let body = match tokio::time::timeout(body_timeout, Limited::new(req.into_body(), limit).collect()).await {
+        Err(_) => return refuse(coord::BODY_TIMEOUT, Some(&s)),
+        Ok(Err(_)) => return refuse(coord::TOO_LARGE, Some(&s)),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    coord.lock().metrics.bytes_in += body.len() as u64;
+    if crate::keys::sha256_hex(&body) != f.digest {
+        return refuse(coord::DIGEST_MISMATCH, Some(&s));
+    }
+    let answer = |status: u16, body: Bytes, round: u64, task: &str, ctype: &'static str| {
+        let sig = coord.sign_response(&f, &f.path, status, round, task, &body);
+        let n = body.len();
+        let mut reply = plain(status, body, ctype);
+        insert(&mut reply, H_SERVER_SIGNATURE, &sig);
+        insert(&mut reply, H_ROUND, &round.to_string());
+        insert(&mut reply, H_TASK, task);
+        insert(&mut reply, H_FEDERATION, &coord.keys.federation);
+        coord.lock().metrics.bytes_out += n as u64;
+        log(&shared, &route, &f.node, peer, status, None, n);
+        reply
+    };
+    match route.as_str() {
+        "/v1/join" => match coord.join(&f.node, &body) {
+            Ok(()) => {
+                let text = format!("{{\"federation\":{},\"status\":\"joined\"}}\n", json_string(&coord.keys.federation));
+                answer(200, Bytes::from(text), 0, "", "application/json")
+            }
+            Err(r) => refuse(r, Some(&s)),
+        },
+        "/v1/heartbeat" => answer(204, Bytes::new(), 0, "", "text/plain"),
+        "/v1/update" => match coord.upload(&f.node, &f.task, f.round, body) {
+            Ok(_) => {
+                shared.uploads_ready.notify_all();
+                answer(200, Bytes::from_static(b"{\"status\":\"kept\"}\n"), f.round, &f.task, "application/json")
+            }
+            Err(r) => refuse(r, Some(&s)),
+        },
+        _ => {
+            // GET /v1/task?wait=<seconds>: a long poll.
+            let wait = query_wait(&f.path).min(coord.settings.max_poll_ms);
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+            loop {
+                let notified = shared.tasks_changed.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                match coord.phase() {
+                    Phase::Done => return answer(410, Bytes::from_static(b"{\"status\":\"done\"}\n"), 0, "", "application/json"),
+                    Phase::Running => {}
+                    _ => return refuse(coord::NOT_READY, Some(&s)),
+                }
+                match coord.task_for(&f.node) {
+                    Err(r) => return refuse(r, Some(&s)),
+                    Ok(Some(task)) => {
+                        let mut reply = answer(200, task.body.clone(), task.round, &task.id, "application/octet-stream");
+                        insert(&mut reply, H_TASK_SIGNATURE, &task.signature);
+                        return reply;
+                    }
+                    Ok(None) => {}
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return answer(204, Bytes::new(), 0, "", "text/plain");
+                }
+            }
+        }
+    }
+}
+
+fn insert(reply: &mut Reply, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        reply.headers_mut().insert(name, v);
+    }
+}
+
+fn query_wait(path: &str) -> u64 {
+    let Some(q) = path.split_once('?').map(|(_, q)| q) else { return 0 };
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "wait")
+        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| (v * 1000.0).min(3.6e6) as u64)
+        .unwrap_or(0)
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// One JSON line per request on a signed endpoint, accepted or refused.
+fn log(shared: &Shared, route: &str, node: &str, peer: SocketAddr, status: u16, reason: Option<&str>, bytes: usize) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let line = format!(
+        "{{\"time\":{now:.3},\"event\":\"{}\",\"endpoint\":\"{route}\",\"node\":{},\"peer\":\"{peer}\",\"status\":{status},\"reason\":{},\"bytes_out\":{bytes}}}",
+        if reason.is_some() { "refused" } else { "accepted" },
+        json_string(node),
+        reason.map(json_string).unwrap_or_else(|| "null".into()),
+    );
+    if let Some(f) = &shared.log_file {
+        if let Ok(mut f) = f.lock() {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    let mut log = shared.log.lock().unwrap_or_else(|p| p.into_inner());
+    if log.len() >= LOG_KEPT {
+        log.pop_front();
+    }
+    log.push_back(line);
+}

@@ -1,0 +1,341 @@
+//! The networked federation from R: keys and certificates, the server's
+//! background HTTP(S) coordinator, and a node's signed requests. Every
+//! failure comes back as an R error tagged `[network]`, `[key]`,
+//! `[forged]`, `[timeout]` or `[input]` (read by R's `call_rust()`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use extendr_api::prelude::*;
+use extendr_api::{Error, Result};
+use fedagg_core::protocol::{self, NodeInfo};
+use fedagg_net::client::Client;
+use fedagg_net::coord::{Coordinator, Keys, Phase, Settings};
+use fedagg_net::keys::{SigningKey, VerifyingKey};
+use fedagg_net::server::{Options, Server};
+use fedagg_net::NetError;
+
+fn net_err(e: NetError) -> Error {
+    let tag = match e.kind() {
+        "invalid_argument" => "input",
+        k => k,
+    };
+    Error::Other(format!("[{tag}] {e}"))
+}
+
+fn input(msg: impl std::fmt::Display) -> Error {
+    Error::Other(format!("[input] {msg}"))
+}
+
+fn setting(settings: &List, name: &str) -> Result<Option<f64>> {
+    match settings.iter().find(|(n, _)| *n == name) {
+        None => Ok(None),
+        Some((_, v)) if v.is_null() => Ok(None),
+        Some((_, v)) => match v.as_real() {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+            _ => Err(input(format!("limit `{name}` must be a positive number"))),
+        },
+    }
+}
+
+fn handle<T: 'static>(x: &Robj, what: &str) -> Result<ExternalPtr<T>> {
+    ExternalPtr::<T>::try_from(x).map_err(|_| input(format!("`{what}` is not a live handle (was it saved and read back?)")))
+}
+
+/// A new Ed25519 key pair: list(private = <PEM>, public = "ed25519:...").
+/// @noRd
+#[extendr]
+fn rs_net_keygen() -> Result<List> {
+    let (private, public) = fedagg_net::keys::generate().map_err(net_err)?;
+    Ok(list!(private = private, public = public))
+}
+
+/// The public key of a private key (PEM).
+/// @noRd
+#[extendr]
+fn rs_net_public_key(pem: &str) -> Result<String> {
+    Ok(SigningKey::from_pem(pem).map_err(net_err)?.public_text())
+}
+
+/// Checks a public key's text.
+/// @noRd
+#[extendr]
+fn rs_net_check_public(text: &str) -> Result<String> {
+    Ok(VerifyingKey::from_text(text).map_err(net_err)?.to_text())
+}
+
+/// A teaching CA and a server certificate: list(ca, cert, key) as PEM.
+/// @noRd
+#[extendr]
+fn rs_net_tls_selfsigned(hosts: Strings) -> Result<List> {
+    let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+    let (ca, cert, key) = fedagg_net::tls::selfsigned(&hosts).map_err(net_err)?;
+    Ok(list!(ca = ca, cert = cert, key = key))
+}
+
+/// Writes a file atomically (temporary file, fsync, rename).
+/// @noRd
+#[extendr]
+fn rs_net_write_atomic(path: &str, bytes: Raw, private: bool) -> Result<()> {
+    fedagg_net::files::write_atomic(std::path::Path::new(path), bytes.as_slice(), private).map_err(net_err)
+}
+
+/// A NodeInfo message: what a node says of itself when it joins.
+/// @noRd
+#[extendr]
+fn rs_node_info(node: &str, n_samples: f64, has_validation: bool, label_levels: Strings, data_version: f64) -> Result<Raw> {
+    let info = NodeInfo {
+        node: node.to_string(),
+        n_samples,
+        has_validation,
+        label_levels: label_levels.iter().map(|s| s.to_string()).collect(),
+        data_version: data_version as u64,
+    };
+    let bytes = protocol::encode(&info).map_err(|e| input(e))?;
+    Ok(Raw::from_bytes(&bytes))
+}
+
+/// Starts the coordinator on background threads; returns its handle and
+/// the port it listens on (`port` 0: one the system picks).
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_net_serve(
+    host: &str,
+    port: i32,
+    tls_cert: Nullable<String>,
+    tls_key: Nullable<String>,
+    server_key: &str,
+    node_ids: Strings,
+    node_keys: Strings,
+    federation: &str,
+    limits: List,
+    log_file: Nullable<String>,
+    threads: i32,
+) -> Result<List> {
+    let ip: std::net::IpAddr = host.parse().map_err(|_| input(format!("`host` must be an IP address, not `{host}`")))?;
+    if !(0..=65535).contains(&port) {
+        return Err(input("`port` must be from 0 to 65535"));
+    }
+    let mut nodes = HashMap::new();
+    for (id, key) in node_ids.iter().zip(node_keys.iter()) {
+        let (id, key): (&str, &str) = (id.as_ref(), key.as_ref());
+        if !fedagg_net::sign::is_token(id, fedagg_net::coord::MAX_ID) {
+            return Err(input(format!("node id `{}` must be 1-128 letters, digits or -_.:@", id)));
+        }
+        let k = VerifyingKey::from_text(key).map_err(|e| input(format!("the key of node `{}`: {e}", id)))?;
+        if nodes.insert(id.to_string(), k).is_some() {
+            return Err(input(format!("node `{}` is listed twice in the authorized keys", id)));
+        }
+    }
+    let mut settings = Settings::default();
+    let ms = |s: f64| (s * 1000.0).min(8.64e7) as u64;
+    if let Some(v) = setting(&limits, "clock_window")? {
+        settings.window_s = v.min(8.64e4) as i64;
+    }
+    if let Some(v) = setting(&limits, "rate")? {
+        settings.rate_per_s = v;
+    }
+    if let Some(v) = setting(&limits, "burst")? {
+        settings.burst = v.max(1.0);
+    }
+    if let Some(v) = setting(&limits, "header_timeout")? {
+        settings.header_timeout_ms = ms(v);
+    }
+    if let Some(v) = setting(&limits, "body_timeout")? {
+        settings.body_timeout_ms = ms(v);
+    }
+    if let Some(v) = setting(&limits, "max_poll")? {
+        settings.max_poll_ms = ms(v);
+    }
+    if let Some(v) = setting(&limits, "max_connections")? {
+        settings.max_connections = v.min(1e6) as usize;
+    }
+    if let Some(v) = setting(&limits, "liveness")? {
+        settings.liveness_s = v;
+    }
+    let tls = match (tls_cert.into_option(), tls_key.into_option()) {
+        (Some(c), Some(k)) => Some(fedagg_net::tls::server_config(&c, &k).map_err(net_err)?),
+        (None, None) => None,
+        _ => return Err(input("`tls` needs both a certificate and its key")),
+    };
+    let keys = Keys { server: SigningKey::from_pem(server_key).map_err(net_err)?, nodes, federation: federation.to_string() };
+    let server = Server::start(
+        Coordinator::new(keys, settings),
+        Options {
+            address: SocketAddr::new(ip, port as u16),
+            tls,
+            log_file: log_file.into_option().map(std::path::PathBuf::from),
+            threads: threads.max(1) as usize,
+        },
+    )
+    .map_err(net_err)?;
+    let port = server.addr.port() as i32;
+    Ok(list!(handle = ExternalPtr::new(server), port = port))
+}
+
+/// "starting", "running", "done" or "stopping".
+/// @noRd
+#[extendr]
+fn rs_net_set_phase(server: Robj, phase: &str) -> Result<()> {
+    let s = handle::<Server>(&server, "server")?;
+    let phase = match phase {
+        "starting" => Phase::Starting,
+        "running" => Phase::Running,
+        "done" => Phase::Done,
+        "stopping" => Phase::ShuttingDown,
+        other => return Err(input(format!("unknown phase `{other}`"))),
+    };
+    s.set_phase(phase);
+    Ok(())
+}
+
+/// This round's tasks (replacing the last round's): one FitIns per node.
+/// @noRd
+#[extendr]
+fn rs_net_post_tasks(server: Robj, round: f64, dim: f64, nodes: Strings, bodies: List) -> Result<Strings> {
+    let s = handle::<Server>(&server, "server")?;
+    if nodes.len() != bodies.len() {
+        return Err(input("one task per node"));
+    }
+    let mut tasks = Vec::with_capacity(nodes.len());
+    for (id, body) in nodes.iter().zip(bodies.values()) {
+        let bytes = body.as_raw_slice().ok_or_else(|| input("each task must be a raw vector"))?;
+        tasks.push((id.to_string(), fedagg_net::Bytes::copy_from_slice(bytes)));
+    }
+    let ids = s.post_tasks(round as u64, dim as usize, tasks).map_err(input)?;
+    Ok(ids.iter().map(|s| s.as_str()).collect())
+}
+
+/// The uploads kept since the last call, waiting up to `wait` seconds for
+/// the first: list(node, round, task, body = list of raw).
+/// @noRd
+#[extendr]
+fn rs_net_wait_uploads(server: Robj, wait: f64) -> Result<List> {
+    let s = handle::<Server>(&server, "server")?;
+    let wait = if wait.is_finite() && wait > 0.0 { Duration::from_secs_f64(wait.min(60.0)) } else { Duration::ZERO };
+    let ups = s.wait_uploads(wait);
+    let nodes: Vec<&str> = ups.iter().map(|u| u.node.as_str()).collect();
+    let rounds: Vec<f64> = ups.iter().map(|u| u.round as f64).collect();
+    let tasks: Vec<&str> = ups.iter().map(|u| u.task.as_str()).collect();
+    let bodies = List::from_values(ups.iter().map(|u| Raw::from_bytes(&u.body)));
+    Ok(list!(node = nodes, round = rounds, task = tasks, body = bodies))
+}
+
+/// The allow-listed nodes and what the joined ones said of themselves.
+/// @noRd
+#[extendr]
+fn rs_net_nodes(server: Robj) -> Result<List> {
+    let s = handle::<Server>(&server, "server")?;
+    let coord = &s.shared.coord;
+    let st = coord.lock();
+    let now = std::time::Instant::now();
+    let mut ids = Vec::new();
+    let mut joined = Vec::new();
+    let mut n = Vec::new();
+    let mut val = Vec::new();
+    let mut seen = Vec::new();
+    let mut levels = Vec::new();
+    let mut version = Vec::new();
+    for (id, e) in &st.nodes {
+        ids.push(id);
+        joined.push(e.info.is_some());
+        n.push(e.info.as_ref().map_or(f64::NAN, |i| i.n_samples));
+        val.push(e.info.as_ref().map_or(false, |i| i.has_validation));
+        seen.push(e.last_seen.map_or(f64::NAN, |t| now.duration_since(t).as_secs_f64()));
+        levels.push(Robj::from(e.info.as_ref().map_or(Vec::new(), |i| i.label_levels.clone())));
+        version.push(e.info.as_ref().map_or(0.0, |i| i.data_version as f64));
+    }
+    Ok(list!(node = ids, joined = joined, n_samples = n, has_validation = val, seconds_since_seen = seen,
+             label_levels = List::from_values(levels), data_version = version))
+}
+
+/// Prometheus text of `GET /metrics`.
+/// @noRd
+#[extendr]
+fn rs_net_metrics(server: Robj) -> Result<String> {
+    Ok(handle::<Server>(&server, "server")?.shared.coord.metrics_text())
+}
+
+/// A committed round's wall time, for the metrics.
+/// @noRd
+#[extendr]
+fn rs_net_observe_round(server: Robj, seconds: f64) -> Result<()> {
+    handle::<Server>(&server, "server")?.shared.coord.lock().metrics.observe_round(seconds.max(0.0));
+    Ok(())
+}
+
+/// The last `n` JSON log lines.
+/// @noRd
+#[extendr]
+fn rs_net_log(server: Robj, n: f64) -> Result<Strings> {
+    let lines = handle::<Server>(&server, "server")?.log_lines(n.max(0.0) as usize);
+    Ok(lines.iter().map(|s| s.as_str()).collect())
+}
+
+/// Stops the coordinator: refuses new work, lets requests in flight end
+/// within `grace` seconds.
+/// @noRd
+#[extendr]
+fn rs_net_stop(server: Robj, grace: f64) -> Result<()> {
+    let mut s = handle::<Server>(&server, "server")?;
+    let grace = if grace.is_finite() && grace > 0.0 { grace.min(600.0) } else { 0.0 };
+    s.stop(Duration::from_secs_f64(grace));
+    Ok(())
+}
+
+/// Whether the coordinator's threads run.
+/// @noRd
+#[extendr]
+fn rs_net_running(server: Robj) -> Result<bool> {
+    Ok(handle::<Server>(&server, "server").map(|s| s.running()).unwrap_or(false))
+}
+
+/// A node's connection to its server.
+/// @noRd
+#[extendr]
+fn rs_net_client(url: &str, node: &str, key_pem: &str, server_key: &str, ca_pem: Nullable<String>, insecure: bool) -> Result<Robj> {
+    let key = SigningKey::from_pem(key_pem).map_err(net_err)?;
+    let server_key = VerifyingKey::from_text(server_key).map_err(net_err)?;
+    let ca = ca_pem.into_option();
+    let c = Client::new(url, node, key, server_key, ca.as_deref(), insecure).map_err(net_err)?;
+    Ok(ExternalPtr::new(c).into())
+}
+
+/// One signed request of a node: list(status, body, round, task).
+/// Refusals are answers; no answer, a time-out or a forged answer is an
+/// error.
+/// @noRd
+#[extendr]
+fn rs_net_request(client: Robj, method: &str, path: &str, round: f64, task: &str, body: Raw, timeout: f64) -> Result<List> {
+    let mut c = handle::<Client>(&client, "client")?;
+    let timeout = if timeout.is_finite() && timeout > 0.0 { timeout.min(86_400.0) } else { 30.0 };
+    let reply = c
+        .request(method, path, round.max(0.0) as u64, task, body.as_slice().to_vec(), Duration::from_secs_f64(timeout))
+        .map_err(net_err)?;
+    Ok(list!(status = reply.status as i32, body = Raw::from_bytes(&reply.body), round = reply.round as f64,
+             task = reply.task))
+}
+
+extendr_module! {
+    mod net;
+    fn rs_net_keygen;
+    fn rs_net_public_key;
+    fn rs_net_check_public;
+    fn rs_net_tls_selfsigned;
+    fn rs_net_write_atomic;
+    fn rs_node_info;
+    fn rs_net_serve;
+    fn rs_net_set_phase;
+    fn rs_net_post_tasks;
+    fn rs_net_wait_uploads;
+    fn rs_net_nodes;
+    fn rs_net_metrics;
+    fn rs_net_observe_round;
+    fn rs_net_log;
+    fn rs_net_stop;
+    fn rs_net_running;
+    fn rs_net_client;
+    fn rs_net_request;
+}
