@@ -168,7 +168,7 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
     if (inherits(outcome, "condition")) {
       failures <- failures + 1
       if (failures > max_failures) {
-        fedagg_abort("Node{?s} {.val {ids[!done]}} gave up after {failures} failed attempt{?s} to reach {.url {url}}.",
+        fedagg_abort(c("Gave up reaching {.url {url}} after {failures} failed attempt{?s}.", i = "Nodes still in: {.val {ids[!done]}}."),
                      class = "network", parent = outcome)
       }
       if (verbose) cli::cli_inform(c(`!` = "Cannot reach the server ({conditionMessage(outcome)}); retrying in {format(signif(delay, 2))} s."))

@@ -32,15 +32,17 @@ start_node_processes <- function(dir, nodes, groups, url, server_pub, model, sta
 
 # A server made by `make(nodes)` run over the network with its nodes in
 # `length(groups)` processes; returns the server after `rounds` rounds.
-run_networked <- function(make, nodes, rounds, n_procs = 3, ...) {
+run_networked <- function(make, nodes, rounds, n_procs = 3, tls = FALSE, ...) {
   dir <- withr::local_tempdir(.local_envir = parent.frame())
   ids <- names(nodes)
   keys <- net_keys(dir, ids)
   srv <- make(fed_remote_nodes(keys$nodes))
-  srv$listen(keys$server_key, port = 0, round_timeout = 60)
+  certs <- if (tls) fed_tls_selfsigned(file.path(dir, "tls"))
+  srv$listen(keys$server_key, port = 0, round_timeout = 60, tls = certs)
   withr::defer(srv$stop(0), envir = parent.frame())
   groups <- split(ids, rep_len(seq_len(n_procs), length(ids)))
-  procs <- start_node_processes(dir, nodes, groups, srv$url, keys$server, srv$model, env = parent.frame(), ...)
+  procs <- start_node_processes(dir, nodes, groups, srv$url, keys$server, srv$model, env = parent.frame(),
+                                extra = if (tls) list(ca = certs$ca) else list(), ...)
   srv$serve(rounds, wait_timeout = 60, verbose = FALSE, linger = 1.5)
   for (p in procs) p$wait(20000)
   outs <- vapply(seq_along(groups), function(g) paste(readLines(file.path(dir, sprintf("node-%d.out", g))), collapse = "\n"), "")
@@ -66,4 +68,27 @@ raw_http <- function(port, method, path, headers = character(), body = raw(), ti
   }
   text <- rawToChar(out[out != as.raw(0)])
   list(status = as.integer(substr(text, 10, 12)), text = text)
+}
+
+# A port nobody listens on now (for a server that must come back on the
+# same port after a restart).
+free_port <- function() {
+  for (i in 1:50) {
+    port <- sample(20000:60000, 1)
+    s <- tryCatch(serverSocket(port), error = function(e) NULL)
+    if (!is.null(s)) {
+      close(s)
+      return(port)
+    }
+  }
+  stop("no free port")
+}
+
+wait_for <- function(condition, timeout = 60, what = "a condition") {
+  started <- Sys.time()
+  while (!condition()) {
+    if (as.numeric(Sys.time() - started, units = "secs") > timeout) stop("timed out waiting for ", what)
+    Sys.sleep(0.05)
+  }
+  invisible(TRUE)
 }

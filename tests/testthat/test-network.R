@@ -223,3 +223,133 @@ test_that("hostile requests get their documented 4xx, change nothing, and the se
   # Nothing reached the server's rounds.
   expect_identical(srv$rounds_done, 0L)
 })
+
+test_that("a node killed mid-federation is a dropout of its round, and rejoins with its saved state", {
+  skip_on_cran()
+  skip_if_not_installed("callr")
+  dir <- withr::local_tempdir()
+  data <- synthetic_fedprox(1, 1, n_clients = 3, max_size = 50, seed = 4)
+  nodes <- fed_nodes(data)
+  ids <- names(nodes)
+  keys <- net_keys(dir, ids)
+  model <- model_softmax(60, 10)
+  procs <- list()
+  here <- environment()
+  start <- function(g) start_node_processes(dir, nodes, list(ids[g]), url, keys$server, model, env = here)[[1]]
+  hooks <- list(
+    round_start = function(server, round, clients) if (round == 2) procs[[3]]$kill(),
+    round_end = function(server, round, record) if (round == 2) procs[[3]] <<- start(3)
+  )
+  srv <- fed_server(model, fed_remote_nodes(keys$nodes), fraction = 1, lr = 0.05, seed = 2, algorithm = scaffold(),
+                    hooks = hooks)
+  srv$listen(keys$server_key, port = 0, round_timeout = 8)
+  withr::defer(srv$stop(0))
+  url <- srv$url
+  procs <- lapply(1:3, start)
+  withr::defer(for (p in procs) if (p$is_alive()) p$kill())
+  expect_warning(srv$serve(4, wait_timeout = 60, verbose = FALSE, linger = 1.5), class = "fedagg_warning_eval_dropout")
+  log <- srv$system_log
+  expect_identical(log$status[log$round == 2 & log$client == ids[3]], "dropout")
+  expect_identical(as.integer(table(srv$client_log$round)), c(3L, 2L, 3L, 3L))
+  for (p in procs) p$wait(10000)
+  expect_identical(vapply(procs, function(p) p$get_exit_status(), integer(1)), c(0L, 0L, 0L))
+  # The restarted node went on from the state it saved.
+  expect_true(file.exists(file.path(dir, "state", paste0(ids[3], ".rds"))))
+})
+
+test_that("a server killed with SIGKILL mid-round resumes from its checkpoint to the uninterrupted run's model", {
+  skip_on_cran()
+  skip_if_not_installed("callr")
+  dir <- withr::local_tempdir()
+  data <- synthetic_fedprox(1, 1, n_clients = 4, max_size = 50, seed = 6)
+  nodes <- fed_nodes(data)
+  ids <- names(nodes)
+  keys <- net_keys(dir, ids)
+  saveRDS(list(keys = keys$nodes, test = pool_clients(data, "test")), file.path(dir, "setup.rds"))
+  make <- function(nodes, hooks = list()) {
+    fed_server(model_softmax(60, 10), nodes, fraction = 0.75, lr = 0.05, seed = 3, algorithm = scaffold(),
+               compress = compress_topk(0.2), test_data = readRDS(file.path(dir, "setup.rds"))$test, hooks = hooks)
+  }
+  port <- free_port()
+  url <- sprintf("http://127.0.0.1:%d", port)
+  serve <- function() {
+    callr::r_bg(function(dir, port, make) {
+      library(fedagg)
+      # Round 3 is where the test kills this process: it says so, then
+      # waits long enough for that.
+      hooks <- list(round_start = function(server, round, clients) {
+        writeLines(as.character(round), file.path(dir, "round-started"))
+        if (round == 3 && !file.exists(file.path(dir, "killed-once"))) Sys.sleep(30)
+      })
+      srv <- make(fed_remote_nodes(readRDS(file.path(dir, "setup.rds"))$keys), hooks)
+      srv$serve(5, key = file.path(dir, "server.key"), port = port, checkpoint = file.path(dir, "ckpt"),
+                round_timeout = 30, verbose = TRUE, linger = 2)
+      saveRDS(list(params = srv$params, history = srv$history, client_log = srv$client_log),
+              file.path(dir, "final.rds"))
+    }, args = list(dir = dir, port = port, make = make), stdout = file.path(dir, "server.out"), stderr = "2>&1",
+    supervise = TRUE)
+  }
+  first <- serve()
+  withr::defer(if (first$is_alive()) first$kill())
+  procs <- start_node_processes(dir, nodes, list(ids[1:2], ids[3:4]), url, keys$server, model_softmax(60, 10))
+  wait_for(function() file.exists(file.path(dir, "round-started")) &&
+             identical(readLines(file.path(dir, "round-started")), "3"), 90, "round 3")
+  Sys.sleep(0.3)
+  first$kill()
+  expect_false(first$is_alive())
+  writeLines("yes", file.path(dir, "killed-once"))
+  expect_true(file.exists(file.path(dir, "ckpt", "server.rds")))
+  second <- serve()
+  withr::defer(if (second$is_alive()) second$kill())
+  second$wait(120000)
+  out <- paste(readLines(file.path(dir, "server.out")), collapse = "\n")
+  expect_identical(second$get_exit_status(), 0L, info = out)
+  expect_match(out, "Resumed from")
+  for (p in procs) p$wait(20000)
+  final <- readRDS(file.path(dir, "final.rds"))
+  uninterrupted <- make(nodes)
+  uninterrupted$fit(5, verbose = FALSE)
+  expect_identical(final$params, uninterrupted$params)
+  expect_identical(final$history, uninterrupted$history)
+  expect_identical(final$client_log, uninterrupted$client_log)
+})
+
+test_that("over TLS the federation is the same; a node refuses answers its server did not sign", {
+  skip_on_cran()
+  skip_if_not_installed("callr")
+  data <- synthetic_fedprox(1, 1, n_clients = 3, max_size = 40, seed = 8)
+  make <- function(nodes) fed_server(model_softmax(60, 10), nodes, fraction = 1, lr = 0.05, seed = 5)
+  simulated <- make(fed_nodes(data))
+  simulated$fit(2, verbose = FALSE)
+  networked <- run_networked(make, fed_nodes(data), rounds = 2, n_procs = 1, tls = TRUE)
+  expect_match(networked$history$round[1] |> as.character(), "1")
+  expect_identical(networked$params, simulated$params, info = paste(attr(networked, "node_output"), collapse = "\n"))
+  expect_identical(networked$history, simulated$history)
+
+  # A node given another server key (a forged server, or a tampered answer)
+  # refuses the first answer and stops.
+  dir <- withr::local_tempdir()
+  nodes <- fed_nodes(data)
+  keys <- net_keys(dir, names(nodes))
+  srv <- make(fed_remote_nodes(keys$nodes))
+  certs <- fed_tls_selfsigned(file.path(dir, "tls"))
+  srv$listen(keys$server_key, port = 0, tls = certs)
+  withr::defer(srv$stop(0))
+  impostor <- suppressMessages(fed_keygen(file.path(dir, "impostor.key")))
+  expect_error(fed_join(nodes[[1]], srv$url, srv$model, key = file.path(dir, "client1.key"), server_key = impostor,
+                        ca = certs$ca, verbose = FALSE),
+               class = "fedagg_error_forged")
+  # Plain HTTP to a TLS server, or TLS trusting another CA, never gets in.
+  other <- fed_tls_selfsigned(file.path(dir, "other"))
+  expect_error(fed_join(nodes[[1]], srv$url, srv$model, key = file.path(dir, "client1.key"), server_key = keys$server,
+                        ca = other$ca, max_failures = 1, backoff = c(0.01, 0.01), verbose = FALSE),
+               class = "fedagg_error_network")
+  expect_error(fed_join(nodes[[1]], "http://10.0.0.1:1", srv$model, key = file.path(dir, "client1.key"),
+                        server_key = keys$server, verbose = FALSE), "loopback", class = "fedagg_error_input")
+  # Only the first node's join reached the server (its key is good; it is
+  # the node that refused the server's answer).
+  expect_identical(srv$network$joined, c(TRUE, FALSE, FALSE))
+  port <- as.integer(sub(".*:", "", srv$url))
+  # Plain HTTP to the TLS port gets no HTTP answer at all.
+  expect_true(is.na(suppressWarnings(raw_http(port, "GET", "/healthz", timeout = 2))$status))
+})
