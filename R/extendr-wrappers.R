@@ -55,11 +55,15 @@ rs_node_info <- function(node, n_samples, has_validation, label_levels, data_ver
 #' Starts the coordinator on background threads; returns its handle and
 #' the port it listens on (`port` 0: one the system picks).
 #' @noRd
-rs_net_serve <- function(host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads) .Call(wrap__rs_net_serve, host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads)
+rs_net_serve <- function(host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads, insecure) .Call(wrap__rs_net_serve, host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads, insecure)
 
 #' "starting", "running", "done" or "stopping".
 #' @noRd
 rs_net_set_phase <- function(server, phase) .Call(wrap__rs_net_set_phase, server, phase)
+
+#' Withdraws the round's tasks: later uploads for them are refused.
+#' @noRd
+rs_net_close_tasks <- function(server) .Call(wrap__rs_net_close_tasks, server)
 
 #' This round's tasks (replacing the last round's): one FitIns per node.
 #' @noRd
@@ -97,7 +101,7 @@ rs_net_running <- function(server) .Call(wrap__rs_net_running, server)
 
 #' A node's connection to its server.
 #' @noRd
-rs_net_client <- function(url, node, key_pem, server_key, ca_pem, insecure) .Call(wrap__rs_net_client, url, node, key_pem, server_key, ca_pem, insecure)
+rs_net_client <- function(url, node, key_pem, server_key, ca_pem, insecure, max_task) .Call(wrap__rs_net_client, url, node, key_pem, server_key, ca_pem, insecure, max_task)
 
 #' One signed request of a node: list(status, body, round, task).
 #' Refusals are answers; no answer, a time-out or a forged answer is an

@@ -84,13 +84,17 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
     state_dir <- assert_path(state_dir, "state_dir")
     dir.create(state_dir, recursive = TRUE, showWarnings = FALSE)
   }
+  # The largest task a node accepts: the model's parameters and a SCAFFOLD
+  # control, and room for the settings.
+  max_task <- 16 * n_params(model) + 2^20
   # Answers may be slow while the server waits: the wait comes on top.
   wait <- if (length(nodes) == 1L) poll else 0
   members <- lapply(seq_along(nodes), function(i) {
     node <- nodes[[i]]
     saved <- read_node_state(state_dir, ids[i])
     list(id = ids[i], node = node,
-         client = call_rust(rs_net_client(url, ids[i], read_pem(keys[[i]], "private key"), server_pub, ca_pem, insecure)),
+         client = call_rust(rs_net_client(url, ids[i], read_pem(keys[[i]], "private key"), server_pub, ca_pem, insecure,
+                                          max_task)),
          validation = if (node$has_validation) node$data_for(model, "validation"),
          runtime = node_runtime(ids[i], node$data_for(model), if (node$has_validation) node$data_for(model, "validation"),
                                 saved$state %||% list(), saved$pending),
@@ -103,7 +107,15 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
   failures <- 0
   delay <- backoff[1]
   request <- function(m, method, path, round = 0, task = "", body = raw()) {
-    call_rust(rs_net_request(m$client, method, path, round, task, body, timeout + wait))
+    r <- call_rust(rs_net_request(m$client, method, path, round, task, body, timeout + wait))
+    # A node acts only on answers its server signed; the server's "later"
+    # (429 too many requests, 503 not ready) and anything unsigned are
+    # tried again after a pause.
+    if (!isTRUE(r$verified) || r$status %in% c(429L, 503L)) {
+      fedagg_abort("The server answered {r$status}{if (!isTRUE(r$verified)) ' (unsigned)' else ''} to {method} {path}.",
+                   class = "network", client = m$id)
+    }
+    r
   }
   refused <- function(m, reply, what) {
     reason <- tryCatch(jsonlite_field(rawToChar(reply$body), "error"), error = function(e) "")
@@ -118,7 +130,6 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
         m <- members[[i]]
         if (!joined[i]) {
           r <- request(m, "POST", "/v1/join", body = m$info)
-          if (r$status == 503) next
           if (r$status != 200) refused(m, r, "the join")
           joined[i] <- TRUE
           if (verbose) cli::cli_inform(c(v = "Node {.val {m$id}} joined."))
@@ -128,7 +139,7 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
           done[i] <- TRUE
           next
         }
-        if (r$status %in% c(204, 503)) next
+        if (r$status == 204) next
         if (r$status == 409) {
           # The server restarted and forgot us: join again.
           joined[i] <- FALSE

@@ -16,9 +16,11 @@
 #' @param rate,burst Requests per second a node may send, sustained, and
 #'   in a burst.
 #' @param header_timeout,body_timeout Seconds a client may take to send its
-#'   headers, and its body.
+#'   headers, and its body; a client that stops reading the server's answer
+#'   is cut off after `header_timeout` too.
 #' @param max_poll Longest a node's `GET /v1/task` waits for a task.
 #' @param max_connections Connections served at once.
+#' @param max_per_peer Connections one IP address may hold at once.
 #' @param liveness A node counts as connected if heard from within this
 #'   many seconds.
 #' @return A `fed_net_limits` list.
@@ -26,15 +28,21 @@
 #' net_limits(rate = 20)
 #' @export
 net_limits <- function(clock_window = 300, rate = 50, burst = 100, header_timeout = 10, body_timeout = 120,
-                       max_poll = 10, max_connections = 512, liveness = 30) {
+                       max_poll = 10, max_connections = 512, max_per_peer = 256, liveness = 30) {
   args <- list(clock_window = clock_window, rate = rate, burst = burst, header_timeout = header_timeout,
-               body_timeout = body_timeout, max_poll = max_poll, max_connections = max_connections, liveness = liveness)
+               body_timeout = body_timeout, max_poll = max_poll, max_connections = max_connections,
+               max_per_peer = max_per_peer, liveness = liveness)
   for (name in names(args)) {
     x <- args[[name]]
     if (!is.numeric(x) || length(x) != 1L || is.na(x) || !is.finite(x) || x <= 0) {
       fedagg_abort("{.arg {name}} must be one positive number, not {obj_desc(x)}.")
     }
     args[[name]] <- as.double(x)
+  }
+  for (name in c("max_connections", "max_per_peer", "burst")) {
+    if (args[[name]] < 1 || args[[name]] != round(args[[name]])) {
+      fedagg_abort("{.arg {name}} must be a whole number >= 1, not {args[[name]]}.")
+    }
   }
   structure(args, class = "fed_net_limits")
 }
@@ -76,7 +84,7 @@ net_listen <- function(self, private, port, host, key, tls, limits, log_file, in
                                     if (!is.null(tls)) read_pem(tls$key, "private key"), key_pem,
                                     names(nodes), unname(keys), "fedagg", unclass(limits),
                                     if (!is.null(log_file)) assert_path(log_file, "log_file"),
-                                    as.integer(threads %||% 2L)))
+                                    as.integer(threads %||% 2L), isTRUE(insecure)))
   shown <- if (grepl(":", host, fixed = TRUE)) sprintf("[%s]", host) else host
   private$.net <- list(handle = started$handle, port = started$port, host = host,
                        url = sprintf("%s://%s:%d", if (is.null(tls)) "http" else "https", shown, started$port),
@@ -134,16 +142,25 @@ grid_network <- function(private) {
     call_rust(rs_net_post_tasks(net$handle, round, length(private$.state$flat), ids, unname(messages)))
     got <- vector("list", length(ids))
     deadline <- proc.time()[["elapsed"]] + net$round_timeout
+    take <- function(wait) {
+      ups <- call_rust(rs_net_wait_uploads(net$handle, wait))
+      for (k in seq_along(ups$node)) {
+        i <- match(ups$node[k], ids)
+        if (!is.na(i) && ups$round[k] == round && is.null(got[[i]])) got[[i]] <<- ups$body[[k]]
+      }
+    }
+    # The tasks are withdrawn however this ends (an interrupt too), so that
+    # no upload is acknowledged and then dropped.
+    on.exit(call_rust(rs_net_close_tasks(net$handle)), add = TRUE)
     repeat {
       left <- deadline - proc.time()[["elapsed"]]
       if (all(!vapply(got, is.null, logical(1))) || left <= 0) break
       # Short waits: R stays interruptible.
-      ups <- call_rust(rs_net_wait_uploads(net$handle, min(0.2, left)))
-      for (k in seq_along(ups$node)) {
-        i <- match(ups$node[k], ids)
-        if (!is.na(i) && ups$round[k] == round && is.null(got[[i]])) got[[i]] <- ups$body[[k]]
-      }
+      take(min(0.2, left))
     }
+    call_rust(rs_net_close_tasks(net$handle))
+    # Uploads acknowledged before the tasks were withdrawn are kept.
+    take(0)
     got
   }
 }
@@ -213,6 +230,8 @@ net_serve <- function(self, private, rounds, min_nodes, wait_timeout, checkpoint
     fedagg_abort("{.arg min_nodes} = {min_nodes} is more than the {length(private$.nodes)} authorized node{?s}.")
   }
   on.exit(net_stop(private), add = TRUE)
+  # Not ready (GET /ready: 503) until the checkpoint is loaded.
+  call_rust(rs_net_set_phase(private$.net$handle, "starting"))
   if (!is.null(checkpoint)) {
     checkpoint <- assert_path(checkpoint, "checkpoint")
     dir.create(checkpoint, recursive = TRUE, showWarnings = FALSE)

@@ -251,8 +251,8 @@ Server <- R6::R6Class("Server",
       verbose <- assert_flag(verbose)
       # A server already listening (see `$listen()`) serves as it listens.
       if (is.null(private$.net)) {
-        self$listen(key, port = port, host = host, tls = tls, round_timeout = round_timeout, limits = limits,
-                    log_file = log_file, insecure = insecure, threads = threads)
+        if (is.null(key)) fedagg_abort("{.arg key} is missing: the server's private key file (see {.fn fed_keygen}).")
+        net_listen(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads)
       }
       net_serve(self, private, rounds, min_nodes, wait_timeout, checkpoint, verbose,
                 assert_number(linger, 0, 600))

@@ -353,3 +353,21 @@ test_that("over TLS the federation is the same; a node refuses answers its serve
   # Plain HTTP to the TLS port gets no HTTP answer at all.
   expect_true(is.na(suppressWarnings(raw_http(port, "GET", "/healthz", timeout = 2))$status))
 })
+
+test_that("200 nodes in 4 processes run 5 rounds on loopback", {
+  skip_on_cran()
+  skip_if_not_installed("callr")
+  set.seed(11)
+  n <- 200
+  x <- matrix(rnorm(n * 20 * 5), ncol = 5)
+  y <- as.integer(x[, 1] + x[, 2] > 0)
+  nodes <- fed_nodes(x, y, partition_iid(nrow(x), n, seed = 1))
+  make <- function(nodes) fed_server(model_logistic(5), nodes, fraction = 0.1, lr = 0.1, seed = 9)
+  simulated <- make(nodes)
+  simulated$fit(5, verbose = FALSE)
+  networked <- run_networked(make, nodes, rounds = 5, n_procs = 4)
+  expect_identical(attr(networked, "node_exit"), rep(0L, 4))
+  expect_identical(networked$rounds_done, 5L)
+  expect_identical(networked$params, simulated$params)
+  expect_identical(nrow(networked$client_log), 100L)
+})

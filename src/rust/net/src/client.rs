@@ -86,8 +86,13 @@ pub struct Client {
     key: SigningKey,
     server_key: VerifyingKey,
     conn: Option<SendRequest<Full<Bytes>>>,
-    pub max_reply: usize,
+    /// The largest task (FitIns) this node accepts, from its model's size;
+    /// other answers are small.
+    pub max_task: usize,
 }
+
+/// The largest answer to anything but a task request.
+pub const MAX_SMALL_REPLY: usize = 1 << 20;
 
 impl Client {
     pub fn new(
@@ -118,7 +123,7 @@ impl Client {
             .enable_all()
             .build()
             .map_err(|e| NetError::Io(e.to_string()))?;
-        Ok(Client { rt, target, tls, node: node.to_string(), key, server_key, conn: None, max_reply: 1 << 33 })
+        Ok(Client { rt, target, tls, node: node.to_string(), key, server_key, conn: None, max_task: 1 << 33 })
     }
 
     async fn connect(target: &Target, tls: &Option<tokio_rustls::TlsConnector>) -> Result<SendRequest<Full<Bytes>>, NetError> {
@@ -194,7 +199,8 @@ impl Client {
         let body = Bytes::from(body);
         let target = self.target.clone();
         let tls = self.tls.clone();
-        let max_reply = self.max_reply;
+        // An answer is refused by its announced size before it is read.
+        let max_reply = if path.starts_with("/v1/task") { self.max_task } else { MAX_SMALL_REPLY };
         let mut conn = self.conn.take();
         let result = self.rt.block_on(async {
             tokio::time::timeout(timeout, async {
@@ -212,6 +218,17 @@ impl Client {
                     .map_err(|e| NetError::Io(format!("the request failed: {e}")))?;
                 let status = response.status().as_u16();
                 let headers = response.headers().clone();
+                let announced = headers
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                // Without a length (chunked), `Limited` below still stops at
+                // the bound.
+                if let Some(n) = announced.filter(|n| *n > max_reply as u64) {
+                    return Err(NetError::Protocol(format!(
+                        "the server's answer ({status}) announces {n} bytes, more than the {max_reply} allowed"
+                    )));
+                }
                 let bytes = Limited::new(response.into_body(), max_reply)
                     .collect()
                     .await

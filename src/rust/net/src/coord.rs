@@ -16,6 +16,8 @@ use crate::sign::{is_token, RequestFields, ResponseFields};
 
 pub const MAX_ID: usize = 128;
 pub const MAX_NONCE: usize = 64;
+/// Most class names a node may report when it joins.
+pub const MAX_LEVELS: usize = 10_000;
 /// Room for a FitRes header beside its vectors (names, losses, counts).
 pub const REPLY_HEADER_ROOM: usize = 64 * 1024;
 
@@ -32,6 +34,8 @@ pub struct Settings {
     /// Longest a `GET /v1/task` waits for a task before answering 204.
     pub max_poll_ms: u64,
     pub max_connections: usize,
+    /// Connections one IP address may hold at once.
+    pub max_per_peer: usize,
     /// Largest `POST /v1/join` body.
     pub join_max_bytes: usize,
     /// A node is "connected" if heard from within this many seconds.
@@ -48,6 +52,7 @@ impl Default for Settings {
             body_timeout_ms: 120_000,
             max_poll_ms: 10_000,
             max_connections: 512,
+            max_per_peer: 256,
             join_max_bytes: 64 * 1024,
             liveness_s: 30.0,
         }
@@ -85,6 +90,7 @@ pub const MALFORMED_BODY: Refusal = refuse(422, "malformed_body");
 pub const WRONG_DIMENSION: Refusal = refuse(422, "wrong_dimension");
 pub const NON_FINITE: Refusal = refuse(422, "non_finite");
 pub const RATE_LIMITED: Refusal = refuse(429, "rate_limited");
+pub const BUSY: Refusal = refuse(429, "upload_in_progress");
 pub const NOT_READY: Refusal = refuse(503, "not_ready");
 
 /// One node's task: a FitIns for a round.
@@ -102,6 +108,15 @@ pub struct Task {
     pub max_reply: usize,
     /// The digest of the upload kept for it, if any.
     pub answered: Option<String>,
+}
+
+/// What `begin_upload` decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadPlan {
+    /// Read the body, at most this many bytes.
+    Read(usize),
+    /// The same bytes were kept already: answer as then.
+    AlreadyKept,
 }
 
 /// An accepted upload, waiting for R.
@@ -138,6 +153,9 @@ pub struct State {
     pub nodes: BTreeMap<String, NodeEntry>,
     pub tasks: HashMap<String, Task>,
     pub uploads: Vec<Upload>,
+    /// Nodes whose upload body is being read: one at a time per node, so
+    /// that a node cannot make the server buffer many bodies at once.
+    pub uploading: std::collections::HashSet<String>,
     pub metrics: Metrics,
     nonces: HashMap<String, i64>,
     nonce_order: VecDeque<(i64, String)>,
@@ -180,6 +198,7 @@ impl Coordinator {
                 nodes,
                 tasks: HashMap::new(),
                 uploads: Vec::new(),
+                uploading: Default::default(),
                 metrics: Metrics::default(),
                 nonces: HashMap::new(),
                 nonce_order: VecDeque::new(),
@@ -204,7 +223,7 @@ impl Coordinator {
     pub fn authenticate(&self, s: &Signed, now_unix: i64) -> Result<(), Refusal> {
         let f = &s.fields;
         let Some(key) = self.keys.nodes.get(&f.node) else { return Err(UNKNOWN_NODE) };
-        if (f.timestamp - now_unix).abs() > self.settings.window_s {
+        if f.timestamp.abs_diff(now_unix) > self.settings.window_s.max(0) as u64 {
             return Err(STALE_TIMESTAMP);
         }
         // Verified before the nonce is stored, so that nobody but the node
@@ -234,10 +253,16 @@ impl Coordinator {
             return Err(RATE_LIMITED);
         }
         entry.tokens -= 1.0;
-        entry.last_seen = Some(now);
         st.nonces.insert(nonce_key.clone(), f.timestamp);
         st.nonce_order.push_back((f.timestamp, nonce_key));
         Ok(())
+    }
+
+    /// A request of this node was accepted: it is alive.
+    pub fn touch(&self, node: &str) {
+        if let Some(e) = self.lock().nodes.get_mut(node) {
+            e.last_seen = Some(Instant::now());
+        }
     }
 
     /// The server's signature over its answer to a node's request.
@@ -260,6 +285,13 @@ impl Coordinator {
         if info.node != node {
             return Err(NOT_ASSIGNED);
         }
+        let sane = info.n_samples.is_finite()
+            && (0.0..=1e15).contains(&info.n_samples)
+            && info.label_levels.len() <= MAX_LEVELS
+            && info.label_levels.iter().all(|l| l.len() <= 256);
+        if !sane {
+            return Err(MALFORMED_BODY);
+        }
         let mut st = self.lock();
         let entry = st.nodes.get_mut(node).ok_or(UNKNOWN_NODE)?;
         entry.info = Some(info);
@@ -276,10 +308,12 @@ impl Coordinator {
         Ok(st.tasks.get(node).filter(|t| t.answered.is_none()).cloned())
     }
 
-    /// The largest body an upload for (node, task, round) may have, or why
-    /// it is refused before its body is read.
-    pub fn upload_limit(&self, node: &str, task: &str, round: u64) -> Result<usize, Refusal> {
-        let st = self.lock();
+    /// What to do with an upload for (node, task, round) whose body has
+    /// the signed digest `digest`, decided before its body is read: read
+    /// at most this many bytes (the node then holds the upload slot until
+    /// `end_upload`), or answer a resend of a kept upload at once.
+    pub fn begin_upload(&self, node: &str, task: &str, round: u64, digest: &str) -> Result<UploadPlan, Refusal> {
+        let mut st = self.lock();
         let t = st.tasks.get(node).ok_or(NOT_ASSIGNED)?;
         if t.id != task {
             return Err(NOT_ASSIGNED);
@@ -287,14 +321,34 @@ impl Coordinator {
         if t.round != round {
             return Err(WRONG_ROUND);
         }
-        Ok(t.max_reply)
+        match &t.answered {
+            Some(d) if d == digest => return Ok(UploadPlan::AlreadyKept),
+            Some(_) => return Err(CONFLICTING_UPLOAD),
+            None => {}
+        }
+        let limit = t.max_reply;
+        if !st.uploading.insert(node.to_string()) {
+            return Err(BUSY);
+        }
+        Ok(UploadPlan::Read(limit))
+    }
+
+    pub fn end_upload(&self, node: &str) {
+        self.lock().uploading.remove(node);
+    }
+
+    /// R's side: the round's deadline passed (or every answer is in): its
+    /// tasks are withdrawn, so a late upload is refused (403) rather than
+    /// acknowledged and then dropped.
+    pub fn close_tasks(&self) {
+        self.lock().tasks.clear();
     }
 
     /// An upload, its digest already checked: kept once; a resend of the
     /// same bytes is answered the same, different bytes are refused.
     /// Returns whether it was new.
-    pub fn upload(&self, node: &str, task: &str, round: u64, body: Bytes) -> Result<bool, Refusal> {
-        let digest = sha256_hex(&body);
+    /// `digest`: the body's SHA-256, checked by the caller.
+    pub fn upload(&self, node: &str, task: &str, round: u64, body: Bytes, digest: String) -> Result<bool, Refusal> {
         let (dim, kind, answered) = {
             let st = self.lock();
             let t = st.tasks.get(node).ok_or(NOT_ASSIGNED)?;

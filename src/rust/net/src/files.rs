@@ -13,10 +13,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), NetE
     let io = |what: &str, e: std::io::Error| NetError::Io(format!("cannot {what} {}: {e}", path.display()));
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| NetError::Io(format!("{} is not a file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    // A fresh name that must not exist: a file or link planted under a
+    // predictable name cannot redirect the write.
+    let suffix = crate::keys::random_hex(8)?;
+    let tmp = dir.join(format!(".{}.tmp-{suffix}", name.to_string_lossy()));
     {
         let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;

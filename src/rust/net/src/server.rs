@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::coord::{self, Coordinator, Phase, Refusal, Signed};
+use crate::coord::{self, Coordinator, Phase, Refusal, Signed, UploadPlan};
 use crate::sign::{H_FEDERATION, H_ROUND, H_SERVER_SIGNATURE, H_TASK};
 use crate::NetError;
 
@@ -38,6 +38,40 @@ pub struct Shared {
     pub log: Mutex<VecDeque<String>>,
     pub log_file: Option<Mutex<std::fs::File>>,
     shutdown: Notify,
+    per_peer: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Refusals of unauthenticated requests logged this second (bounded,
+    /// so that a flood cannot fill the disk).
+    log_budget: Mutex<(u64, u32)>,
+}
+
+/// A connection counted against its peer's address while it lives.
+struct PeerSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut m = shared.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= shared.coord.settings.max_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot { shared: shared.clone(), ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.shared.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 pub struct Server {
@@ -84,6 +118,8 @@ impl Server {
             log: Mutex::new(VecDeque::new()),
             log_file,
             shutdown: Notify::new(),
+            per_peer: Mutex::new(Default::default()),
+            log_budget: Mutex::new((0, 0)),
         });
         let listener = {
             let _guard = runtime.enter();
@@ -164,20 +200,32 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, tls
             drop(tcp);
             continue;
         };
+        // One address may not take every connection.
+        let Some(per_peer) = PeerSlot::take(&shared, peer.ip()) else {
+            shared.coord.refused(coord::refuse(503, "too_many_connections"));
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _per_peer = per_peer;
             let header_timeout = Duration::from_millis(shared.coord.settings.header_timeout_ms);
+            // A client that stops reading its answers leaves the server's
+            // writes pending: they fail after the header time-out.
+            let mut timed = tokio_io_timeout::TimeoutStream::new(tcp);
+            timed.set_write_timeout(Some(header_timeout));
+            let timed = Box::pin(timed);
             match acceptor {
                 Some(acc) => {
                     // A handshake that never ends would hold a connection.
-                    if let Ok(Ok(stream)) = tokio::time::timeout(header_timeout, acc.accept(tcp)).await {
+                    if let Ok(Ok(stream)) = tokio::time::timeout(header_timeout, acc.accept(timed)).await {
                         serve_connection(TokioIo::new(stream), shared, peer).await;
                     }
                 }
-                None => serve_connection(TokioIo::new(tcp), shared, peer).await,
+                None => serve_connection(TokioIo::new(timed), shared, peer).await,
             }
         });
     }
@@ -275,7 +323,9 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
     let node_claimed = header(crate::sign::H_NODE).filter(|n| crate::sign::is_token(n, coord::MAX_ID)).unwrap_or_default();
     let refuse = |r: Refusal, s: Option<&Signed>| {
         coord.refused(r);
-        log(&shared, &route, &node_claimed, peer, r.status, Some(r.reason), 0);
+        if s.is_some() || log_allowed(&shared) {
+            log(&shared, &route, &node_claimed, peer, r.status, Some(r.reason), 0);
+        }
         let body = refusal_body(r);
         let mut reply = plain(r.status, body.clone(), "application/json");
         // Answers to authenticated requests are signed, refusals too, so a
@@ -290,22 +340,52 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
         return refuse(coord::MALFORMED_HEADERS, None);
     };
     if let Err(r) = coord.authenticate(&s, crate::unix_now()) {
-        return refuse(r, None);
+        // Refusals after the signature checked out (a replay, the rate) are
+        // signed: the node can tell them from a forged "no".
+        let signed_refusal = r == coord::RATE_LIMITED || r == coord::REPLAYED_NONCE;
+        return refuse(r, if signed_refusal { Some(&s) } else { None });
     }
     let phase = coord.phase();
     if matches!(phase, Phase::Starting | Phase::ShuttingDown) {
         return refuse(coord::NOT_READY, Some(&s));
     }
     let f = s.fields.clone();
+    let kept_answer = || Bytes::from_static(b"{\"status\":\"kept\"}\n");
     let limit = match route.as_str() {
         "/v1/join" => Ok(coord.settings.join_max_bytes),
-        "/v1/update" => coord.upload_limit(&f.node, &f.task, f.round),
+        "/v1/update" => match coord.begin_upload(&f.node, &f.task, f.round, &f.digest) {
+            Ok(UploadPlan::Read(l)) => Ok(l),
+            Ok(UploadPlan::AlreadyKept) => {
+                // A resend of kept bytes: answered as the first time,
+                // without reading it again.
+                coord.touch(&f.node);
+                let body = kept_answer();
+                let sig = coord.sign_response(&f, &f.path, 200, f.round, &f.task, &body);
+                let mut reply = plain(200, body, "application/json");
+                insert(&mut reply, H_SERVER_SIGNATURE, &sig);
+                insert(&mut reply, H_ROUND, &f.round.to_string());
+                insert(&mut reply, H_TASK, &f.task);
+                log(&shared, &route, &f.node, peer, 200, None, 0);
+                return reply;
+            }
+            Err(r) => Err(r),
+        },
         _ => Ok(0),
     };
     let limit = match limit {
         Ok(l) => l,
         Err(r) => return refuse(r, Some(&s)),
     };
+    // Frees the node's upload slot however this request ends.
+    struct Slot<'a>(&'a Coordinator, &'a str, bool);
+    impl Drop for Slot<'_> {
+        fn drop(&mut self) {
+            if self.2 {
+                self.0.end_upload(self.1);
+            }
+        }
+    }
+    let _slot = Slot(coord, &f.node, route == "/v1/update");
     // The body's size is known, and refused, before a byte of it is read.
     let length = match headers.get(CONTENT_LENGTH) {
         Some(v) => match v.to_str().ok().and_then(|t| t.parse::<u64>().ok()) {
@@ -329,6 +409,7 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
         return refuse(coord::DIGEST_MISMATCH, Some(&s));
     }
     let answer = |status: u16, body: Bytes, round: u64, task: &str, ctype: &'static str| {
+        coord.touch(&f.node);
         let sig = coord.sign_response(&f, &f.path, status, round, task, &body);
         let n = body.len();
         let mut reply = plain(status, body, ctype);
@@ -349,13 +430,21 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
             Err(r) => refuse(r, Some(&s)),
         },
         "/v1/heartbeat" => answer(204, Bytes::new(), 0, "", "text/plain"),
-        "/v1/update" => match coord.upload(&f.node, &f.task, f.round, body) {
-            Ok(_) => {
-                shared.uploads_ready.notify_all();
-                answer(200, Bytes::from_static(b"{\"status\":\"kept\"}\n"), f.round, &f.task, "application/json")
+        "/v1/update" => {
+            // Decoding and checking a large update is CPU work: off the
+            // threads that serve the long polls.
+            let sh = shared.clone();
+            let (node, task, round, digest) = (f.node.clone(), f.task.clone(), f.round, f.digest.clone());
+            let kept = tokio::task::spawn_blocking(move || sh.coord.upload(&node, &task, round, body, digest)).await;
+            match kept {
+                Ok(Ok(_)) => {
+                    shared.uploads_ready.notify_all();
+                    answer(200, kept_answer(), f.round, &f.task, "application/json")
+                }
+                Ok(Err(r)) => refuse(r, Some(&s)),
+                Err(_) => refuse(coord::MALFORMED_BODY, Some(&s)),
             }
-            Err(r) => refuse(r, Some(&s)),
-        },
+        }
         _ => {
             // GET /v1/task?wait=<seconds>: a long poll.
             let wait = query_wait(&f.path).min(coord.settings.max_poll_ms);
@@ -384,6 +473,18 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
             }
         }
     }
+}
+
+/// At most 100 log lines a second for refusals of unauthenticated
+/// requests (the metrics still count every one).
+fn log_allowed(shared: &Shared) -> bool {
+    let now = crate::unix_now() as u64;
+    let mut b = shared.log_budget.lock().unwrap_or_else(|p| p.into_inner());
+    if b.0 != now {
+        *b = (now, 0);
+    }
+    b.1 += 1;
+    b.1 <= 100
 }
 
 fn insert(reply: &mut Reply, name: &'static str, value: &str) {

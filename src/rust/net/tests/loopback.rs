@@ -194,6 +194,7 @@ fn a_round_through_the_wire_and_every_refusal() {
     assert_eq!(up(&nan, 3, &ids[0]).0, 422, "non-finite");
     assert_eq!(up(b"garbage", 3, &ids[0]).0, 422, "malformed");
     assert_eq!(up(&good, 4, &ids[0]).0, 409, "another round");
+    // One upload in flight per node; later ones wait (429).
     assert_eq!(up(&good, 3, "0123456789ab").0, 403, "a task not assigned");
     assert_eq!(up(&fit_res("b", 3, 4, 0.25), 3, &ids[0]).0, 403, "another node's update");
     let tw = |f: fn(&mut Vec<(String, String)>, &mut RequestFields)| raw(addr, "POST", "/v1/update", "a", &key_a, &good, 3, &ids[0], f);
@@ -307,4 +308,52 @@ fn tls_with_a_selfsigned_ca() {
     let mut d = Client::new(&url, "a", SigningKey::from_pem(&node_pem).unwrap(),
                             VerifyingKey::from_text(&server_public).unwrap(), Some(&other_ca), false).unwrap();
     assert_eq!(d.request("POST", "/v1/heartbeat", 0, "", vec![], T).unwrap_err().kind(), "network");
+}
+
+#[test]
+fn review_findings_stay_fixed() {
+    // One connection in all: a stalled one would lock everyone out.
+    let fed = start(&["a"], Settings { header_timeout_ms: 500, rate_per_s: 1000.0, burst: 1000.0, max_connections: 1, ..Settings::default() });
+    let addr = fed.server.addr;
+    let key = SigningKey::from_pem(&fed.node_keys["a"]).unwrap();
+    // A timestamp that would overflow a subtraction is stale, not fresh.
+    let (st, _) = raw(addr, "POST", "/v1/heartbeat", "a", &key, b"", 0, "", |_, f| f.timestamp = i64::MIN + fedagg_net::unix_now());
+    assert_eq!(st, 401);
+    // Join data out of range are refused.
+    let bad = protocol::encode(&NodeInfo { node: "a".into(), n_samples: -1e300, has_validation: false, label_levels: vec![], data_version: 0 }).unwrap();
+    assert_eq!(raw(addr, "POST", "/v1/join", "a", &key, &bad, 0, "", |_, _| {}).0, 422);
+    assert_eq!(raw(addr, "POST", "/v1/join", "a", &key, &info("a"), 0, "", |_, _| {}).0, 200);
+    let ids = fed.server.post_tasks(1, 4, vec![("a".into(), Bytes::from(fit_ins("a", 1, 4)))]).unwrap();
+    let good = fit_res("a", 1, 4, 0.5);
+    assert_eq!(raw(addr, "POST", "/v1/update", "a", &key, &good, 1, &ids[0], |_, _| {}).0, 200);
+    // A resend of kept bytes is answered from its signed digest, its body unread.
+    let (st, _) = raw(addr, "POST", "/v1/update", "a", &key, b"", 1, &ids[0], |h, f| {
+        f.digest = sha256_hex(&good);
+        h.push(("content-length".into(), "1000000000".into()));
+    });
+    assert_eq!(st, 200);
+    // After the round's deadline its tasks are withdrawn: late is refused.
+    fed.server.shared.coord.close_tasks();
+    assert_eq!(raw(addr, "POST", "/v1/update", "a", &key, &good, 1, &ids[0], |_, _| {}).0, 403);
+    assert_eq!(fed.server.wait_uploads(Duration::from_millis(10)).len(), 1);
+    // A client that pipelines requests and never reads the answers loses
+    // its connection once the server's writes stall.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+    let one = b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n";
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        if s.write_all(one).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    // Writes fail either because the server closed the connection or
+    // because our send buffer is full; either way the server must still
+    // answer others.
+    let _ = closed;
+    std::thread::sleep(Duration::from_millis(1500));
+    let (st, _) = send_raw(addr, "GET", "/healthz", &[], b"");
+    assert_eq!(st, 200);
 }

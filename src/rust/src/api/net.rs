@@ -113,8 +113,12 @@ fn rs_net_serve(
     limits: List,
     log_file: Nullable<String>,
     threads: i32,
+    insecure: bool,
 ) -> Result<List> {
     let ip: std::net::IpAddr = host.parse().map_err(|_| input(format!("`host` must be an IP address, not `{host}`")))?;
+    if matches!(tls_cert, Nullable::Null) && !ip.is_loopback() && !insecure {
+        return Err(input(format!("plain HTTP is served on loopback addresses only, not on {ip}")));
+    }
     if !(0..=65535).contains(&port) {
         return Err(input("`port` must be from 0 to 65535"));
     }
@@ -150,7 +154,10 @@ fn rs_net_serve(
         settings.max_poll_ms = ms(v);
     }
     if let Some(v) = setting(&limits, "max_connections")? {
-        settings.max_connections = v.min(1e6) as usize;
+        settings.max_connections = (v.min(1e6) as usize).max(1);
+    }
+    if let Some(v) = setting(&limits, "max_per_peer")? {
+        settings.max_per_peer = (v.min(1e6) as usize).max(1);
     }
     if let Some(v) = setting(&limits, "liveness")? {
         settings.liveness_s = v;
@@ -173,6 +180,14 @@ fn rs_net_serve(
     .map_err(net_err)?;
     let port = server.addr.port() as i32;
     Ok(list!(handle = ExternalPtr::new(server), port = port))
+}
+
+/// Withdraws the round's tasks: later uploads for them are refused.
+/// @noRd
+#[extendr]
+fn rs_net_close_tasks(server: Robj) -> Result<()> {
+    handle::<Server>(&server, "server")?.shared.coord.close_tasks();
+    Ok(())
 }
 
 /// "starting", "running", "done" or "stopping".
@@ -295,11 +310,23 @@ fn rs_net_running(server: Robj) -> Result<bool> {
 /// A node's connection to its server.
 /// @noRd
 #[extendr]
-fn rs_net_client(url: &str, node: &str, key_pem: &str, server_key: &str, ca_pem: Nullable<String>, insecure: bool) -> Result<Robj> {
+#[allow(clippy::too_many_arguments)]
+fn rs_net_client(
+    url: &str,
+    node: &str,
+    key_pem: &str,
+    server_key: &str,
+    ca_pem: Nullable<String>,
+    insecure: bool,
+    max_task: f64,
+) -> Result<Robj> {
     let key = SigningKey::from_pem(key_pem).map_err(net_err)?;
     let server_key = VerifyingKey::from_text(server_key).map_err(net_err)?;
     let ca = ca_pem.into_option();
-    let c = Client::new(url, node, key, server_key, ca.as_deref(), insecure).map_err(net_err)?;
+    let mut c = Client::new(url, node, key, server_key, ca.as_deref(), insecure).map_err(net_err)?;
+    if max_task.is_finite() && max_task > 0.0 {
+        c.max_task = max_task.min(1e15) as usize;
+    }
     Ok(ExternalPtr::new(c).into())
 }
 
@@ -315,7 +342,7 @@ fn rs_net_request(client: Robj, method: &str, path: &str, round: f64, task: &str
         .request(method, path, round.max(0.0) as u64, task, body.as_slice().to_vec(), Duration::from_secs_f64(timeout))
         .map_err(net_err)?;
     Ok(list!(status = reply.status as i32, body = Raw::from_bytes(&reply.body), round = reply.round as f64,
-             task = reply.task))
+             task = reply.task, verified = reply.verified))
 }
 
 extendr_module! {
@@ -328,6 +355,7 @@ extendr_module! {
     fn rs_node_info;
     fn rs_net_serve;
     fn rs_net_set_phase;
+    fn rs_net_close_tasks;
     fn rs_net_post_tasks;
     fn rs_net_wait_uploads;
     fn rs_net_nodes;
