@@ -8,7 +8,7 @@ RSCRIPT ?= Rscript
 # Every R dependency comes from Debian (CRAN is not needed).
 APT_PACKAGES := r-base-dev r-cran-r6 r-cran-cli r-cran-rlang \
 	r-cran-testthat r-cran-withr r-cran-roxygen2 r-cran-knitr r-cran-rmarkdown \
-	r-cran-ggplot2 r-cran-future r-cran-future.apply r-cran-nnet r-cran-callr \
+	r-cran-ggplot2 r-cran-future r-cran-future.apply r-cran-nnet r-cran-callr r-cran-openssl \
 	pandoc qpdf
 
 .PHONY: deps install demo test cargo-test wrappers document bench check-env
@@ -26,7 +26,7 @@ test: install
 	@bash tools/run-tests.sh
 
 cargo-test:
-	cargo test --manifest-path src/rust/Cargo.toml -p fedagg-core
+	cargo test --manifest-path src/rust/Cargo.toml -p fedagg-core -p fedagg-net
 
 # After changing an #[extendr] signature.
 wrappers: deps

@@ -11,8 +11,8 @@ passed=0
 failed=0
 status=0
 
-echo "== cargo test (fedagg-core)"
-cargo test --manifest-path src/rust/Cargo.toml -p fedagg-core -j 2 2>&1 | tee "$work/cargo.log"
+echo "== cargo test (fedagg-core, fedagg-net)"
+cargo test --manifest-path src/rust/Cargo.toml -p fedagg-core -p fedagg-net -j 2 2>&1 | tee "$work/cargo.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 while read -r p f; do
   passed=$((passed + p)); failed=$((failed + f))

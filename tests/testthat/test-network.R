@@ -371,3 +371,10 @@ test_that("200 nodes in 4 processes run 5 rounds on loopback", {
   expect_identical(networked$params, simulated$params)
   expect_identical(nrow(networked$client_log), 100L)
 })
+
+test_that("the installed package stays under R CMD check's 5 MB size note", {
+  skip_on_cran()
+  files <- list.files(system.file(package = "fedagg"), recursive = TRUE, full.names = TRUE, all.files = TRUE)
+  # R CMD check notes an installed size over 5 MB (as `du -k` counts it).
+  expect_lt(sum(file.size(files)), 5 * 1024^2)
+})

@@ -312,8 +312,7 @@ fn tls_with_a_selfsigned_ca() {
 
 #[test]
 fn review_findings_stay_fixed() {
-    // One connection in all: a stalled one would lock everyone out.
-    let fed = start(&["a"], Settings { header_timeout_ms: 500, rate_per_s: 1000.0, burst: 1000.0, max_connections: 1, ..Settings::default() });
+    let fed = start(&["a"], Settings { header_timeout_ms: 500, rate_per_s: 1000.0, burst: 1000.0, ..Settings::default() });
     let addr = fed.server.addr;
     let key = SigningKey::from_pem(&fed.node_keys["a"]).unwrap();
     // A timestamp that would overflow a subtraction is stale, not fresh.
@@ -336,6 +335,13 @@ fn review_findings_stay_fixed() {
     fed.server.shared.coord.close_tasks();
     assert_eq!(raw(addr, "POST", "/v1/update", "a", &key, &good, 1, &ids[0], |_, _| {}).0, 403);
     assert_eq!(fed.server.wait_uploads(Duration::from_millis(10)).len(), 1);
+}
+
+#[test]
+fn a_client_that_stops_reading_frees_its_connection() {
+    // One connection in all: a stalled one would lock everyone out.
+    let fed = start(&["a"], Settings { header_timeout_ms: 500, max_connections: 1, ..Settings::default() });
+    let addr = fed.server.addr;
     // A client that pipelines requests and never reads the answers loses
     // its connection once the server's writes stall.
     let mut s = TcpStream::connect(addr).unwrap();
