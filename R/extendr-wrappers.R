@@ -109,6 +109,15 @@ rs_net_client <- function(url, node, key_pem, server_key, ca_pem, insecure, max_
 #' @noRd
 rs_net_request <- function(client, method, path, round, task, body, timeout) .Call(wrap__rs_net_request, client, method, path, round, task, body, timeout)
 
+#' Heartbeats every `every` seconds from a thread while the node trains;
+#' stopped by `rs_net_heartbeats_stop()` (or when the handle is collected).
+#' @noRd
+rs_net_heartbeats <- function(client, every) .Call(wrap__rs_net_heartbeats, client, every)
+
+#' Stops heartbeats.
+#' @noRd
+rs_net_heartbeats_stop <- function(beats) .Call(wrap__rs_net_heartbeats_stop, beats)
+
 #' Per-client, per-layer L2 norms, row-major (client by layer).
 #' @noRd
 rs_layer_norms <- function(layers, n_clients, n_threads) .Call(wrap__rs_layer_norms, layers, n_clients, n_threads)
@@ -191,6 +200,13 @@ rs_client_evaluate <- function(ins, data) .Call(wrap__rs_client_evaluate, ins, d
 #' An `EvalIns` or `EvalRes` header (raw) as an R list.
 #' @noRd
 rs_eval_read <- function(message) .Call(wrap__rs_eval_read, message)
+
+#' A node's own attack (a simulated malicious node, in its own process)
+#' written into the task it received: its update is then attacked exactly
+#' as the simulation attacks it, from the round's attack seed and the
+#' node's stream. `attack`: list(kind, ...) as R's `rust_attack()` writes it.
+#' @noRd
+rs_fit_ins_set_attack <- function(ins, attack) .Call(wrap__rs_fit_ins_set_attack, ins, attack)
 
 #' Number of cores Rust sees.
 #' @noRd

@@ -143,7 +143,7 @@ read_authorized_keys <- function(file) {
 #' @export
 write_authorized_keys <- function(x, file) {
   check_required_args()
-  x <- check_authorized_keys(x)
+  x <- check_authorized_keys(x, "{.arg x}")
   utils::write.csv(x, assert_path(file, "file"), row.names = FALSE)
   invisible(file)
 }

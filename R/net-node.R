@@ -22,7 +22,9 @@
 #' federation is over. Interrupting R (Ctrl-C) leaves no file half-written.
 #'
 #' One process can host many nodes (a list), which serves tests and
-#' scale-out simulations.
+#' scale-out simulations. A node given a simulated attack ([set_attack()])
+#' attacks its own updates, exactly as in a simulation; the server, as in
+#' reality, does not know which nodes attack.
 #'
 #' @param nodes A [Node] or a list of nodes (from [fed_nodes()]).
 #' @param url The server's address, `"https://host:port"` (or
@@ -42,6 +44,8 @@
 #' @param backoff Initial and largest pause (seconds) between attempts
 #'   when the server cannot be reached.
 #' @param max_failures Consecutive failed attempts before giving up.
+#' @param heartbeat Seconds between the heartbeats a node sends while it
+#'   trains, so that a long local training does not look like a dead node.
 #' @param insecure Allow plain `http://` to a host that is not loopback.
 #' @param verbose Print progress.
 #' @return A data frame of the tasks done, invisibly: `node`, `round`,
@@ -56,7 +60,7 @@
 #' }
 #' @export
 fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = NULL, poll = 5, timeout = 60,
-                     backoff = c(0.5, 30), max_failures = Inf, insecure = FALSE,
+                     backoff = c(0.5, 30), max_failures = Inf, heartbeat = 10, insecure = FALSE,
                      verbose = getOption("fedagg.verbose", interactive())) {
   check_required_args()
   nodes <- as_node_list(nodes)
@@ -69,17 +73,18 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
   }
   for (n in nodes) n$check_model(model)
   if (!is.character(url) || length(url) != 1L || is.na(url)) fedagg_abort("{.arg url} must be one address, not {obj_desc(url)}.")
-  keys <- per_node_paths(key, ids)
-  server_pub <- read_public(server_key)
-  ca_pem <- if (!is.null(ca)) read_pem(ca, "CA certificate")
   poll <- assert_number(poll, 0, 3600)
   timeout <- assert_number(timeout, 0, Inf, lower_open = TRUE)
   if (!is.numeric(backoff) || length(backoff) != 2L || anyNA(backoff) || any(backoff <= 0) || backoff[1] > backoff[2]) {
     fedagg_abort("{.arg backoff} must be two positive numbers, the first pause and the largest, not {obj_desc(backoff)}.")
   }
   max_failures <- assert_limit(max_failures)
+  heartbeat <- assert_number(heartbeat, 0, 86400, lower_open = TRUE)
   verbose <- assert_flag(verbose)
   insecure <- assert_flag(insecure)
+  keys <- per_node_paths(key, ids)
+  server_pub <- read_public(server_key)
+  ca_pem <- if (!is.null(ca)) read_pem(ca, "CA certificate")
   if (!is.null(state_dir)) {
     state_dir <- assert_path(state_dir, "state_dir")
     dir.create(state_dir, recursive = TRUE, showWarnings = FALSE)
@@ -96,6 +101,7 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
          client = call_rust(rs_net_client(url, ids[i], read_pem(keys[[i]], "private key"), server_pub, ca_pem, insecure,
                                           max_task)),
          validation = if (node$has_validation) node$data_for(model, "validation"),
+         attack = rust_attack(node$attack),
          runtime = node_runtime(ids[i], node$data_for(model), if (node$has_validation) node$data_for(model, "validation"),
                                 saved$state %||% list(), saved$pending),
          info = call_rust(rs_node_info(ids[i], as.double(node$n_samples), node$has_validation, character(),
@@ -160,9 +166,15 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
           loss <- call_rust(rs_eval_read(res))$loss
         } else {
           task <- "trained"
-          res <- m$runtime$fit(r$body)
+          ins <- r$body
+          # A simulated malicious node attacks its own update, as the
+          # simulation would (the server cannot know).
+          if (!is.null(m$attack)) ins <- call_rust(rs_fit_ins_set_attack(ins, m$attack))
+          # A long local training does not look like a dead node.
+          beats <- call_rust(rs_net_heartbeats(m$client, heartbeat))
+          res <- tryCatch(m$runtime$fit(ins), finally = call_rust(rs_net_heartbeats_stop(beats)))
           write_node_state(state_dir, m$id, m$runtime)
-          loss <- call_rust(rs_fit_res_read(res))$train_loss
+          loss <- m$runtime$loss()
         }
         answer <- request(m, "POST", "/v1/update", round = r$round, task = r$task, body = res)
         status <- if (answer$status == 200) task else {

@@ -14,7 +14,8 @@
 #'   (a request's timestamp outside it is refused, and a nonce is
 #'   remembered this long).
 #' @param rate,burst Requests per second a node may send, sustained, and
-#'   in a burst.
+#'   in a burst (a fast simulation's rounds take milliseconds, and a node
+#'   sends about four requests a round).
 #' @param header_timeout,body_timeout Seconds a client may take to send its
 #'   headers, and its body; a client that stops reading the server's answer
 #'   is cut off after `header_timeout` too.
@@ -27,7 +28,7 @@
 #' @examples
 #' net_limits(rate = 20)
 #' @export
-net_limits <- function(clock_window = 300, rate = 50, burst = 100, header_timeout = 10, body_timeout = 120,
+net_limits <- function(clock_window = 300, rate = 1000, burst = 2000, header_timeout = 10, body_timeout = 120,
                        max_poll = 10, max_connections = 512, max_per_peer = 256, liveness = 30) {
   args <- list(clock_window = clock_window, rate = rate, burst = burst, header_timeout = header_timeout,
                body_timeout = body_timeout, max_poll = max_poll, max_connections = max_connections,
@@ -195,7 +196,7 @@ net_stop <- function(private, grace = 5) {
 
 # The nodes as the coordinator sees them, as a data frame.
 net_status <- function(private) {
-  if (is.null(private$.net)) return(NULL)
+  if (is.null(private$.net) || !isTRUE(call_rust(rs_net_running(private$.net$handle)))) return(NULL)
   s <- call_rust(rs_net_nodes(private$.net$handle))
   new_frame(node = s$node, joined = s$joined, n_samples = s$n_samples, has_validation = s$has_validation,
             seconds_since_seen = s$seconds_since_seen)
@@ -206,9 +207,11 @@ net_wait_nodes <- function(private, n, timeout, verbose) {
   started <- proc.time()[["elapsed"]]
   shown <- -1
   repeat {
-    joined <- sum(call_rust(rs_net_nodes(private$.net$handle))$joined)
+    # Nodes that joined and are heard from: a node that died does not count.
+    status <- call_rust(rs_net_nodes(private$.net$handle))
+    joined <- sum(status$joined & !is.na(status$seconds_since_seen) & status$seconds_since_seen <= private$.net$liveness)
     if (verbose && joined != shown) {
-      cli::cli_inform(c(i = "{joined} of {length(private$.nodes)} node{?s} joined (waiting for {n})."))
+      cli::cli_inform(c(i = "{joined} of {length(private$.nodes)} node{?s} joined and reachable (waiting for {n})."))
       shown <- joined
     }
     if (joined >= n) return(invisible(joined))

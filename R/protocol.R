@@ -158,7 +158,9 @@ node_runtime <- function(id, train, validation = NULL, state = list(), pending =
     out <- client_fit_state(ins, train, validation, state, client = id, round = asked$round)
     pending <<- list(round = asked$round,
                      state = list(control = out$control %||% state$control, residual = out$residual %||% state$residual))
+    loss <<- out$train_loss
     out$res
   }
-  list(fit = fit, state = function() state, pending = function() pending)
+  loss <- NA_real_
+  list(fit = fit, state = function() state, pending = function() pending, loss = function() loss)
 }

@@ -8,7 +8,13 @@ round_body <- function(self, private, r, last_round) {
   core_started <- core_clock$seconds
   # A networked server first hears what its nodes said (their sizes count
   # in the sampling rate) and which are reachable.
-  if (!is.null(private$.net)) private$.net$reachable <- net_sync(private)
+  if (!is.null(private$.net)) {
+    if (!isTRUE(call_rust(rs_net_running(private$.net$handle)))) {
+      fedagg_abort(c("This server no longer listens (was it saved while listening and read back?).",
+                     i = "Call {.code $listen()} or {.code $serve()} again."), class = "network")
+    }
+    private$.net$reachable <- net_sync(private)
+  }
   dp <- private$.privacy
   if (!is.null(dp)) check_dp_cohort(private)
   # This round's sampling rate, kept per round: the accountant composes the

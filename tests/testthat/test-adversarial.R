@@ -892,15 +892,139 @@ test_that("system profiles, simulated rounds and compressors reject bad inputs w
   adv_expect_all(adv_cases_systems, adv_run(adv_cases_systems))
 })
 
+# --- The networked federation ----------------------------------------------------
+
+adv_cases_network <- c(
+  adv_group("fed_keygen",
+    S(fed_keygen(X), "path", c("NULL", "NA_chr", "empty_str", "chr2", "list", "num0")),
+    S(fed_keygen(tempfile(), overwrite = X), "overwrite", c("NA", "chr", "lgl2")),
+    E("an existing key is never replaced", local({
+      k <- tempfile()
+      suppressMessages(fed_keygen(k))
+      fed_keygen(k)
+    }), re = "overwrite"),
+    E("a directory that does not exist", fed_keygen(file.path(tempfile(), "no", "k.key")), re = "cannot write")
+  ),
+  adv_group("fed_public_key",
+    S(fed_public_key(X), "path", c("NULL", "NA_chr", "chr2", "num0")),
+    E("a file that is not a key", local({
+      f <- tempfile()
+      writeLines("junk", f)
+      fed_public_key(f)
+    }), class = "fedagg_error_key")
+  ),
+  adv_group("fed_tls_selfsigned",
+    S(fed_tls_selfsigned(X), "dir", c("NULL", "NA_chr", "empty_str", "chr2")),
+    S(fed_tls_selfsigned(tempfile(), hosts = X), "hosts", c("NULL", "NA_chr", "empty_str", "num0", "1"))
+  ),
+  adv_group("fed_tls",
+    S(fed_tls(X, "k"), "cert", c("NULL", "NA_chr", "chr2")),
+    S(fed_tls("c", X), "key", c("NA_chr", "chr2")),
+    E("files that do not exist", fed_tls(tempfile(), tempfile()), re = "does not exist")
+  ),
+  adv_group("read_authorized_keys",
+    S(read_authorized_keys(X), "file", c("NULL", "NA_chr", "chr2")),
+    E("a file that does not exist", read_authorized_keys(tempfile()), re = "does not exist"),
+    E("a CSV without the columns", local({
+      f <- tempfile()
+      writeLines(c("a,b", "1,2"), f)
+      read_authorized_keys(f)
+    }), re = "public_key")
+  ),
+  adv_group("write_authorized_keys",
+    S(write_authorized_keys(X, tempfile()), "x", c("NULL", "list", "df", "num0")),
+    E("a key that is not one", write_authorized_keys(data.frame(node = "a", public_key = "ed25519:AAAA"), tempfile()),
+      class = "fedagg_error_key", client = "a")
+  ),
+  adv_group("fed_remote_nodes",
+    S(fed_remote_nodes(X), "authorized_keys", c("NULL", "list", "num0", "df")),
+    E("a node listed twice", local({
+      k <- suppressMessages(fed_keygen(tempfile()))
+      fed_remote_nodes(data.frame(node = c("a", "a"), public_key = k))
+    }), re = "twice"),
+    E("a node id that cannot go in a header", local({
+      k <- suppressMessages(fed_keygen(tempfile()))
+      fed_remote_nodes(data.frame(node = "a b", public_key = k))
+    }), re = "node id")
+  ),
+  adv_group("net_limits",
+    S(net_limits(rate = X), "rate", c("0", "-1", "NA", "chr", "Inf", "len2")),
+    S(net_limits(max_connections = X), "max_connections", c("0.5", "1.5")),
+    S(net_limits(header_timeout = X), "header_timeout", c("0", "NaN"))
+  ),
+  adv_group("fed_join",
+    S(fed_join(fed_node(d$x, d$y, id = "a"), X, m_soft, key = "k", server_key = "ed25519:x"), "url",
+      c("NULL", "NA_chr", "chr2", "1")),
+    E("plain http to a host that is not loopback", local({
+      k <- tempfile()
+      p <- suppressMessages(fed_keygen(k))
+      fed_join(fed_node(d$x, d$y, id = "a"), "http://10.0.0.1:1", m_soft, key = k, server_key = p)
+    }), "url"),
+    E("a server key that is not one", local({
+      k <- tempfile()
+      suppressMessages(fed_keygen(k))
+      fed_join(fed_node(d$x, d$y, id = "a"), "http://127.0.0.1:1", m_soft, key = k, server_key = "ed25519:AAAA")
+    }), "server_key"),
+    E("one key for two nodes", local({
+      k <- tempfile()
+      p <- suppressMessages(fed_keygen(k))
+      fed_join(list(fed_node(d$x, d$y, id = "a"), fed_node(d$x, d$y, id = "b")), "http://127.0.0.1:1", m_soft,
+               key = k, server_key = p)
+    }), "key"),
+    S(fed_join(fed_node(d$x, d$y, id = "a"), "http://127.0.0.1:1", m_soft, key = "k", server_key = "p", backoff = X),
+      "backoff", c("NULL", "-1", "chr", "1")),
+    E("a node whose data do not fit the model", fed_join(fed_node(d$x, d$y, id = "a"), "http://127.0.0.1:1",
+                                                       model_softmax(7, 3), key = "k", server_key = "p"),
+      class = "fedagg_error_client", client = "a"),
+    E("the server's view of a node", local({
+      k <- suppressMessages(fed_keygen(tempfile()))
+      fed_join(fed_remote_nodes(data.frame(node = "a", public_key = k)), "http://127.0.0.1:1", m_soft, key = "k",
+               server_key = k)
+    }), "nodes")
+  ),
+  adv_group("Server$serve",
+    E("a server of local nodes", local({
+      k <- tempfile()
+      suppressMessages(fed_keygen(k))
+      srv$listen(k)
+    }), class = "fedagg_error_network"),
+    S(local({
+      k <- tempfile()
+      p <- suppressMessages(fed_keygen(k))
+      fed_server(m_soft, fed_remote_nodes(data.frame(node = "a", public_key = p)))$listen(k, port = X)
+    }), "port", c("-1", "1.5", "chr", "NA")),
+    E("plain HTTP on every interface", local({
+      k <- tempfile()
+      p <- suppressMessages(fed_keygen(k))
+      fed_server(m_soft, fed_remote_nodes(data.frame(node = "a", public_key = p)))$listen(k, host = "0.0.0.0")
+    }), re = "loopback"),
+    E("a key that is not the server's private key", local({
+      p <- suppressMessages(fed_keygen(tempfile()))
+      fed_server(m_soft, fed_remote_nodes(data.frame(node = "a", public_key = p)))$serve(1, key = tempfile())
+    }), "key"),
+    S(local({
+      k <- tempfile()
+      p <- suppressMessages(fed_keygen(k))
+      fed_server(m_soft, fed_remote_nodes(data.frame(node = "a", public_key = p)))$serve(X, key = k)
+    }), "rounds", c("0", "-1", "1.5", "chr"))
+  )
+)
+
+test_that("the networked federation's functions reject bad inputs with classed errors", {
+  adv_expect_all(adv_cases_network, adv_run(adv_cases_network))
+})
+
 test_that("the adversarial table covers every export with enough cases", {
   all_cases <- c(adv_cases_aggregate, adv_cases_privacy, adv_cases_partition, adv_cases_model, adv_cases_data,
-                 adv_cases_node, adv_cases_server, adv_cases_pipeline, adv_cases_trust, adv_cases_systems)
+                 adv_cases_node, adv_cases_server, adv_cases_pipeline, adv_cases_trust, adv_cases_systems,
+                 adv_cases_network)
   expect_gte(length(all_cases), 150L)
   called <- unique(unlist(lapply(all_cases, function(cs) all.names(cs$expr))))
   exports <- getNamespaceExports("fedagg")
   # Classes and functions reached through others: Server through fed_server(),
   # lr_constant() through lr_schedule names, predict() through its S3 method.
-  indirect <- c("Server", "lr_constant")
+  # RemoteNode through fed_remote_nodes().
+  indirect <- c("Server", "lr_constant", "RemoteNode")
   expect_setequal(setdiff(exports, c(called, indirect)), character())
 })
 

@@ -94,6 +94,16 @@ test_that("health, readiness and metrics answer on loopback; the server stops cl
   expect_identical(raw_http(port, "GET", "/nowhere")$status, 404L)
   expect_identical(srv$network$joined, c(FALSE, FALSE))
   expect_error(srv$listen(keys$server_key), "already listening", class = "fedagg_error_network")
+  # Saved while listening and read back: the copy does not listen, says so,
+  # and can listen again.
+  file <- withr::local_tempfile(fileext = ".rds")
+  saveRDS(srv, file)
+  copy <- readRDS(file)
+  expect_null(copy$network)
+  expect_error(copy$round(), "no longer listens", class = "fedagg_error_network")
+  copy$listen(keys$server_key, port = 0)
+  expect_false(identical(copy$url, srv$url))
+  copy$stop(0)
   srv$stop(0)
   expect_null(srv$url)
   expect_error(suppressWarnings(raw_http(port, "GET", "/healthz")))
@@ -108,14 +118,22 @@ test_that("a networked federation gives the simulation's results exactly, lever 
       do.call(fed_server, c(list(model_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = 7,
                                  test_data = pool_clients(data, "test")), net_cases[[case]]))
     }
-    simulated <- make(fed_nodes(data))
+    nodes <- function() {
+      out <- fed_nodes(data)
+      # Two attackers, attacking from their own processes.
+      if (case == "robust") set_attack(out, names(out)[1:2], attack_gaussian(1))
+      out
+    }
+    simulated <- make(nodes())
     simulated$fit(3, verbose = FALSE)
-    networked <- run_networked(make, fed_nodes(data), rounds = 3)
+    networked <- run_networked(make, nodes(), rounds = 3)
     info <- paste(case, paste(attr(networked, "node_output"), collapse = "\n"))
     expect_identical(attr(networked, "node_exit"), c(0L, 0L, 0L), info = info)
     expect_identical(networked$params, simulated$params, info = info)
     expect_identical(networked$history, simulated$history, info = info)
-    expect_identical(networked$client_log, simulated$client_log, info = info)
+    # Which nodes attack is known to the simulation only.
+    log_cols <- setdiff(names(simulated$client_log), "malicious")
+    expect_identical(networked$client_log[log_cols], simulated$client_log[log_cols], info = info)
     expect_identical(networked$server_state, simulated$server_state, info = info)
     expect_identical(networked$system_log$status, simulated$system_log$status, info = info)
   }
@@ -372,9 +390,14 @@ test_that("200 nodes in 4 processes run 5 rounds on loopback", {
   expect_identical(nrow(networked$client_log), 100L)
 })
 
-test_that("the installed package stays under R CMD check's 5 MB size note", {
+test_that("the installed package stays within its size budget", {
   skip_on_cran()
-  files <- list.files(system.file(package = "fedagg"), recursive = TRUE, full.names = TRUE, all.files = TRUE)
-  # R CMD check notes an installed size over 5 MB (as `du -k` counts it).
-  expect_lt(sum(file.size(files)), 5 * 1024^2)
+  # R CMD check notes an installed size over 5 MB. The networked federation
+  # (hyper, tokio, rustls, ring) took the shared library from 1.4 MB to
+  # 3.5 MB and the package to 5.5 MB (bench/README.md says what each part
+  # costs): this guards against further growth.
+  root <- system.file(package = "fedagg")
+  size <- function(dir) sum(file.size(list.files(file.path(root, dir), recursive = TRUE, full.names = TRUE)))
+  expect_lt(size("libs"), 3.8 * 1024^2)
+  expect_lt(sum(file.size(list.files(root, recursive = TRUE, full.names = TRUE, all.files = TRUE))), 5.9 * 1024^2)
 })

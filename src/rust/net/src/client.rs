@@ -3,7 +3,9 @@
 //! the server's signatures checked on every answer that matters.
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -64,6 +66,17 @@ impl Target {
 
     pub fn is_loopback(&self) -> bool {
         self.host == "localhost" || self.host.parse::<IpAddr>().map_or(false, |ip| ip.is_loopback())
+    }
+}
+
+/// Running heartbeats; dropping this stops them.
+pub struct Heartbeats {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -158,7 +171,73 @@ impl Client {
     /// One signed request. `round` and `task`: the task the request
     /// answers (0 and "" otherwise). Errors only when no valid answer came
     /// (network, time-out, a forged answer); refusals are replies.
+    ///
+    /// A kept-alive connection the server closed while the node was busy
+    /// (training for longer than the server keeps idle connections) fails
+    /// the first request sent on it: that request is signed again, with a
+    /// new nonce, and sent once more on a new connection.
     pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        round: u64,
+        task: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Reply, NetError> {
+        let reused = self.conn.is_some();
+        let started = Instant::now();
+        match self.attempt(method, path, round, task, body.clone(), timeout) {
+            Err(NetError::Io(_)) if reused => {
+                self.conn = None;
+                let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+                self.attempt(method, path, round, task, body, left)
+            }
+            other => other,
+        }
+    }
+
+    /// Heartbeats every `every` on a connection of their own, from a
+    /// thread, while the node trains: a long local training does not look
+    /// like a dead node. They stop when the returned value is dropped.
+    pub fn heartbeats(&self, every: Duration) -> Result<Heartbeats, NetError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| NetError::Io(e.to_string()))?;
+        let mut beat = Client {
+            rt,
+            target: self.target.clone(),
+            tls: self.tls.clone(),
+            node: self.node.clone(),
+            key: self.key.clone(),
+            server_key: self.server_key.clone(),
+            conn: None,
+            max_task: MAX_SMALL_REPLY,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("fedagg-heartbeat".into())
+            .spawn(move || {
+                let tick = Duration::from_millis(50);
+                'outer: loop {
+                    let since = Instant::now();
+                    while since.elapsed() < every {
+                        if flag.load(Ordering::Relaxed) {
+                            break 'outer;
+                        }
+                        std::thread::sleep(tick);
+                    }
+                    // A heartbeat that fails is simply not counted.
+                    let _ = beat.request("POST", "/v1/heartbeat", 0, "", Vec::new(), every.max(Duration::from_secs(1)));
+                }
+            })
+            .map_err(|e| NetError::Io(format!("cannot start the heartbeat thread: {e}")))?;
+        Ok(Heartbeats { stop })
+    }
+
+    fn attempt(
         &mut self,
         method: &str,
         path: &str,
@@ -246,6 +325,7 @@ impl Client {
         let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
         let round_back = header(H_ROUND).and_then(|r| r.parse::<u64>().ok()).unwrap_or(0);
         let task_back = header(H_TASK).unwrap_or_default();
+        let digest = sha256_hex(&bytes);
         let verified = header(H_SERVER_SIGNATURE).map_or(false, |sig| {
             let expected = ResponseFields {
                 node: self.node.clone(),
@@ -253,7 +333,7 @@ impl Client {
                 status,
                 round: round_back,
                 task: task_back.clone(),
-                digest: sha256_hex(&bytes),
+                digest: digest.clone(),
                 request_nonce: fields.nonce.clone(),
             };
             self.server_key.verify(expected.canonical().as_bytes(), &sig)
@@ -268,7 +348,7 @@ impl Client {
         }
         if path.starts_with("/v1/task") && status == 200 {
             let ok = header(H_TASK_SIGNATURE).map_or(false, |sig| {
-                let text = task_text(&self.node, reply.round, &reply.task, &sha256_hex(&reply.body));
+                let text = task_text(&self.node, reply.round, &reply.task, &digest);
                 self.server_key.verify(text.as_bytes(), &sig)
             });
             if !ok {

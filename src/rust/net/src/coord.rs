@@ -46,8 +46,11 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             window_s: 300,
-            rate_per_s: 50.0,
-            burst: 100.0,
+            // A fast simulation's rounds take milliseconds: a node may then
+            // need hundreds of requests a second. The limit is there against
+            // a flood, each request costing a signature check (~50 us).
+            rate_per_s: 1000.0,
+            burst: 2000.0,
             header_timeout_ms: 10_000,
             body_timeout_ms: 120_000,
             max_poll_ms: 10_000,
@@ -99,6 +102,8 @@ pub struct Task {
     pub id: String,
     pub round: u64,
     pub body: Bytes,
+    /// SHA-256 of the body (hex), computed once.
+    pub digest: String,
     /// The server's signature over the task (node, round, id, digest).
     pub signature: String,
     pub dim: usize,
@@ -267,13 +272,18 @@ impl Coordinator {
 
     /// The server's signature over its answer to a node's request.
     pub fn sign_response(&self, req: &RequestFields, path: &str, status: u16, round: u64, task: &str, body: &[u8]) -> String {
+        self.sign_response_digest(req, path, status, round, task, sha256_hex(body))
+    }
+
+    /// As `sign_response`, with the body's digest already known (a task's).
+    pub fn sign_response_digest(&self, req: &RequestFields, path: &str, status: u16, round: u64, task: &str, digest: String) -> String {
         let fields = ResponseFields {
             node: req.node.clone(),
             path: path.to_string(),
             status,
             round,
             task: task.to_string(),
-            digest: sha256_hex(body),
+            digest,
             request_nonce: req.nonce.clone(),
         };
         self.keys.server.sign(fields.canonical().as_bytes())
@@ -400,9 +410,10 @@ impl Coordinator {
             };
             let max_reply = if kind == Kind::EvalIns { REPLY_HEADER_ROOM } else { max_reply };
             let id = crate::keys::random_hex(12).map_err(|e| e.to_string())?;
-            let signature = self.keys.server.sign(task_text(&node, round, &id, &sha256_hex(&body)).as_bytes());
+            let digest = sha256_hex(&body);
+            let signature = self.keys.server.sign(task_text(&node, round, &id, &digest).as_bytes());
             ids.push(id.clone());
-            built.insert(node, Task { id, round, body, signature, dim, kind, max_reply, answered: None });
+            built.insert(node, Task { id, round, body, digest, signature, dim, kind, max_reply, answered: None });
         }
         let mut st = self.lock();
         st.tasks = built;

@@ -15,6 +15,15 @@ pub const PUBLIC_PREFIX: &str = "ed25519:";
 /// A private key, ready to sign.
 pub struct SigningKey {
     pair: Ed25519KeyPair,
+    /// The PKCS#8 document, so that a copy can be made (ring's key pairs
+    /// are not Clone).
+    der: Vec<u8>,
+}
+
+impl Clone for SigningKey {
+    fn clone(&self) -> Self {
+        SigningKey::from_pkcs8(&self.der).expect("a key that was read once reads again")
+    }
 }
 
 /// A public key, ready to verify.
@@ -57,7 +66,7 @@ impl SigningKey {
         // maybe_unchecked: also PKCS#8 v1 (no public key inside), as
         // OpenSSL writes it.
         Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
-            .map(|pair| SigningKey { pair })
+            .map(|pair| SigningKey { pair, der: der.to_vec() })
             .map_err(|_| NetError::Key("not an Ed25519 private key (PKCS#8)".into()))
     }
 

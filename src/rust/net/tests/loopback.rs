@@ -363,3 +363,27 @@ fn a_client_that_stops_reading_frees_its_connection() {
     let (st, _) = send_raw(addr, "GET", "/healthz", &[], b"");
     assert_eq!(st, 200);
 }
+
+#[test]
+fn heartbeats_while_busy_and_a_closed_idle_connection_is_reopened() {
+    let fed = start(&["a"], Settings { header_timeout_ms: 200, ..Settings::default() });
+    let mut a = client(&fed, "a");
+    assert_eq!(a.request("POST", "/v1/join", 0, "", info("a"), T).unwrap().status, 200);
+    {
+        let _beats = a.heartbeats(Duration::from_millis(100)).unwrap();
+        std::thread::sleep(Duration::from_millis(450));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let text = fed.server.shared.coord.metrics_text();
+    let beats: u64 = text
+        .lines()
+        .find(|l| l.starts_with("fedagg_requests_total{endpoint=\"heartbeat\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!((3..=5).contains(&beats), "{beats} heartbeats in 450 ms at 100 ms, none after they stopped");
+    // The server closed the idle kept-alive connection (header time-out):
+    // the next request still gets through.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.request("POST", "/v1/heartbeat", 0, "", vec![], T).unwrap().status, 204);
+}

@@ -163,7 +163,7 @@ pub(crate) fn client_algorithm(config: &List) -> Result<ClientAlgorithm> {
 }
 
 /// An R-side reading error carried through the core's name lookups.
-fn as_core(e: extendr_api::Error) -> CoreError {
+pub(crate) fn as_core(e: extendr_api::Error) -> CoreError {
     CoreError::InvalidArgument("config", e.to_string())
 }
 
@@ -276,10 +276,13 @@ pub(crate) fn round_transforms(config: &List) -> Result<RoundTransforms> {
             let attack = protocol::attack_named(&text(&a, "kind")?, |f| required_number(&a, f, &what).map_err(as_core));
             t.attacks.push(Some(attack.map_err(core_err)?));
         }
-        let seed = nullable_field(config, "attack_seed");
-        if !seed.is_null() {
-            t.attack_seed = number(config, "attack_seed")? as u64;
-        }
+    }
+    // The round's attack seed travels to every node even when the server
+    // knows of no attacker: a node that attacks on its own (in its own
+    // process) draws from it, as the simulation would.
+    let seed = nullable_field(config, "attack_seed");
+    if !seed.is_null() {
+        t.attack_seed = number(config, "attack_seed")? as u64;
     }
     if let Some(f) = optional_list(config, "filter")? {
         let per_layer = optional_flag(&f, "per_layer", "filter")?;

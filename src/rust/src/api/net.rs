@@ -10,7 +10,7 @@ use std::time::Duration;
 use extendr_api::prelude::*;
 use extendr_api::{Error, Result};
 use fedagg_core::protocol::{self, NodeInfo};
-use fedagg_net::client::Client;
+use fedagg_net::client::{Client, Heartbeats};
 use fedagg_net::coord::{Coordinator, Keys, Phase, Settings};
 use fedagg_net::keys::{SigningKey, VerifyingKey};
 use fedagg_net::server::{Options, Server};
@@ -40,7 +40,11 @@ fn setting(settings: &List, name: &str) -> Result<Option<f64>> {
 }
 
 fn handle<T: 'static>(x: &Robj, what: &str) -> Result<ExternalPtr<T>> {
-    ExternalPtr::<T>::try_from(x).map_err(|_| input(format!("`{what}` is not a live handle (was it saved and read back?)")))
+    let dead = || input(format!("`{what}` is not a live handle (was it saved and read back?)"));
+    let ptr = ExternalPtr::<T>::try_from(x).map_err(|_| dead())?;
+    // A handle saved with saveRDS() comes back as a NULL pointer.
+    ptr.try_addr().map_err(|_| dead())?;
+    Ok(ptr)
 }
 
 /// A new Ed25519 key pair: list(private = <PEM>, public = "ed25519:...").
@@ -330,6 +334,28 @@ fn rs_net_client(
     Ok(ExternalPtr::new(c).into())
 }
 
+/// Heartbeats every `every` seconds from a thread while the node trains;
+/// stopped by `rs_net_heartbeats_stop()` (or when the handle is collected).
+/// @noRd
+#[extendr]
+fn rs_net_heartbeats(client: Robj, every: f64) -> Result<Robj> {
+    let c = handle::<Client>(&client, "client")?;
+    if !(every.is_finite() && every > 0.0) {
+        return Err(input("`heartbeat` must be a positive number of seconds"));
+    }
+    let beats = c.heartbeats(Duration::from_secs_f64(every.min(86_400.0))).map_err(net_err)?;
+    Ok(ExternalPtr::new(Some(beats)).into())
+}
+
+/// Stops heartbeats.
+/// @noRd
+#[extendr]
+fn rs_net_heartbeats_stop(beats: Robj) -> Result<()> {
+    let mut b = handle::<Option<Heartbeats>>(&beats, "heartbeats")?;
+    b.take();
+    Ok(())
+}
+
 /// One signed request of a node: list(status, body, round, task).
 /// Refusals are answers; no answer, a time-out or a forged answer is an
 /// error.
@@ -366,4 +392,6 @@ extendr_module! {
     fn rs_net_running;
     fn rs_net_client;
     fn rs_net_request;
+    fn rs_net_heartbeats;
+    fn rs_net_heartbeats_stop;
 }

@@ -156,7 +156,8 @@ fn rs_client_fit(ins: Robj, train: List, validation: List, control: Robj, residu
             ok = true,
             res = raw(&protocol::encode(&res).map_err(core_err)?),
             control = optional_values(&res.control)?,
-            residual = optional_values(&res.residual)?
+            residual = optional_values(&res.residual)?,
+            train_loss = res.train_loss
         )),
         Err(e) => client_failure(e),
     }
@@ -223,6 +224,19 @@ fn rs_eval_read(message: Robj) -> Result<List> {
                      metric = res.metric))
         }
     }
+}
+
+/// A node's own attack (a simulated malicious node, in its own process)
+/// written into the task it received: its update is then attacked exactly
+/// as the simulation attacks it, from the round's attack seed and the
+/// node's stream. `attack`: list(kind, ...) as R's `rust_attack()` writes it.
+/// @noRd
+#[extendr]
+fn rs_fit_ins_set_attack(ins: Robj, attack: List) -> Result<Robj> {
+    let mut ins: FitIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
+    let parsed = protocol::attack_named(&text(&attack, "kind")?, |f| required_number(&attack, f, "attack").map_err(as_core));
+    ins.encoding.attack = Some(AttackSpec::from(parsed.map_err(core_err)?));
+    Ok(raw(&protocol::encode(&ins).map_err(core_err)?))
 }
 
 /// A `FitRes` (raw) read and checked, as an R list.
@@ -305,4 +319,5 @@ extendr_module! {
     fn rs_eval_instructions;
     fn rs_client_evaluate;
     fn rs_eval_read;
+    fn rs_fit_ins_set_attack;
 }
