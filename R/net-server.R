@@ -105,7 +105,10 @@ net_refuse_unsupported <- function(private) {
   if (identical(private$.topology$kind, "hierarchical")) refuse("hierarchical topologies")
   if (!is.null(private$.async)) refuse("asynchronous (FedBuff) rounds")
   if (length(private$.selection$needs)) refuse(private$.selection$label)
-  if (is.function(private$.weights) || identical(private$.weights, "accuracy")) refuse("weights from a function or from accuracy")
+  # A weights function reads what the nodes report (samples, losses): it
+  # works as in the simulation. Accuracy weights need the nodes' validation
+  # data, unknown when the server is made.
+  if (identical(private$.weights, "accuracy")) refuse("weights from accuracy")
   if (!is.null(private$.monitor)) refuse("drift monitoring (the nodes' data stay on their side)")
   roster <- node_roster(private)
   if (any(roster$has_system)) refuse("simulated system profiles (real time is measured)")

@@ -10,7 +10,8 @@ net_cases <- list(
   scaffold = list(algorithm = scaffold()),
   dp_adaptive = list(privacy = dp_central(0.5, clip = clip_adaptive(initial = 0.5, count_noise = 1))),
   topk_feedback = list(compress = compress_topk(0.1)),
-  robust = list(aggregator = agg_trimmed_mean(0.2), filter = filter_norm(mad = 3))
+  robust = list(aggregator = agg_trimmed_mean(0.2), filter = filter_norm(mad = 3)),
+  weights_fn = list(weights = function(info) sqrt(info$n_samples) * (1 + info$train_loss))
 )
 
 test_that("keys: private files only their owner reads, public keys checked, allow-lists read and written", {
@@ -67,8 +68,6 @@ test_that("remote nodes hold no data and refuse what only a node can do", {
   remote <- fed_server(model_logistic(2), nodes, selection = select_power_of_choice(2))
   expect_error(remote$listen(keys$server_key), class = "fedagg_error_network_unsupported")
   remote <- fed_server(model_logistic(2), nodes, monitor = monitor_drift())
-  expect_error(remote$listen(keys$server_key), class = "fedagg_error_network_unsupported")
-  remote <- fed_server(model_logistic(2), nodes, weights = function(info) info$n_samples)
   expect_error(remote$listen(keys$server_key), class = "fedagg_error_network_unsupported")
   remote <- fed_server(model_logistic(2), nodes)
   expect_error(remote$listen(keys$server_key, host = "0.0.0.0"), "loopback", class = "fedagg_error_network")

@@ -1,0 +1,1 @@
+"""Flower side of fedagg's bench/network.R."""
