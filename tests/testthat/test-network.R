@@ -90,6 +90,14 @@ test_that("health, readiness and metrics answer on loopback; the server stops cl
   expect_match(m$text, "fedagg_nodes_registered 0")
   expect_match(m$text, "fedagg_round_duration_seconds_bucket\\{le=\"\\+Inf\"\\} 0")
   expect_identical(raw_http(port, "POST", "/healthz")$status, 405L)
+  # While it resumes from a checkpoint (or shuts down) it is alive but not
+  # ready.
+  handle <- srv$.__enclos_env__$private$.net$handle
+  fedagg:::call_rust(fedagg:::rs_net_set_phase(handle, "starting"))
+  expect_identical(raw_http(port, "GET", "/ready")$status, 503L)
+  expect_identical(raw_http(port, "GET", "/healthz")$status, 200L)
+  fedagg:::call_rust(fedagg:::rs_net_set_phase(handle, "running"))
+  expect_identical(raw_http(port, "GET", "/ready")$status, 200L)
   expect_identical(raw_http(port, "GET", "/nowhere")$status, 404L)
   expect_identical(srv$network$joined, c(FALSE, FALSE))
   expect_error(srv$listen(keys$server_key), "already listening", class = "fedagg_error_network")

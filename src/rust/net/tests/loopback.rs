@@ -387,3 +387,61 @@ fn heartbeats_while_busy_and_a_closed_idle_connection_is_reopened() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(a.request("POST", "/v1/heartbeat", 0, "", vec![], T).unwrap().status, 204);
 }
+
+/// A man in the middle that flips the last byte of every answer.
+fn tampering_proxy(server: SocketAddr) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // Bounded: a few connections, then the proxy stops.
+        for conn in listener.incoming().take(4) {
+            let Ok(mut client) = conn else { return };
+            let mut upstream = TcpStream::connect(server).unwrap();
+            client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            upstream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut request = Vec::new();
+            while let Ok(n) = client.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            upstream.write_all(&request).unwrap();
+            let mut answer = Vec::new();
+            while let Ok(n) = upstream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buf[..n]);
+            }
+            if let Some(last) = answer.last_mut() {
+                *last ^= 1;
+            }
+            let _ = client.write_all(&answer);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_node_refuses_a_task_tampered_with_on_the_way() {
+    let fed = start(&["a"], Settings::default());
+    let mut a = client(&fed, "a");
+    assert_eq!(a.request("POST", "/v1/join", 0, "", info("a"), T).unwrap().status, 200);
+    fed.server.post_tasks(1, 4, vec![("a".into(), Bytes::from(fit_ins("a", 1, 4)))]).unwrap();
+    let proxy = tampering_proxy(fed.server.addr);
+    let mut fooled = Client::new(
+        &format!("http://{proxy}"),
+        "a",
+        SigningKey::from_pem(&fed.node_keys["a"]).unwrap(),
+        VerifyingKey::from_text(&fed.server_public).unwrap(),
+        None,
+        false,
+    )
+    .unwrap();
+    let err = fooled.request("GET", "/v1/task", 0, "", vec![], T).unwrap_err();
+    assert_eq!(err.kind(), "forged", "{err}");
+    // The untampered task reaches the node as sent.
+    assert_eq!(a.request("GET", "/v1/task", 0, "", vec![], T).unwrap().status, 200);
+}
