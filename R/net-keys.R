@@ -34,7 +34,7 @@ fed_keygen <- function(path, overwrite = FALSE) {
                    i = "Use {.code overwrite = TRUE} to replace it."))
   }
   pair <- call_rust(rs_net_keygen())
-  call_rust(rs_net_write_atomic(path, charToRaw(pair$private), TRUE))
+  write_atomic(path, charToRaw(pair$private), private = TRUE)
   cli::cli_inform(c(v = "Wrote the private key {.file {path}} (mode 0600).", i = "Public key: {.val {pair$public}}"))
   invisible(pair$public)
 }
@@ -73,9 +73,9 @@ fed_tls_selfsigned <- function(dir, hosts = c("localhost", "127.0.0.1", "::1")) 
   dir.create(dir, recursive = TRUE, showWarnings = FALSE)
   made <- call_rust(rs_net_tls_selfsigned(hosts))
   out <- fed_tls(file.path(dir, "server.pem"), file.path(dir, "server-key.pem"), file.path(dir, "ca.pem"), check = FALSE)
-  call_rust(rs_net_write_atomic(out$ca, charToRaw(made$ca), FALSE))
-  call_rust(rs_net_write_atomic(out$cert, charToRaw(made$cert), FALSE))
-  call_rust(rs_net_write_atomic(out$key, charToRaw(made$key), TRUE))
+  write_atomic(out$ca, charToRaw(made$ca))
+  write_atomic(out$cert, charToRaw(made$cert))
+  write_atomic(out$key, charToRaw(made$key), private = TRUE)
   invisible(out)
 }
 

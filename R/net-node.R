@@ -97,13 +97,13 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
   members <- lapply(seq_along(nodes), function(i) {
     node <- nodes[[i]]
     saved <- read_node_state(state_dir, ids[i])
+    validation <- if (node$has_validation) node$data_for(model, "validation")
     list(id = ids[i], node = node,
          client = call_rust(rs_net_client(url, ids[i], read_pem(keys[[i]], "private key"), server_pub, ca_pem, insecure,
                                           max_task)),
-         validation = if (node$has_validation) node$data_for(model, "validation"),
+         validation = validation,
          attack = rust_attack(node$attack),
-         runtime = node_runtime(ids[i], node$data_for(model), if (node$has_validation) node$data_for(model, "validation"),
-                                saved$state %||% list(), saved$pending),
+         runtime = node_runtime(ids[i], node$data_for(model), validation, saved$state %||% list(), saved$pending),
          info = call_rust(rs_node_info(ids[i], as.double(node$n_samples), node$has_validation, character(),
                                        as.double(node$data_version))))
   })

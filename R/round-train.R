@@ -16,7 +16,8 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   # node once, until a node changes); their state only when the round's
   # parts keep one.
   wants_validation <- builtin && (rule == "collect" || private$.weights %in% "accuracy")
-  views <- roster_views(private, idx, if (builtin && is.null(private$.net)) model, validation = wants_validation)
+  # A grid's nodes read their own data (in this process or elsewhere).
+  views <- roster_views(private, idx, if (builtin && is.null(private$.grid)) model, validation = wants_validation)
   needs_state <- alg$kind %in% c("scaffold", "custom") || keep_updates || isTRUE(private$.compress$error_feedback)
   states <- if (needs_state) lapply(unname(nodes), function(n) n$state_for(private$.key)) else rep(list(list()), length(idx))
   attacks <- views$attack
@@ -36,9 +37,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
       round_cfg <- rust_config(config, rule, epochs, fold_cfg)
       out <- grid_fit(private, nodes, lapply(states, function(st) list(control = st$control, residual = st$residual)), idx,
                       epochs, max_steps, round_cfg, round,
-                      # Remote nodes hold their validation data themselves.
-                      validation = if (is.null(private$.net)) any(!vapply(val, is.null, logical(1)))
-                                   else wants_validation && any(node_roster(private)$has_validation[idx]))
+                      validation = wants_validation && any(node_roster(private)$has_validation[idx]))
       if (!all(out$reported)) {
         # Nodes that did not answer in time (a networked round) leave the
         # round: it goes on with the others, as with simulated dropouts.

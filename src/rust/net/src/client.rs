@@ -132,10 +132,7 @@ impl Client {
             }
             None
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| NetError::Io(e.to_string()))?;
+        let rt = Client::runtime()?;
         Ok(Client { rt, target, tls, node: node.to_string(), key, server_key, conn: None, max_task: 1 << 33 })
     }
 
@@ -187,26 +184,33 @@ impl Client {
     ) -> Result<Reply, NetError> {
         let reused = self.conn.is_some();
         let started = Instant::now();
-        match self.attempt(method, path, round, task, body.clone(), timeout) {
+        // Hashed and moved once: a retry reuses both (an update may be
+        // hundreds of megabytes).
+        let digest = sha256_hex(&body);
+        let body = Bytes::from(body);
+        match self.attempt(method, path, round, task, body.clone(), &digest, timeout) {
             Err(NetError::Io(_)) if reused => {
                 self.conn = None;
                 let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
-                self.attempt(method, path, round, task, body, left)
+                self.attempt(method, path, round, task, body, &digest, left)
             }
             other => other,
         }
+    }
+
+    fn runtime() -> Result<tokio::runtime::Runtime, NetError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| NetError::Io(e.to_string()))
     }
 
     /// Heartbeats every `every` on a connection of their own, from a
     /// thread, while the node trains: a long local training does not look
     /// like a dead node. They stop when the returned value is dropped.
     pub fn heartbeats(&self, every: Duration) -> Result<Heartbeats, NetError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| NetError::Io(e.to_string()))?;
         let mut beat = Client {
-            rt,
+            rt: Client::runtime()?,
             target: self.target.clone(),
             tls: self.tls.clone(),
             node: self.node.clone(),
@@ -237,13 +241,15 @@ impl Client {
         Ok(Heartbeats { stop })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attempt(
         &mut self,
         method: &str,
         path: &str,
         round: u64,
         task: &str,
-        body: Vec<u8>,
+        body: Bytes,
+        digest: &str,
         timeout: Duration,
     ) -> Result<Reply, NetError> {
         let fields = RequestFields {
@@ -252,7 +258,7 @@ impl Client {
             node: self.node.clone(),
             timestamp: crate::unix_now(),
             nonce: random_hex(16)?,
-            digest: sha256_hex(&body),
+            digest: digest.to_string(),
             round,
             task: task.to_string(),
         };
@@ -275,7 +281,6 @@ impl Client {
             }
             b.body(Full::new(body)).map_err(|e| NetError::Protocol(e.to_string()))
         };
-        let body = Bytes::from(body);
         let target = self.target.clone();
         let tls = self.tls.clone();
         // An answer is refused by its announced size before it is read.

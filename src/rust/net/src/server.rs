@@ -358,15 +358,8 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
             Ok(UploadPlan::AlreadyKept) => {
                 // A resend of kept bytes: answered as the first time,
                 // without reading it again.
-                coord.touch(&f.node);
-                let body = kept_answer();
-                let sig = coord.sign_response(&f, &f.path, 200, f.round, &f.task, &body);
-                let mut reply = plain(200, body, "application/json");
-                insert(&mut reply, H_SERVER_SIGNATURE, &sig);
-                insert(&mut reply, H_ROUND, &f.round.to_string());
-                insert(&mut reply, H_TASK, &f.task);
-                log(&shared, &route, &f.node, peer, 200, None, 0);
-                return reply;
+                let a = Answer { status: 200, body: kept_answer(), round: f.round, task: &f.task, digest: None, ctype: "application/json" };
+                return signed_answer(&shared, &f, &route, peer, a);
             }
             Err(r) => Err(r),
         },
@@ -409,17 +402,7 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
         return refuse(coord::DIGEST_MISMATCH, Some(&s));
     }
     let answer = |status: u16, body: Bytes, round: u64, task: &str, ctype: &'static str| {
-        coord.touch(&f.node);
-        let sig = coord.sign_response(&f, &f.path, status, round, task, &body);
-        let n = body.len();
-        let mut reply = plain(status, body, ctype);
-        insert(&mut reply, H_SERVER_SIGNATURE, &sig);
-        insert(&mut reply, H_ROUND, &round.to_string());
-        insert(&mut reply, H_TASK, task);
-        insert(&mut reply, H_FEDERATION, &coord.keys.federation);
-        coord.lock().metrics.bytes_out += n as u64;
-        log(&shared, &route, &f.node, peer, status, None, n);
-        reply
+        signed_answer(&shared, &f, &route, peer, Answer { status, body, round, task, digest: None, ctype })
     };
     match route.as_str() {
         "/v1/join" => match coord.join(&f.node, &body) {
@@ -462,17 +445,16 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
                     Err(r) => return refuse(r, Some(&s)),
                     Ok(Some(task)) => {
                         // The task's digest is known: the model is not hashed again.
-                        coord.touch(&f.node);
-                        let sig = coord.sign_response_digest(&f, &f.path, 200, task.round, &task.id, task.digest.clone());
-                        let n = task.body.len();
-                        let mut reply = plain(200, task.body.clone(), "application/octet-stream");
-                        insert(&mut reply, H_SERVER_SIGNATURE, &sig);
-                        insert(&mut reply, H_ROUND, &task.round.to_string());
-                        insert(&mut reply, H_TASK, &task.id);
-                        insert(&mut reply, H_FEDERATION, &coord.keys.federation);
+                        let a = Answer {
+                            status: 200,
+                            body: task.body.clone(),
+                            round: task.round,
+                            task: &task.id,
+                            digest: Some(task.digest.clone()),
+                            ctype: "application/octet-stream",
+                        };
+                        let mut reply = signed_answer(&shared, &f, &route, peer, a);
                         insert(&mut reply, H_TASK_SIGNATURE, &task.signature);
-                        coord.lock().metrics.bytes_out += n as u64;
-                        log(&shared, &route, &f.node, peer, 200, None, n);
                         return reply;
                     }
                     Ok(None) => {}
@@ -495,6 +477,36 @@ fn log_allowed(shared: &Shared) -> bool {
     }
     b.1 += 1;
     b.1 <= 100
+}
+
+/// An answer to an authenticated request.
+struct Answer<'a> {
+    status: u16,
+    body: Bytes,
+    round: u64,
+    task: &'a str,
+    /// The body's SHA-256 when already known (a task's).
+    digest: Option<String>,
+    ctype: &'static str,
+}
+
+/// The one way an accepted request is answered: signed by the server over
+/// the node, path, status, round, task, body digest and request nonce,
+/// counted and logged; the node counts as heard from.
+fn signed_answer(shared: &Shared, f: &crate::sign::RequestFields, route: &str, peer: SocketAddr, a: Answer<'_>) -> Reply {
+    let coord = &shared.coord;
+    coord.touch(&f.node);
+    let digest = a.digest.unwrap_or_else(|| crate::keys::sha256_hex(&a.body));
+    let sig = coord.sign_response_digest(f, &f.path, a.status, a.round, a.task, digest);
+    let n = a.body.len();
+    let mut reply = plain(a.status, a.body, a.ctype);
+    insert(&mut reply, H_SERVER_SIGNATURE, &sig);
+    insert(&mut reply, H_ROUND, &a.round.to_string());
+    insert(&mut reply, H_TASK, a.task);
+    insert(&mut reply, H_FEDERATION, &coord.keys.federation);
+    coord.lock().metrics.bytes_out += n as u64;
+    log(shared, route, &f.node, peer, a.status, None, n);
+    reply
 }
 
 fn insert(reply: &mut Reply, name: &'static str, value: &str) {
