@@ -101,9 +101,12 @@ net_refuse_unsupported <- function(private) {
     fedagg_abort(c("A networked federation does not carry {what} yet.", i = "Run it as a simulation."),
                  class = "network_unsupported")
   }
-  if (!is_builtin(private$.model) || private$.algorithm$kind == "custom") refuse("custom models or client algorithms")
+  part <- unsupported_part(private, "networked")
+  if (!is.null(part)) refuse(part)
+  if (!is_builtin(private$.model)) refuse("custom models")
   if (identical(private$.topology$kind, "hierarchical")) refuse("hierarchical topologies")
   if (!is.null(private$.async)) refuse("asynchronous (FedBuff) rounds")
+  # A custom selection rule that reads the nodes' losses or last updates.
   if (length(private$.selection$needs)) refuse(private$.selection$label)
   # A weights function reads what the nodes report (samples, losses): it
   # works as in the simulation. Accuracy weights need the nodes' validation

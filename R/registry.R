@@ -15,9 +15,9 @@
 # an error wherever it is looked up.
 lever_registry <- local({
   row <- function(type, kind, side, sync = TRUE, fedbuff = FALSE, hierarchical = FALSE, all_updates = FALSE,
-                  rust = kind) {
+                  rust = kind, networked = TRUE) {
     data.frame(type = type, kind = kind, side = side, sync = sync, fedbuff = fedbuff, hierarchical = hierarchical,
-               all_updates = all_updates, rust = rust, stringsAsFactors = FALSE)
+               all_updates = all_updates, rust = rust, networked = networked, stringsAsFactors = FALSE)
   }
   rbind(
     row("algorithm", "fedavg", "client", fedbuff = TRUE, hierarchical = TRUE),
@@ -25,7 +25,7 @@ lever_registry <- local({
     row("algorithm", "fedprox", "client", fedbuff = TRUE, hierarchical = TRUE),
     row("algorithm", "scaffold", "client"),
     row("algorithm", "fednova", "client"),
-    row("algorithm", "custom", "client", rust = "fedavg"),
+    row("algorithm", "custom", "client", rust = "fedavg", networked = FALSE),
     row("aggregator", "weighted", "server", fedbuff = TRUE, hierarchical = TRUE),
     row("aggregator", "median", "server", all_updates = TRUE),
     row("aggregator", "trimmed_mean", "server", all_updates = TRUE),
@@ -36,8 +36,8 @@ lever_registry <- local({
     row("selection", "uniform", "server", fedbuff = TRUE, hierarchical = TRUE, rust = NA),
     row("selection", "by_size", "server", hierarchical = TRUE, rust = NA),
     row("selection", "poisson", "server", hierarchical = TRUE, rust = NA),
-    row("selection", "power_of_choice", "server", hierarchical = TRUE, rust = NA),
-    row("selection", "score", "server", hierarchical = TRUE, rust = NA),
+    row("selection", "power_of_choice", "server", hierarchical = TRUE, rust = NA, networked = FALSE),
+    row("selection", "score", "server", hierarchical = TRUE, rust = NA, networked = FALSE),
     row("selection", "custom", "server", hierarchical = TRUE, rust = NA),
     row("server_optimizer", "sgd", "server", fedbuff = TRUE, hierarchical = TRUE),
     row("server_optimizer", "adagrad", "server", fedbuff = TRUE, hierarchical = TRUE),
@@ -94,8 +94,8 @@ server_parts <- function(private) {
              label = vapply(parts, `[[`, "", 3), stringsAsFactors = FALSE)
 }
 
-# The first of a server's parts that `schedule` ("fedbuff", "hierarchical")
-# does not support: its label, or NULL.
+# The first of a server's parts that `schedule` ("fedbuff", "hierarchical",
+# "networked") does not support: its label, or NULL.
 unsupported_part <- function(private, schedule) {
   parts <- server_parts(private)
   for (i in seq_len(nrow(parts))) {

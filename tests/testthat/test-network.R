@@ -67,6 +67,15 @@ test_that("remote nodes hold no data and refuse what only a node can do", {
   expect_error(local$listen(keys$server_key), class = "fedagg_error_network")
   remote <- fed_server(model_logistic(2), nodes, selection = select_power_of_choice(2))
   expect_error(remote$listen(keys$server_key), class = "fedagg_error_network_unsupported")
+  # The registry says which parts a networked server runs.
+  reg <- fedagg:::lever_registry
+  expect_setequal(paste(reg$type, reg$kind)[!reg$networked],
+                  c("algorithm custom", "selection power_of_choice", "selection score"))
+  for (sel in list(select_score(), select_power_of_choice(2))) {
+    err <- expect_error(fed_server(model_logistic(2), nodes, selection = sel)$listen(keys$server_key),
+                        class = "fedagg_error_network_unsupported")
+    expect_match(conditionMessage(err), sel$label, fixed = TRUE)
+  }
   remote <- fed_server(model_logistic(2), nodes, monitor = monitor_drift())
   expect_error(remote$listen(keys$server_key), class = "fedagg_error_network_unsupported")
   remote <- fed_server(model_logistic(2), nodes)
