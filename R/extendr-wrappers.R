@@ -164,7 +164,7 @@ rs_rdp_default_orders <- function() .Call(wrap__rs_rdp_default_orders)
 #' none). Each client's training and encoding draw from its stream (its
 #' node's number; FedBuff: its dispatch).
 #' @noRd
-rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round)
+rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round, custom) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round, custom)
 
 #' A node's half of a round: a `FitIns` (raw), the node's data
 #' (`list(x, y)`), its validation data (or NULL), its SCAFFOLD control and
@@ -190,7 +190,7 @@ rs_message_kind <- function(bytes) .Call(wrap__rs_message_kind, bytes)
 #' One `EvalIns` per node: the candidate global parameters to evaluate on
 #' each node's `split` ("validation" or "train").
 #' @noRd
-rs_eval_instructions <- function(sizes, head, bits, params, nodes, split, round) .Call(wrap__rs_eval_instructions, sizes, head, bits, params, nodes, split, round)
+rs_eval_instructions <- function(sizes, head, bits, params, nodes, split, round, custom) .Call(wrap__rs_eval_instructions, sizes, head, bits, params, nodes, split, round, custom)
 
 #' A node's answer to an `EvalIns`, from the data of the split it asks
 #' for: list(ok, res) or a client failure.
@@ -207,6 +207,23 @@ rs_eval_read <- function(message) .Call(wrap__rs_eval_read, message)
 #' node's stream. `attack`: list(kind, ...) as R's `rust_attack()` writes it.
 #' @noRd
 rs_fit_ins_set_attack <- function(ins, attack) .Call(wrap__rs_fit_ins_set_attack, ins, attack)
+
+#' A node's encoding of its own update (local DP, its simulated attack,
+#' compression with its residual), as its `FitIns` asks: what a custom
+#' model's node, which trains in R, sends. The same encoding as the
+#' simulation's (`rs_encode_updates`) for that client.
+#' @noRd
+rs_client_encode <- function(ins, update, residual) .Call(wrap__rs_client_encode, ins, update, residual)
+
+#' A `FitRes` answering `ins`, from what a node computed in R: `report`
+#' holds n_samples, train_loss, steps, effective_steps, weight, val_loss and
+#' val_metric (NA: not evaluated).
+#' @noRd
+rs_fit_res_make <- function(ins, report, update, control, residual) .Call(wrap__rs_fit_res_make, ins, report, update, control, residual)
+
+#' An `EvalRes` answering `ins`, from an evaluation done in R.
+#' @noRd
+rs_eval_res_make <- function(ins, n, loss, metric) .Call(wrap__rs_eval_res_make, ins, n, loss, metric)
 
 #' Number of cores Rust sees.
 #' @noRd

@@ -12,7 +12,9 @@
 #' with the task's settings (client algorithm, local optimizer, epochs,
 #' learning rate, seeds), applies its side's transforms (local DP,
 #' compression with its residual), and uploads the signed update. Its data
-#' never leave it.
+#' never leave it. A custom model ([model_custom()]) trains in R, in this
+#' session, with this session's copy of the model: tasks name the model,
+#' and no code travels.
 #'
 #' Between rounds a node keeps its own state (SCAFFOLD's control variate,
 #' error-feedback residuals), and with `state_dir` also on disk, written
@@ -30,7 +32,7 @@
 #' @param url The server's address, `"https://host:port"` (or
 #'   `"http://127.0.0.1:port"` on loopback).
 #' @param model The federation's model (the same as the server's, with the
-#'   same `classes`).
+#'   same `classes`; a custom model with the same `name` and parameters).
 #' @param key The nodes' private key files (see [fed_keygen()]): one per
 #'   node, in order or named by node id.
 #' @param server_key The server's public key (`"ed25519:..."`, or a file
@@ -68,10 +70,11 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
   if (anyDuplicated(ids)) fedagg_abort("{.arg nodes} must have distinct ids; {.val {ids[duplicated(ids)][1]}} appears twice.")
   if (any(vapply(nodes, is_remote_node, logical(1)))) fedagg_abort("{.arg nodes} must hold data: a {.cls RemoteNode} is the server's view of a node.")
   assert_model(model)
-  if (!is_builtin(model)) {
-    fedagg_abort("A networked federation does not carry custom models yet.", class = "network_unsupported")
-  }
   for (n in nodes) n$check_model(model)
+  # A custom model trains here in R with this session's copy of its code;
+  # the server's tasks name it and carry numbers only.
+  template <- if (!is_builtin(model)) init_params(model)
+  d <- if (is.null(template)) n_params(model) else length(unlist(template, use.names = FALSE))
   if (!is.character(url) || length(url) != 1L || is.na(url)) fedagg_abort("{.arg url} must be one address, not {obj_desc(url)}.")
   poll <- assert_number(poll, 0, 3600)
   timeout <- assert_number(timeout, 0, Inf, lower_open = TRUE)
@@ -91,7 +94,7 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
   }
   # The largest task a node accepts: the model's parameters and a SCAFFOLD
   # control, and room for the settings.
-  max_task <- 16 * n_params(model) + 2^20
+  max_task <- 16 * d + 2^20
   # Answers may be slow while the server waits: the wait comes on top.
   wait <- if (length(nodes) == 1L) poll else 0
   members <- lapply(seq_along(nodes), function(i) {
@@ -103,7 +106,8 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
                                           max_task)),
          validation = validation,
          attack = rust_attack(node$attack),
-         runtime = node_runtime(ids[i], node$data_for(model), validation, saved$state %||% list(), saved$pending),
+         runtime = node_runtime(ids[i], node$data_for(model), validation, saved$state %||% list(), saved$pending,
+                                custom = if (!is.null(template)) list(node = node, model = model, template = template)),
          info = call_rust(rs_node_info(ids[i], as.double(node$n_samples), node$has_validation, character(),
                                        as.double(node$data_version))))
   })
@@ -160,9 +164,14 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
           asked <- call_rust(rs_eval_read(r$body))
           data <- if (asked$split == "train") m$node$data_for(model) else m$validation
           if (is.null(data)) fedagg_abort("Node {.val {m$id}} was asked to evaluate on validation data it does not hold.", class = "client", client = m$id)
-          out <- call_rust(rs_client_evaluate(r$body, list(data)))
-          if (!isTRUE(out$ok)) abort_client_failure(m$id, out$message, r$round, kind = out$kind)
-          res <- out$res
+          if (!identical(asked$custom, custom_model_name(model) %||% "")) {
+            fedagg_abort("Node {.val {m$id}} was asked to evaluate a model it does not hold.", class = "protocol", client = m$id)
+          }
+          res <- if (!is.null(template)) client_evaluate_custom(r$body, asked, m$node, model, template) else {
+            out <- call_rust(rs_client_evaluate(r$body, list(data)))
+            if (!isTRUE(out$ok)) abort_client_failure(m$id, out$message, r$round, kind = out$kind)
+            out$res
+          }
           loss <- call_rust(rs_eval_read(res))$loss
         } else {
           task <- "trained"

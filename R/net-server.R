@@ -103,7 +103,6 @@ net_refuse_unsupported <- function(private) {
   }
   part <- unsupported_part(private, "networked")
   if (!is.null(part)) refuse(part)
-  if (!is_builtin(private$.model)) refuse("custom models")
   if (identical(private$.topology$kind, "hierarchical")) refuse("hierarchical topologies")
   if (!is.null(private$.async)) refuse("asynchronous (FedBuff) rounds")
   # A custom selection rule that reads the nodes' losses or last updates.
@@ -177,7 +176,8 @@ grid_network <- function(private) {
 # the round's validation metrics (with a warning).
 net_evaluate <- function(private, flat, ids, round) {
   model <- private$.model
-  messages <- call_rust(rs_eval_instructions(model$sizes, model$head, model_bits(model), flat, ids, "validation", round))
+  messages <- call_rust(rs_eval_instructions(model$sizes, model$head %||% 0L, model_bits(model), flat, ids, "validation", round,
+                                            custom_model_name(model)))
   got <- grid_network(private)(stats::setNames(messages, ids), NULL, model, NULL, round)
   answered <- !vapply(got, is.null, logical(1))
   if (!any(answered)) return(NULL)

@@ -24,12 +24,17 @@ fit_instructions <- function(private, ids, streams, epochs, max_steps, round_cfg
   max_steps <- if (is.null(max_steps)) rep(NA_real_, length(ids)) else as.double(max_steps)
   node_rounds <- private$.state$node_rounds[ids] %||% rep(0, length(ids))
   node_rounds[is.na(node_rounds)] <- 0
-  out <- core_call(rs_fit_instructions(model$sizes, model$head, model_bits(model), private$.state$flat, round_cfg,
+  out <- core_call(rs_fit_instructions(model$sizes, model$head %||% 0L, model_bits(model), private$.state$flat, round_cfg,
                                        as.character(ids), as.double(streams),
                                        rep_len(as.double(epochs), length(ids)), max_steps, as.double(node_rounds),
-                                       isTRUE(validation), as.double(round), as.double(private$.state$round)))
+                                       isTRUE(validation), as.double(round), as.double(private$.state$round),
+                                       custom_model_name(model)))
   stats::setNames(out, ids)
 }
+
+# What a message names a custom model by (NULL: a built-in model, which
+# the message describes in full).
+custom_model_name <- function(model) if (!is_builtin(model)) model$name
 
 # A node's half of a round, from a FitIns message: its own data and its own
 # state (list(control =, residual =)). Returns the FitRes message.
@@ -43,6 +48,67 @@ client_fit_state <- function(ins, train, validation = NULL, state = list(), clie
   out <- call_rust(rs_client_fit(ins, list(train), list(validation), state$control, state$residual))
   if (!isTRUE(out$ok)) abort_client_failure(client %||% "?", out$message, round, kind = out$kind)
   out
+}
+
+# A custom model's half of a round on its node, from a FitIns: the node
+# trains in R with its own copy of the model (the message names the model
+# and carries numbers only: no code travels, and none is ever unserialized
+# from the server), then encodes its update in Rust as the task asks. The
+# same computation as the simulation's custom round (custom_round(), then
+# encode_updates() for that client), number for number. `node` is the Node
+# holding the data; `template` the layout of the model's parameters.
+# Returns list(res = <FitRes>, control =, residual =, train_loss =).
+client_fit_custom <- function(ins, node, model, template, state = list(), round = NULL) {
+  asked <- call_rust(rs_fit_ins_read(ins, TRUE))
+  id <- node$id
+  round <- round %||% asked$round
+  d <- length(unlist(template, use.names = FALSE))
+  if (!identical(asked$model$custom, model$name) || asked$model$n_params != d) {
+    what <- if (nzchar(asked$model$custom)) sprintf("the custom model \"%s\" of %d parameters", asked$model$custom, asked$model$n_params)
+            else "a built-in model"
+    fedagg_abort(c("Node {.val {id}} was asked to train {what}; it holds the custom model {.val {model$name}} of {d} parameters.",
+                   i = "Give the node the server's model (the same {.fn model_custom} code and {.arg name})."),
+                 class = "protocol", client = id, round = round)
+  }
+  # The node's Node trains exactly as in the simulation, reading its SCAFFOLD
+  # control from the state this runtime keeps (under a key of its own).
+  key <- ".fed_join"
+  node$commit_state(list(control = state$control, server = key), latest = FALSE)
+  config <- fit_ins_train_config(asked, model, key)
+  out <- node$train(unflatten_params(model, asked$params, template), config, return = "delta", epochs = asked$epochs)
+  delta <- unlist(out$delta, use.names = FALSE)
+  val <- if (asked$validation && node$has_validation) {
+    node$evaluate(unflatten_params(model, asked$params + delta, template), model)
+  }
+  enc <- call_rust(rs_client_encode(ins, delta, state$residual))
+  if (!isTRUE(enc$ok)) abort_client_failure(id, enc$message, round, kind = enc$kind)
+  fednova <- asked$local$algorithm == "fednova" && asked$local$work == "sgd"
+  report <- list(n_samples = as.double(out$n_samples), train_loss = as.double(out$train_loss), steps = as.double(out$steps),
+                 effective_steps = as.double(if (fednova) fednova_a(out$steps, asked$local$momentum) else out$steps),
+                 weight = 1, val_loss = if (is.null(val)) NaN else val$loss,
+                 val_metric = if (is.null(val)) NaN else val[[metric_name(model)]])
+  control <- if (config$algorithm$kind == "scaffold") out$state$control
+  list(res = call_rust(rs_fit_res_make(ins, report, enc$update, control, enc$residual)), control = control,
+       residual = enc$residual, train_loss = report$train_loss)
+}
+
+# The train_config() a FitIns describes, for a node that trains in R.
+fit_ins_train_config <- function(asked, model, key) {
+  l <- asked$local
+  structure(list(model = model, server_key = key, epochs = asked$epochs, stream = asked$stream, seed = l$seed, lr = l$lr,
+                 batch_size = if (l$batch_size == 0) Inf else l$batch_size, shuffle = l$shuffle,
+                 optimizer = list(kind = l$optimizer, momentum = l$momentum, beta1 = l$beta1, beta2 = l$beta2, eps = l$eps,
+                                  alpha = l$alpha, weight_decay = l$weight_decay),
+                 algorithm = list(kind = if (l$work == "gradient") "fedsgd" else l$algorithm, settings = list(mu = l$mu)),
+                 control = asked$server_control),
+            class = "fed_train_config")
+}
+
+# A node's answer to an EvalIns for a custom model: evaluated in R by the
+# node's Node, as the simulation evaluates it.
+client_evaluate_custom <- function(ins, asked, node, model, template) {
+  ev <- node$evaluate(unflatten_params(model, call_rust(rs_eval_read(ins))$params, template), model, data = asked$split)
+  call_rust(rs_eval_res_make(ins, as.double(ev$n), as.double(ev$loss), as.double(ev[[metric_name(model)]])))
 }
 
 # A FitRes message read and checked.
@@ -109,8 +175,12 @@ grid_fit <- function(private, nodes, states, streams, epochs, max_steps, round_c
 # a round without leaving R, which must equal the simulated round.
 grid_in_process <- function() {
   function(messages, nodes, model, states, round) {
+    template <- if (!is_builtin(model)) init_params(model)
     lapply(seq_along(messages), function(i) {
       node <- nodes[[i]]
+      if (!is_builtin(model)) {
+        return(client_fit_custom(messages[[i]], node, model, template, states[[i]], round = round)$res)
+      }
       client_fit(messages[[i]], node$data_for(model), node$data_for(model, "validation"),
                  states[[i]][c("control", "residual")], client = node$id, round = round)
     })
@@ -119,8 +189,8 @@ grid_in_process <- function() {
 
 # Internal until the networked federation gives it a public form: a server
 # whose clients' work goes through `grid` (NULL: the simulated round).
-# Refused, not ignored: what the message path does not carry yet (custom
-# models and algorithms train in R, a hierarchy's edges, and selection rules
+# Refused, not ignored: what the message path does not carry yet (client
+# algorithms written in R, a hierarchy's edges, and selection rules
 # that read the nodes' losses or last updates).
 set_grid <- function(server, grid) {
   if (!inherits(server, "Server")) fedagg_abort("{.arg server} must be a {.cls Server}, not {obj_desc(server)}.")
@@ -128,7 +198,8 @@ set_grid <- function(server, grid) {
   private <- server$.__enclos_env__$private
   if (!is.null(grid)) {
     refuse <- function(what) fedagg_abort("Rounds through messages do not carry {what} yet.")
-    if (!is_builtin(private$.model) || private$.algorithm$kind == "custom") refuse("custom models or client algorithms")
+    if (private$.algorithm$kind == "custom") refuse("client algorithms written in R")
+    if (!is_builtin(private$.model) && !is.null(private$.async)) refuse("custom models in asynchronous rounds")
     if (identical(private$.topology$kind, "hierarchical")) refuse("hierarchical topologies")
     if (length(private$.selection$needs)) refuse(private$.selection$label)
   }
@@ -142,10 +213,12 @@ set_grid <- function(server, grid) {
 # stays pending until a later FitIns says the server committed this node's
 # state of that round; an attempt the server threw away (a failed round,
 # or a retried one without this node) leaves the node as it was.
-# `state` and `pending` restore what a node saved (see fed_join()).
-node_runtime <- function(id, train, validation = NULL, state = list(), pending = NULL) {
+# `state` and `pending` restore what a node saved (see fed_join()); `custom`
+# is list(node, model, template) for a custom model, which trains in R.
+node_runtime <- function(id, train, validation = NULL, state = list(), pending = NULL, custom = NULL) {
   force(state)
   force(pending)
+  force(custom)
   fit <- function(ins) {
     asked <- call_rust(rs_fit_ins_read(ins, FALSE))
     if (!identical(asked$node, id)) {
@@ -155,7 +228,9 @@ node_runtime <- function(id, train, validation = NULL, state = list(), pending =
     # round; an attempt the server threw away is dropped.
     if (!is.null(pending) && pending$round == asked$node_round) state <<- pending$state
     pending <<- NULL
-    out <- client_fit_state(ins, train, validation, state, client = id, round = asked$round)
+    # A custom model trains in R with the node's own copy of the model.
+    out <- if (is.null(custom)) client_fit_state(ins, train, validation, state, client = id, round = asked$round)
+           else client_fit_custom(ins, custom$node, custom$model, custom$template, state, round = asked$round)
     pending <<- list(round = asked$round,
                      state = list(control = out$control %||% state$control, residual = out$residual %||% state$residual))
     loss <<- out$train_loss

@@ -11,11 +11,13 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
   keep_updates <- "last_update" %in% private$.selection$needs
   rule <- if (is.function(private$.weights) || keep_updates) "collect" else private$.weights
   builtin <- is_builtin(model) && alg$kind != "custom"
+  # Through a grid a custom model trains on its node too, in R there.
+  messages <- !is.null(private$.grid) && alg$kind != "custom"
   dropped <- character()
   # The nodes' data handles and attacks come from the roster (asked of each
   # node once, until a node changes); their state only when the round's
   # parts keep one.
-  wants_validation <- builtin && (rule == "collect" || private$.weights %in% "accuracy")
+  wants_validation <- (builtin || messages) && (rule == "collect" || private$.weights %in% "accuracy")
   # A grid's nodes read their own data (in this process or elsewhere).
   views <- roster_views(private, idx, if (builtin && is.null(private$.grid)) model, validation = wants_validation)
   needs_state <- alg$kind %in% c("scaffold", "custom") || keep_updates || isTRUE(private$.compress$error_feedback)
@@ -27,7 +29,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
                      client_controls = lapply(states, `[[`, "control"), n_nodes = length(private$.nodes)),
                 trust_config(private, attacks, round),
                 compression_config(private, states, round))
-  if (builtin) {
+  if (builtin || messages) {
     train <- views$train
     val <- views$validation
     if (!is.null(private$.grid)) {

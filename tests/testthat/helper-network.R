@@ -92,3 +92,29 @@ wait_for <- function(condition, timeout = 60, what = "a condition") {
   }
   invisible(TRUE)
 }
+
+# A softmax regression written in plain R as a custom model, its functions
+# self-contained (base R only), so that a node's process holds its own copy
+# of the code as a real site would.
+custom_softmax <- function(p, k, name = "softmax_in_r") {
+  env <- new.env(parent = baseenv())
+  local(envir = env, {
+    scores <- function(params, x) sweep(x %*% params$W, 2, params$b, `+`)
+    loss_grad <- function(params, x, y) {
+      z <- scores(params, x)
+      z <- z - apply(z, 1, max)
+      p <- exp(z) / rowSums(exp(z))
+      n <- nrow(x)
+      rows <- cbind(seq_len(n), y + 1)
+      loss <- -mean(log(p[rows]))
+      p[rows] <- p[rows] - 1
+      p <- p / n
+      list(loss = loss, grad = list(W = crossprod(x, p), b = colSums(p)))
+    }
+  })
+  init <- function(seed) list(W = matrix(0, p, k), b = numeric(k))
+  environment(init) <- env
+  env$p <- p
+  env$k <- k
+  model_custom(init = init, loss_grad = env$loss_grad, predict = env$scores, n_features = p, n_classes = k, name = name)
+}

@@ -155,6 +155,30 @@ test_that("a networked federation gives the simulation's results exactly, lever 
   }
 })
 
+test_that("a custom R model trains in R on its nodes' processes, to the simulation's results", {
+  skip_on_cran()
+  skip_if_not_installed("callr")
+  data <- net_data()
+  model <- custom_softmax(60, 10)
+  # SCAFFOLD's control and top-k's residual stay with the nodes; the nodes'
+  # validation data are evaluated there too.
+  make <- function(nodes) {
+    fed_server(model, nodes, fraction = 0.5, lr = 0.05, seed = 7, algorithm = scaffold(),
+               compress = compress_topk(0.2), test_data = pool_clients(data, "test"))
+  }
+  nodes <- function() fed_nodes(data, validation = 0.3, seed = 2)
+  simulated <- make(nodes())
+  simulated$fit(3, verbose = FALSE)
+  networked <- run_networked(make, nodes(), rounds = 3, n_procs = 2)
+  info <- paste(attr(networked, "node_output"), collapse = "\n")
+  expect_identical(attr(networked, "node_exit"), c(0L, 0L), info = info)
+  expect_identical(networked$params, simulated$params, info = info)
+  expect_identical(networked$history, simulated$history, info = info)
+  expect_identical(networked$client_log[setdiff(names(simulated$client_log), "malicious")],
+                   simulated$client_log[setdiff(names(simulated$client_log), "malicious")], info = info)
+  expect_false(anyNA(networked$history$val_loss))
+})
+
 # A hostile client: raw HTTP written here, signed with OpenSSL (not with
 # fedagg's client), sends every request the server must refuse.
 test_that("hostile requests get their documented 4xx, change nothing, and the server stays up", {

@@ -138,6 +138,49 @@ test_that("FedBuff through messages stays exact when a node trains twice in one 
   expect_true("duplicate" %in% seen)
 })
 
+test_that("a custom R model trains on its node through messages, to the simulated run, lever by lever", {
+  data <- grid_data()
+  cases <- list(fedavg = list(), scaffold = list(algorithm = scaffold()),
+                fednova = list(algorithm = fednova(), momentum = 0.5, batch_size = 10),
+                dp_topk = list(privacy = dp_central(0.5, clip = 1), compress = compress_topk(0.1)),
+                local_dp_attack = list(privacy = dp_local(epsilon = 5, clip = 1)), fedsgd = list(algorithm = fedsgd()),
+                weights_function = list(weights = function(info) info$n_samples))
+  for (case in names(cases)) {
+    make <- function() {
+      nodes <- fed_nodes(data, validation = 0.3, seed = 1)
+      if (case == "local_dp_attack") set_attack(nodes, names(nodes)[1], attack_scale(5))
+      do.call(fed_server, c(list(custom_softmax(60, 10), nodes, fraction = 0.5, lr = 0.05, seed = 2,
+                                 test_data = pool_clients(data, "test")), cases[[case]]))
+    }
+    simulated <- make()
+    messages <- make()
+    fedagg:::set_grid(messages, fedagg:::grid_in_process())
+    simulated$fit(3, verbose = FALSE)
+    messages$fit(3, verbose = FALSE)
+    same_run(simulated, messages, case)
+  }
+})
+
+test_that("a node refuses a task for a custom model it does not hold", {
+  data <- grid_data()
+  srv <- fed_server(custom_softmax(60, 10), fed_nodes(data), seed = 1)
+  priv <- srv$.__enclos_env__$private
+  ins <- fedagg:::fit_instructions(priv, "client1", 0, 1, NULL, fedagg:::rust_config(priv$.local, "collect", 1), 1L, FALSE)
+  node <- srv$nodes[["client1"]]
+  other <- custom_softmax(60, 10, name = "another")
+  expect_error(fedagg:::client_fit_custom(ins[[1]], node, other, init_params(other)), "another",
+               class = "fedagg_error_protocol")
+  # A built-in model's task is not a custom model's, and the other way round.
+  builtin <- fed_server(model_softmax(60, 10), fed_nodes(data), seed = 1)
+  bpriv <- builtin$.__enclos_env__$private
+  bins <- fedagg:::fit_instructions(bpriv, "client1", 0, 1, NULL, fedagg:::rust_config(bpriv$.local, "collect", 1), 1L, FALSE)
+  expect_error(fedagg:::client_fit_custom(bins[[1]], node, srv$model, init_params(srv$model)), "built-in",
+               class = "fedagg_error_protocol")
+  expect_error(fedagg:::client_fit(ins[[1]], node$data_for(srv$model)), "trains in R", class = "fedagg_error_input")
+  # A dimension that does not match the one announced cannot even be sent.
+  expect_identical(fedagg:::rs_fit_ins_read(ins[[1]], FALSE)$model$n_params, 610)
+})
+
 test_that("what the message path cannot carry yet is refused, not ignored", {
   data <- grid_data()
   custom <- fed_server(model_softmax(60, 10), fed_nodes(data), seed = 1,

@@ -163,6 +163,9 @@ pub(crate) fn in_client(k: usize, e: CoreError) -> CoreError {
 /// The network a `FitIns` or `EvalIns` names.
 pub fn network_of(model: &crate::protocol::ModelSpec) -> CoreResult<Network> {
     use crate::model::{Head, Precision};
+    if let Some(c) = &model.custom {
+        return invalid("model", format!("is the custom model \"{}\", which trains in R on the node", c.name));
+    }
     Ok(Network::new(&model.sizes, Head::from_code(model.head)?)?.with_precision(Precision::from_code(model.bits)?))
 }
 

@@ -63,12 +63,25 @@ fn bad<T>(msg: impl Into<String>) -> CoreResult<T> {
     Err(CoreError::InvalidArgument("message", msg.into()))
 }
 
-/// A built-in model: layer sizes, the head's code and the precision bits.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A built-in model: layer sizes, the head's code and the precision bits;
+/// or a custom model (`custom`), which the node trains in R with its own
+/// copy of the model's code: the message names it and its dimension only,
+/// so no code ever travels.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     pub sizes: Vec<usize>,
     pub head: i32,
     pub bits: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<CustomModelSpec>,
+}
+
+/// A model written in R (`model_custom()`): its name and its number of
+/// parameters, which the node checks against its own copy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CustomModelSpec {
+    pub name: String,
+    pub n_params: usize,
 }
 
 /// The local work of a round, as `FitConfig` and `LocalConfig` hold it.
@@ -398,6 +411,11 @@ impl Message for FitIns {
         if d == 0 {
             return bad("FitIns has no parameters");
         }
+        if let Some(c) = &self.model.custom {
+            if c.n_params != d {
+                return bad(format!("FitIns' custom model has {} parameters, not the {d} sent", c.n_params));
+            }
+        }
         if self.server_control.as_ref().is_some_and(|c| c.len() != d) {
             return bad(format!("FitIns' server control does not have the {d} values of the parameters"));
         }
@@ -608,7 +626,7 @@ mod tests {
             epochs: 2,
             max_steps: None,
             validation: false,
-            model: ModelSpec { sizes: vec![4, 3], head: 2, bits: 64 },
+            model: ModelSpec { sizes: vec![4, 3], head: 2, bits: 64, custom: None },
             local: LocalSpec {
                 work: "sgd".into(),
                 algorithm: "fedprox".into(),
@@ -667,6 +685,24 @@ mod tests {
         assert_eq!(decode::<FitRes>(&encode(&res).unwrap()).unwrap(), res);
         let info = NodeInfo { node: "b".into(), n_samples: 10.0, has_validation: true, label_levels: vec!["no".into(), "yes".into()], data_version: 2 };
         assert_eq!(decode::<NodeInfo>(&encode(&info).unwrap()).unwrap(), info);
+    }
+
+    #[test]
+    fn a_custom_model_travels_by_name_and_dimension_only() {
+        let mut ins = fit_ins();
+        ins.model = ModelSpec { custom: Some(CustomModelSpec { name: "glm".into(), n_params: 15 }), ..Default::default() };
+        let back: FitIns = decode(&encode(&ins).unwrap()).unwrap();
+        assert_eq!(back, ins);
+        // A built-in model's header has no `custom` field at all, so older
+        // readers see the message as before.
+        let plain = encode(&fit_ins()).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("custom"));
+        // The announced dimension must be the one sent.
+        ins.model.custom = Some(CustomModelSpec { name: "glm".into(), n_params: 14 });
+        assert!(matches!(encode(&ins), Err(CoreError::InvalidArgument("message", _))));
+        // The Rust trainer refuses it: it trains in R.
+        ins.model.custom = Some(CustomModelSpec { name: "glm".into(), n_params: 15 });
+        assert!(crate::client::network_of(&ins.model).is_err());
     }
 
     #[test]

@@ -871,7 +871,7 @@ mod tests {
                 epochs: 2,
                 max_steps: None,
                 validation: true,
-                model: ModelSpec { sizes: vec![3, 4, 3], head: 2, bits: 64 },
+                model: ModelSpec { sizes: vec![3, 4, 3], head: 2, bits: 64, custom: None },
                 local: LocalSpec {
                     work: "sgd".into(),
                     algorithm: "scaffold".into(),

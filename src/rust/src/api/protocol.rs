@@ -7,7 +7,7 @@ use super::convert::{core_err, input_err, new_doubles};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use fedagg_core::protocol::{
-    self, AttackSpec, CompressionSpec, EncodingSpec, EvalIns, EvalRes, FitIns, FitRes, LocalDpSpec, LocalSpec, ModelSpec,
+    self, AttackSpec, CompressionSpec, CustomModelSpec, EncodingSpec, EvalIns, EvalRes, FitIns, FitRes, LocalDpSpec, LocalSpec, ModelSpec,
 };
 
 fn raw_bytes<'a>(x: &'a Robj, what: &str) -> Result<&'a [u8]> {
@@ -45,6 +45,23 @@ fn local_spec(config: &List) -> Result<LocalSpec> {
     })
 }
 
+/// The model a message names: a built-in one (its parameters checked
+/// against `d`), or, when `custom` is a name, a custom model of `d`
+/// parameters that the node trains in R.
+fn model_spec(sizes: &Robj, head: i32, bits: i32, custom: &Robj, d: usize) -> Result<ModelSpec> {
+    if let Some(name) = custom.as_str() {
+        if d == 0 {
+            return Err(input_err("`params` is empty"));
+        }
+        return Ok(ModelSpec { custom: Some(CustomModelSpec { name: name.to_owned(), n_params: d }), ..Default::default() });
+    }
+    let net = network(sizes, head, bits)?;
+    if d != net.n_params() {
+        return Err(input_err(format!("`params` has {d} values, the model has {}", net.n_params())));
+    }
+    Ok(ModelSpec { sizes: doubles(sizes, "sizes")?.iter().map(|&s| s as usize).collect(), head, bits, custom: None })
+}
+
 /// One `FitIns` per selected client of a round: the global parameters, the
 /// round config (local settings, server control, the clients' encodings),
 /// and per client its node id, training stream, epochs and step limit (NA:
@@ -67,12 +84,10 @@ fn rs_fit_instructions(
     validation: bool,
     round: f64,
     committed_round: f64,
+    custom: Robj,
 ) -> Result<List> {
-    let net = network(&sizes, head, bits)?;
     let global = doubles(&global, "params")?;
-    if global.len() != net.n_params() {
-        return Err(input_err(format!("`params` has {} values, the model has {}", global.len(), net.n_params())));
-    }
+    let model = model_spec(&sizes, head, bits, &custom, global.len())?;
     let streams = numbers(&streams, "streams")?;
     let epochs = numbers(&epochs, "epochs")?;
     let max_steps = numbers(&max_steps, "max_steps")?;
@@ -105,7 +120,6 @@ fn rs_fit_instructions(
     transforms.check_encodings(global.len(), k).map_err(core_err)?;
     let control_obj = nullable_field(&config, "control");
     let server_control = optional_doubles(&control_obj, "control")?.map(<[f64]>::to_vec);
-    let model = ModelSpec { sizes: doubles(&sizes, "sizes")?.iter().map(|&s| s as usize).collect(), head, bits };
     let mut out = Vec::with_capacity(k);
     for i in 0..k {
         let client = transforms.client_on(i, streams[i] as u64);
@@ -178,13 +192,10 @@ fn optional_values(x: &Option<Vec<f64>>) -> Result<Robj> {
 /// each node's `split` ("validation" or "train").
 /// @noRd
 #[extendr]
-fn rs_eval_instructions(sizes: Robj, head: i32, bits: i32, params: Robj, nodes: Strings, split: &str, round: f64) -> Result<List> {
-    let net = network(&sizes, head, bits)?;
+#[allow(clippy::too_many_arguments)]
+fn rs_eval_instructions(sizes: Robj, head: i32, bits: i32, params: Robj, nodes: Strings, split: &str, round: f64, custom: Robj) -> Result<List> {
     let params = doubles(&params, "params")?;
-    if params.len() != net.n_params() {
-        return Err(input_err(format!("`params` has {} values, the model has {}", params.len(), net.n_params())));
-    }
-    let model = ModelSpec { sizes: doubles(&sizes, "sizes")?.iter().map(|&s| s as usize).collect(), head, bits };
+    let model = model_spec(&sizes, head, bits, &custom, params.len())?;
     let mut out = Vec::with_capacity(nodes.len());
     for node in nodes.iter() {
         let ins = EvalIns { round: round as u32, node: node.to_string(), split: split.to_string(), model: model.clone(), params: params.to_vec() };
@@ -216,7 +227,11 @@ fn rs_eval_read(message: Robj) -> Result<List> {
     match protocol::kind_of(bytes).map_err(core_err)? {
         protocol::Kind::EvalIns => {
             let ins: EvalIns = protocol::decode(bytes).map_err(core_err)?;
-            Ok(list!(kind = "EvalIns", round = ins.round as f64, node = ins.node.as_str(), split = ins.split.as_str()))
+            let custom = ins.model.custom.as_ref().map_or("", |c| c.name.as_str());
+            // A custom model's node evaluates in R: it needs the parameters.
+            let params = if ins.model.custom.is_some() { new_doubles(ins.params.len(), |o| o.copy_from_slice(&ins.params))? } else { ().into() };
+            Ok(list!(kind = "EvalIns", round = ins.round as f64, node = ins.node.as_str(), split = ins.split.as_str(),
+                     custom = custom, params = params))
         }
         _ => {
             let res: EvalRes = protocol::decode(bytes).map_err(core_err)?;
@@ -277,13 +292,23 @@ fn rs_fit_ins_read(ins: Robj, with_vectors: bool) -> Result<List> {
         epochs = ins.epochs as f64,
         max_steps = ins.max_steps.map_or(f64::NAN, |m| m as f64),
         validation = ins.validation,
-        model = list!(sizes = ins.model.sizes.iter().map(|&s| s as f64).collect::<Vec<_>>(), head = ins.model.head, bits = ins.model.bits),
+        model = list!(
+            sizes = ins.model.sizes.iter().map(|&s| s as f64).collect::<Vec<_>>(),
+            head = ins.model.head,
+            bits = ins.model.bits,
+            custom = ins.model.custom.as_ref().map_or("", |c| c.name.as_str()),
+            n_params = ins.params.len() as f64
+        ),
         local = list!(
             work = l.work.as_str(),
             algorithm = l.algorithm.as_str(),
             mu = l.mu,
             optimizer = l.optimizer.as_str(),
             momentum = l.momentum,
+            beta1 = l.beta1,
+            beta2 = l.beta2,
+            eps = l.eps,
+            alpha = l.alpha,
             batch_size = l.batch_size as f64,
             lr = l.lr,
             weight_decay = l.weight_decay,
@@ -299,6 +324,68 @@ fn rs_fit_ins_read(ins: Robj, with_vectors: bool) -> Result<List> {
         params = if with_vectors { new_doubles(ins.params.len(), |o| o.copy_from_slice(&ins.params))? } else { ().into() },
         server_control = if with_vectors { optional_values(&ins.server_control)? } else { ().into() }
     ))
+}
+
+/// A node's encoding of its own update (local DP, its simulated attack,
+/// compression with its residual), as its `FitIns` asks: what a custom
+/// model's node, which trains in R, sends. The same encoding as the
+/// simulation's (`rs_encode_updates`) for that client.
+/// @noRd
+#[extendr]
+fn rs_client_encode(ins: Robj, update: Robj, residual: Robj) -> Result<List> {
+    let ins: FitIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
+    let update = doubles(&update, "update")?;
+    if update.len() != ins.params.len() {
+        return Err(input_err(format!("`update` has {} values, the task's parameters {}", update.len(), ins.params.len())));
+    }
+    let residual = optional_doubles(&residual, "residual")?;
+    let encoding = fedagg_core::client::encoding_of(&ins, residual).map_err(core_err)?;
+    match encoding.encode(std::borrow::Cow::Borrowed(update)) {
+        Ok((sent, residual)) => Ok(list!(
+            ok = true,
+            update = new_doubles(sent.len(), |o| o.copy_from_slice(&sent))?,
+            residual = optional_values(&residual)?
+        )),
+        Err(e) => client_failure(e),
+    }
+}
+
+/// A `FitRes` answering `ins`, from what a node computed in R: `report`
+/// holds n_samples, train_loss, steps, effective_steps, weight, val_loss and
+/// val_metric (NA: not evaluated).
+/// @noRd
+#[extendr]
+fn rs_fit_res_make(ins: Robj, report: List, update: Robj, control: Robj, residual: Robj) -> Result<Robj> {
+    let ins: FitIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
+    let get = |name: &str| number(&report, name);
+    let maybe = |x: f64| (!x.is_nan()).then_some(x);
+    let res = FitRes {
+        round: ins.round,
+        node: ins.node,
+        n_samples: get("n_samples")?,
+        train_loss: get("train_loss")?,
+        steps: get("steps")?,
+        effective_steps: get("effective_steps")?,
+        weight: get("weight")?,
+        val_loss: maybe(get("val_loss")?),
+        val_metric: maybe(get("val_metric")?),
+        update: doubles(&update, "update")?.to_vec(),
+        control: optional_doubles(&control, "control")?.map(<[f64]>::to_vec),
+        residual: optional_doubles(&residual, "residual")?.map(<[f64]>::to_vec),
+    };
+    if res.update.len() != ins.params.len() {
+        return Err(input_err(format!("`update` has {} values, the task's parameters {}", res.update.len(), ins.params.len())));
+    }
+    Ok(raw(&protocol::encode(&res).map_err(core_err)?))
+}
+
+/// An `EvalRes` answering `ins`, from an evaluation done in R.
+/// @noRd
+#[extendr]
+fn rs_eval_res_make(ins: Robj, n: f64, loss: f64, metric: f64) -> Result<Robj> {
+    let ins: EvalIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
+    let res = EvalRes { round: ins.round, node: ins.node, n, loss, metric };
+    Ok(raw(&protocol::encode(&res).map_err(core_err)?))
 }
 
 /// The protocol version and the kind of a message, from its frame.
@@ -320,4 +407,7 @@ extendr_module! {
     fn rs_client_evaluate;
     fn rs_eval_read;
     fn rs_fit_ins_set_attack;
+    fn rs_client_encode;
+    fn rs_fit_res_make;
+    fn rs_eval_res_make;
 }
