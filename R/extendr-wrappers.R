@@ -67,10 +67,12 @@ rs_net_close_tasks <- function(server) .Call(wrap__rs_net_close_tasks, server)
 
 #' This round's tasks (replacing the last round's): one FitIns per node.
 #' @noRd
-rs_net_post_tasks <- function(server, round, dim, nodes, bodies) .Call(wrap__rs_net_post_tasks, server, round, dim, nodes, bodies)
+rs_net_post_tasks <- function(server, round, dim, nodes, headers, payload) .Call(wrap__rs_net_post_tasks, server, round, dim, nodes, headers, payload)
 
 #' The uploads kept since the last call, waiting up to `wait` seconds for
-#' the first: list(node, round, task, body = list of raw).
+#' the first: list(node, round, task, res = list of read FitRes or EvalRes,
+#' as `rs_fit_res_read()` and `rs_eval_read()` give them). Each upload's
+#' numbers move into R one at a time and are dropped here as they go.
 #' @noRd
 rs_net_wait_uploads <- function(server, wait) .Call(wrap__rs_net_wait_uploads, server, wait)
 
@@ -162,7 +164,9 @@ rs_rdp_default_orders <- function() .Call(wrap__rs_rdp_default_orders)
 #' round config (local settings, server control, the clients' encodings),
 #' and per client its node id, training stream, epochs and step limit (NA:
 #' none). Each client's training and encoding draw from its stream (its
-#' node's number; FedBuff: its dispatch).
+#' node's number; FedBuff: its dispatch). Returns list(headers = <one raw
+#' frame and header per client>, payload = <raw vectors>): a client's
+#' message is its header followed by the shared payload.
 #' @noRd
 rs_fit_instructions <- function(sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round, custom) .Call(wrap__rs_fit_instructions, sizes, head, bits, global, config, nodes, streams, epochs, max_steps, node_rounds, validation, round, committed_round, custom)
 
@@ -188,7 +192,8 @@ rs_fit_ins_read <- function(ins, with_vectors) .Call(wrap__rs_fit_ins_read, ins,
 rs_message_kind <- function(bytes) .Call(wrap__rs_message_kind, bytes)
 
 #' One `EvalIns` per node: the candidate global parameters to evaluate on
-#' each node's `split` ("validation" or "train").
+#' each node's `split` ("validation" or "train"), as
+#' `rs_fit_instructions()` returns them (headers and a shared payload).
 #' @noRd
 rs_eval_instructions <- function(sizes, head, bits, params, nodes, split, round, custom) .Call(wrap__rs_eval_instructions, sizes, head, bits, params, nodes, split, round, custom)
 

@@ -20,6 +20,13 @@
 # Each carries the round whose state of its node the server committed last,
 # so a node keeps a pending state only if it was committed.
 fit_instructions <- function(private, ids, streams, epochs, max_steps, round_cfg, round, validation) {
+  whole_messages(fit_batch(private, ids, streams, epochs, max_steps, round_cfg, round, validation))
+}
+
+# The same as a batch: list(headers = <each client's frame and header, named
+# by node id>, payload = <the vectors they share>). A networked grid sends
+# each header followed by the one payload, so the model is held once.
+fit_batch <- function(private, ids, streams, epochs, max_steps, round_cfg, round, validation) {
   model <- private$.model
   max_steps <- if (is.null(max_steps)) rep(NA_real_, length(ids)) else as.double(max_steps)
   node_rounds <- private$.state$node_rounds[ids] %||% rep(0, length(ids))
@@ -29,8 +36,12 @@ fit_instructions <- function(private, ids, streams, epochs, max_steps, round_cfg
                                        rep_len(as.double(epochs), length(ids)), max_steps, as.double(node_rounds),
                                        isTRUE(validation), as.double(round), as.double(private$.state$round),
                                        custom_model_name(model)))
-  stats::setNames(out, ids)
+  names(out$headers) <- ids
+  out
 }
+
+# A batch's messages, each whole (its header followed by the payload).
+whole_messages <- function(batch) lapply(batch$headers, function(h) c(h, batch$payload))
 
 # What a message names a custom model by (NULL: a built-in model, which
 # the message describes in full).
@@ -111,8 +122,10 @@ client_evaluate_custom <- function(ins, asked, node, model, template) {
   call_rust(rs_eval_res_make(ins, as.double(ev$n), as.double(ev$loss), as.double(ev[[metric_name(model)]])))
 }
 
-# A FitRes message read and checked.
+# A FitRes message read and checked (`res` raw, or already read by the
+# coordinator, which checked it as it arrived).
 read_fit_result <- function(res, node, round) {
+  if (is.list(res) && identical(res$kind, "FitRes")) return(check_fit_origin(res, node, round))
   if (!is.raw(res)) {
     fedagg_abort("Node {.val {node}} answered round {round} with {obj_desc(res)}, not a FitRes message.",
                  class = "client", client = node, round = round)
@@ -121,6 +134,10 @@ read_fit_result <- function(res, node, round) {
     fedagg_abort("Node {.val {node}} sent a malformed FitRes in round {round}.", class = "client", client = node,
                  round = round, parent = e)
   })
+  check_fit_origin(out, node, round)
+}
+
+check_fit_origin <- function(out, node, round) {
   if (!identical(out$node, node) || out$round != round) {
     fedagg_abort("A FitRes from node {.val {out$node}} for round {out$round} came where node {.val {node}}'s for round {round} was due.",
                  class = "client", client = node, round = round)
@@ -151,7 +168,10 @@ collect_fit_results <- function(results, ids, round) {
 # it).
 grid_fit <- function(private, nodes, states, streams, epochs, max_steps, round_cfg, round, validation) {
   ids <- names(nodes)
-  messages <- fit_instructions(private, ids, streams, epochs, max_steps, round_cfg, round, validation)
+  batch <- fit_batch(private, ids, streams, epochs, max_steps, round_cfg, round, validation)
+  # A grid that says it takes batches (the network's) gets the headers and
+  # the shared payload; any other gets whole messages.
+  messages <- if (isTRUE(attr(private$.grid, "batched"))) batch else whole_messages(batch)
   results <- call_user(private$.grid, list(messages = messages, nodes = unname(nodes), model = private$.model,
                                            states = unname(states), round = round),
                        "The round's grid", round = round)

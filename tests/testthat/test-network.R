@@ -212,7 +212,7 @@ test_that("hostile requests get their documented 4xx, change nothing, and the se
   ins <- captured[[ids[1]]]
   node <- local[[ids[1]]]
   good <- fedagg:::client_fit(ins, node$data_for(model))
-  tasks <- fedagg:::call_rust(fedagg:::rs_net_post_tasks(handle, 1, 610, ids[1], list(ins)))
+  tasks <- fedagg:::call_rust(fedagg:::rs_net_post_tasks(handle, 1, 610, ids[1], list(ins), raw()))
 
   hex_sha <- function(b) paste(as.character(openssl::sha256(b)), collapse = "")
   request <- function(method, path, body = raw(), node = ids[1], key = k, round = 0, task = "",
@@ -264,7 +264,7 @@ test_that("hostile requests get their documented 4xx, change nothing, and the se
   expect_identical(up(), 200L)
   kept <- fedagg:::call_rust(fedagg:::rs_net_wait_uploads(handle, 0.5))
   expect_identical(kept$node, ids[1])
-  expect_identical(kept$body[[1]], good)
+  expect_identical(kept$res[[1]], fedagg:::rs_fit_res_read(good))
   # A slow sender is cut off after the header time-out; the server stays up.
   con <- socketConnection("127.0.0.1", port, blocking = TRUE, open = "r+b", timeout = 10)
   writeBin(charToRaw("POST /v1/update HTTP/1.1\r\nhost: x\r\n"), con)

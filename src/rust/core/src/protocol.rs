@@ -533,6 +533,11 @@ struct Header<T> {
 
 /// A message on the wire.
 pub fn encode<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
+    encode_with(message, true)
+}
+
+/// The frame and header of a message, and its vectors if `with_vectors`.
+fn encode_with<M: Message>(message: &M, with_vectors: bool) -> CoreResult<Vec<u8>> {
     message.check()?;
     let vectors = message.vectors();
     let header = Header { message, vectors: vectors.iter().map(|(n, v)| (n.to_string(), v.len())).collect() };
@@ -540,7 +545,7 @@ pub fn encode<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
     if json.len() > MAX_HEADER_BYTES {
         return bad(format!("the header has {} bytes, more than {MAX_HEADER_BYTES}", json.len()));
     }
-    let payload: usize = vectors.iter().map(|(_, v)| v.len()).sum();
+    let payload: usize = if with_vectors { vectors.iter().map(|(_, v)| v.len()).sum() } else { 0 };
     let total = payload.checked_mul(8).and_then(|p| p.checked_add(12 + json.len()));
     let Some(total) = total else { return Err(CoreError::Memory("the message is larger than memory can address".into())) };
     crate::alloc::check_bytes(total, "a protocol message")?;
@@ -551,9 +556,11 @@ pub fn encode<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
     out.push(M::KIND as u8);
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
-    for (_, v) in vectors {
-        for x in v {
-            out.extend_from_slice(&x.to_le_bytes());
+    if with_vectors {
+        for (_, v) in vectors {
+            for x in v {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
         }
     }
     Ok(out)
@@ -564,8 +571,49 @@ pub fn kind_of(bytes: &[u8]) -> CoreResult<Kind> {
     frame(bytes).map(|(kind, _, _)| kind)
 }
 
-/// The frame: kind, header bytes, payload bytes.
-fn frame(bytes: &[u8]) -> CoreResult<(Kind, &[u8], &[u8])> {
+/// The kind of a message sent in two parts, its frame and header
+/// (`prefix`, with any vectors that follow it) and vectors shared by
+/// several messages (`payload`), checked as far as the frame goes: the
+/// sizes the header announces must be those of the bytes that follow it.
+pub fn kind_of_parts(prefix: &[u8], payload: &[u8]) -> CoreResult<Kind> {
+    let (kind, header, rest) = frame(prefix)?;
+    #[derive(Deserialize)]
+    struct Sizes {
+        vectors: Vec<(String, usize)>,
+    }
+    let sizes: Sizes = serde_json::from_slice(header).map_err(|e| CoreError::InvalidArgument("message", format!("malformed header: {e}")))?;
+    let expected = sizes.vectors.iter().try_fold(0usize, |acc, (_, n)| n.checked_mul(8).and_then(|b| acc.checked_add(b)));
+    if expected != rest.len().checked_add(payload.len()) {
+        return bad("the header's vector sizes are not those of the bytes that follow it");
+    }
+    Ok(kind)
+}
+
+/// A message as its own frame and header (the first part) and its vectors
+/// (the second), which several messages can share: `encode()` is their
+/// concatenation.
+pub fn encode_header<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
+    encode_with(message, false)
+}
+
+/// The vectors of a message on the wire (the part after its header).
+pub fn encode_vectors<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
+    message.check()?;
+    let vectors = message.vectors();
+    let total = vectors.iter().try_fold(0usize, |acc, (_, v)| v.len().checked_mul(8).and_then(|b| acc.checked_add(b)));
+    let total = total.ok_or_else(|| CoreError::Memory("a protocol message larger than memory can address".into()))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(total).map_err(|_| CoreError::Memory(format!("not enough memory for a protocol message of {total} bytes")))?;
+    for (_, v) in vectors {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// The frame's first 12 bytes: magic, version, kind, header length.
+fn frame_start(bytes: &[u8]) -> CoreResult<(Kind, usize)> {
     if bytes.len() < 12 || &bytes[..6] != MAGIC {
         return bad("not a fedagg message (no FEDAGG frame)");
     }
@@ -577,6 +625,12 @@ fn frame(bytes: &[u8]) -> CoreResult<(Kind, &[u8], &[u8])> {
     if header_len > MAX_HEADER_BYTES {
         return bad(format!("the header claims {header_len} bytes, more than {MAX_HEADER_BYTES}"));
     }
+    Ok((kind, header_len))
+}
+
+/// The frame: kind, header bytes, payload bytes.
+fn frame(bytes: &[u8]) -> CoreResult<(Kind, &[u8], &[u8])> {
+    let (kind, header_len) = frame_start(bytes)?;
     let rest = &bytes[12..];
     if rest.len() < header_len {
         return bad(format!("the header claims {header_len} bytes, the message has {}", rest.len()));
@@ -587,29 +641,145 @@ fn frame(bytes: &[u8]) -> CoreResult<(Kind, &[u8], &[u8])> {
 /// A message read from the wire, checked: its kind, version, every size,
 /// and its own consistency.
 pub fn decode<M: Message>(bytes: &[u8]) -> CoreResult<M> {
-    let (kind, header, payload) = frame(bytes)?;
-    if kind != M::KIND {
-        return bad(format!("a {kind:?} message where a {:?} was expected", M::KIND));
+    let mut reader = Reader::new(Some(bytes.len()));
+    reader.push(bytes)?;
+    reader.finish()
+}
+
+/// Reads a message as its bytes arrive, straight into its vectors: a large
+/// upload is never held as bytes and numbers at once. The frame and header
+/// come first; once the header is read, every vector is allocated at the
+/// size it announces (refused if the bytes still to come cannot hold them),
+/// and the values are filled in as the chunks arrive.
+pub struct Reader {
+    /// The whole message's size, when known in advance (an HTTP body's
+    /// Content-Length).
+    expected: Option<usize>,
+    /// Bytes seen.
+    seen: usize,
+    /// The frame and header, until the header is complete.
+    head: Vec<u8>,
+    header_len: Option<usize>,
+    vectors: Vec<(String, Vec<f64>)>,
+    /// Announced lengths, in order.
+    lengths: Vec<usize>,
+    current: usize,
+    /// A value cut between two chunks.
+    carry: [u8; 8],
+    carried: usize,
+}
+
+impl Reader {
+    pub fn new(expected: Option<usize>) -> Self {
+        Reader { expected, seen: 0, head: Vec::new(), header_len: None, vectors: Vec::new(), lengths: Vec::new(), current: 0, carry: [0; 8], carried: 0 }
     }
-    let header: Header<M> =
-        serde_json::from_slice(header).map_err(|e| CoreError::InvalidArgument("message", format!("malformed header: {e}")))?;
-    let expected = header.vectors.iter().try_fold(0usize, |acc, (_, n)| n.checked_mul(8).and_then(|b| acc.checked_add(b)));
-    match expected {
-        Some(e) if e == payload.len() => {}
-        Some(e) => return bad(format!("the header announces {e} bytes of vectors, the message has {}", payload.len())),
-        None => return bad("the header announces vectors larger than memory can address"),
+
+    /// The message's kind, once its frame has been read.
+    pub fn kind(&self) -> Option<Kind> {
+        frame_start(&self.head).ok().map(|(k, _)| k)
     }
-    let mut message = header.message;
-    let mut at = 0;
-    for (name, n) in header.vectors {
-        let mut values = Vec::new();
-        values.try_reserve_exact(n).map_err(|_| CoreError::Memory(format!("not enough memory for the vector `{name}` of {n} values")))?;
-        values.extend(payload[at..at + 8 * n].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))));
-        at += 8 * n;
-        message.set_vector(&name, values)?;
+
+    pub fn push(&mut self, mut chunk: &[u8]) -> CoreResult<()> {
+        self.seen = self.seen.saturating_add(chunk.len());
+        if self.expected.is_some_and(|e| self.seen > e) {
+            return bad("the message is longer than announced");
+        }
+        // The frame, then the header (at most 12 + MAX_HEADER_BYTES bytes).
+        while self.header_len.is_none() && !chunk.is_empty() {
+            let want = if self.head.len() < 12 { 12 } else { 12 + frame_start(&self.head)?.1 };
+            let take = (want - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
+            if self.head.len() < 12 {
+                break;
+            }
+            let (_, h) = frame_start(&self.head)?;
+            if let Some(e) = self.expected {
+                if e < 12 + h {
+                    return bad(format!("the header claims {h} bytes, the message has {}", e - 12));
+                }
+            }
+            if self.head.len() == 12 + h {
+                self.start_vectors()?;
+            }
+        }
+        self.fill(chunk)
     }
-    message.check()?;
-    Ok(message)
+
+    fn start_vectors(&mut self) -> CoreResult<()> {
+        #[derive(Deserialize)]
+        struct Sizes {
+            vectors: Vec<(String, usize)>,
+        }
+        let header = &self.head[12..];
+        let sizes: Sizes = serde_json::from_slice(header).map_err(|e| CoreError::InvalidArgument("message", format!("malformed header: {e}")))?;
+        let total = sizes.vectors.iter().try_fold(0usize, |acc, (_, n)| n.checked_mul(8).and_then(|b| acc.checked_add(b)));
+        let Some(total) = total else { return bad("the header announces vectors larger than memory can address") };
+        if let Some(e) = self.expected {
+            if e - self.head.len() != total {
+                return bad(format!("the header announces {total} bytes of vectors, the message has {}", e - self.head.len()));
+            }
+        }
+        for (name, n) in sizes.vectors {
+            let mut values = Vec::new();
+            values.try_reserve_exact(n).map_err(|_| CoreError::Memory(format!("not enough memory for the vector `{name}` of {n} values")))?;
+            self.lengths.push(n);
+            self.vectors.push((name, values));
+        }
+        self.header_len = Some(header.len());
+        Ok(())
+    }
+
+    fn fill(&mut self, mut chunk: &[u8]) -> CoreResult<()> {
+        while !chunk.is_empty() {
+            while self.current < self.vectors.len() && self.vectors[self.current].1.len() == self.lengths[self.current] {
+                self.current += 1;
+            }
+            let Some((_, v)) = self.vectors.get_mut(self.current) else {
+                return bad("the message has bytes after its vectors");
+            };
+            if self.carried > 0 || chunk.len() < 8 {
+                let take = (8 - self.carried).min(chunk.len());
+                self.carry[self.carried..self.carried + take].copy_from_slice(&chunk[..take]);
+                self.carried += take;
+                chunk = &chunk[take..];
+                if self.carried == 8 {
+                    v.push(f64::from_le_bytes(self.carry));
+                    self.carried = 0;
+                }
+                continue;
+            }
+            let room = self.lengths[self.current] - v.len();
+            let n = (chunk.len() / 8).min(room);
+            v.extend(chunk[..8 * n].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))));
+            chunk = &chunk[8 * n..];
+        }
+        Ok(())
+    }
+
+    /// The message, once every byte is in, checked as `decode()` checks it.
+    pub fn finish<M: Message>(self) -> CoreResult<M> {
+        let (kind, h) = frame_start(&self.head)?;
+        if kind != M::KIND {
+            return bad(format!("a {kind:?} message where a {:?} was expected", M::KIND));
+        }
+        if self.header_len.is_none() {
+            return bad(format!("the header claims {h} bytes, the message has {}", self.head.len() - 12));
+        }
+        let complete = self.carried == 0 && self.vectors.iter().zip(&self.lengths).all(|((_, v), &n)| v.len() == n);
+        if !complete {
+            let expected: usize = self.lengths.iter().sum::<usize>() * 8;
+            return bad(format!("the header announces {expected} bytes of vectors, the message has {}", self.seen - 12 - h));
+        }
+        let header: Header<M> =
+            serde_json::from_slice(&self.head[12..]).map_err(|e| CoreError::InvalidArgument("message", format!("malformed header: {e}")))?;
+        let mut message = header.message;
+        for (name, values) in self.vectors {
+            message.set_vector(&name, values)?;
+        }
+        message.check()?;
+        Ok(message)
+    }
 }
 
 #[cfg(test)]
@@ -703,6 +873,53 @@ mod tests {
         // The Rust trainer refuses it: it trains in R.
         ins.model.custom = Some(CustomModelSpec { name: "glm".into(), n_params: 15 });
         assert!(crate::client::network_of(&ins.model).is_err());
+    }
+
+    #[test]
+    fn a_message_in_two_parts_is_the_whole_message() {
+        let ins = fit_ins();
+        let (head, tail) = (encode_header(&ins).unwrap(), encode_vectors(&ins).unwrap());
+        assert_eq!([head.clone(), tail.clone()].concat(), encode(&ins).unwrap());
+        assert_eq!(kind_of_parts(&head, &tail).unwrap(), Kind::FitIns);
+        assert_eq!(kind_of_parts(&encode(&ins).unwrap(), &[]).unwrap(), Kind::FitIns);
+        assert!(kind_of_parts(&head, &tail[8..]).is_err(), "a payload one value short");
+        assert!(kind_of_parts(&head, &[]).is_err(), "no payload");
+        assert!(kind_of_parts(&head[..head.len() - 1], &tail).is_err(), "a cut header");
+    }
+
+    #[test]
+    fn a_message_read_chunk_by_chunk_is_the_message() {
+        let bytes = encode(&fit_ins()).unwrap();
+        let whole: FitIns = decode(&bytes).unwrap();
+        for size in [1, 3, 7, 8, 9, 13, 64, 1000, bytes.len()] {
+            for expected in [Some(bytes.len()), None] {
+                let mut r = Reader::new(expected);
+                for chunk in bytes.chunks(size) {
+                    r.push(chunk).unwrap();
+                }
+                assert_eq!(r.kind(), Some(Kind::FitIns));
+                let back: FitIns = r.finish().unwrap();
+                assert_eq!(back, whole, "chunks of {size}");
+                assert_eq!(back.params[5].to_bits(), (-0.0f64).to_bits());
+            }
+        }
+        // Refused as soon as the header says more than the body can hold,
+        // before anything is allocated for it.
+        let mut r = Reader::new(Some(bytes.len() - 8));
+        let cut = 12 + u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        assert!(r.push(&bytes[..cut]).is_err());
+        // Cut short, one byte too many, or another kind.
+        for (body, expected) in [(&bytes[..bytes.len() - 3], None), (&bytes[..], Some(bytes.len() - 1))] {
+            let mut r = Reader::new(expected);
+            let pushed = body.chunks(5).try_for_each(|c| r.push(c));
+            assert!(pushed.is_err() || r.finish::<FitIns>().is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[0; 8]);
+        assert!(decode::<FitIns>(&longer).is_err(), "bytes after the vectors");
+        let mut r = Reader::new(None);
+        r.push(&bytes).unwrap();
+        assert!(r.finish::<FitRes>().is_err(), "a FitIns read as a FitRes");
     }
 
     #[test]

@@ -96,13 +96,17 @@ pub const RATE_LIMITED: Refusal = refuse(429, "rate_limited");
 pub const BUSY: Refusal = refuse(429, "upload_in_progress");
 pub const NOT_READY: Refusal = refuse(503, "not_ready");
 
-/// One node's task: a FitIns for a round.
+/// One node's task: a FitIns (or EvalIns) for a round, sent as its own
+/// frame and header (`prefix`) followed by the round's vectors
+/// (`payload`), which every task of the round shares: the global model is
+/// held once however many nodes train (a `Bytes` clone is a reference).
 #[derive(Clone, Debug)]
 pub struct Task {
     pub id: String,
     pub round: u64,
-    pub body: Bytes,
-    /// SHA-256 of the body (hex), computed once.
+    pub prefix: Bytes,
+    pub payload: Bytes,
+    /// SHA-256 of the body, prefix then payload (hex), computed once.
     pub digest: String,
     /// The server's signature over the task (node, round, id, digest).
     pub signature: String,
@@ -124,13 +128,21 @@ pub enum UploadPlan {
     AlreadyKept,
 }
 
-/// An accepted upload, waiting for R.
+/// An accepted upload, waiting for R: decoded once, when it was checked,
+/// and kept as numbers (its bytes are dropped then).
 #[derive(Clone, Debug)]
 pub struct Upload {
     pub node: String,
     pub round: u64,
     pub task: String,
-    pub body: Bytes,
+    pub message: Received,
+}
+
+/// What an upload answered.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Received {
+    Fit(FitRes),
+    Eval(EvalRes),
 }
 
 #[derive(Clone, Debug)]
@@ -358,7 +370,8 @@ impl Coordinator {
     /// same bytes is answered the same, different bytes are refused.
     /// Returns whether it was new.
     /// `digest`: the body's SHA-256, checked by the caller.
-    pub fn upload(&self, node: &str, task: &str, round: u64, body: Bytes, digest: String) -> Result<bool, Refusal> {
+    /// `read`: the body, read (as it arrived) up to its last byte.
+    pub fn upload(&self, node: &str, task: &str, round: u64, read: protocol::Reader, digest: String) -> Result<bool, Refusal> {
         let (dim, kind, answered) = {
             let st = self.lock();
             let t = st.tasks.get(node).ok_or(NOT_ASSIGNED)?;
@@ -373,11 +386,11 @@ impl Coordinator {
         if let Some(d) = answered {
             return if d == digest { Ok(false) } else { Err(CONFLICTING_UPLOAD) };
         }
-        if kind == Kind::EvalIns {
-            check_eval_res(&body, node, round)?;
+        let message = if kind == Kind::EvalIns {
+            Received::Eval(check_eval_res(read.finish(), node, round)?)
         } else {
-            check_fit_res(&body, node, round, dim)?;
-        }
+            Received::Fit(check_fit_res(read.finish(), node, round, dim)?)
+        };
         let mut st = self.lock();
         let t = st.tasks.get_mut(node).ok_or(NOT_ASSIGNED)?;
         if t.id != task {
@@ -388,32 +401,34 @@ impl Coordinator {
             Some(_) => return Err(CONFLICTING_UPLOAD),
             None => t.answered = Some(digest),
         }
-        st.uploads.push(Upload { node: node.to_string(), round, task: task.to_string(), body });
+        st.uploads.push(Upload { node: node.to_string(), round, task: task.to_string(), message });
         st.metrics.updates_received += 1;
         Ok(true)
     }
 
     /// R's side: this round's tasks replace every earlier one (their late
-    /// uploads are then refused). `tasks`: (node, FitIns bytes). Returns
-    /// the task ids.
-    pub fn post_tasks(&self, round: u64, dim: usize, tasks: Vec<(String, Bytes)>) -> Result<Vec<String>, String> {
+    /// uploads are then refused). `tasks`: (node, the frame and header of
+    /// its FitIns or EvalIns), each followed on the wire by the shared
+    /// `payload` (the message's vectors; empty when `tasks` hold whole
+    /// messages). Returns the task ids.
+    pub fn post_tasks(&self, round: u64, dim: usize, tasks: Vec<(String, Bytes)>, payload: Bytes) -> Result<Vec<String>, String> {
         let max_reply = reply_limit(dim).ok_or_else(|| format!("a model of {dim} parameters is too large"))?;
         let mut built = HashMap::with_capacity(tasks.len());
         let mut ids = Vec::with_capacity(tasks.len());
-        for (node, body) in tasks {
+        for (node, prefix) in tasks {
             if !self.keys.nodes.contains_key(&node) {
                 return Err(format!("node `{node}` is not in the authorized keys"));
             }
-            let kind = match protocol::kind_of(&body) {
+            let kind = match protocol::kind_of_parts(&prefix, &payload) {
                 Ok(k @ (Kind::FitIns | Kind::EvalIns)) => k,
                 _ => return Err(format!("the task of node `{node}` is not a FitIns or EvalIns message")),
             };
             let max_reply = if kind == Kind::EvalIns { REPLY_HEADER_ROOM } else { max_reply };
             let id = crate::keys::random_hex(12).map_err(|e| e.to_string())?;
-            let digest = sha256_hex(&body);
+            let digest = crate::keys::sha256_hex_parts(&[&prefix, &payload]);
             let signature = self.keys.server.sign(task_text(&node, round, &id, &digest).as_bytes());
             ids.push(id.clone());
-            built.insert(node, Task { id, round, body, digest, signature, dim, kind, max_reply, answered: None });
+            built.insert(node, Task { id, round, prefix, payload: payload.clone(), digest, signature, dim, kind, max_reply, answered: None });
         }
         let mut st = self.lock();
         st.tasks = built;
@@ -463,8 +478,8 @@ pub fn reply_limit(dim: usize) -> Option<usize> {
 
 /// A FitRes fit to be folded: its node and round, the model's dimension,
 /// finite numbers.
-pub fn check_fit_res(body: &[u8], node: &str, round: u64, dim: usize) -> Result<FitRes, Refusal> {
-    let res: FitRes = protocol::decode(body).map_err(|e| {
+pub fn check_fit_res(read: fedagg_core::error::CoreResult<FitRes>, node: &str, round: u64, dim: usize) -> Result<FitRes, Refusal> {
+    let res: FitRes = read.map_err(|e| {
         if e.to_string().contains("finite") {
             NON_FINITE
         } else {
@@ -495,8 +510,8 @@ pub fn check_fit_res(body: &[u8], node: &str, round: u64, dim: usize) -> Result<
 }
 
 /// An EvalRes for this node and round, with finite numbers.
-pub fn check_eval_res(body: &[u8], node: &str, round: u64) -> Result<EvalRes, Refusal> {
-    let res: EvalRes = protocol::decode(body).map_err(|_| MALFORMED_BODY)?;
+pub fn check_eval_res(read: fedagg_core::error::CoreResult<EvalRes>, node: &str, round: u64) -> Result<EvalRes, Refusal> {
+    let res: EvalRes = read.map_err(|_| MALFORMED_BODY)?;
     if res.node != node {
         return Err(NOT_ASSIGNED);
     }

@@ -137,6 +137,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
+/// SHA-256 of the concatenation of `parts`, without concatenating them.
+pub fn sha256_hex_parts(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(p);
+    }
+    hex(ctx.finish().as_ref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

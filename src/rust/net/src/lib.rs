@@ -16,6 +16,7 @@ pub mod client;
 pub mod coord;
 pub mod files;
 pub mod keys;
+pub mod memory;
 pub mod metrics;
 pub mod server;
 pub mod sign;

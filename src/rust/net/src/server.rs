@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::buf::Chain;
+use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -24,6 +25,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::coord::{self, Coordinator, Phase, Refusal, Signed, UploadPlan};
 use crate::sign::{H_FEDERATION, H_ROUND, H_SERVER_SIGNATURE, H_TASK};
 use crate::NetError;
+use fedagg_core::protocol;
 
 pub const H_TASK_SIGNATURE: &str = "x-fedagg-task-signature";
 const LOG_KEPT: usize = 10_000;
@@ -136,8 +138,10 @@ impl Server {
         self.shared.tasks_changed.notify_waiters();
     }
 
-    pub fn post_tasks(&self, round: u64, dim: usize, tasks: Vec<(String, Bytes)>) -> Result<Vec<String>, String> {
-        let ids = self.shared.coord.post_tasks(round, dim, tasks)?;
+    /// This round's tasks: (node, frame and header) each followed by the
+    /// shared `payload` (see `Coordinator::post_tasks`).
+    pub fn post_tasks(&self, round: u64, dim: usize, tasks: Vec<(String, Bytes)>, payload: Bytes) -> Result<Vec<String>, String> {
+        let ids = self.shared.coord.post_tasks(round, dim, tasks, payload)?;
         self.shared.tasks_changed.notify_waiters();
         Ok(ids)
     }
@@ -249,10 +253,16 @@ where
         .await;
 }
 
-type Reply = Response<Full<Bytes>>;
+/// A body in two parts, written one after the other: a task's own header
+/// and the round's shared vectors (every other answer has an empty tail).
+type Reply = Response<Full<Chain<Bytes, Bytes>>>;
 
 fn plain(status: u16, body: impl Into<Bytes>, content_type: &'static str) -> Reply {
-    let mut r = Response::new(Full::new(body.into()));
+    two_part(status, body.into(), Bytes::new(), content_type)
+}
+
+fn two_part(status: u16, head: Bytes, tail: Bytes, content_type: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(head.chain(tail)));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
@@ -358,7 +368,7 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
             Ok(UploadPlan::AlreadyKept) => {
                 // A resend of kept bytes: answered as the first time,
                 // without reading it again.
-                let a = Answer { status: 200, body: kept_answer(), round: f.round, task: &f.task, digest: None, ctype: "application/json" };
+                let a = Answer { status: 200, body: kept_answer(), tail: Bytes::new(), round: f.round, task: &f.task, digest: None, ctype: "application/json" };
                 return signed_answer(&shared, &f, &route, peer, a);
             }
             Err(r) => Err(r),
@@ -392,6 +402,35 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
         return refuse(coord::TOO_LARGE, Some(&s));
     }
     let body_timeout = Duration::from_millis(coord.settings.body_timeout_ms);
+    if route == "/v1/update" {
+        // An update is read straight into its numbers as it arrives, and
+        // hashed on the way: it is never held as bytes and numbers at once.
+        let read = tokio::time::timeout(body_timeout, read_message(req.into_body(), limit, length as usize)).await;
+        let (reader, digest, n) = match read {
+            Err(_) => return refuse(coord::BODY_TIMEOUT, Some(&s)),
+            Ok(Err(_)) => return refuse(coord::TOO_LARGE, Some(&s)),
+            Ok(Ok(r)) => r,
+        };
+        coord.lock().metrics.bytes_in += n as u64;
+        if digest != f.digest {
+            return refuse(coord::DIGEST_MISMATCH, Some(&s));
+        }
+        let Some(reader) = reader else { return refuse(coord::MALFORMED_BODY, Some(&s)) };
+        // Checking a large update (every value finite) is CPU work: off
+        // the threads that serve the long polls.
+        let sh = shared.clone();
+        let (node, task, round, digest) = (f.node.clone(), f.task.clone(), f.round, f.digest.clone());
+        let kept = tokio::task::spawn_blocking(move || sh.coord.upload(&node, &task, round, reader, digest)).await;
+        return match kept {
+            Ok(Ok(_)) => {
+                shared.uploads_ready.notify_all();
+                let a = Answer { status: 200, body: kept_answer(), tail: Bytes::new(), round: f.round, task: &f.task, digest: None, ctype: "application/json" };
+                signed_answer(&shared, &f, &route, peer, a)
+            }
+            Ok(Err(r)) => refuse(r, Some(&s)),
+            Err(_) => refuse(coord::MALFORMED_BODY, Some(&s)),
+        };
+    }
     let body = match tokio::time::timeout(body_timeout, Limited::new(req.into_body(), limit).collect()).await {
         Err(_) => return refuse(coord::BODY_TIMEOUT, Some(&s)),
         Ok(Err(_)) => return refuse(coord::TOO_LARGE, Some(&s)),
@@ -402,7 +441,7 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
         return refuse(coord::DIGEST_MISMATCH, Some(&s));
     }
     let answer = |status: u16, body: Bytes, round: u64, task: &str, ctype: &'static str| {
-        signed_answer(&shared, &f, &route, peer, Answer { status, body, round, task, digest: None, ctype })
+        signed_answer(&shared, &f, &route, peer, Answer { status, body, tail: Bytes::new(), round, task, digest: None, ctype })
     };
     match route.as_str() {
         "/v1/join" => match coord.join(&f.node, &body) {
@@ -413,21 +452,6 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
             Err(r) => refuse(r, Some(&s)),
         },
         "/v1/heartbeat" => answer(204, Bytes::new(), 0, "", "text/plain"),
-        "/v1/update" => {
-            // Decoding and checking a large update is CPU work: off the
-            // threads that serve the long polls.
-            let sh = shared.clone();
-            let (node, task, round, digest) = (f.node.clone(), f.task.clone(), f.round, f.digest.clone());
-            let kept = tokio::task::spawn_blocking(move || sh.coord.upload(&node, &task, round, body, digest)).await;
-            match kept {
-                Ok(Ok(_)) => {
-                    shared.uploads_ready.notify_all();
-                    answer(200, kept_answer(), f.round, &f.task, "application/json")
-                }
-                Ok(Err(r)) => refuse(r, Some(&s)),
-                Err(_) => refuse(coord::MALFORMED_BODY, Some(&s)),
-            }
-        }
         _ => {
             // GET /v1/task?wait=<seconds>: a long poll.
             let wait = query_wait(&f.path).min(coord.settings.max_poll_ms);
@@ -447,7 +471,8 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
                         // The task's digest is known: the model is not hashed again.
                         let a = Answer {
                             status: 200,
-                            body: task.body.clone(),
+                            body: task.prefix.clone(),
+                            tail: task.payload.clone(),
                             round: task.round,
                             task: &task.id,
                             digest: Some(task.digest.clone()),
@@ -467,6 +492,30 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
     }
 }
 
+/// A message body read as it arrives: its bytes hashed (SHA-256, hex) and
+/// fed to a protocol reader, and counted. The reader is `None` when the
+/// bytes are not a well-formed message (the rest is still read and hashed,
+/// so that a digest mismatch is told apart from a malformed body).
+async fn read_message(body: Incoming, limit: usize, length: usize) -> Result<(Option<protocol::Reader>, String, usize), ()> {
+    let mut body = Limited::new(body, limit);
+    let mut reader = Some(protocol::Reader::new(Some(length)));
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut n = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ())?;
+        if let Some(data) = frame.data_ref() {
+            hash.update(data);
+            n += data.len();
+            if let Some(r) = reader.as_mut() {
+                if r.push(data).is_err() {
+                    reader = None;
+                }
+            }
+        }
+    }
+    Ok((reader, crate::keys::hex(hash.finish().as_ref()), n))
+}
+
 /// At most 100 log lines a second for refusals of unauthenticated
 /// requests (the metrics still count every one).
 fn log_allowed(shared: &Shared) -> bool {
@@ -483,6 +532,8 @@ fn log_allowed(shared: &Shared) -> bool {
 struct Answer<'a> {
     status: u16,
     body: Bytes,
+    /// Sent after `body` (a task's shared vectors).
+    tail: Bytes,
     round: u64,
     task: &'a str,
     /// The body's SHA-256 when already known (a task's).
@@ -496,10 +547,10 @@ struct Answer<'a> {
 fn signed_answer(shared: &Shared, f: &crate::sign::RequestFields, route: &str, peer: SocketAddr, a: Answer<'_>) -> Reply {
     let coord = &shared.coord;
     coord.touch(&f.node);
-    let digest = a.digest.unwrap_or_else(|| crate::keys::sha256_hex(&a.body));
+    let digest = a.digest.unwrap_or_else(|| crate::keys::sha256_hex_parts(&[&a.body, &a.tail]));
     let sig = coord.sign_response_digest(f, &f.path, a.status, a.round, a.task, digest);
-    let n = a.body.len();
-    let mut reply = plain(a.status, a.body, a.ctype);
+    let n = a.body.len() + a.tail.len();
+    let mut reply = two_part(a.status, a.body, a.tail, a.ctype);
     insert(&mut reply, H_SERVER_SIGNATURE, &sig);
     insert(&mut reply, H_ROUND, &a.round.to_string());
     insert(&mut reply, H_TASK, a.task);

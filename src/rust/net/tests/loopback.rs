@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fedagg_core::protocol::{self, EncodingSpec, FitIns, FitRes, LocalSpec, ModelSpec, NodeInfo};
 use fedagg_net::client::Client;
-use fedagg_net::coord::{Coordinator, Keys, Phase, Settings};
+use fedagg_net::coord::{Coordinator, Keys, Phase, Received, Settings};
 use fedagg_net::keys::{generate, sha256_hex, SigningKey, VerifyingKey};
 use fedagg_net::server::{Options, Server};
 use fedagg_net::sign::RequestFields;
@@ -179,7 +179,12 @@ fn a_round_through_the_wire_and_every_refusal() {
     // No task yet: a short long-poll answers 204.
     assert_eq!(a.request("GET", "/v1/task?wait=0.2", 0, "", vec![], T).unwrap().status, 204);
     let ins = fit_ins("a", 3, 4);
-    let ids = fed.server.post_tasks(3, 4, vec![("a".into(), Bytes::from(ins.clone()))]).unwrap();
+    // Posted as its header and the round's shared vectors, received whole
+    // (the node checks the signed digest of the whole).
+    let cut = 12 + u32::from_le_bytes(ins[8..12].try_into().unwrap()) as usize;
+    let (head, tail) = (Bytes::copy_from_slice(&ins[..cut]), Bytes::copy_from_slice(&ins[cut..]));
+    assert!(fed.server.post_tasks(3, 4, vec![("a".into(), head.clone())], tail.slice(8..)).is_err(), "a payload one value short");
+    let ids = fed.server.post_tasks(3, 4, vec![("a".into(), head)], tail).unwrap();
     let task = a.request("GET", "/v1/task?wait=1", 0, "", vec![], T).unwrap();
     assert_eq!((task.status, task.round, task.task.clone(), task.body.clone()), (200, 3, ids[0].clone(), ins));
     let key_a = SigningKey::from_pem(&fed.node_keys["a"]).unwrap();
@@ -227,7 +232,7 @@ fn a_round_through_the_wire_and_every_refusal() {
     assert_eq!(up(&fit_res("a", 3, 4, 0.5), 3, &ids[0]).0, 409, "different bytes for a kept task");
     let kept = fed.server.wait_uploads(Duration::from_secs(1));
     assert_eq!(kept.len(), 1, "counted once");
-    assert_eq!(kept[0].body.as_ref(), good.as_slice());
+    assert_eq!(kept[0].message, Received::Fit(protocol::decode(&good).unwrap()));
     // Other routes and methods.
     assert_eq!(send_raw(addr, "GET", "/healthz", &[], b"").0, 200);
     assert_eq!(send_raw(addr, "GET", "/ready", &[], b"").0, 200);
@@ -322,7 +327,7 @@ fn review_findings_stay_fixed() {
     let bad = protocol::encode(&NodeInfo { node: "a".into(), n_samples: -1e300, has_validation: false, label_levels: vec![], data_version: 0 }).unwrap();
     assert_eq!(raw(addr, "POST", "/v1/join", "a", &key, &bad, 0, "", |_, _| {}).0, 422);
     assert_eq!(raw(addr, "POST", "/v1/join", "a", &key, &info("a"), 0, "", |_, _| {}).0, 200);
-    let ids = fed.server.post_tasks(1, 4, vec![("a".into(), Bytes::from(fit_ins("a", 1, 4)))]).unwrap();
+    let ids = fed.server.post_tasks(1, 4, vec![("a".into(), Bytes::from(fit_ins("a", 1, 4)))], Bytes::new()).unwrap();
     let good = fit_res("a", 1, 4, 0.5);
     assert_eq!(raw(addr, "POST", "/v1/update", "a", &key, &good, 1, &ids[0], |_, _| {}).0, 200);
     // A resend of kept bytes is answered from its signed digest, its body unread.
@@ -429,7 +434,7 @@ fn a_node_refuses_a_task_tampered_with_on_the_way() {
     let fed = start(&["a"], Settings::default());
     let mut a = client(&fed, "a");
     assert_eq!(a.request("POST", "/v1/join", 0, "", info("a"), T).unwrap().status, 200);
-    fed.server.post_tasks(1, 4, vec![("a".into(), Bytes::from(fit_ins("a", 1, 4)))]).unwrap();
+    fed.server.post_tasks(1, 4, vec![("a".into(), Bytes::from(fit_ins("a", 1, 4)))], Bytes::new()).unwrap();
     let proxy = tampering_proxy(fed.server.addr);
     let mut fooled = Client::new(
         &format!("http://{proxy}"),

@@ -11,7 +11,7 @@ use extendr_api::prelude::*;
 use extendr_api::{Error, Result};
 use fedagg_core::protocol::{self, NodeInfo};
 use fedagg_net::client::{Client, Heartbeats};
-use fedagg_net::coord::{Coordinator, Keys, Phase, Settings};
+use fedagg_net::coord::{Coordinator, Keys, Phase, Received, Settings};
 use fedagg_net::keys::{SigningKey, VerifyingKey};
 use fedagg_net::server::{Options, Server};
 use fedagg_net::NetError;
@@ -213,33 +213,52 @@ fn rs_net_set_phase(server: Robj, phase: &str) -> Result<()> {
 /// This round's tasks (replacing the last round's): one FitIns per node.
 /// @noRd
 #[extendr]
-fn rs_net_post_tasks(server: Robj, round: f64, dim: f64, nodes: Strings, bodies: List) -> Result<Strings> {
+fn rs_net_post_tasks(server: Robj, round: f64, dim: f64, nodes: Strings, headers: List, payload: Robj) -> Result<Strings> {
     let s = handle::<Server>(&server, "server")?;
-    if nodes.len() != bodies.len() {
+    if nodes.len() != headers.len() {
         return Err(input("one task per node"));
     }
+    let payload = payload.as_raw_slice().ok_or_else(|| input("the tasks' payload must be a raw vector"))?;
     let mut tasks = Vec::with_capacity(nodes.len());
-    for (id, body) in nodes.iter().zip(bodies.values()) {
-        let bytes = body.as_raw_slice().ok_or_else(|| input("each task must be a raw vector"))?;
+    for (id, head) in nodes.iter().zip(headers.values()) {
+        let bytes = head.as_raw_slice().ok_or_else(|| input("each task must be a raw vector"))?;
         tasks.push((id.to_string(), fedagg_net::Bytes::copy_from_slice(bytes)));
     }
-    let ids = s.post_tasks(round as u64, dim as usize, tasks).map_err(input)?;
+    // One copy of the round's vectors, shared by every task.
+    let ids = s.post_tasks(round as u64, dim as usize, tasks, fedagg_net::Bytes::copy_from_slice(payload)).map_err(input)?;
     Ok(ids.iter().map(|s| s.as_str()).collect())
 }
 
 /// The uploads kept since the last call, waiting up to `wait` seconds for
-/// the first: list(node, round, task, body = list of raw).
+/// the first: list(node, round, task, res = list of read FitRes or EvalRes,
+/// as `rs_fit_res_read()` and `rs_eval_read()` give them). Each upload's
+/// numbers move into R one at a time and are dropped here as they go.
 /// @noRd
 #[extendr]
 fn rs_net_wait_uploads(server: Robj, wait: f64) -> Result<List> {
     let s = handle::<Server>(&server, "server")?;
     let wait = if wait.is_finite() && wait > 0.0 { Duration::from_secs_f64(wait.min(60.0)) } else { Duration::ZERO };
     let ups = s.wait_uploads(wait);
-    let nodes: Vec<&str> = ups.iter().map(|u| u.node.as_str()).collect();
+    let nodes: Vec<String> = ups.iter().map(|u| u.node.clone()).collect();
     let rounds: Vec<f64> = ups.iter().map(|u| u.round as f64).collect();
-    let tasks: Vec<&str> = ups.iter().map(|u| u.task.as_str()).collect();
-    let bodies = List::from_values(ups.iter().map(|u| Raw::from_bytes(&u.body)));
-    Ok(list!(node = nodes, round = rounds, task = tasks, body = bodies))
+    let tasks: Vec<String> = ups.iter().map(|u| u.task.clone()).collect();
+    let mut read = Vec::with_capacity(ups.len());
+    for u in ups {
+        let mut large = false;
+        read.push(match u.message {
+            Received::Fit(res) => {
+                large = 8 * res.update.len() >= fedagg_net::memory::TRIM_BYTES;
+                super::protocol::fit_res_list(res)?
+            }
+            Received::Eval(res) => super::protocol::eval_res_list(&res)?,
+        });
+        // Its numbers are R's now, and its buffer is freed: give the pages
+        // back, so that an update is held once, not twice.
+        if large {
+            fedagg_net::memory::give_back();
+        }
+    }
+    Ok(list!(node = nodes, round = rounds, task = tasks, res = List::from_values(read)))
 }
 
 /// The allow-listed nodes and what the joined ones said of themselves.

@@ -66,7 +66,9 @@ fn model_spec(sizes: &Robj, head: i32, bits: i32, custom: &Robj, d: usize) -> Re
 /// round config (local settings, server control, the clients' encodings),
 /// and per client its node id, training stream, epochs and step limit (NA:
 /// none). Each client's training and encoding draw from its stream (its
-/// node's number; FedBuff: its dispatch).
+/// node's number; FedBuff: its dispatch). Returns list(headers = <one raw
+/// frame and header per client>, payload = <raw vectors>): a client's
+/// message is its header followed by the shared payload.
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -120,32 +122,41 @@ fn rs_fit_instructions(
     transforms.check_encodings(global.len(), k).map_err(core_err)?;
     let control_obj = nullable_field(&config, "control");
     let server_control = optional_doubles(&control_obj, "control")?.map(<[f64]>::to_vec);
-    let mut out = Vec::with_capacity(k);
+    // One message per node, sent as its own header followed by the round's
+    // vectors, which all of them share: the model is written once.
+    let mut ins = FitIns {
+        round: round as u32,
+        committed_round: committed_round as u32,
+        node_round: 0,
+        node: String::new(),
+        stream: 0,
+        epochs: 1,
+        max_steps: None,
+        validation,
+        model,
+        local,
+        encoding: EncodingSpec::default(),
+        params: global.to_vec(),
+        server_control,
+    };
+    let mut headers = Vec::with_capacity(k);
     for i in 0..k {
         let client = transforms.client_on(i, streams[i] as u64);
-        let ins = FitIns {
-            round: round as u32,
-            committed_round: committed_round as u32,
-            node_round: node_rounds[i] as u32,
-            node: (*nodes.elt(i)).to_owned(),
-            stream: streams[i] as u64,
-            epochs: epochs[i] as usize,
-            max_steps: (!max_steps[i].is_nan()).then_some(max_steps[i] as usize),
-            validation,
-            model: model.clone(),
-            local: local.clone(),
-            encoding: EncodingSpec {
-                local_dp: client.local_noise.map(|l| LocalDpSpec { clip: l.clip, sd: l.sd, seed: l.seed }),
-                attack: client.attack.map(AttackSpec::from),
-                attack_seed: client.attack_seed,
-                compression: client.compression.as_ref().map(CompressionSpec::from),
-            },
-            params: global.to_vec(),
-            server_control: server_control.clone(),
+        ins.node_round = node_rounds[i] as u32;
+        ins.node = (*nodes.elt(i)).to_owned();
+        ins.stream = streams[i] as u64;
+        ins.epochs = epochs[i] as usize;
+        ins.max_steps = (!max_steps[i].is_nan()).then_some(max_steps[i] as usize);
+        ins.encoding = EncodingSpec {
+            local_dp: client.local_noise.map(|l| LocalDpSpec { clip: l.clip, sd: l.sd, seed: l.seed }),
+            attack: client.attack.map(AttackSpec::from),
+            attack_seed: client.attack_seed,
+            compression: client.compression.as_ref().map(CompressionSpec::from),
         };
-        out.push(raw(&protocol::encode(&ins).map_err(core_err)?));
+        headers.push(raw(&protocol::encode_header(&ins).map_err(core_err)?));
     }
-    Ok(List::from_values(out))
+    let payload = raw(&protocol::encode_vectors(&ins).map_err(core_err)?);
+    Ok(list!(headers = List::from_values(headers), payload = payload))
 }
 
 /// A node's half of a round: a `FitIns` (raw), the node's data
@@ -189,19 +200,22 @@ fn optional_values(x: &Option<Vec<f64>>) -> Result<Robj> {
 }
 
 /// One `EvalIns` per node: the candidate global parameters to evaluate on
-/// each node's `split` ("validation" or "train").
+/// each node's `split` ("validation" or "train"), as
+/// `rs_fit_instructions()` returns them (headers and a shared payload).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
 fn rs_eval_instructions(sizes: Robj, head: i32, bits: i32, params: Robj, nodes: Strings, split: &str, round: f64, custom: Robj) -> Result<List> {
     let params = doubles(&params, "params")?;
     let model = model_spec(&sizes, head, bits, &custom, params.len())?;
-    let mut out = Vec::with_capacity(nodes.len());
+    let mut ins = EvalIns { round: round as u32, node: String::new(), split: split.to_string(), model, params: params.to_vec() };
+    let mut headers = Vec::with_capacity(nodes.len());
     for node in nodes.iter() {
-        let ins = EvalIns { round: round as u32, node: node.to_string(), split: split.to_string(), model: model.clone(), params: params.to_vec() };
-        out.push(raw(&protocol::encode(&ins).map_err(core_err)?));
+        ins.node = node.to_string();
+        headers.push(raw(&protocol::encode_header(&ins).map_err(core_err)?));
     }
-    Ok(List::from_values(out))
+    let payload = raw(&protocol::encode_vectors(&ins).map_err(core_err)?);
+    Ok(list!(headers = List::from_values(headers), payload = payload))
 }
 
 /// A node's answer to an `EvalIns`, from the data of the split it asks
@@ -233,12 +247,13 @@ fn rs_eval_read(message: Robj) -> Result<List> {
             Ok(list!(kind = "EvalIns", round = ins.round as f64, node = ins.node.as_str(), split = ins.split.as_str(),
                      custom = custom, params = params))
         }
-        _ => {
-            let res: EvalRes = protocol::decode(bytes).map_err(core_err)?;
-            Ok(list!(kind = "EvalRes", round = res.round as f64, node = res.node.as_str(), n = res.n, loss = res.loss,
-                     metric = res.metric))
-        }
+        _ => eval_res_list(&protocol::decode(bytes).map_err(core_err)?),
     }
+}
+
+/// A read `EvalRes` as an R list.
+pub(crate) fn eval_res_list(res: &EvalRes) -> Result<List> {
+    Ok(list!(kind = "EvalRes", round = res.round as f64, node = res.node.as_str(), n = res.n, loss = res.loss, metric = res.metric))
 }
 
 /// A node's own attack (a simulated malicious node, in its own process)
@@ -258,8 +273,13 @@ fn rs_fit_ins_set_attack(ins: Robj, attack: List) -> Result<Robj> {
 /// @noRd
 #[extendr]
 fn rs_fit_res_read(res: Robj) -> Result<List> {
-    let res: FitRes = protocol::decode(raw_bytes(&res, "res")?).map_err(core_err)?;
+    fit_res_list(protocol::decode(raw_bytes(&res, "res")?).map_err(core_err)?)
+}
+
+/// A read `FitRes` as an R list (its vectors moved into R's memory).
+pub(crate) fn fit_res_list(res: FitRes) -> Result<List> {
     Ok(list!(
+        kind = "FitRes",
         round = res.round as f64,
         node = res.node.as_str(),
         n_samples = res.n_samples,
