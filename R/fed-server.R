@@ -257,7 +257,9 @@ assert_weight_rule <- function(weights, model, nodes, call = rlang::caller_env()
     fedagg_abort("{.arg weights} must be {.or {.val {rules}}} or a function, not {obj_desc(weights)}.", call = call)
   }
   if (weights == "accuracy") {
-    missing_val <- names(nodes)[!vapply(nodes, function(n) n$has_validation, logical(1))]
+    # A remote node says whether it holds validation data when it joins
+    # (checked then, see net_sync()).
+    missing_val <- names(nodes)[!vapply(nodes, function(n) n$has_validation || is_remote_node(n), logical(1))]
     if (length(missing_val)) {
       fedagg_abort(c("{.code weights = \"accuracy\"} needs validation data on every node.",
                      x = "Node{?s} {.val {missing_val}} ha{?s/ve} none; see {.arg validation} in {.fn fed_nodes}."),

@@ -105,12 +105,6 @@ net_refuse_unsupported <- function(private) {
   if (!is.null(part)) refuse(part)
   if (identical(private$.topology$kind, "hierarchical")) refuse("hierarchical topologies")
   if (!is.null(private$.async)) refuse("asynchronous (FedBuff) rounds")
-  # A custom selection rule that reads the nodes' losses or last updates.
-  if (length(private$.selection$needs)) refuse(private$.selection$label)
-  # A weights function reads what the nodes report (samples, losses): it
-  # works as in the simulation. Accuracy weights need the nodes' validation
-  # data, unknown when the server is made.
-  if (identical(private$.weights, "accuracy")) refuse("weights from accuracy")
   if (!is.null(private$.monitor)) refuse("drift monitoring (the nodes' data stay on their side)")
   roster <- node_roster(private)
   if (any(roster$has_system)) refuse("simulated system profiles (real time is measured)")
@@ -131,6 +125,11 @@ net_sync <- function(private) {
     }
     node$joined(list(n_samples = status$n_samples[i], has_validation = status$has_validation[i],
                      label_levels = status$label_levels[[i]], data_version = status$data_version[i]))
+    if (identical(private$.weights, "accuracy") && !status$has_validation[i]) {
+      fedagg_abort(c("{.code weights = \"accuracy\"} needs validation data on every node.",
+                     x = "Node {.val {status$node[i]}} joined without any; give it {.arg validation} in {.fn fed_nodes}."),
+                   class = "client", client = status$node[i])
+    }
   }
   reachable <- status$joined & !is.na(status$seconds_since_seen) & status$seconds_since_seen <= private$.net$liveness
   stats::setNames(reachable[match(names(nodes), status$node)], names(nodes))
@@ -181,19 +180,20 @@ grid_network <- function(private) {
   structure(grid, batched = TRUE)
 }
 
-# The nodes' evaluation of candidate parameters on their held-out data,
-# as EvalIns tasks; a node that does not answer in time is left out of
-# the round's validation metrics (with a warning).
-net_evaluate <- function(private, flat, ids, round) {
+# The nodes' evaluation of candidate parameters on their held-out data
+# (or, for power of choice, their training data), as EvalIns tasks; a node
+# that does not answer in time is left out (with a warning).
+net_evaluate <- function(private, flat, ids, round, split = "validation") {
   model <- private$.model
-  batch <- call_rust(rs_eval_instructions(model$sizes, model$head %||% 0L, model_bits(model), flat, ids, "validation", round,
+  batch <- call_rust(rs_eval_instructions(model$sizes, model$head %||% 0L, model_bits(model), flat, ids, split, round,
                                          custom_model_name(model)))
   names(batch$headers) <- ids
   got <- grid_network(private)(batch, NULL, model, NULL, round)
   answered <- !vapply(got, is.null, logical(1))
   if (!any(answered)) return(NULL)
   if (!all(answered)) {
-    fedagg_warn("Round {round}: node{?s} {.val {ids[!answered]}} did not evaluate in time; the validation metrics leave {?it/them} out.",
+    what <- if (split == "validation") "the validation metrics leave {?it/them} out" else "{?it is/they are} picked last"
+    fedagg_warn(paste0("Round {round}: node{?s} {.val {ids[!answered]}} did not evaluate in time; ", what, "."),
                 class = "eval_dropout")
   }
   res <- got[answered]

@@ -210,8 +210,7 @@ grid_in_process <- function() {
 # Internal until the networked federation gives it a public form: a server
 # whose clients' work goes through `grid` (NULL: the simulated round).
 # Refused, not ignored: what the message path does not carry yet (client
-# algorithms written in R, a hierarchy's edges, and selection rules
-# that read the nodes' losses or last updates).
+# algorithms written in R, and a hierarchy's edges).
 set_grid <- function(server, grid) {
   if (!inherits(server, "Server")) fedagg_abort("{.arg server} must be a {.cls Server}, not {obj_desc(server)}.")
   if (!is.null(grid) && !is.function(grid)) fedagg_abort("{.arg grid} must be a function or NULL, not {obj_desc(grid)}.")
@@ -221,7 +220,6 @@ set_grid <- function(server, grid) {
     if (private$.algorithm$kind == "custom") refuse("client algorithms written in R")
     if (!is_builtin(private$.model) && !is.null(private$.async)) refuse("custom models in asynchronous rounds")
     if (identical(private$.topology$kind, "hierarchical")) refuse("hierarchical topologies")
-    if (length(private$.selection$needs)) refuse(private$.selection$label)
   }
   private$.grid <- grid
   invisible(server)

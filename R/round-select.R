@@ -103,6 +103,12 @@ local_work <- function(private, index, r) {
 # (power-of-choice selection).
 local_losses <- function(private, chosen, r) {
   model <- private$.model
+  if (!is.null(private$.net)) {
+    # Asked of the nodes, on their training data; one that does not answer
+    # in time has no loss (NA), and is picked last.
+    got <- net_evaluate(private, private$.state$flat, chosen, r, split = "train")
+    return(if (is.null(got)) rep(NA_real_, length(chosen)) else got$loss[match(chosen, got$client)])
+  }
   nodes <- private$.nodes[chosen]
   if (is_builtin(model)) {
     data <- lapply(unname(nodes), function(n) n$data_for(model, "train"))

@@ -11,7 +11,11 @@ net_cases <- list(
   dp_adaptive = list(privacy = dp_central(0.5, clip = clip_adaptive(initial = 0.5, count_noise = 1))),
   topk_feedback = list(compress = compress_topk(0.1)),
   robust = list(aggregator = agg_trimmed_mean(0.2), filter = filter_norm(mad = 3)),
-  weights_fn = list(weights = function(info) sqrt(info$n_samples) * (1 + info$train_loss))
+  weights_fn = list(weights = function(info) sqrt(info$n_samples) * (1 + info$train_loss)),
+  # The candidates' losses on their training data are asked of them.
+  power_of_choice = list(selection = select_power_of_choice(4)),
+  accuracy_weights = list(weights = "accuracy"),
+  score = list(selection = select_score(), algorithm = fedprox(0.05))
 )
 
 test_that("keys: private files only their owner reads, public keys checked, allow-lists read and written", {
@@ -65,17 +69,13 @@ test_that("remote nodes hold no data and refuse what only a node can do", {
   # are refused, not ignored.
   local <- fed_server(model_logistic(2), fed_nodes(matrix(rnorm(40), 20), rbinom(20, 1, 0.5), partition_iid(20, 2, seed = 1)))
   expect_error(local$listen(keys$server_key), class = "fedagg_error_network")
-  remote <- fed_server(model_logistic(2), nodes, selection = select_power_of_choice(2))
-  expect_error(remote$listen(keys$server_key), class = "fedagg_error_network_unsupported")
   # The registry says which parts a networked server runs.
   reg <- fedagg:::lever_registry
-  expect_setequal(paste(reg$type, reg$kind)[!reg$networked],
-                  c("algorithm custom", "selection power_of_choice", "selection score"))
-  for (sel in list(select_score(), select_power_of_choice(2))) {
-    err <- expect_error(fed_server(model_logistic(2), nodes, selection = sel)$listen(keys$server_key),
-                        class = "fedagg_error_network_unsupported")
-    expect_match(conditionMessage(err), sel$label, fixed = TRUE)
-  }
+  expect_setequal(paste(reg$type, reg$kind)[!reg$networked], "algorithm custom")
+  mine <- fed_algorithm("mine", local = function(node, params, config, state) NULL)
+  err <- expect_error(fed_server(model_logistic(2), nodes, algorithm = mine)$listen(keys$server_key),
+                      class = "fedagg_error_network_unsupported")
+  expect_match(conditionMessage(err), "mine", fixed = TRUE)
   remote <- fed_server(model_logistic(2), nodes, monitor = monitor_drift())
   expect_error(remote$listen(keys$server_key), class = "fedagg_error_network_unsupported")
   remote <- fed_server(model_logistic(2), nodes)
@@ -135,7 +135,7 @@ test_that("a networked federation gives the simulation's results exactly, lever 
                                  test_data = pool_clients(data, "test")), net_cases[[case]]))
     }
     nodes <- function() {
-      out <- fed_nodes(data)
+      out <- if (case == "accuracy_weights") fed_nodes(data, validation = 0.3, seed = 1) else fed_nodes(data)
       # Two attackers, attacking from their own processes.
       if (case == "robust") set_attack(out, names(out)[1:2], attack_gaussian(1))
       out
@@ -280,6 +280,13 @@ test_that("hostile requests get their documented 4xx, change nothing, and the se
   expect_match(m, "fedagg_updates_received_total 1\n")
   # Nothing reached the server's rounds.
   expect_identical(srv$rounds_done, 0L)
+  # A node that joins without validation data cannot take part in a
+  # federation weighted by accuracy: said when it joins, naming it.
+  priv <- srv$.__enclos_env__$private
+  priv$.weights <- "accuracy"
+  err <- expect_error(fedagg:::net_sync(priv), class = "fedagg_error_client")
+  expect_identical(err$client, ids[1])
+  priv$.weights <- "samples"
 })
 
 test_that("a node killed mid-federation is a dropout of its round, and rejoins with its saved state", {

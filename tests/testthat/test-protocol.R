@@ -13,6 +13,8 @@ grid_cases <- list(
   topk_feedback = list(compress = compress_topk(0.1)),
   filter_attack = list(filter = filter_norm(mad = 3)),
   accuracy_weights = list(weights = "accuracy"),
+  power_of_choice = list(selection = select_power_of_choice(4)),
+  score = list(selection = select_score()),
   fedsgd = list(algorithm = fedsgd())
 )
 
@@ -186,8 +188,6 @@ test_that("what the message path cannot carry yet is refused, not ignored", {
   custom <- fed_server(model_softmax(60, 10), fed_nodes(data), seed = 1,
                        algorithm = fed_algorithm("mine", local = function(node, params, config, state) NULL))
   expect_error(fedagg:::set_grid(custom, fedagg:::grid_in_process()), class = "fedagg_error_input")
-  poc <- fed_server(model_softmax(60, 10), fed_nodes(data), seed = 1, selection = select_power_of_choice(3))
-  expect_error(fedagg:::set_grid(poc, fedagg:::grid_in_process()), class = "fedagg_error_input")
   nodes <- fed_nodes(data)
   hier <- fed_server(model_softmax(60, 10), nodes, fraction = 1, seed = 1,
                      topology = topology_hierarchical(list(a = names(nodes)[1:3], b = names(nodes)[4:6])))
