@@ -31,7 +31,9 @@
 #' cosine between each client's update and their aggregate: low values mean
 #' client drift) and `gradient_diversity` (`sum ||Delta_i||^2 / ||sum
 #' Delta_i||^2`, Yin et al. 2018: near `1 / K` when the clients agree, large
-#' when they pull apart). `plot(history, "diagnostics")` draws them.
+#' when they pull apart). `plot(history, "diagnostics")` draws them, and
+#' [fed_diagnose()] reads them (with the logs) and names the causes and the
+#' levers for the run.
 #'
 #' @param model A [model][models].
 #' @param nodes A list of [Node]s (see [fed_nodes()]), or one node.

@@ -580,8 +580,16 @@ Server <- R6::R6Class("Server",
            stragglers = private$.stragglers, drop_stragglers = private$.drop_stragglers,
            privacy = private$.privacy$label, privacy_object = private$.privacy, sampling_rate = private$.sampling_rate(),
            sampling_rates = private$.state$q_log,
-           clip = private$.clip$label, filter = private$.filter$label, min_samples = private$.min_samples,
-           seed = private$.seed, stopped = private$.stopped)
+           clip = private$.clip$label, clip_object = private$.clip, filter = private$.filter$label,
+           min_samples = private$.min_samples, seed = private$.seed, stopped = private$.stopped,
+           # What fed_diagnose() reads: the levers of the system axis and the
+           # model's size.
+           n_params = sum(rapply(list(private$.template), length, how = "unlist")), epochs_max = max(private$.epochs),
+           compress = private$.compress$label, compress_object = private$.compress,
+           asynchronous = private$.async$label, asynchronous_object = private$.async,
+           deadline = private$.deadline, over_select = private$.over_select,
+           monitor = private$.monitor$label, algorithm_settings = private$.algorithm$settings,
+           server_optimizer_kind = private$.server_opt$kind, server_momentum = private$.server_opt$momentum)
     }
   ),
   private = list(

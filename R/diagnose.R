@@ -1,0 +1,355 @@
+#' Why does a federated model converge slowly? A diagnosis of a run
+#'
+#' `fed_diagnose()` reads a run's history and logs and answers the question
+#' for this run: which causes of slow convergence it shows, the numbers from
+#' the run that show them (with their rounds), and the levers that address
+#' each one, as code to paste into [fed_server()]. Everything it reads is
+#' already on the server: losses, the clients' update norms and cosines, the
+#' client, system, selection and drift logs and the levers' settings; no
+#' node's data is needed.
+#'
+#' The causes it checks:
+#' * `client_drift`: the clients' own training loss far below the global
+#'   model's loss (non-IID data, many local epochs);
+#' * `lr_too_high`: the loss rises after its best round, or diverges;
+#' * `lr_too_low`: the loss still falls at the end as fast as at the start;
+#' * `too_few_clients`: few clients per round for the federation's size;
+#' * `dp_noise` and `clipping_bias`: privacy noise larger than the clipped
+#'   signal; updates clipped by a large factor;
+#' * `stragglers`: clients lost to dropouts, deadlines or dropped
+#'   stragglers, and work cut short;
+#' * `compression`: a compressor that drops most of each update;
+#' * `staleness`: stale updates under [fedbuff()];
+#' * `robust_discards`: a robust rule or filter that drops honest updates;
+#' * `concept_drift`: alerts from [monitor_drift()];
+#' * `plateau` (always "info"): no improvement for a third of the run.
+#'
+#' Each check turns its measurement into a score: below its threshold the
+#' finding is "info", and each doubling past it raises it one step ("low",
+#' "medium", "high"). The thresholds were set from seeded runs with one
+#' injected cause each and from healthy runs (`bench/diagnose.R`): healthy
+#' runs give nothing above "info". The confidence (0-1) is the share of a
+#' check's supporting signals that agree, lowered for runs shorter than 10
+#' rounds.
+#'
+#' The loss it follows is the validation loss when the nodes have a
+#' validation split (see [fed_nodes()]), else the test loss, else the
+#' clients' training loss; the drift check needs one of the first two.
+#'
+#' @param x A [Server] that has run at least 3 rounds, or its history (a
+#'   `fed_history`); with a history, pass the logs it should read too.
+#' @param client_log,system_log,selection_log,drift_log With a history: the
+#'   server's logs of that run (`srv$client_log` and so on), or `NULL`. With
+#'   a server they are read from it.
+#' @return A `fed_diagnosis`: a data frame with one row per finding, the
+#'   highest score first, with columns `cause`, `title`, `severity` (an
+#'   ordered factor: info < low < medium < high), `score`, `measure` (the
+#'   check's main measurement: for `client_drift` the median ratio of the
+#'   global loss to the clients' training loss, for `lr_too_high` the rise
+#'   from the best loss, and so on; see `bench/README.md`), `confidence`,
+#'   `symptom`, `evidence`, `likely_cause`, `levers` (code, separated by
+#'   `"; "`), `rounds` (where the evidence comes from), `first_round` and
+#'   `last_round`. `print()`, `format()`, `summary()` and `plot()` (the loss
+#'   with each finding's rounds marked) have methods.
+#' @seealso [fed_history] for the diagnostics it reads,
+#'   `vignette("convergence", package = "fedagg")`.
+#' @examples
+#' set.seed(1)
+#' x <- matrix(rnorm(3000), 600)
+#' y <- factor(max.col(x[, 1:3]))
+#' parts <- partition_dirichlet(y, n_clients = 10, alpha = 0.1, min_size = 10, seed = 1)
+#' nodes <- fed_nodes(x, y, parts, validation = 0.2, seed = 1)
+#' srv <- fed_server(model_softmax(5, 3), nodes, fraction = 0.5, epochs = 50, lr = 0.1, seed = 1)
+#' srv$fit(12)
+#' d <- fed_diagnose(srv)
+#' d
+#' summary(d)
+#' plot(d)
+#' @export
+fed_diagnose <- function(x, client_log = NULL, system_log = NULL, selection_log = NULL, drift_log = NULL) {
+  ev <- diagnosis_evidence(x, client_log, system_log, selection_log, drift_log)
+  findings <- run_diagnosis_checks(ev)
+  # Checks far below their threshold are left out; the plateau is always
+  # said when it holds.
+  findings <- Filter(function(f) f$score >= 0.5 || f$cause == "plateau", findings)
+  if (!ev$held_out) {
+    findings$no_held_out_loss <- c(diagnosis_finding(
+      ev, "no_held_out_loss", 0,
+      symptom = "No validation or test loss: the run cannot be checked for client drift.",
+      evidence = "the history has no val_loss or test_loss",
+      likely_cause = "The nodes have no validation split and the server no test data.",
+      levers = c("fed_nodes(..., validation = 0.2)", "fed_server(..., test_data = <pooled test data>)"),
+      rounds = integer(), measure = NA_real_), title = "No held-out loss")
+  }
+  new_fed_diagnosis(findings, ev)
+}
+
+# Every check that applies to the run, whatever its score (bench/diagnose.R
+# reads the healthy runs' measures from here).
+run_diagnosis_checks <- function(ev) {
+  findings <- list()
+  for (id in names(diagnosis_checks)) {
+    f <- diagnosis_checks[[id]]$check(ev)
+    if (!is.null(f) && is.finite(f$score)) {
+      f$title <- diagnosis_checks[[id]]$title
+      findings[[id]] <- f
+    }
+  }
+  findings
+}
+
+diagnosis_measures <- function(x) {
+  ev <- diagnosis_evidence(x, NULL, NULL, NULL, NULL)
+  findings <- run_diagnosis_checks(ev)
+  data.frame(cause = names(findings), measure = vapply(findings, function(f) f$measure, numeric(1)),
+             score = vapply(findings, function(f) f$score, numeric(1)), row.names = NULL)
+}
+
+new_fed_diagnosis <- function(findings, ev) {
+  scores <- vapply(findings, function(f) f$score, numeric(1))
+  findings <- findings[order(-scores)]
+  field <- function(name, type) unname(vapply(findings, function(f) f[[name]], type))
+  rounds <- unname(lapply(findings, function(f) f$rounds))
+  levers <- unname(lapply(findings, function(f) f$levers))
+  score <- field("score", numeric(1))
+  df <- data.frame(
+    cause = field("cause", character(1)), title = field("title", character(1)),
+    severity = cut(score, c(-Inf, 1, 2, 3, Inf), right = FALSE, labels = c("info", "low", "medium", "high"),
+                   ordered_result = TRUE),
+    score = round(score, 2), measure = signif(field("measure", numeric(1)), 4), confidence = field("confidence", numeric(1)),
+    symptom = field("symptom", character(1)), evidence = field("evidence", character(1)),
+    likely_cause = field("likely_cause", character(1)),
+    levers = vapply(levers, paste, character(1), collapse = "; "),
+    rounds = vapply(rounds, round_range, character(1)),
+    first_round = vapply(rounds, function(r) if (length(r)) min(r) else NA_integer_, integer(1)),
+    last_round = vapply(rounds, function(r) if (length(r)) max(r) else NA_integer_, integer(1)),
+    stringsAsFactors = FALSE)
+  structure(df, class = c("fed_diagnosis", "data.frame"), round_sets = rounds, lever_sets = levers,
+            loss = ev$loss, loss_col = ev$loss_col, n_rounds = ev$n_rounds, run = ev$run_label)
+}
+
+# Everything the checks read, computed once.
+diagnosis_evidence <- function(x, client_log, system_log, selection_log, drift_log, call = rlang::caller_env()) {
+  residuals <- NULL
+  if (inherits(x, "Server")) {
+    history <- x$history
+    client_log <- x$client_log
+    system_log <- x$system_log
+    selection_log <- x$selection_log
+    drift_log <- x$drift_log
+    residuals <- node_residual_norms(x)
+  } else if (inherits(x, "fed_history")) {
+    history <- x
+    client_log <- check_diagnosis_log(client_log, c("round", "client", "n_samples", "train_loss"), "client_log", call)
+    system_log <- check_diagnosis_log(system_log, c("round", "client", "status"), "system_log", call)
+    selection_log <- check_diagnosis_log(selection_log, c("round", "client", "picked"), "selection_log", call)
+    drift_log <- check_diagnosis_log(drift_log, c("round", "signal", "client"), "drift_log", call)
+  } else {
+    fedagg_abort("{.arg x} must be a {.cls Server} or a {.cls fed_history}, not {obj_desc(x)}.", call = call)
+  }
+  h <- as.data.frame(history)
+  settings <- attr(history, "settings")
+  if (nrow(h) < 3) {
+    fedagg_abort(c("{.fn fed_diagnose} needs a run of at least 3 rounds; this one has {nrow(h)}.",
+                   i = "Run {.code srv$fit(rounds)} first."), call = call)
+  }
+  if (is.null(settings$clients_per_round) || is.null(settings$n_clients)) {
+    fedagg_abort("{.arg x} has no settings (a history made by a {.cls Server} carries them).", call = call)
+  }
+  has <- function(col) col %in% names(h) && any(is.finite(h[[col]]))
+  loss_col <- if (has("val_loss")) "val_loss" else if (has("test_loss")) "test_loss" else "train_loss"
+  keep <- is.finite(h[[loss_col]])
+  loss <- data.frame(round = h$round[keep], value = h[[loss_col]][keep])
+  # An environment, not a list: `ev$clip` must never match `ev$clipped_share`.
+  ev <- list2env(list(history = h, settings = settings, loss_col = loss_col, loss = loss, n_rounds = nrow(h),
+                      held_out = loss_col != "train_loss", client_log = client_log, system_log = system_log,
+                      drift_log = drift_log, asynchronous = !is.null(settings$asynchronous_object),
+                      run_label = sprintf("%d rounds of %s", nrow(h), settings$algorithm_label %||% "a federation")),
+                 envir = new.env(parent = emptyenv()))
+  ev$gap <- if (ev$held_out) loss_gap(h, loss_col, client_log) else NULL
+  k <- h$clients
+  ev$coherence <- ifelse(k >= 2, (1 / h$gradient_diversity - 1) / (k - 1), NA_real_)
+  ev$trend <- function(col) {
+    v <- h[[col]]
+    ok <- is.finite(v)
+    if (sum(ok) < 4 || stats::sd(v[ok]) == 0) return(NA_real_)
+    stats::cor(h$round[ok], v[ok], method = "spearman")
+  }
+  norms <- h$client_norm_mean[is.finite(h$client_norm_mean)]
+  ev$update_trend_flat <- length(norms) >= 4 && utils::tail(norms, 1) / norms[1] > 0.7
+  ev$clip <- clip_evidence(h, settings, client_log)
+  ev$clipped_share <- if (!is.null(ev$clip)) mean(ev$clip$clipped, na.rm = TRUE) else 0
+  ev$dp_noise <- dp_noise_evidence(h, settings)
+  ev$dp_noise_ratio <- if (is.null(ev$dp_noise)) NA_real_ else ev$dp_noise$noise / ev$dp_noise$signal
+  ev$reach <- if (!is.null(selection_log) && nrow(selection_log)) {
+    list(never = 1 - length(unique(selection_log$client[selection_log$picked %in% TRUE])) / settings$n_clients)
+  }
+  ev$residual_ratio <- if (length(residuals) && length(norms)) stats::median(residuals) / stats::median(norms) else NA_real_
+  ev
+}
+
+check_diagnosis_log <- function(log, columns, arg, call) {
+  if (is.null(log)) return(NULL)
+  if (!is.data.frame(log) || !all(columns %in% names(log))) {
+    fedagg_abort(c("{.arg {arg}} must be the server's {.field {arg}} (a data frame with columns {.val {columns}}), not {obj_desc(log)}.",
+                   i = "Pass {.code srv${arg}}, or {.code NULL}."), call = call)
+  }
+  log
+}
+
+# Per round: the global model's loss after the round against the clients'
+# training loss during it (weighted by samples).
+loss_gap <- function(h, loss_col, client_log) {
+  if (is.null(client_log) || !nrow(client_log)) return(NULL)
+  ok <- is.finite(client_log$train_loss) & is.finite(client_log$n_samples) & client_log$n_samples > 0
+  cl <- client_log[ok, , drop = FALSE]
+  if (!nrow(cl)) return(NULL)
+  local <- tapply(cl$train_loss * cl$n_samples, cl$round, sum) / tapply(cl$n_samples, cl$round, sum)
+  rounds <- intersect(h$round[is.finite(h[[loss_col]])], as.integer(names(local)))
+  if (!length(rounds)) return(NULL)
+  global <- h[[loss_col]][match(rounds, h$round)]
+  local <- unname(local[as.character(rounds)])
+  data.frame(round = rounds, global = global, local = local, ratio = ifelse(local > 0, global / local, NA_real_))
+}
+
+# The clipping norm each clipped update met, with the update's norm.
+clip_evidence <- function(h, settings, client_log) {
+  if (is.null(client_log) || !"clipped" %in% names(client_log) || all(is.na(client_log$clipped))) return(NULL)
+  p <- settings$privacy_object
+  per_round <- if (!is.null(p$adaptive) || (!is.null(p) && is.null(p$clip))) {
+    h$clip[match(client_log$round, h$round)]
+  } else if (!is.null(p$clip)) {
+    rep(p$clip, nrow(client_log))
+  } else if (!is.null(settings$clip_object$max_norm)) {
+    rep(settings$clip_object$max_norm, nrow(client_log))
+  } else {
+    h$clip[match(client_log$round, h$round)]
+  }
+  ok <- !is.na(client_log$clipped) & is.finite(per_round) & per_round > 0
+  if (!any(ok)) return(NULL)
+  data.frame(round = client_log$round[ok], norm = client_log$update_norm[ok], clipped = client_log$clipped[ok],
+             clip = per_round[ok])
+}
+
+# The norm of the privacy noise on the mean update, and the largest norm
+# the clipped signal can have.
+dp_noise_evidence <- function(h, settings) {
+  p <- settings$privacy_object
+  d <- settings$n_params
+  if (is.null(p) || is.null(d)) return(NULL)
+  k <- settings$clients_per_round
+  client_norm <- stats::median(h$client_norm_mean, na.rm = TRUE)
+  if (p$kind == "central") {
+    clip <- if (!is.null(p$adaptive) || is.null(p$clip)) stats::median(h$clip, na.rm = TRUE) else p$clip
+    noise <- p$noise_multiplier * clip * sqrt(d) / k
+  } else {
+    clip <- p$clip
+    noise <- p$sd * sqrt(d) / sqrt(k)
+  }
+  signal <- min(clip, client_norm, na.rm = TRUE)
+  if (!is.finite(noise) || !is.finite(signal) || signal <= 0) return(NULL)
+  list(noise = noise, signal = signal)
+}
+
+# Norms of the error-feedback residuals the nodes keep for this server.
+node_residual_norms <- function(server) {
+  norms <- vapply(server$nodes, function(node) {
+    state <- tryCatch(node$state, error = function(e) NULL)
+    r <- state$residual
+    if (is.numeric(r) && length(r)) sqrt(sum(r^2)) else NA_real_
+  }, numeric(1))
+  norms[is.finite(norms)]
+}
+
+#' @export
+format.fed_diagnosis <- function(x, ...) {
+  if (!all(c("title", "severity", "score", "confidence", "symptom", "evidence", "likely_cause", "levers") %in% names(x))) {
+    return(NextMethod())
+  }
+  header <- sprintf("<fed_diagnosis> %s: %s", attr(x, "run"), diagnosis_headline(x))
+  if (!nrow(x)) return(header)
+  width <- max(40L, getOption("width", 80L) - 5L)
+  body <- unlist(lapply(seq_len(nrow(x)), function(i) {
+    wrap <- function(label, text) {
+      paste0("   ", strwrap(paste0(label, text), width = width, exdent = 2))
+    }
+    c(sprintf("%d. [%s] %s (score %s, confidence %s)", i, x$severity[i], x$title[i], format(x$score[i]),
+              format(x$confidence[i])),
+      wrap("", x$symptom[i]),
+      wrap("Evidence: ", x$evidence[i]),
+      wrap("Likely cause: ", x$likely_cause[i]),
+      wrap("Try: ", gsub("; ", "  |  ", x$levers[i], fixed = TRUE)))
+  }))
+  c(header, body)
+}
+
+diagnosis_headline <- function(x) {
+  above <- x[x$severity > "info", , drop = FALSE]
+  if (!nrow(above)) return("no cause of slow convergence above \"info\"")
+  sprintf("%d finding%s above \"info\"; first: %s", nrow(above), if (nrow(above) == 1) "" else "s", above$title[1])
+}
+
+#' @export
+print.fed_diagnosis <- function(x, ...) {
+  # A subset of the columns prints as the data frame it is.
+  if (!all(c("title", "severity", "score", "confidence", "symptom", "evidence", "likely_cause", "levers") %in% names(x))) {
+    return(print(as.data.frame(unclass(x), stringsAsFactors = FALSE), ...))
+  }
+  cat(format(x, ...), sep = "\n")
+  invisible(x)
+}
+
+#' @export
+summary.fed_diagnosis <- function(object, ...) {
+  counts <- table(object$severity)
+  top <- if (nrow(object) && object$severity[1] > "info") object[1, c("cause", "title", "severity", "levers")] else NULL
+  structure(list(run = attr(object, "run"), counts = counts, top = top,
+                 first_lever = if (!is.null(top)) attr(object, "lever_sets")[[1]][1]),
+            class = "summary.fed_diagnosis")
+}
+
+#' @export
+print.summary.fed_diagnosis <- function(x, ...) {
+  cat(sprintf("Diagnosis of %s\n", x$run))
+  cat(sprintf("Findings: %s\n", paste(sprintf("%s %d", names(x$counts), as.integer(x$counts)), collapse = ", ")))
+  if (is.null(x$top)) {
+    cat("No cause of slow convergence above \"info\".\n")
+  } else {
+    cat(sprintf("Most likely: %s (%s). Try first: %s\n", x$top$title, x$top$severity, x$first_lever))
+  }
+  invisible(x)
+}
+
+#' @export
+plot.fed_diagnosis <- function(x, n = 4, ...) {
+  n <- assert_count(n, min = 1L)
+  loss <- attr(x, "loss")
+  shown <- utils::head(which(x$severity > "info" | x$cause == "plateau"), n)
+  colours <- c(info = "grey60", low = "#E0A100", medium = "#E8692E", high = "#C62828")
+  old <- graphics::par(no.readonly = TRUE)
+  on.exit(graphics::par(old))
+  graphics::layout(matrix(1:2), heights = c(3, 0.6 + 0.45 * max(1, length(shown))))
+  labels <- sprintf("%d. %s [%s]", seq_along(shown), x$title[shown], x$severity[shown])
+  left <- max(4.1, 0.55 * max(nchar(labels), 10) * 0.75)
+  xlim <- range(c(loss$round, unlist(attr(x, "round_sets")[shown])), na.rm = TRUE)
+  graphics::par(mar = c(1, left, 3, 1))
+  graphics::plot(loss$round, loss$value, type = "l", lwd = 2, xlim = xlim, xaxt = "n", xlab = "",
+                 ylab = attr(x, "loss_col"), main = sprintf("%s: %s", attr(x, "run"), diagnosis_headline(x)),
+                 cex.main = 0.9, ...)
+  sets <- attr(x, "round_sets")
+  for (j in rev(seq_along(shown))) {
+    r <- sets[[shown[j]]]
+    on <- loss$round %in% r
+    graphics::points(loss$round[on], loss$value[on], pch = 19, cex = 0.7, col = colours[as.character(x$severity[shown[j]])])
+  }
+  graphics::par(mar = c(4, left, 0.5, 1))
+  graphics::plot(NA, xlim = xlim, ylim = c(length(shown) + 0.5, 0.5), yaxt = "n", xlab = "Round", ylab = "", bty = "n")
+  for (j in seq_along(shown)) {
+    r <- sets[[shown[j]]]
+    if (length(r)) {
+      graphics::rect(r - 0.5, j - 0.3, r + 0.5, j + 0.3, col = colours[as.character(x$severity[shown[j]])], border = NA)
+    }
+  }
+  if (length(shown)) graphics::axis(2, at = seq_along(shown), labels = labels, las = 1, tick = FALSE, cex.axis = 0.8)
+  invisible(x)
+}
