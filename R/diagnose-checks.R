@@ -27,9 +27,9 @@ diagnosis_thresholds <- list(
   # rounds. Healthy: up to 0.158; lr / 50: 0.818-0.827.
   lr_late_ratio = 0.25,
   lr_monotone = 0.8,
-  # max(10 % of the nodes / clients per round, 4 / clients per round): the
-  # mission's 10-30 % rule, and at least a handful of clients. Healthy: up
-  # to 0.67; 1 client per round of 100: 10.
+  # max(10 % of the nodes / clients per round, 3 / clients per round): the
+  # mission's 10-30 % rule, and at least a few clients (2 of 10 passes).
+  # Healthy: up to 0.5; 1 client per round of 100: 10.
   few_clients = 2,
   # Norm of the DP noise on the mean update over the norm of the clipped
   # signal. Healthy (z = 0.5, 100 clients per round): up to 0.132; z = 20
@@ -59,10 +59,12 @@ diagnosis_thresholds <- list(
   drift_nodes = 1
 )
 
+# Scores stop at 10 (a thousand times the threshold): past that the
+# ranking has nothing left to say.
 diagnosis_score <- function(metric, threshold) {
   if (length(metric) != 1L || is.na(metric)) return(NA_real_)
   if (metric < threshold) return(max(0, metric / threshold))
-  1 + log2(metric / threshold)
+  min(10, 1 + log2(metric / threshold))
 }
 
 # A finding, as one row's worth of fields. `signals` are the check's
@@ -77,7 +79,11 @@ diagnosis_finding <- function(ev, cause, score, symptom, evidence, likely_cause,
        confidence = round(mean(signals, na.rm = TRUE) * sufficiency, 2))
 }
 
-diag_num <- function(x, digits = 3) format(signif(x, digits), big.mark = ",", scientific = FALSE, trim = TRUE)
+# Numbers in evidence (R chooses scientific notation for the extreme ones).
+diag_num <- function(x, digits = 3) format(signif(x, digits), big.mark = ",", trim = TRUE)
+
+# Numbers in levers: code, so no thousands separators.
+lever_num <- function(x, digits = 2) format(signif(x, digits), scientific = FALSE, trim = TRUE, drop0trailing = TRUE)
 
 round_range <- function(rounds) {
   rounds <- sort(unique(rounds))
@@ -89,7 +95,7 @@ round_range <- function(rounds) {
 # --- 1. Client drift --------------------------------------------------------
 
 check_client_drift <- function(ev) {
-  if (ev$asynchronous || is.null(ev$gap)) return(NULL)
+  if (ev$asynchronous || is.null(ev$gap) || ev$diverging) return(NULL)
   gap <- ev$gap
   if (sum(is.finite(gap$ratio)) < 3) return(NULL)
   ratio <- stats::median(gap$ratio, na.rm = TRUE)
@@ -121,7 +127,7 @@ check_client_drift <- function(ev) {
 drift_algorithms <- function(settings) {
   algorithm <- settings$algorithm %||% "fedavg"
   mu <- settings$algorithm_settings$mu
-  c(if (identical(algorithm, "fedprox") && !is.null(mu)) sprintf("algorithm = fedprox(mu = %s)", diag_num(10 * mu, 2))
+  c(if (identical(algorithm, "fedprox") && !is.null(mu)) sprintf("algorithm = fedprox(mu = %s)", lever_num(10 * mu))
     else if (!identical(algorithm, "scaffold")) "algorithm = fedprox(mu = 0.1)",
     if (!identical(algorithm, "scaffold")) "algorithm = scaffold()",
     if (identical(algorithm, "scaffold")) server_momentum_lever(settings))
@@ -146,7 +152,9 @@ check_lr_too_high <- function(ev) {
   all_losses <- ev$history[[ev$loss_col]]
   diverged <- any(is.infinite(all_losses) | is.nan(all_losses))
   rise <- if (diverged) Inf else (last - smooth[best]) / max(abs(smooth[best]), 1e-12)
-  score <- diagnosis_score(rise, diagnosis_thresholds$lr_rise)
+  # A loss that ends above where it started is diverging.
+  diverging <- diverged || last > smooth[1]
+  score <- if (diverged) 10 else diagnosis_score(rise, diagnosis_thresholds$lr_rise)
   # Privacy noise that swamps the update makes the loss rise too, and so
   # does client drift: each client's own training converges (its loss far
   # below the global model's) while their average jumps from round to round
@@ -155,7 +163,10 @@ check_lr_too_high <- function(ev) {
   noise <- isTRUE(ev$dp_noise_ratio >= diagnosis_thresholds$dp_noise)
   gap <- if (!is.null(ev$gap) && !ev$asynchronous) stats::median(ev$gap$ratio, na.rm = TRUE) else NA_real_
   drift <- isTRUE(gap >= diagnosis_thresholds$drift_gap)
-  if (noise || drift) score <- min(score, 0.9)
+  # Noise that swamps the update makes the loss random-walk upward, so it
+  # explains even a loss that ends above its start; drift does not.
+  drift <- drift && !diverging
+  if ((noise && !diverged) || drift) score <- min(score, 0.9)
   spikes <- sum(diff(loss$value) / utils::head(abs(loss$value), -1) > 0.1)
   gap_below_one <- isTRUE(gap < 1)
   lr <- ev$settings$lr
@@ -163,17 +174,18 @@ check_lr_too_high <- function(ev) {
     ev, "lr_too_high", score, measure = rise,
     symptom = if (diverged) "The loss diverged (non-finite values)." else "The loss rose after its best round and did not come back.",
     evidence = paste0(
-      sprintf("%s (running median of 3 rounds) best %s at round %d, %s at the end (%s%% higher)", ev$loss_col,
-              diag_num(smooth[best]), loss$round[best], diag_num(last), diag_num(100 * rise, 2)),
+      if (diverged) sprintf("%s became non-finite; its best was %s at round %d", ev$loss_col, diag_num(smooth[best]), loss$round[best])
+      else sprintf("%s (running median of 3 rounds) best %s at round %d, %s at the end (%s%% higher)", ev$loss_col,
+                   diag_num(smooth[best]), loss$round[best], diag_num(last), diag_num(100 * rise, 2)),
       sprintf("; %d round%s where the loss jumped by more than 10%%", spikes, if (spikes == 1) "" else "s"),
       if (gap_below_one) "; the clients' own training loss is above the global model's (their local steps overshoot)",
-      if (noise) "; the privacy noise explains the rise (see dp_noise), so this stays \"info\"",
+      if (noise && !diverged) "; the privacy noise explains the rise (see dp_noise), so this stays \"info\"",
       if (drift && !noise) "; client drift explains the rise (see client_drift), so this stays \"info\""),
-    likely_cause = sprintf("The learning rate (%s) is too high for this model and data: steps overshoot the minimum.", diag_num(lr)),
+    likely_cause = sprintf("The learning rate (%s) is too high for this model and data: steps overshoot the minimum%s.", diag_num(lr),
+                           if (isTRUE((ev$settings$server_momentum %||% 0) >= 0.9)) ", and server momentum multiplies them" else ""),
     levers = c(if (isTRUE((ev$settings$server_momentum %||% 0) >= 0.9)) "server_optimizer = server_sgd(lr = 1, momentum = 0.5)",
-               sprintf("lr = %s", diag_num(lr / 5, 2)),
-               if (identical(ev$settings$lr_schedule, "constant")) "lr_schedule = lr_step(0.9, every = 3)",
-               server_momentum_lever(ev$settings)),
+               sprintf("lr = %s", lever_num(lr / 5)),
+               if (identical(ev$settings$lr_schedule, "constant")) "lr_schedule = lr_step(0.9, every = 3)"),
     rounds = loss$round[seq(best, nrow(loss))],
     signals = c(rise >= diagnosis_thresholds$lr_rise, spikes >= 2, gap_below_one))
 }
@@ -190,11 +202,14 @@ loss_pace <- function(loss) {
   if (n < 6) return(NULL)
   w <- n %/% 3L
   v <- loss$value
-  thirds <- c(mean(v[seq_len(w)]), mean(v[seq(w + 1, n - w)]), mean(v[seq(n - w + 1, n)]))
+  parts <- list(seq_len(w), seq(w + 1, n - w), seq(n - w + 1, n))
+  thirds <- vapply(parts, function(i) mean(v[i]), numeric(1))
+  # Per round, also when the loss is evaluated every few rounds.
+  centres <- vapply(parts, function(i) mean(loss$round[i]), numeric(1))
   early <- thirds[1] - thirds[2]
   late <- thirds[2] - thirds[3]
-  list(early = early / (n / 3), late = late / (n / 3), ratio = if (early > 0) late / early else NA_real_,
-       monotone = mean(diff(v) < 0), window = w)
+  list(early = early / (centres[2] - centres[1]), late = late / (centres[3] - centres[2]),
+       ratio = if (early > 0) late / early else NA_real_, monotone = mean(diff(v) < 0), window = w)
 }
 
 check_lr_too_low <- function(ev) {
@@ -214,11 +229,11 @@ check_lr_too_low <- function(ev) {
   diagnosis_finding(
     ev, "lr_too_low", score, measure = metric,
     symptom = "The loss falls steadily but slowly, and is still falling at the end.",
-    evidence = sprintf("%s fell %s per round over the last two thirds of the run and %s per round over the first two (ratio %s); it fell in %s%% of the rounds",
+    evidence = sprintf("%s fell %s per round over the last two thirds of the run and %s per round over the first two (ratio %s); it fell in %s%% of the evaluations",
                        ev$loss_col, diag_num(pace$late), diag_num(pace$early), diag_num(pace$ratio, 2),
                        diag_num(100 * pace$monotone, 2)),
     likely_cause = sprintf("The learning rate (%s) is too low, or the run too short: the model is far from converged.", diag_num(lr)),
-    levers = c(sprintf("lr = %s", diag_num(lr * 5, 2)), server_momentum_lever(ev$settings),
+    levers = c(sprintf("lr = %s", lever_num(lr * 5)), server_momentum_lever(ev$settings),
                if (!identical(ev$settings$server_optimizer_kind, "adam")) "server_optimizer = server_adam(lr = 0.01)"),
     rounds = ev$loss$round[seq(n - pace$window, n)],
     signals = c(pace$ratio >= diagnosis_thresholds$lr_late_ratio, pace$monotone >= diagnosis_thresholds$lr_monotone,
@@ -230,25 +245,27 @@ check_plateau <- function(ev) {
   if (is.null(pace)) return(NULL)
   loss <- ev$loss
   best <- which.min(loss$value)
-  since <- nrow(loss) - best
-  if (since < pace$window) return(NULL)
+  since <- loss$round[nrow(loss)] - loss$round[best]
+  # A loss well above its best at the end is rising, not on a plateau.
+  if (sum(loss$round > loss$round[best]) < pace$window || ev$rising) return(NULL)
   diagnosis_finding(
     ev, "plateau", 0, measure = since,
     symptom = "The loss has not improved for a while.",
     evidence = sprintf("best %s %s at round %d; no better in the %d rounds since", ev$loss_col, diag_num(loss$value[best]),
                        loss$round[best], since),
     likely_cause = "The model has converged for these levers (or is on a plateau); more rounds will not help.",
-    levers = sprintf("stop_when = early_stopping(\"%s\", patience = %d)", ev$loss_col, max(3L, pace$window %/% 2L)),
+    levers = sprintf("srv$fit(%d, stop_when = early_stopping(\"%s\", patience = %d))", ev$n_rounds, ev$loss_col,
+                     max(3L, pace$window %/% 2L)),
     rounds = loss$round[seq(best, nrow(loss))])
 }
 
 # --- 4. Too few clients per round -------------------------------------------
 
 check_too_few_clients <- function(ev) {
-  k <- ev$settings$clients_per_round
+  k <- ev$expected_clients
   n <- ev$settings$n_clients
-  if (is.null(k) || is.null(n) || ev$asynchronous || k >= n) return(NULL)
-  metric <- max(0.1 * n / k, 4 / k)
+  if (is.null(n) || !is.finite(k) || ev$asynchronous || k >= n) return(NULL)
+  metric <- max(0.1 * n / k, 3 / k)
   score <- diagnosis_score(metric, diagnosis_thresholds$few_clients)
   reach <- ev$reach
   pace <- loss_pace(ev$loss)
@@ -260,7 +277,9 @@ check_too_few_clients <- function(ev) {
     evidence = paste0(sprintf("%s client%s per round of %d nodes (%s%%)", diag_num(k), if (k == 1) "" else "s", n, diag_num(100 * k / n, 2)),
                       if (!is.null(reach)) sprintf("; %s%% of the nodes were never selected in %d rounds", diag_num(100 * reach$never, 2), ev$n_rounds)),
     likely_cause = "Too few clients per round for how much the nodes differ: each aggregate follows the few clients it saw.",
-    levers = c(sprintf("fraction = %s", diag_num(target / n, 2)), server_momentum_lever(ev$settings)),
+    levers = c(if (identical(ev$settings$selection_kind, "poisson")) sprintf("selection = select_poisson(q = %s)", lever_num(target / n))
+               else sprintf("fraction = %s", lever_num(target / n)),
+               server_momentum_lever(ev$settings)),
     rounds = ev$history$round,
     signals = c(metric >= diagnosis_thresholds$few_clients, !is.null(reach) && reach$never > 0.1, rough))
 }
@@ -272,11 +291,15 @@ check_dp_noise <- function(ev) {
   if (!is.finite(ratio)) return(NULL)
   p <- ev$settings$privacy_object
   score <- diagnosis_score(ratio, diagnosis_thresholds$dp_noise)
-  k <- ev$settings$clients_per_round
+  k <- ev$expected_clients
   observed <- stats::median(ev$history$update_norm / ev$history$client_norm_mean, na.rm = TRUE)
-  levers <- c(sprintf("fraction = %s", diag_num(min(1, 4 * k / ev$settings$n_clients), 2)),
-              if (p$kind == "central") sprintf("privacy = dp_central(noise_multiplier = %s, clip = %s)", diag_num(p$noise_multiplier / 2, 2),
-                                               diag_num(p$clip %||% 1, 2)))
+  more <- min(1, 4 * k / ev$settings$n_clients)
+  levers <- c(if (identical(ev$settings$selection_kind, "poisson")) sprintf("selection = select_poisson(q = %s)", lever_num(more))
+              else sprintf("fraction = %s", lever_num(more)),
+              if (p$kind == "central") sprintf("privacy = dp_central(noise_multiplier = %s, clip = %s%s)", lever_num(p$noise_multiplier / 2),
+                                               if (!is.null(p$adaptive)) sprintf("clip_adaptive(count_noise = %s)", lever_num(max(p$noise_multiplier / 2, k / 20)))
+                                               else lever_num(p$clip),
+                                               if (isTRUE(p$per_layer)) ", per_layer = TRUE" else ""))
   diagnosis_finding(
     ev, "dp_noise", score, measure = ratio,
     symptom = "The privacy noise on the aggregate is as large as the update itself, or larger.",
@@ -291,21 +314,32 @@ check_dp_noise <- function(ev) {
 
 check_clipping_bias <- function(ev) {
   clip <- ev$clip
-  if (is.null(clip) || nrow(clip) < 3) return(NULL)
+  # Per-layer clipping bounds each layer, and the log has whole-update norms:
+  # the two do not compare.
+  if (is.null(clip) || nrow(clip) < 3 || ev$per_layer_clip) return(NULL)
   ratio <- stats::median(clip$norm / clip$clip, na.rm = TRUE)
   share <- mean(clip$clipped, na.rm = TRUE)
   score <- diagnosis_score(ratio, diagnosis_thresholds$clip_ratio)
-  suggested <- diag_num(stats::median(clip$norm, na.rm = TRUE), 2)
-  central <- identical(ev$settings$privacy_object$kind, "central")
+  suggested <- lever_num(stats::median(clip$norm, na.rm = TRUE))
+  p <- ev$settings$privacy_object
+  central <- identical(p$kind, "central")
   diagnosis_finding(
     ev, "clipping_bias", score, measure = ratio,
     symptom = "Almost every update is clipped, by a large factor.",
-    evidence = sprintf("%s%% of the updates were clipped; their median norm is %sx the clipping norm (%s)", diag_num(100 * share, 2),
+    evidence = sprintf("%s%% of the updates were clipped; the median norm of all updates is %sx the clipping norm (%s)", diag_num(100 * share, 2),
                        diag_num(ratio), diag_num(stats::median(clip$clip))),
     likely_cause = "The clipping norm is far below the updates' norms: every update is shrunk to a tiny step, biased toward the clients whose directions agree.",
-    levers = if (central) c("privacy = dp_central(noise_multiplier = <same>, clip = clip_adaptive())",
-                            sprintf("clip = %s inside dp_central()", suggested))
-             else c(sprintf("clip = clip_norm(%s)", suggested), "clip = NULL"),
+    levers = if (central && !is.null(p$adaptive)) {
+      sprintf("privacy = dp_central(noise_multiplier = %s, clip = clip_adaptive(quantile = %s))", lever_num(p$noise_multiplier),
+              lever_num(min(0.9, (p$adaptive$quantile %||% 0.5) + 0.2)))
+    } else if (central) {
+      # The count noise clip_adaptive() needs: above z / 2.
+      c(sprintf("privacy = dp_central(noise_multiplier = %s, clip = clip_adaptive(count_noise = %s))", lever_num(p$noise_multiplier),
+                lever_num(max(p$noise_multiplier, ev$expected_clients / 20))),
+        sprintf("privacy = dp_central(noise_multiplier = %s, clip = %s)", lever_num(p$noise_multiplier), suggested))
+    } else {
+      c(sprintf("clip = clip_norm(%s)", suggested), "clip = NULL")
+    },
     rounds = unique(clip$round[clip$clipped %in% TRUE]),
     signals = c(ratio >= diagnosis_thresholds$clip_ratio, share > 0.9))
 }
@@ -314,33 +348,49 @@ check_clipping_bias <- function(ev) {
 
 check_stragglers <- function(ev) {
   if (ev$asynchronous) return(NULL)
-  m <- ev$settings$clients_per_round
   h <- ev$history
-  lost <- pmax(0, 1 - h$clients / m)
-  partial <- 0
-  sl <- ev$system_log
-  if (!is.null(sl) && nrow(sl) && "work" %in% names(sl)) {
-    kept <- sl$status %in% c("kept", "partial")
-    if (any(kept)) partial <- mean(1 - sl$work[kept], na.rm = TRUE)
-  }
-  metric <- mean(lost, na.rm = TRUE) + partial
-  score <- diagnosis_score(metric, diagnosis_thresholds$lost_share)
-  statuses <- if (!is.null(sl) && nrow(sl)) table(sl$status) else NULL
   s <- ev$settings
-  levers <- c(if (is.finite(s$deadline %||% Inf)) sprintf("deadline = %s", diag_num(2 * s$deadline, 2)),
-              if ((s$over_select %||% 1) <= 1) "over_select = 1.3",
+  sl <- ev$system_log
+  # Lost from the system log: selected clients that dropped out or missed
+  # the deadline (over-selected clients cut as "late" are by design).
+  sys_lost <- 0
+  lost_rounds <- integer()
+  partial <- 0
+  statuses <- NULL
+  if (!is.null(sl) && nrow(sl)) {
+    lost <- sl$status %in% c("dropout", "deadline")
+    per_round <- tapply(lost, sl$round, mean)
+    sys_lost <- mean(per_round)
+    lost_rounds <- as.integer(names(per_round)[per_round > 0])
+    statuses <- table(sl$status)
+    kept <- sl$status %in% c("kept", "partial")
+    if (any(kept) && "work" %in% names(sl)) partial <- mean(1 - sl$work[kept], na.rm = TRUE)
+  }
+  # Dropped stragglers never reach the system log: the share the setting
+  # drops (with a fixed number of clients per round, what the history shows).
+  dropped <- 0
+  if (isTRUE(s$drop_stragglers) && isTRUE(s$stragglers > 0)) {
+    m <- s$clients_per_round
+    dropped <- if (identical(s$selection_kind, "poisson")) s$stragglers else mean(pmax(0, 1 - h$clients / m))
+    lost_rounds <- sort(unique(c(lost_rounds, h$round[h$clients < m])))
+  }
+  metric <- sys_lost + dropped + partial
+  score <- diagnosis_score(metric, diagnosis_thresholds$lost_share)
+  profiles <- ev$has_profiles
+  levers <- c(if (is.finite(s$deadline %||% Inf)) sprintf("deadline = %s", lever_num(2 * s$deadline)),
+              if (profiles && (s$over_select %||% 1) <= 1) "over_select = 1.3",
               if (isTRUE(s$drop_stragglers)) "drop_stragglers = FALSE, algorithm = fedprox(mu = 0.01)",
               if (!isTRUE(s$drop_stragglers) && s$algorithm %in% "fedavg" && partial > 0) "algorithm = fednova()",
-              "asynchronous = fedbuff()")
+              if (profiles) "asynchronous = fedbuff()")
   diagnosis_finding(
     ev, "stragglers", score, measure = metric,
     symptom = "Rounds lose many of their clients, or their work.",
-    evidence = paste0(sprintf("on average %s%% of each round's %s clients were lost", diag_num(100 * mean(lost, na.rm = TRUE), 2), diag_num(m)),
+    evidence = paste0(sprintf("on average %s%% of each round's clients were lost", diag_num(100 * (sys_lost + dropped), 2)),
                       if (partial > 0) sprintf("; %s%% of the kept clients' work was cut short", diag_num(100 * partial, 2)),
                       if (length(statuses)) paste0(" (system log: ", paste(names(statuses), statuses, collapse = ", "), ")"),
-                      if (isTRUE(s$drop_stragglers)) sprintf("; stragglers (%s%%) are dropped", diag_num(100 * s$stragglers, 2))),
+                      if (dropped > 0) sprintf("; stragglers (%s%%) are dropped", diag_num(100 * s$stragglers, 2))),
     likely_cause = "Slow or unreliable clients: dropouts, stragglers and the round's deadline leave few updates per round.",
-    levers = levers, rounds = h$round[lost > 0],
+    levers = levers, rounds = lost_rounds,
     signals = c(metric >= diagnosis_thresholds$lost_share, any(h$clients == 0)))
 }
 
@@ -386,7 +436,8 @@ check_staleness <- function(ev) {
                        diag_num(max(sl$staleness, na.rm = TRUE)), a$label),
     likely_cause = "Too many clients train at once for the buffer: by the time an update arrives the model has moved on.",
     levers = c(sprintf("asynchronous = fedbuff(buffer_size = %d, concurrency = %d)", a$buffer_size, max(a$buffer_size, a$concurrency %/% 4L)),
-               sprintf("asynchronous = fedbuff(buffer_size = %d, concurrency = %d, staleness = \"polynomial\")", a$buffer_size, a$concurrency)),
+               sprintf("asynchronous = fedbuff(buffer_size = %d, concurrency = %d, staleness = \"polynomial\", power = 1)",
+                       a$buffer_size, a$concurrency)),
     rounds = unique(sl$round[sl$staleness > diagnosis_thresholds$staleness]),
     signals = c(mean_stale >= diagnosis_thresholds$staleness))
 }
@@ -412,9 +463,21 @@ check_robust_discards <- function(ev) {
     evidence = sprintf("%s left out %s%% of the honest updates (%d of %d)%s", rule, diag_num(100 * discarded, 2),
                        sum(!kept[honest]), sum(honest), if (attacked) "" else "; no client attacked"),
     likely_cause = "Under non-IID data honest updates differ a lot, and a rule built for outliers takes them for attacks.",
-    levers = c(if (!attacked) "aggregator = agg_weighted()", "aggregator = agg_trimmed_mean(0.1)", "filter = filter_norm(mad = 3)"),
+    levers = robust_levers(ev$settings, attacked),
     rounds = unique(cl$round[honest & !kept]),
     signals = c(discarded >= diagnosis_thresholds$robust_discards, !attacked))
+}
+
+# Milder rules than the run's: the plain mean when no one attacks, a
+# trimmed mean for a rule that keeps one update, a looser norm filter.
+robust_levers <- function(settings, attacked) {
+  weighted <- identical(settings$aggregator, "weighted mean")
+  f <- settings$filter_object
+  c(if (!attacked && !weighted) "aggregator = agg_weighted()",
+    if (!weighted) "aggregator = agg_trimmed_mean(0.1)",
+    if (!is.null(f)) sprintf("filter = filter_norm(mad = %s)", lever_num(2 * (f$mad %||% 3))),
+    if (!is.null(f) && !attacked) "filter = NULL",
+    if (weighted && is.null(f)) character())
 }
 
 # --- 10. Concept drift ---------------------------------------------------------
@@ -447,7 +510,7 @@ check_concept_drift <- function(ev) {
                       sprintf("; %d round%s with norm or loss alerts where the loss rose by more than 5%%", length(other_rounds),
                               if (length(other_rounds) == 1) "" else "s")),
     likely_cause = "Concept drift: some nodes' data changed, so the model chases a moving target.",
-    levers = c("lr_schedule = lr_constant()",
+    levers = c(if (!identical(ev$settings$lr_schedule, "constant")) "lr_schedule = lr_constant()",
                sprintf("srv$drift_log[srv$drift_log$round >= %d, ]", alert_rounds[1])),
     rounds = alert_rounds,
     signals = c(length(nodes) > 0, length(other_rounds) > 0))

@@ -22,7 +22,18 @@
 #' * `staleness`: stale updates under [fedbuff()];
 #' * `robust_discards`: a robust rule or filter that drops honest updates;
 #' * `concept_drift`: alerts from [monitor_drift()];
-#' * `plateau` (always "info"): no improvement for a third of the run.
+#' * `plateau` (always "info"): no improvement for a third of the run;
+#' * `no_held_out_loss` ("info"): the run has no validation or test loss, so
+#'   client drift cannot be checked.
+#'
+#' A check whose symptom another cause explains stays "info": a loss that
+#' rises under DP noise that swamps the update, or under client drift (but
+#' not a loss that ends above where it started: that is divergence).
+#'
+#' The levers are code: `name = value` arguments of [fed_server()] (the
+#' form [fed_tune()] reads with `from =`), or, for advice that is not a
+#' server argument, a whole call (`srv$fit(rounds, stop_when = ...)`,
+#' `nodes <- fed_nodes(x, y, partition, validation = 0.2)`).
 #'
 #' Each check turns its measurement into a score: below its threshold the
 #' finding is "info", and each doubling past it raises it one step ("low",
@@ -43,10 +54,14 @@
 #'   a server they are read from it.
 #' @return A `fed_diagnosis`: a data frame with one row per finding, the
 #'   highest score first, with columns `cause`, `title`, `severity` (an
-#'   ordered factor: info < low < medium < high), `score`, `measure` (the
-#'   check's main measurement: for `client_drift` the median ratio of the
-#'   global loss to the clients' training loss, for `lr_too_high` the rise
-#'   from the best loss, and so on; see `bench/README.md`), `confidence`,
+#'   ordered factor: info < low < medium < high), `score`, `measure` (what
+#'   the check compares with its threshold: for `client_drift` the median
+#'   ratio of the global loss to the clients' training loss, for
+#'   `lr_too_high` the rise of the loss from its best (on a running median
+#'   of 3 rounds), for `lr_too_low` the late over the early pace of the loss,
+#'   lowered when the loss does not fall in most rounds or clipping holds the
+#'   updates; see `diagnosis_thresholds` in the source and
+#'   `bench/README.md`), `confidence`,
 #'   `symptom`, `evidence`, `likely_cause`, `levers` (code, separated by
 #'   `"; "`), `rounds` (where the evidence comes from), `first_round` and
 #'   `last_round`. `print()`, `format()`, `summary()` and `plot()` (the loss
@@ -78,8 +93,9 @@ fed_diagnose <- function(x, client_log = NULL, system_log = NULL, selection_log 
       symptom = "No validation or test loss: the run cannot be checked for client drift.",
       evidence = "the history has no val_loss or test_loss",
       likely_cause = "The nodes have no validation split and the server no test data.",
-      levers = c("fed_nodes(..., validation = 0.2)", "fed_server(..., test_data = <pooled test data>)"),
+      levers = "nodes <- fed_nodes(x, y, partition, validation = 0.2)",
       rounds = integer(), measure = NA_real_), title = "No held-out loss")
+    findings$no_held_out_loss$confidence <- NA_real_
   }
   new_fed_diagnosis(findings, ev)
 }
@@ -90,7 +106,7 @@ run_diagnosis_checks <- function(ev) {
   findings <- list()
   for (id in names(diagnosis_checks)) {
     f <- diagnosis_checks[[id]]$check(ev)
-    if (!is.null(f) && is.finite(f$score)) {
+    if (!is.null(f) && !is.na(f$score)) {
       f$title <- diagnosis_checks[[id]]$title
       findings[[id]] <- f
     }
@@ -109,8 +125,8 @@ new_fed_diagnosis <- function(findings, ev) {
   scores <- vapply(findings, function(f) f$score, numeric(1))
   findings <- findings[order(-scores)]
   field <- function(name, type) unname(vapply(findings, function(f) f[[name]], type))
-  rounds <- unname(lapply(findings, function(f) f$rounds))
-  levers <- unname(lapply(findings, function(f) f$levers))
+  rounds <- lapply(findings, function(f) f$rounds)
+  levers <- lapply(findings, function(f) f$levers)
   score <- field("score", numeric(1))
   df <- data.frame(
     cause = field("cause", character(1)), title = field("title", character(1)),
@@ -119,11 +135,13 @@ new_fed_diagnosis <- function(findings, ev) {
     score = round(score, 2), measure = signif(field("measure", numeric(1)), 4), confidence = field("confidence", numeric(1)),
     symptom = field("symptom", character(1)), evidence = field("evidence", character(1)),
     likely_cause = field("likely_cause", character(1)),
-    levers = vapply(levers, paste, character(1), collapse = "; "),
-    rounds = vapply(rounds, round_range, character(1)),
-    first_round = vapply(rounds, function(r) if (length(r)) min(r) else NA_integer_, integer(1)),
-    last_round = vapply(rounds, function(r) if (length(r)) max(r) else NA_integer_, integer(1)),
+    levers = unname(vapply(levers, paste, character(1), collapse = "; ")),
+    rounds = unname(vapply(rounds, round_range, character(1))),
+    first_round = unname(vapply(rounds, function(r) if (length(r)) min(r) else NA_integer_, integer(1))),
+    last_round = unname(vapply(rounds, function(r) if (length(r)) max(r) else NA_integer_, integer(1))),
     stringsAsFactors = FALSE)
+  # The rounds and levers of each finding, by cause: they follow the rows
+  # through any subset.
   structure(df, class = c("fed_diagnosis", "data.frame"), round_sets = rounds, lever_sets = levers,
             loss = ev$loss, loss_col = ev$loss_col, n_rounds = ev$n_rounds, run = ev$run_label)
 }
@@ -167,6 +185,17 @@ diagnosis_evidence <- function(x, client_log, system_log, selection_log, drift_l
                       run_label = sprintf("%d rounds of %s", nrow(h), settings$algorithm_label %||% "a federation")),
                  envir = new.env(parent = emptyenv()))
   ev$gap <- if (ev$held_out) loss_gap(h, loss_col, client_log) else NULL
+  # Clients per round as the accountant counts them (Poisson selection: q
+  # times the eligible nodes).
+  ev$expected_clients <- settings$expected_clients %||% settings$clients_per_round
+  smooth <- if (nrow(loss) >= 5) as.numeric(stats::runmed(loss$value, 3, endrule = "median")) else loss$value
+  all_losses <- h[[loss_col]]
+  ev$diverging <- any(is.infinite(all_losses) | is.nan(all_losses)) ||
+    (length(smooth) >= 2 && utils::tail(smooth, 1) > smooth[1])
+  ev$rising <- length(smooth) >= 2 &&
+    (utils::tail(smooth, 1) - min(smooth)) / max(abs(min(smooth)), 1e-12) >= diagnosis_thresholds$lr_rise
+  ev$has_profiles <- !is.null(system_log) && "compute" %in% names(system_log) && any(is.finite(system_log$compute))
+  ev$per_layer_clip <- isTRUE(settings$clip_object$per_layer) || isTRUE(settings$privacy_object$per_layer)
   k <- h$clients
   ev$coherence <- ifelse(k >= 2, (1 / h$gradient_diversity - 1) / (k - 1), NA_real_)
   ev$trend <- function(col) {
@@ -237,11 +266,15 @@ dp_noise_evidence <- function(h, settings) {
   p <- settings$privacy_object
   d <- settings$n_params
   if (is.null(p) || is.null(d)) return(NULL)
-  k <- settings$clients_per_round
+  k <- settings$expected_clients %||% settings$clients_per_round
   client_norm <- stats::median(h$client_norm_mean, na.rm = TRUE)
   if (p$kind == "central") {
     clip <- if (!is.null(p$adaptive) || is.null(p$clip)) stats::median(h$clip, na.rm = TRUE) else p$clip
-    noise <- p$noise_multiplier * clip * sqrt(d) / k
+    # Adaptive clipping spends part of the budget on the count: the update's
+    # noise multiplier is then larger than z.
+    z <- if (!is.null(p$adaptive)) tryCatch(adaptive_noise(p, k)$update, error = function(e) p$noise_multiplier)
+         else p$noise_multiplier
+    noise <- z * clip * sqrt(d) / k
   } else {
     clip <- p$clip
     noise <- p$sd * sqrt(d) / sqrt(k)
@@ -304,7 +337,7 @@ summary.fed_diagnosis <- function(object, ...) {
   counts <- table(object$severity)
   top <- if (nrow(object) && object$severity[1] > "info") object[1, c("cause", "title", "severity", "levers")] else NULL
   structure(list(run = attr(object, "run"), counts = counts, top = top,
-                 first_lever = if (!is.null(top)) attr(object, "lever_sets")[[1]][1]),
+                 first_lever = if (!is.null(top)) attr(object, "lever_sets")[[object$cause[1]]][1]),
             class = "summary.fed_diagnosis")
 }
 
@@ -331,12 +364,12 @@ plot.fed_diagnosis <- function(x, n = 4, ...) {
   graphics::layout(matrix(1:2), heights = c(3, 0.6 + 0.45 * max(1, length(shown))))
   labels <- sprintf("%d. %s [%s]", seq_along(shown), x$title[shown], x$severity[shown])
   left <- max(4.1, 0.55 * max(nchar(labels), 10) * 0.75)
-  xlim <- range(c(loss$round, unlist(attr(x, "round_sets")[shown])), na.rm = TRUE)
+  sets <- attr(x, "round_sets")[x$cause]
+  xlim <- range(c(loss$round, unlist(sets[shown])), na.rm = TRUE)
   graphics::par(mar = c(1, left, 3, 1))
   graphics::plot(loss$round, loss$value, type = "l", lwd = 2, xlim = xlim, xaxt = "n", xlab = "",
                  ylab = attr(x, "loss_col"), main = sprintf("%s: %s", attr(x, "run"), diagnosis_headline(x)),
                  cex.main = 0.9, ...)
-  sets <- attr(x, "round_sets")
   for (j in rev(seq_along(shown))) {
     r <- sets[[shown[j]]]
     on <- loss$round %in% r

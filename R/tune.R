@@ -382,7 +382,7 @@ diagnosis_configs <- function(from, space, make_server, call = rlang::caller_env
   }
   args <- names(formals(make_server))
   base <- lapply(space, function(values) values[[1]])
-  sets <- attr(from, "lever_sets")[from$severity > "info"]
+  sets <- attr(from, "lever_sets")[from$cause[from$severity > "info"]]
   configs <- list()
   for (levers in sets) {
     for (code in levers) {

@@ -3,8 +3,8 @@
 # (and usable alone: `source("bench/diagnose-scenarios.R"); s <-
 # diag_scenarios(); srv <- diag_run(s[[1]])`).
 #
-# Data: a Gaussian mixture of 10 classes in 20 dimensions (class means drawn
-# once, unit noise), dealt out IID or with Dirichlet label skew. Every
+# Data: a Gaussian mixture of 10 classes in 50 dimensions (class means drawn
+# once with sd 0.35, unit noise: heavily overlapping classes), dealt out IID or with Dirichlet label skew. Every
 # scenario but one starts from the same "base" recipe and changes one lever.
 
 diag_mixture <- function(n = 6000, p = 50, classes = 10, separation = 0.35, seed = 1) {

@@ -1,12 +1,13 @@
-# Does fed_diagnose() name the cause? 16 seeded federations: 12 with one
-# injected cause of slow convergence each, 4 healthy (bench/diagnose-scenarios.R).
-# For each: the cause ranked first, its severity and score, and the
-# findings above "info". The thresholds in R/diagnose-checks.R were set on
-# seed 1; seeds 2 and 3 (other data, partitions, selections) check them on
-# runs they were not set on.
+# Does fed_diagnose() name the cause? 19 seeded federations per seed: 12
+# with one injected cause of slow convergence each, 7 healthy
+# (bench/diagnose-scenarios.R). For each: the cause ranked first, its
+# severity and score, and the findings above "info"; then each check's
+# measure on the healthy and the injected runs, and each cause at three
+# doses. The thresholds in R/diagnose-checks.R were set on seeds 1-3;
+# seeds 4-6 are the held-out check (bench/README.md says what changed when).
 #
-#   Rscript bench/diagnose.R            # seeds 1-3, about a minute
-#   BENCH_DIAG_SEEDS=1 Rscript bench/diagnose.R
+#   Rscript bench/diagnose.R            # seeds 1-3, about 30 seconds
+#   BENCH_DIAG_SEEDS=4,5,6 Rscript bench/diagnose.R
 #
 # Goals (issue 18): the injected cause ranked first in >= 11 of 12; nothing
 # above "info" on the healthy runs.
