@@ -82,6 +82,7 @@
 #' plot(d)
 #' @export
 fed_diagnose <- function(x, client_log = NULL, system_log = NULL, selection_log = NULL, drift_log = NULL) {
+  check_required_args()
   ev <- diagnosis_evidence(x, client_log, system_log, selection_log, drift_log)
   findings <- run_diagnosis_checks(ev)
   # Checks far below their threshold are left out; the plateau is always

@@ -168,14 +168,22 @@ partition_quantity <- function(n, n_clients, distribution = c("lognormal", "powe
 # Groups 1..n into `k` consecutive runs whose sizes differ by at most one.
 cut_equal <- function(n, k) rep(seq_len(k), diff(floor(seq(0, n, length.out = k + 1))))
 
+# Runs `expr` with R's default generators seeded by `seed`, whatever kind
+# the session uses (future.apply's L'Ecuyer-CMRG streams, RNGkind()): the
+# same seed gives the same draws everywhere. The session's kinds and state
+# are restored afterwards.
 with_seed <- function(seed, expr) {
   if (is.null(seed)) return(expr)
   seed <- assert_count(seed, min = 0L, arg = "seed")
   had_seed <- exists(".Random.seed", envir = globalenv(), inherits = FALSE)
   if (had_seed) old <- get(".Random.seed", envir = globalenv())
-  on.exit(if (had_seed) assign(".Random.seed", old, envir = globalenv())
-          else rm(".Random.seed", envir = globalenv()), add = TRUE)
-  set.seed(seed)
+  kinds <- RNGkind()
+  on.exit({
+    RNGkind(kinds[1], kinds[2], kinds[3])
+    if (had_seed) assign(".Random.seed", old, envir = globalenv())
+    else if (exists(".Random.seed", envir = globalenv(), inherits = FALSE)) rm(".Random.seed", envir = globalenv())
+  }, add = TRUE)
+  set.seed(seed, kind = "Mersenne-Twister", normal.kind = "Inversion", sample.kind = "Rejection")
   expr
 }
 

@@ -45,8 +45,11 @@
 #' @param metric A history column to rank by (default `val_accuracy`, or
 #'   `val_loss`); losses and RMSE are minimised, others maximised.
 #' @param target A value of `metric` to reach: trials are then ranked by the
-#'   rounds they took to reach it (`rounds_to_target`), then by their final
-#'   value. `NULL`: by their final value (the mean of their last 3 rounds).
+#'   rounds they took to reach it (`rounds_to_target`: the first round at
+#'   which the mean of the last 3 rounds reaches it, so that a trial
+#'   swinging around the target does not count as there; `NA` unless the
+#'   trial still holds the target at its end), then by their final value. `NULL`: by their final value (the mean of their last 3
+#'   rounds).
 #' @param method `"successive_halving"` or `"grid"` (every configuration
 #'   runs `rounds`, within the budget).
 #' @param eta The halving factor: a third (`eta = 3`) of the trials go on
@@ -269,8 +272,21 @@ trial_summary <- function(t, metric, target) {
   ok <- is.finite(v)
   final <- if (any(ok)) mean(utils::tail(v[ok], 3)) else NA_real_
   best <- if (any(ok)) (if (metric$minimise) min(v[ok]) else max(v[ok])) else NA_real_
-  reached <- if (is.null(target) || !any(ok)) integer() else which(ok & (if (metric$minimise) v <= target else v >= target))
-  list(final = final, best = best, rounds_to_target = if (length(reached)) reached[1] else NA_integer_)
+  # Reached, and held at the end: a trial that touched the target and fell
+  # back is not ranked as having reached it.
+  reached <- rounds_to_target(v, target, metric$minimise)
+  held <- !is.null(target) && is.finite(final) && (if (metric$minimise) final <= target else final >= target)
+  list(final = final, best = best, rounds_to_target = if (held) reached else NA_integer_)
+}
+
+# The first round at which the mean of the last 3 rounds reaches the target
+# (of the rounds so far, in the first two): a trial that touches the target
+# once while swinging around it has not reached it.
+rounds_to_target <- function(v, target, minimise = FALSE) {
+  if (is.null(target) || !length(v)) return(NA_integer_)
+  smooth <- vapply(seq_along(v), function(i) mean(v[max(1L, i - 2L):i]), numeric(1))
+  hit <- which(is.finite(smooth) & (if (minimise) smooth <= target else smooth >= target))
+  if (length(hit)) hit[1] else NA_integer_
 }
 
 # Best first: the fewest rounds to the target (none reached: last), then

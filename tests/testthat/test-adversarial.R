@@ -800,6 +800,53 @@ adv_cases_server <- c(
     lapply(c("-1", "Inf"), function(v) {
       adv_case(sprintf("set lr = <%s>", v), bquote(local({ s <- mk_srv(); s$lr <- .bad[[.(v)]] })), arg = "lr")
     })
+  ),
+  adv_group("fed_diagnose",
+    S(fed_diagnose(X), "x", c("NULL", "chr", "df", "1", "list")),
+    E("a server that has not run", fed_diagnose(mk_srv()), re = "at least 3 rounds"),
+    E("a history of 2 rounds", fed_diagnose(h1), re = "at least 3 rounds"),
+    S(local({ s <- mk_srv(); s$fit(3, verbose = FALSE); fed_diagnose(s$history, client_log = X) }), "client_log",
+      c("chr", "df", "1")),
+    S(local({ s <- mk_srv(); s$fit(3, verbose = FALSE); fed_diagnose(s$history, system_log = X) }), "system_log",
+      c("chr", "df")),
+    E("a history without its settings", local({
+      s <- mk_srv()
+      s$fit(3, verbose = FALSE)
+      h <- s$history
+      attr(h, "settings") <- NULL
+      fed_diagnose(h)
+    }), re = "settings")
+  ),
+  adv_group("fed_tune",
+    S(fed_tune(X, list(lr = 0.1), rounds = 2), "make_server", c("NULL", "chr", "1")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), X, rounds = 2), "space", c("NULL", "list", "chr", "1")),
+    E("a lever make_server does not take", fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(momentum = 1),
+                                                    rounds = 2), "space"),
+    E("a lever with no value", fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = numeric()), rounds = 2),
+      "space"),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = X), "rounds",
+      c("0", "-1", "1.5", "chr")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, budget = X), "budget",
+      c("chr", "NA", "-1")),
+    E("a budget below one trial", fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 4,
+                                           budget = 3), "budget"),
+    E("make_server returns no server", fed_tune(function(lr) 1, list(lr = 0.1), rounds = 2), "make_server"),
+    E("make_server fails", fed_tune(function(lr) stop("boom"), list(lr = 0.1), rounds = 2), "make_server",
+      class = "fedagg_error_user_code"),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, method = X), "method",
+      c("bogus", "1")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, eta = X), "eta",
+      c("1", "chr", "NA")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, metric = X), "metric",
+      c("bogus", "1")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, target = X), "target",
+      c("chr", "NA")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, seconds = X), "seconds",
+      c("0", "-1", "chr")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, n_configs = X), "n_configs",
+      c("0", "1.5")),
+    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, from = X), "from",
+      c("chr", "1"))
   )
 )
 
