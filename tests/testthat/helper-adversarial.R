@@ -95,6 +95,7 @@ adv_fixtures <- quote({
     fed_server(model_, nodes_, fraction = 1, lr = 0.1, seed = 1, ...)
   }
   srv <- mk_srv()
+  mk_tune <- function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed)
   fd <- synthetic_fedprox(0.5, 0.5, n_clients = 3, dim = 4, n_classes = 3, max_size = 60, seed = 1)
   h1 <- mk_srv()$fit(2, verbose = FALSE)
   h0 <- mk_srv()$history

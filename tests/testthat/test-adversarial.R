@@ -819,34 +819,25 @@ adv_cases_server <- c(
   ),
   adv_group("fed_tune",
     S(fed_tune(X, list(lr = 0.1), rounds = 2), "make_server", c("NULL", "chr", "1")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), X, rounds = 2), "space", c("NULL", "list", "chr", "1")),
-    E("a lever make_server does not take", fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(momentum = 1),
-                                                    rounds = 2), "space"),
-    E("a lever with no value", fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = numeric()), rounds = 2),
-      "space"),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = X), "rounds",
-      c("0", "-1", "1.5", "chr")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, budget = X), "budget",
-      c("chr", "NA", "-1")),
-    E("a budget below one trial", fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 4,
-                                           budget = 3), "budget"),
+    S(fed_tune(mk_tune, X, rounds = 2), "space", c("NULL", "list", "chr", "1")),
+    E("a lever make_server does not take", fed_tune(mk_tune, list(momentum = 1), rounds = 2), "space"),
+    E("a lever with no value", fed_tune(mk_tune, list(lr = numeric()), rounds = 2), "space"),
+    E("a budget below one trial", fed_tune(mk_tune, list(lr = 0.1), rounds = 4, budget = 3), "budget"),
     E("make_server returns no server", fed_tune(function(lr) 1, list(lr = 0.1), rounds = 2), "make_server"),
     E("make_server fails", fed_tune(function(lr) stop("boom"), list(lr = 0.1), rounds = 2), "make_server",
       class = "fedagg_error_user_code"),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, method = X), "method",
-      c("bogus", "1")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, eta = X), "eta",
-      c("1", "chr", "NA")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, metric = X), "metric",
-      c("bogus", "1")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, target = X), "target",
-      c("chr", "NA")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, seconds = X), "seconds",
-      c("0", "-1", "chr")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, n_configs = X), "n_configs",
-      c("0", "1.5")),
-    S(fed_tune(function(lr, seed) fed_server(m_soft, nodes, lr = lr, seed = seed), list(lr = 0.1), rounds = 2, from = X), "from",
-      c("chr", "1"))
+    S(fed_tune(mk_tune, list(lr = 0.1), rounds = X), "rounds", c("0", "-1", "1.5", "chr")),
+    # Each other argument with its bad values, on one valid call.
+    local({
+      bad <- list(budget = c("chr", "NA", "-1"), method = c("bogus", "1"), eta = c("1", "chr", "NA"),
+                  metric = c("bogus", "1"), target = c("chr", "NA"), seconds = c("0", "-1", "chr"),
+                  n_configs = c("0", "1.5"), from = c("chr", "1"))
+      lapply(names(bad), function(arg) lapply(bad[[arg]], function(v) {
+        call <- as.call(c(list(quote(fed_tune), quote(mk_tune), quote(list(lr = 0.1)), rounds = 2),
+                          stats::setNames(list(bquote(.bad[[.(v)]])), arg)))
+        adv_case(sprintf("%s = <%s>", arg, v), call, "error", arg = arg)
+      }))
+    })
   )
 )
 
