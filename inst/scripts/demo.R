@@ -8,6 +8,9 @@
 # set, same global objective; only how the data are spread differs. Local
 # training runs in Rust, the clients of a round in parallel.
 #
+# It ends with fed_diagnose() on both runs: the package's own answer to
+# "why is it slow?".
+#
 # Run: Rscript inst/scripts/demo.R [output.png]
 suppressPackageStartupMessages(library(fedagg))
 
@@ -38,6 +41,7 @@ print_progress <- function(server, round, record) {
 }
 
 histories <- list()
+servers <- list()
 for (name in names(clients)) {
   server <- fed_server(
     model_softmax(n_features = 60, n_classes = 10),
@@ -48,6 +52,7 @@ for (name in names(clients)) {
   )
   step("FedAvg on %s: %s", name, sub("^  clients: *", "", server$format()[2]))
   histories[[name]] <- server$fit(rounds, verbose = FALSE)
+  servers[[name]] <- server
 }
 
 comparison <- do.call(fed_compare, histories)
@@ -57,6 +62,15 @@ cat("\nloss_spread is the standard deviation of the selected clients' training l
     "\non non-IID data the clients disagree, so their averaged model improves more slowly.",
     "\n(final_train_loss is each client's loss on its own data: on skewed clients it looks low",
     "\nbecause each fits its own few labels; the test loss in the plot tells the real story.)\n\n")
+
+step("Why is it slow? The package's own answer, fed_diagnose(server):")
+for (name in names(servers)) {
+  d <- fed_diagnose(servers[[name]])
+  cat(sprintf("\n%s:\n", name))
+  # The findings above "info", or the headline when there are none.
+  if (any(d$severity > "info")) print(d[d$severity > "info", ]) else cat(format(d)[1], "\n")
+}
+cat("\n")
 
 step("Writing %s", out_png)
 grDevices::png(out_png, width = 1100, height = 480, res = 110)
