@@ -177,13 +177,17 @@ with_seed <- function(seed, expr) {
   seed <- assert_count(seed, min = 0L, arg = "seed")
   had_seed <- exists(".Random.seed", envir = globalenv(), inherits = FALSE)
   if (had_seed) old <- get(".Random.seed", envir = globalenv())
-  kinds <- RNGkind()
+  # .Random.seed[1] codes the three kinds; 10403 is R's defaults
+  # (Mersenne-Twister, Inversion, Rejection). The common case skips
+  # RNGkind(), which a round calls through here more than once.
+  default_kinds <- had_seed && identical(old[1], 10403L)
+  if (!default_kinds) kinds <- RNGkind()
   on.exit({
-    RNGkind(kinds[1], kinds[2], kinds[3])
+    if (!default_kinds) RNGkind(kinds[1], kinds[2], kinds[3])
     if (had_seed) assign(".Random.seed", old, envir = globalenv())
     else if (exists(".Random.seed", envir = globalenv(), inherits = FALSE)) rm(".Random.seed", envir = globalenv())
   }, add = TRUE)
-  set.seed(seed, kind = "Mersenne-Twister", normal.kind = "Inversion", sample.kind = "Rejection")
+  if (default_kinds) set.seed(seed) else set.seed(seed, kind = "Mersenne-Twister", normal.kind = "Inversion", sample.kind = "Rejection")
   expr
 }
 
