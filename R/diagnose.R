@@ -60,7 +60,7 @@
 #'   `lr_too_high` the rise of the loss from its best (on a running median
 #'   of 3 rounds), for `lr_too_low` the late over the early pace of the loss,
 #'   lowered when the loss does not fall in most rounds or clipping holds the
-#'   updates; see `diagnosis_thresholds` in the source and
+#'   updates; see `diagnosis_thresholds` in R/diagnose-checks.R and
 #'   `bench/README.md`), `confidence`,
 #'   `symptom`, `evidence`, `likely_cause`, `levers` (code, separated by
 #'   `"; "`), `rounds` (where the evidence comes from), `first_round` and
@@ -100,6 +100,23 @@ fed_diagnose <- function(x, client_log = NULL, system_log = NULL, selection_log 
   }
   new_fed_diagnosis(findings, ev)
 }
+
+# The registry of checks: id, a short title, and the check (defined in
+# diagnose-training.R and diagnose-systems.R, which R loads before this file).
+diagnosis_checks <- list(
+  client_drift = list(title = "Client drift", check = check_client_drift),
+  lr_too_high = list(title = "Learning rate too high", check = check_lr_too_high),
+  lr_too_low = list(title = "Learning rate too low", check = check_lr_too_low),
+  too_few_clients = list(title = "Too few clients per round", check = check_too_few_clients),
+  dp_noise = list(title = "DP noise dominates", check = check_dp_noise),
+  clipping_bias = list(title = "Clipping bias", check = check_clipping_bias),
+  stragglers = list(title = "Stragglers and deadlines", check = check_stragglers),
+  compression = list(title = "Compression error", check = check_compression),
+  staleness = list(title = "Stale updates (FedBuff)", check = check_staleness),
+  robust_discards = list(title = "Robust rule drops honest updates", check = check_robust_discards),
+  concept_drift = list(title = "Concept drift", check = check_concept_drift),
+  plateau = list(title = "Converged or on a plateau", check = check_plateau)
+)
 
 # Every check that applies to the run, whatever its score (bench/diagnose.R
 # reads the healthy runs' measures from here).
@@ -293,97 +310,4 @@ node_residual_norms <- function(server) {
     if (is.numeric(r) && length(r)) sqrt(sum(r^2)) else NA_real_
   }, numeric(1))
   norms[is.finite(norms)]
-}
-
-#' @export
-format.fed_diagnosis <- function(x, ...) {
-  if (!all(c("title", "severity", "score", "confidence", "symptom", "evidence", "likely_cause", "levers") %in% names(x))) {
-    return(NextMethod())
-  }
-  header <- sprintf("<fed_diagnosis> %s: %s", attr(x, "run"), diagnosis_headline(x))
-  if (!nrow(x)) return(header)
-  width <- max(40L, getOption("width", 80L) - 5L)
-  body <- unlist(lapply(seq_len(nrow(x)), function(i) {
-    wrap <- function(label, text) {
-      paste0("   ", strwrap(paste0(label, text), width = width, exdent = 2))
-    }
-    c(sprintf("%d. [%s] %s (score %s, confidence %s)", i, x$severity[i], x$title[i], format(x$score[i]),
-              format(x$confidence[i])),
-      wrap("", x$symptom[i]),
-      wrap("Evidence: ", x$evidence[i]),
-      wrap("Likely cause: ", x$likely_cause[i]),
-      wrap("Try: ", gsub("; ", "  |  ", x$levers[i], fixed = TRUE)))
-  }))
-  c(header, body)
-}
-
-diagnosis_headline <- function(x) {
-  above <- x[x$severity > "info", , drop = FALSE]
-  if (!nrow(above)) return("no cause of slow convergence above \"info\"")
-  sprintf("%d finding%s above \"info\"; first: %s", nrow(above), if (nrow(above) == 1) "" else "s", above$title[1])
-}
-
-#' @export
-print.fed_diagnosis <- function(x, ...) {
-  # A subset of the columns prints as the data frame it is.
-  if (!all(c("title", "severity", "score", "confidence", "symptom", "evidence", "likely_cause", "levers") %in% names(x))) {
-    return(print(as.data.frame(unclass(x), stringsAsFactors = FALSE), ...))
-  }
-  cat(format(x, ...), sep = "\n")
-  invisible(x)
-}
-
-#' @export
-summary.fed_diagnosis <- function(object, ...) {
-  counts <- table(object$severity)
-  top <- if (nrow(object) && object$severity[1] > "info") object[1, c("cause", "title", "severity", "levers")] else NULL
-  structure(list(run = attr(object, "run"), counts = counts, top = top,
-                 first_lever = if (!is.null(top)) attr(object, "lever_sets")[[object$cause[1]]][1]),
-            class = "summary.fed_diagnosis")
-}
-
-#' @export
-print.summary.fed_diagnosis <- function(x, ...) {
-  cat(sprintf("Diagnosis of %s\n", x$run))
-  cat(sprintf("Findings: %s\n", paste(sprintf("%s %d", names(x$counts), as.integer(x$counts)), collapse = ", ")))
-  if (is.null(x$top)) {
-    cat("No cause of slow convergence above \"info\".\n")
-  } else {
-    cat(sprintf("Most likely: %s (%s). Try first: %s\n", x$top$title, x$top$severity, x$first_lever))
-  }
-  invisible(x)
-}
-
-#' @export
-plot.fed_diagnosis <- function(x, n = 4, ...) {
-  n <- assert_count(n, min = 1L)
-  loss <- attr(x, "loss")
-  shown <- utils::head(which(x$severity > "info" | x$cause == "plateau"), n)
-  colours <- c(info = "grey60", low = "#E0A100", medium = "#E8692E", high = "#C62828")
-  old <- graphics::par(no.readonly = TRUE)
-  on.exit(graphics::par(old))
-  graphics::layout(matrix(1:2), heights = c(3, 0.6 + 0.45 * max(1, length(shown))))
-  labels <- sprintf("%d. %s [%s]", seq_along(shown), x$title[shown], x$severity[shown])
-  left <- max(4.1, 0.55 * max(nchar(labels), 10) * 0.75)
-  sets <- attr(x, "round_sets")[x$cause]
-  xlim <- range(c(loss$round, unlist(sets[shown])), na.rm = TRUE)
-  graphics::par(mar = c(1, left, 3, 1))
-  graphics::plot(loss$round, loss$value, type = "l", lwd = 2, xlim = xlim, xaxt = "n", xlab = "",
-                 ylab = attr(x, "loss_col"), main = sprintf("%s: %s", attr(x, "run"), diagnosis_headline(x)),
-                 cex.main = 0.9, ...)
-  for (j in rev(seq_along(shown))) {
-    r <- sets[[shown[j]]]
-    on <- loss$round %in% r
-    graphics::points(loss$round[on], loss$value[on], pch = 19, cex = 0.7, col = colours[as.character(x$severity[shown[j]])])
-  }
-  graphics::par(mar = c(4, left, 0.5, 1))
-  graphics::plot(NA, xlim = xlim, ylim = c(length(shown) + 0.5, 0.5), yaxt = "n", xlab = "Round", ylab = "", bty = "n")
-  for (j in seq_along(shown)) {
-    r <- sets[[shown[j]]]
-    if (length(r)) {
-      graphics::rect(r - 0.5, j - 0.3, r + 0.5, j + 0.3, col = colours[as.character(x$severity[shown[j]])], border = NA)
-    }
-  }
-  if (length(shown)) graphics::axis(2, at = seq_along(shown), labels = labels, las = 1, tick = FALSE, cex.axis = 0.8)
-  invisible(x)
 }
