@@ -7,7 +7,7 @@ check_client_drift <- function(ev) {
   if (ev$asynchronous || is.null(ev$gap) || ev$diverging) return(NULL)
   gap <- ev$gap
   if (sum(is.finite(gap$ratio)) < 3) return(NULL)
-  ratio <- stats::median(gap$ratio, na.rm = TRUE)
+  ratio <- ev$gap_ratio
   # The excess over 1 (no gap) is what is scored.
   score <- diagnosis_score(ratio - 1, diagnosis_thresholds$drift_gap - 1)
   epochs <- ev$settings$epochs_max %||% NA_real_
@@ -53,28 +53,21 @@ server_momentum_lever <- function(settings) {
 check_lr_too_high <- function(ev) {
   loss <- ev$loss
   if (nrow(loss) < 4) return(NULL)
-  # On a running median of 3 rounds: a loss that zigzags down to its best
-  # in the last round has not risen.
-  smooth <- if (nrow(loss) >= 5) as.numeric(stats::runmed(loss$value, 3, endrule = "median")) else loss$value
-  best <- which.min(smooth)
-  last <- utils::tail(smooth, 1)
-  all_losses <- ev$history[[ev$loss_col]]
-  diverged <- any(is.infinite(all_losses) | is.nan(all_losses))
-  rise <- if (diverged) Inf else (last - smooth[best]) / max(abs(smooth[best]), 1e-12)
-  # A loss that ends above where it started is diverging.
-  diverging <- diverged || last > smooth[1]
+  tr <- ev$trajectory
+  smooth <- tr$smooth
+  best <- tr$best
+  last <- tr$last
+  rise <- tr$rise
+  diverged <- tr$diverged
   score <- if (diverged) 10 else diagnosis_score(rise, diagnosis_thresholds$lr_rise)
-  # Privacy noise that swamps the update makes the loss rise too, and so
-  # does client drift: each client's own training converges (its loss far
-  # below the global model's) while their average jumps from round to round
-  # with the clients selected. Those checks name the cause; here it stays
-  # "info".
+  # Privacy noise that swamps the update makes the loss random-walk upward,
+  # even to above where it started; client drift makes it jump from round
+  # to round with the clients selected while each client's own training
+  # converges, but does not make it diverge. Those checks name the cause;
+  # here it stays "info".
   noise <- isTRUE(ev$dp_noise_ratio >= diagnosis_thresholds$dp_noise)
-  gap <- if (!is.null(ev$gap) && !ev$asynchronous) stats::median(ev$gap$ratio, na.rm = TRUE) else NA_real_
-  drift <- isTRUE(gap >= diagnosis_thresholds$drift_gap)
-  # Noise that swamps the update makes the loss random-walk upward, so it
-  # explains even a loss that ends above its start; drift does not.
-  drift <- drift && !diverging
+  gap <- ev$gap_ratio
+  drift <- isTRUE(gap >= diagnosis_thresholds$drift_gap) && !tr$diverging
   if ((noise && !diverged) || drift) score <- min(score, 0.9)
   spikes <- sum(diff(loss$value) / utils::head(abs(loss$value), -1) > 0.1)
   gap_below_one <- isTRUE(gap < 1)

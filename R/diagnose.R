@@ -206,12 +206,10 @@ diagnosis_evidence <- function(x, client_log, system_log, selection_log, drift_l
   # Clients per round as the accountant counts them (Poisson selection: q
   # times the eligible nodes).
   ev$expected_clients <- settings$expected_clients %||% settings$clients_per_round
-  smooth <- if (nrow(loss) >= 5) as.numeric(stats::runmed(loss$value, 3, endrule = "median")) else loss$value
-  all_losses <- h[[loss_col]]
-  ev$diverging <- any(is.infinite(all_losses) | is.nan(all_losses)) ||
-    (length(smooth) >= 2 && utils::tail(smooth, 1) > smooth[1])
-  ev$rising <- length(smooth) >= 2 &&
-    (utils::tail(smooth, 1) - min(smooth)) / max(abs(min(smooth)), 1e-12) >= diagnosis_thresholds$lr_rise
+  ev$trajectory <- loss_trajectory(loss, h[[loss_col]])
+  ev$diverging <- ev$trajectory$diverging
+  ev$rising <- isTRUE(ev$trajectory$rise >= diagnosis_thresholds$lr_rise)
+  ev$gap_ratio <- if (!is.null(ev$gap) && !ev$asynchronous) stats::median(ev$gap$ratio, na.rm = TRUE) else NA_real_
   ev$has_profiles <- !is.null(system_log) && "compute" %in% names(system_log) && any(is.finite(system_log$compute))
   ev$per_layer_clip <- isTRUE(settings$clip_object$per_layer) || isTRUE(settings$privacy_object$per_layer)
   k <- h$clients
@@ -226,13 +224,28 @@ diagnosis_evidence <- function(x, client_log, system_log, selection_log, drift_l
   ev$update_trend_flat <- length(norms) >= 4 && utils::tail(norms, 1) / norms[1] > 0.7
   ev$clip <- clip_evidence(h, settings, client_log)
   ev$clipped_share <- if (!is.null(ev$clip)) mean(ev$clip$clipped, na.rm = TRUE) else 0
-  ev$dp_noise <- dp_noise_evidence(h, settings)
+  ev$dp_noise <- dp_noise_evidence(h, settings, ev$expected_clients)
   ev$dp_noise_ratio <- if (is.null(ev$dp_noise)) NA_real_ else ev$dp_noise$noise / ev$dp_noise$signal
   ev$reach <- if (!is.null(selection_log) && nrow(selection_log)) {
     list(never = 1 - length(unique(selection_log$client[selection_log$picked %in% TRUE])) / settings$n_clients)
   }
   ev$residual_ratio <- if (length(residuals) && length(norms)) stats::median(residuals) / stats::median(norms) else NA_real_
   ev
+}
+
+# Where the loss went, on a running median of 3 rounds (a loss that zigzags
+# down to its best in the last round has not risen): its best, its end,
+# the rise from one to the other, and whether it diverged (non-finite
+# values) or ends above where it started.
+loss_trajectory <- function(loss, all_losses) {
+  smooth <- if (nrow(loss) >= 5) as.numeric(stats::runmed(loss$value, 3, endrule = "median")) else loss$value
+  diverged <- any(is.infinite(all_losses) | is.nan(all_losses))
+  if (!length(smooth)) return(list(smooth = smooth, best = NA_integer_, last = NA_real_, rise = NA_real_, diverged = diverged,
+                                   diverging = diverged))
+  best <- which.min(smooth)
+  last <- utils::tail(smooth, 1)
+  list(smooth = smooth, best = best, last = last, diverged = diverged, diverging = diverged || last > smooth[1],
+       rise = if (diverged) Inf else (last - smooth[best]) / max(abs(smooth[best]), 1e-12))
 }
 
 check_diagnosis_log <- function(log, columns, arg, call) {
@@ -280,11 +293,10 @@ clip_evidence <- function(h, settings, client_log) {
 
 # The norm of the privacy noise on the mean update, and the largest norm
 # the clipped signal can have.
-dp_noise_evidence <- function(h, settings) {
+dp_noise_evidence <- function(h, settings, k) {
   p <- settings$privacy_object
   d <- settings$n_params
   if (is.null(p) || is.null(d)) return(NULL)
-  k <- settings$expected_clients %||% settings$clients_per_round
   client_norm <- stats::median(h$client_norm_mean, na.rm = TRUE)
   if (p$kind == "central") {
     clip <- if (!is.null(p$adaptive) || is.null(p$clip)) stats::median(h$clip, na.rm = TRUE) else p$clip

@@ -226,9 +226,10 @@ rs_client_encode <- function(ins, update, residual) .Call(wrap__rs_client_encode
 #' @noRd
 rs_fit_res_make <- function(ins, report, update, control, residual) .Call(wrap__rs_fit_res_make, ins, report, update, control, residual)
 
-#' An `EvalRes` answering `ins`, from an evaluation done in R.
+#' An `EvalRes` answering the `EvalIns` of `round` to `node` (as
+#' `rs_eval_read()` read it), from an evaluation done in R.
 #' @noRd
-rs_eval_res_make <- function(ins, n, loss, metric) .Call(wrap__rs_eval_res_make, ins, n, loss, metric)
+rs_eval_res_make <- function(round, node, n, loss, metric) .Call(wrap__rs_eval_res_make, round, node, n, loss, metric)
 
 #' Number of cores Rust sees.
 #' @noRd

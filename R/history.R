@@ -109,7 +109,7 @@ print.fed_history <- function(x, ...) {
 #' @export
 summary.fed_history <- function(object, ...) {
   metric <- main_metric(object)
-  higher_better <- grepl("accuracy", metric %||% "")
+  higher_better <- metric_maximised(metric %||% "")
   values <- if (!is.null(metric)) object[[metric]] else numeric()
   ok <- which(!is.na(values))
   best <- if (length(ok)) ok[if (higher_better) which.max(values[ok]) else which.min(values[ok])]
@@ -135,6 +135,10 @@ print.summary.fed_history <- function(x, ...) {
               x$mean_loss_spread))
   invisible(x)
 }
+
+# Which way a metric improves: accuracy up, everything else (losses, RMSE)
+# down. Shared by summaries, early stopping and fed_tune().
+metric_maximised <- function(metric) grepl("accuracy", metric)
 
 main_metric <- function(x) {
   candidates <- c("test_accuracy", "val_accuracy", "test_rmse", "val_rmse", "test_loss", "val_loss", "train_loss")

@@ -167,7 +167,7 @@ fed_join <- function(nodes, url, model, key, server_key, ca = NULL, state_dir = 
           if (!identical(asked$custom, custom_model_name(model) %||% "")) {
             fedagg_abort("Node {.val {m$id}} was asked to evaluate a model it does not hold.", class = "protocol", client = m$id)
           }
-          res <- if (!is.null(template)) client_evaluate_custom(r$body, asked, m$node, model, template) else {
+          res <- if (!is.null(template)) client_evaluate_custom(asked, m$node, model, template) else {
             out <- call_rust(rs_client_evaluate(r$body, list(data)))
             if (!isTRUE(out$ok)) abort_client_failure(m$id, out$message, r$round, kind = out$kind)
             out$res

@@ -117,9 +117,10 @@ fit_ins_train_config <- function(asked, model, key) {
 
 # A node's answer to an EvalIns for a custom model: evaluated in R by the
 # node's Node, as the simulation evaluates it.
-client_evaluate_custom <- function(ins, asked, node, model, template) {
-  ev <- node$evaluate(unflatten_params(model, call_rust(rs_eval_read(ins))$params, template), model, data = asked$split)
-  call_rust(rs_eval_res_make(ins, as.double(ev$n), as.double(ev$loss), as.double(ev[[metric_name(model)]])))
+client_evaluate_custom <- function(asked, node, model, template) {
+  ev <- node$evaluate(unflatten_params(model, asked$params, template), model, data = asked$split)
+  call_rust(rs_eval_res_make(asked$round, asked$node, as.double(ev$n), as.double(ev$loss),
+                             as.double(ev[[metric_name(model)]])))
 }
 
 # A FitRes message read and checked (`res` raw, or already read by the

@@ -587,7 +587,7 @@ Server <- R6::R6Class("Server",
            min_samples = private$.min_samples, seed = private$.seed, stopped = private$.stopped,
            # What fed_diagnose() reads: the levers of the system axis and the
            # model's size.
-           n_params = sum(rapply(list(private$.template), length, how = "unlist")), epochs_max = max(private$.epochs),
+           n_params = length(private$.state$flat), epochs_max = max(private$.epochs),
            compress = private$.compress$label, compress_object = private$.compress,
            asynchronous = private$.async$label, asynchronous_object = private$.async,
            deadline = private$.deadline, over_select = private$.over_select,

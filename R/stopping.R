@@ -99,7 +99,7 @@ stop_reason <- function(rule, history, call = rlang::caller_env()) {
   }
   values <- history[[metric]][!is.na(history[[metric]])]
   if (length(values) <= rule$patience) return(NULL)
-  maximise <- if (rule$mode == "auto") grepl("accuracy", metric) else rule$mode == "max"
+  maximise <- if (rule$mode == "auto") metric_maximised(metric) else rule$mode == "max"
   before <- values[seq_len(length(values) - rule$patience)]
   recent <- utils::tail(values, rule$patience)
   improved <- if (maximise) any(recent > max(before) + rule$min_delta) else any(recent < min(before) - rule$min_delta)

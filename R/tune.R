@@ -43,7 +43,7 @@
 #' @param budget Total rounds all trials may run together; at least
 #'   `rounds` (one full trial). The default is 20 full trials' worth.
 #' @param metric A history column to rank by (default `val_accuracy`, or
-#'   `val_loss`); losses and RMSE are minimised, others maximised.
+#'   `val_loss`); accuracy is maximised, everything else minimised (as in [early_stopping()]).
 #' @param target A value of `metric` to reach: trials are then ranked by the
 #'   rounds they took to reach it (`rounds_to_target`: the first round at
 #'   which the mean of the last 3 rounds reaches it, so that a trial
@@ -223,7 +223,7 @@ tune_metric <- function(metric, server, call = rlang::caller_env()) {
                     i = "Rank on a validation split ({.code fed_nodes(..., validation = 0.2)}) and keep the test set for the end."),
                   class = "fedagg_warning_test_tuning")
   }
-  list(column = metric, minimise = grepl("loss|rmse", metric))
+  list(column = metric, minimise = !metric_maximised(metric))
 }
 
 build_trial_server <- function(make_server, config, seed, call) {

@@ -557,13 +557,27 @@ fn encode_with<M: Message>(message: &M, with_vectors: bool) -> CoreResult<Vec<u8
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
     if with_vectors {
-        for (_, v) in vectors {
-            for x in v {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        }
+        write_vectors(&mut out, &vectors);
     }
     Ok(out)
+}
+
+/// Bytes of `vectors` on the wire, checked against memory and the address
+/// space before anything is allocated.
+fn vector_bytes(vectors: &[(&str, &[f64])]) -> CoreResult<usize> {
+    let total = vectors.iter().try_fold(0usize, |acc, (_, v)| v.len().checked_mul(8).and_then(|b| acc.checked_add(b)));
+    let total = total.ok_or_else(|| CoreError::Memory("a protocol message larger than memory can address".into()))?;
+    crate::alloc::check_bytes(total, "a protocol message")?;
+    Ok(total)
+}
+
+/// Appends `vectors` as little-endian float64, in order (`out` has room).
+fn write_vectors(out: &mut Vec<u8>, vectors: &[(&str, &[f64])]) {
+    for (_, v) in vectors {
+        for x in *v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
 }
 
 /// The kind of the message in `bytes`, from its frame alone.
@@ -577,16 +591,23 @@ pub fn kind_of(bytes: &[u8]) -> CoreResult<Kind> {
 /// sizes the header announces must be those of the bytes that follow it.
 pub fn kind_of_parts(prefix: &[u8], payload: &[u8]) -> CoreResult<Kind> {
     let (kind, header, rest) = frame(prefix)?;
+    let (_, expected) = announced(header)?;
+    if Some(expected) != rest.len().checked_add(payload.len()) {
+        return bad("the header's vector sizes are not those of the bytes that follow it");
+    }
+    Ok(kind)
+}
+
+/// The vectors a header announces (name, length) and their bytes in all.
+fn announced(header: &[u8]) -> CoreResult<(Vec<(String, usize)>, usize)> {
     #[derive(Deserialize)]
     struct Sizes {
         vectors: Vec<(String, usize)>,
     }
     let sizes: Sizes = serde_json::from_slice(header).map_err(|e| CoreError::InvalidArgument("message", format!("malformed header: {e}")))?;
-    let expected = sizes.vectors.iter().try_fold(0usize, |acc, (_, n)| n.checked_mul(8).and_then(|b| acc.checked_add(b)));
-    if expected != rest.len().checked_add(payload.len()) {
-        return bad("the header's vector sizes are not those of the bytes that follow it");
-    }
-    Ok(kind)
+    let total = sizes.vectors.iter().try_fold(0usize, |acc, (_, n)| n.checked_mul(8).and_then(|b| acc.checked_add(b)));
+    let Some(total) = total else { return bad("the header announces vectors larger than memory can address") };
+    Ok((sizes.vectors, total))
 }
 
 /// A message as its own frame and header (the first part) and its vectors
@@ -600,15 +621,10 @@ pub fn encode_header<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
 pub fn encode_vectors<M: Message>(message: &M) -> CoreResult<Vec<u8>> {
     message.check()?;
     let vectors = message.vectors();
-    let total = vectors.iter().try_fold(0usize, |acc, (_, v)| v.len().checked_mul(8).and_then(|b| acc.checked_add(b)));
-    let total = total.ok_or_else(|| CoreError::Memory("a protocol message larger than memory can address".into()))?;
+    let total = vector_bytes(&vectors)?;
     let mut out = Vec::new();
     out.try_reserve_exact(total).map_err(|_| CoreError::Memory(format!("not enough memory for a protocol message of {total} bytes")))?;
-    for (_, v) in vectors {
-        for x in v {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-    }
+    write_vectors(&mut out, &vectors);
     Ok(out)
 }
 
@@ -707,20 +723,14 @@ impl Reader {
     }
 
     fn start_vectors(&mut self) -> CoreResult<()> {
-        #[derive(Deserialize)]
-        struct Sizes {
-            vectors: Vec<(String, usize)>,
-        }
         let header = &self.head[12..];
-        let sizes: Sizes = serde_json::from_slice(header).map_err(|e| CoreError::InvalidArgument("message", format!("malformed header: {e}")))?;
-        let total = sizes.vectors.iter().try_fold(0usize, |acc, (_, n)| n.checked_mul(8).and_then(|b| acc.checked_add(b)));
-        let Some(total) = total else { return bad("the header announces vectors larger than memory can address") };
+        let (vectors, total) = announced(header)?;
         if let Some(e) = self.expected {
             if e - self.head.len() != total {
                 return bad(format!("the header announces {total} bytes of vectors, the message has {}", e - self.head.len()));
             }
         }
-        for (name, n) in sizes.vectors {
+        for (name, n) in vectors {
             let mut values = Vec::new();
             values.try_reserve_exact(n).map_err(|_| CoreError::Memory(format!("not enough memory for the vector `{name}` of {n} values")))?;
             self.lengths.push(n);

@@ -399,12 +399,15 @@ fn rs_fit_res_make(ins: Robj, report: List, update: Robj, control: Robj, residua
     Ok(raw(&protocol::encode(&res).map_err(core_err)?))
 }
 
-/// An `EvalRes` answering `ins`, from an evaluation done in R.
+/// An `EvalRes` answering the `EvalIns` of `round` to `node` (as
+/// `rs_eval_read()` read it), from an evaluation done in R.
 /// @noRd
 #[extendr]
-fn rs_eval_res_make(ins: Robj, n: f64, loss: f64, metric: f64) -> Result<Robj> {
-    let ins: EvalIns = protocol::decode(raw_bytes(&ins, "ins")?).map_err(core_err)?;
-    let res = EvalRes { round: ins.round, node: ins.node, n, loss, metric };
+fn rs_eval_res_make(round: f64, node: &str, n: f64, loss: f64, metric: f64) -> Result<Robj> {
+    if !(round.is_finite() && round >= 0.0 && round.fract() == 0.0 && round <= u32::MAX as f64) {
+        return Err(input_err(format!("round must be a count, not {round}")));
+    }
+    let res = EvalRes { round: round as u32, node: node.to_string(), n, loss, metric };
     Ok(raw(&protocol::encode(&res).map_err(core_err)?))
 }
 
