@@ -51,6 +51,9 @@ client_log_frame <- function(entries) {
       rep_len(value %||% NA, length(entry$client))
     }))
   })
+  # The closures above keep this frame: without its reference to the
+  # server's log, the next round appends in place (see round_body()).
+  rm(entries)
   out$round <- as.integer(out$round)
   out$client <- as.character(out$client)
   as.data.frame(out, stringsAsFactors = FALSE)

@@ -61,17 +61,24 @@ new_fed_history <- function(records, model, settings) {
   columns <- c("round", "clients", "lr", "train_loss", "loss_spread", "test_loss", paste0("test_", m),
                "val_loss", paste0("val_", m), diagnostic_columns, "epsilon", "clip", "drift_alerts",
                "round_time", "sim_time", "bytes_down", "bytes_up")
-  df <- if (length(records)) {
-    as.data.frame(lapply(stats::setNames(columns, columns), function(col) {
-      vapply(records, function(r) as.double(r[[col]] %||% NA_real_), numeric(1))
-    }))
-  } else {
-    as.data.frame(stats::setNames(rep(list(numeric()), length(columns)), columns))
+  # A column at a time, each in one unlist() where every round has its
+  # single value: the history is built at the end of every fit(), and one
+  # R call per cell cost about 1 ms per 20 rounds. No closure here sees
+  # `records`: one would keep a second reference to the server's log after
+  # this returns, and the next round would copy the log to append to it.
+  cols <- stats::setNames(vector("list", length(columns)), columns)
+  for (col in columns) {
+    values <- lapply(records, `[[`, col)
+    cols[[col]] <- if (all(lengths(values) == 1L)) as.double(unlist(values, use.names = FALSE))
+                   else vapply(values, history_cell, numeric(1))
   }
-  df$round <- as.integer(df$round)
-  df$clients <- as.integer(df$clients)
-  structure(df, class = c("fed_history", "data.frame"), settings = settings, task = model$task)
+  cols$round <- as.integer(cols$round)
+  cols$clients <- as.integer(cols$clients)
+  structure(cols, class = c("fed_history", "data.frame"), row.names = .set_row_names(length(records)),
+            settings = settings, task = model$task)
 }
+
+history_cell <- function(value) as.double(value %||% NA_real_)
 
 history_label <- function(x) {
   s <- attr(x, "settings")

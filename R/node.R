@@ -355,14 +355,15 @@ node_data_for <- function(private, model, split = "train") {
   }
   if (!train && is.null(private$.x_val)) return(NULL)
   cached <- private$.coded[[split]]
+  bits <- model_bits(model)
   if (is.null(cached) || !identical(cached$task, model$task) || !identical(cached$n_classes, model$n_classes) ||
-      !identical(cached$classes, model$classes) || !identical(cached$bits, model_bits(model))) {
+      !identical(cached$classes, model$classes) || !identical(cached$bits, bits)) {
     x <- if (train) private$.x else private$.x_val
-    if (model_bits(model) == 32L && max(abs(x)) > 3.4e38) {
+    if (bits == 32L && max(abs(x)) > 3.4e38) {
       abort_data("{.arg {if (train) 'x' else 'x_val'}} has values beyond float32's range; use {.code precision = \"float64\"}.",
                  private$.id)
     }
-    cached <- list(task = model$task, n_classes = model$n_classes, classes = model$classes, bits = model_bits(model),
+    cached <- list(task = model$task, n_classes = model$n_classes, classes = model$classes, bits = bits,
                    y = as.double(node_labels(private, model, if (train) "train" else "validation")))
     private$.coded[[split]] <- cached
   }

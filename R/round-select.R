@@ -73,8 +73,7 @@ select_round <- function(self, private, r) {
 # what which(ids %in% chosen) gives, at the cost of the chosen few rather
 # than of every node.
 node_positions <- function(ids, chosen) {
-  at <- match(chosen, ids)
-  sort(unique(at[!is.na(at)]))
+  sorted_positions(match(chosen, ids), length(ids))
 }
 
 # Epochs of each selected client (`index`: their positions among the
@@ -87,7 +86,7 @@ local_work <- function(private, index, r) {
   n_slow <- round(private$.stragglers * length(ids))
   if (n_slow > 0) {
     with_seed(derive_seed(private$.seed, r, 4L), {
-      slow <- sort(sample.int(length(ids), n_slow))
+      slow <- sorted_positions(sample.int(length(ids), n_slow), length(ids))
       straggler[slow] <- TRUE
       epochs[slow] <- vapply(epochs[slow], function(e) if (e > 1L) sample.int(e - 1L, 1L) else 1L, integer(1))
     })

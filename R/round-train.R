@@ -186,15 +186,15 @@ selection_log_rows <- function(round, clients, score, picked = rep(TRUE, length(
 # The round's attacks, filter, clipping, robust aggregator and privacy noise,
 # as the Rust fold applies them (in that order).
 trust_config <- function(private, attacks, round) {
-  sizes <- layer_sizes(private$.model, private$.template)
   dp <- private$.privacy
   local <- identical(dp$kind, "local")
   if (local) dp <- NULL
   clip <- if (!is.null(dp)) list(max_norm = private$.state$dp_clip %||% dp$clip, per_layer = dp$per_layer)
           else if (!is.null(private$.clip)) private$.clip[c("max_norm", "per_layer")]
-  z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * private$.eligible())$update
+  sizes <- if (!is.null(clip) || !is.null(private$.filter)) layer_sizes(private$.model, private$.template)
+  n_eligible <- if (!is.null(dp)) private$.eligible()
+  z <- if (!is.null(dp$adaptive)) adaptive_noise(dp, private$.sampling_rate() * n_eligible)$update
        else dp$noise_multiplier
-  n_eligible <- private$.eligible()
   c(list(local_dp = if (local) {
          list(clip = private$.privacy$clip, sd = private$.privacy$sd, seed = as.double(derive_seed(private$.seed, round, 8L)))
        }),
@@ -211,6 +211,7 @@ trust_config <- function(private, attacks, round) {
 # The clients' simulated attacks (their `attack` parts, NULL for honest
 # ones) as the Rust round reads them, drawing from `seed`.
 attack_config <- function(attacks, seed) {
+  if (all(vapply(attacks, is.null, logical(1), USE.NAMES = FALSE))) return(list(attacks = NULL, attack_seed = as.double(seed)))
   attacks <- lapply(unname(attacks), rust_attack)
   list(attacks = if (any(!vapply(attacks, is.null, logical(1)))) attacks, attack_seed = as.double(seed))
 }

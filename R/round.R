@@ -102,23 +102,31 @@ round_body <- function(self, private, r, last_round) {
   record$sim_time <- if (is.na(system$round_time)) NA_real_ else private$.state$sim_time + system$round_time
   record$bytes_down <- system$bytes_down
   record$bytes_up <- system$bytes_up
-  # Commit: nothing above changed the server or a node. The server's state
-  # is replaced in one assignment.
+  # Commit: nothing above changed the server or a node. Every new value is
+  # computed first; then the state is taken out of `private` while the
+  # assignments below run, so that the logs grow in place (with a second
+  # reference R copies a log to append to it, a cost that grows with every
+  # round kept), and is put back in one assignment.
+  client_rows <- c(list(round = r), info)
+  reach <- private$.state$reach + picked$available
+  drift_log <- c(private$.state$drift_log, drift$alerts)
+  flat <- as.double(proposed)
   state <- private$.state
-  state$flat <- as.double(proposed)
+  private$.state <- NULL
+  state$flat <- flat
   state$round <- r
   state$records[[length(state$records) + 1L]] <- record
-  state$client_log[[length(state$client_log) + 1L]] <- c(list(round = r), info)
+  state$client_log[[length(state$client_log) + 1L]] <- client_rows
   state$selection_log[[length(state$selection_log) + 1L]] <- picked$log
   if (!is.null(system$log)) state$system_log[[length(state$system_log) + 1L]] <- system$log
   if (!is.na(record$sim_time)) state$sim_time <- record$sim_time
   if (!is.null(async_state)) state$async_state <- async_state
-  state$reach <- state$reach + picked$available
+  state$reach <- reach
   if (!is.null(picked$chains)) state$chains <- picked$chains
   state$server_state <- result$server_state
   state$q_log <- q_log
   if (!is.null(next_clip)) state$dp_clip <- next_clip
-  state$drift_log <- c(state$drift_log, drift$alerts)
+  state$drift_log <- drift_log
   state$seen_versions <- drift$seen
   state$control <- result$control
   if (!is.null(result$aggregate)) state$last_delta <- result$aggregate

@@ -69,9 +69,9 @@ select_uniform <- function() {
     m <- min(ctx$n, length(avail))
     picked <- if (length(avail) == length(ctx$clients$id)) {
       # The draw of fedagg 0.1, kept so that runs with every node reachable replay.
-      with_seed(ctx$seed, sort(sample.int(length(avail), m)))
+      sorted_positions(with_seed(ctx$seed, sample.int(length(avail), m)), length(avail))
     } else {
-      with_seed(ctx$seed, sort(avail[sample.int(length(avail), m)]))
+      sorted_positions(with_seed(ctx$seed, avail[sample.int(length(avail), m)]), length(ctx$clients$id))
     }
     ctx$clients$id[picked]
   })

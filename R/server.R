@@ -460,8 +460,11 @@ Server <- R6::R6Class("Server",
                          compute = numeric(), upload = numeric(), finish = numeric(), work = numeric(),
                          staleness = numeric()))
       }
-      do.call(new_frame, lapply(stats::setNames(names(rows[[1]]), names(rows[[1]])),
-                                function(col) unlist(lapply(rows, `[[`, col), use.names = FALSE)))
+      out <- do.call(new_frame, lapply(stats::setNames(names(rows[[1]]), names(rows[[1]])),
+                                       function(col) unlist(lapply(rows, `[[`, col), use.names = FALSE)))
+      # Not kept by the closure: the next round appends to the log in place.
+      rm(rows)
+      out
     },
     #' @field stopped `NULL`, or how the last `fit()` ended early: a list of
     #'   `round` and `reason` (read-only).

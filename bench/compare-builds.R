@@ -43,5 +43,7 @@ for (r in seq_len(repeats)) {
 }
 out <- do.call(rbind, rows)
 print(out, row.names = FALSE, digits = 3)
-ratio <- mean(out$ms_1_thread[out$build == "after"]) / mean(out$ms_1_thread[out$build == "before"])
-cat(sprintf("\nafter / before, 1 thread: %.3f\n", ratio))
+# Medians over the repeats: the VM's speed drifts within a run, and one
+# slow stretch must not decide a ratio.
+ratio <- function(col) stats::median(out[[col]][out$build == "after"]) / stats::median(out[[col]][out$build == "before"])
+cat(sprintf("\nafter / before (medians): 1 thread %.3f, 2 threads %.3f\n", ratio("ms_1_thread"), ratio("ms_2_threads")))

@@ -2,6 +2,7 @@
 
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::updates::UpdateSet;
+use crate::parallel::min_len;
 use rayon::prelude::*;
 
 /// Output block of the streaming mean: 256 KiB of output stays in L2 while
@@ -88,7 +89,7 @@ pub fn weighted_sum_into(clients: &[&[f64]], weights: &[f64], out: &mut [f64]) {
     if clients.len() * out.len() < PARALLEL_MIN_WORK {
         out.chunks_mut(MEAN_BLOCK).enumerate().for_each(run);
     } else {
-        out.par_chunks_mut(MEAN_BLOCK).enumerate().for_each(run);
+        out.par_chunks_mut(MEAN_BLOCK).enumerate().with_min_len(min_len()).for_each(run);
     }
 }
 

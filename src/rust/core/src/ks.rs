@@ -2,6 +2,7 @@
 
 use crate::alloc::{try_copy, try_with_capacity};
 use crate::error::{invalid, CoreResult};
+use crate::parallel::sequential;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +28,7 @@ const PAR_SORT_MIN: usize = 1 << 15;
 fn sorted(x: &[f64]) -> CoreResult<Vec<f64>> {
     let mut v = try_copy(x, "a sorted copy of the sample")?;
     let cmp = |a: &f64, b: &f64| a.partial_cmp(b).expect("NaN is removed before sorting");
-    if v.len() >= PAR_SORT_MIN {
+    if v.len() >= PAR_SORT_MIN && !sequential() {
         v.par_sort_unstable_by(cmp);
     } else {
         v.sort_unstable_by(cmp);
@@ -151,7 +152,7 @@ pub fn ks_two_sample(x: &[f64], y: &[f64], alternative: Alternative, exact: Opti
     if x.iter().chain(y).any(|v| v.is_nan()) {
         return invalid("x", "must not contain NaN");
     }
-    let (xs, ys) = rayon::join(|| sorted(x), || sorted(y));
+    let (xs, ys) = if sequential() { (sorted(x), sorted(y)) } else { rayon::join(|| sorted(x), || sorted(y)) };
     let (xs, ys) = (xs?, ys?);
     let (nx, ny) = (xs.len(), ys.len());
     let (mut d_plus, mut d_minus) = (0i128, 0i128);

@@ -9,7 +9,7 @@
 
 use crate::alloc::try_zeroed;
 use crate::error::{invalid, CoreResult};
-use crate::parallel::{block_sums, reduction_block};
+use crate::parallel::{block_sums, min_len, reduction_block};
 use crate::updates::UpdateSet;
 use rayon::prelude::*;
 
@@ -67,6 +67,7 @@ fn unit_scale(exponent: i32) -> (f64, f64) {
 /// so the order the blocks are combined in cannot matter.
 fn max_abs(x: &[f64]) -> f64 {
     x.par_chunks(SUM_BLOCK)
+        .with_min_len(min_len())
         .map(|c| c.iter().fold(0.0, |m: f64, v| m.max(v.abs())))
         .reduce(|| 0.0, f64::max)
 }
@@ -188,7 +189,7 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
 /// `x` with every value mapped by `f`, in a checked allocation.
 fn mapped_copy(x: &[f64], f: impl Fn(f64) -> f64 + Sync) -> CoreResult<Vec<f64>> {
     let mut out = try_zeroed(x.len(), "the clipped update")?;
-    out.par_chunks_mut(COPY_CHUNK).zip(x.par_chunks(COPY_CHUNK)).for_each(|(o, x)| {
+    out.par_chunks_mut(COPY_CHUNK).zip(x.par_chunks(COPY_CHUNK)).with_min_len(min_len()).for_each(|(o, x)| {
         for (o, v) in o.iter_mut().zip(x) {
             *o = f(*v);
         }

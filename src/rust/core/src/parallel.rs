@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::cell::{Cell, OnceCell};
 use std::sync::{Arc, Mutex};
 
 /// Number of threads to use when the caller asks for "all cores" (0).
@@ -64,12 +65,101 @@ fn pool_for(threads: usize) -> Option<Arc<ThreadPool>> {
         .ok()
 }
 
+thread_local! {
+    /// The pool of all cores in which the calling thread is itself a worker
+    /// (built on its first request; `None` if it could not be).
+    static CALLER_POOL: OnceCell<Option<ThreadPool>> = const { OnceCell::new() };
+    /// Set while `with_threads(1, ..)` runs in the caller: no parallel loop
+    /// splits its work (see `min_len`).
+    static SEQUENTIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The least number of items a parallel loop gives one task: every item
+/// (so nothing is handed to another thread) while `with_threads(1, ..)`
+/// runs in the caller, else 1. Every parallel loop of the crate takes it
+/// (`.with_min_len(min_len())`), so that one thread means one thread.
+pub fn min_len() -> usize {
+    if sequential() {
+        usize::MAX
+    } else {
+        1
+    }
+}
+
+/// Threads the current work may spread over.
+pub fn threads_here() -> usize {
+    if sequential() {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+/// Whether the current work must stay on the current thread (for the few
+/// parallel calls that are not iterators: sorts, joins).
+pub fn sequential() -> bool {
+    SEQUENTIAL.with(Cell::get)
+}
+
+fn with_sequential<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SEQUENTIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SEQUENTIAL.with(|s| s.replace(on)));
+    f()
+}
+
+/// Runs `f` in the all-cores pool that includes the calling thread, for a
+/// caller that is not yet a worker of any pool: on all cores, or on the
+/// caller alone for one thread. `Err(f)` when there is no such pool.
+///
+/// Why: a small round handed R's thread's work to a pool whose workers fell
+/// asleep while R ran its part of the round (about 1 ms), and on a VM waking
+/// one takes about 0.5 ms (`bench/pool-wake`: 2.08 ms for a 1.50 ms round
+/// handed over, 1.71 ms with the caller taking part; one thread, 3.15 ms
+/// handed to a pool of one and 3.01 ms in the caller). A thread can be in
+/// one pool only, so only the all-cores size (the default) and one thread
+/// get this; other sizes use the cached pools. The pool's workers end with
+/// the thread; rayon keeps (leaks) the caller's small worker record.
+fn in_caller_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R, impl FnOnce() -> R + Send> {
+    let cores = available_threads();
+    if threads != 1 && threads != cores {
+        return Err(f);
+    }
+    CALLER_POOL.with(|cell| {
+        let pool = cell.get_or_init(|| {
+            if rayon::current_thread_index().is_some() {
+                return None;
+            }
+            ThreadPoolBuilder::new()
+                .num_threads(cores)
+                .use_current_thread()
+                .thread_name(|i| format!("fedagg-{i}"))
+                .build()
+                .ok()
+        });
+        match pool {
+            // The caller is the pool's worker 0: install() runs `f` here.
+            Some(pool) => Ok(pool.install(|| with_sequential(threads == 1 && cores > 1, f))),
+            None => Err(f),
+        }
+    })
+}
+
 /// Runs `f` on a pool of `min(threads, cores)` threads (0 = all cores).
 /// Results never depend on the count, so when no pool can be started (the
 /// process is out of threads) `f` runs in the caller's pool instead.
 pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    match pool_for(effective_threads(threads)) {
-        Some(pool) => pool.install(f),
+    let threads = effective_threads(threads);
+    let f = match in_caller_pool(threads, f) {
+        Ok(result) => return result,
+        Err(f) => f,
+    };
+    match pool_for(threads) {
+        Some(pool) => pool.install(|| with_sequential(false, f)),
         None => f(),
     }
 }
@@ -87,6 +177,7 @@ where
     let n_blocks = len.div_ceil(block);
     let partials: Vec<Vec<f64>> = (0..n_blocks)
         .into_par_iter()
+        .with_min_len(min_len())
         .map(|b| {
             let mut acc = vec![0.0; n_out];
             fill(b * block..((b + 1) * block).min(len), &mut acc);
@@ -114,7 +205,8 @@ pub fn sum_all(slices: &[&[f64]]) -> f64 {
     const BLOCK: usize = 1 << 16;
     slices
         .par_iter()
-        .map(|x| x.par_chunks(BLOCK).map(sum_unordered).sum::<f64>())
+        .with_min_len(min_len())
+        .map(|x| x.par_chunks(BLOCK).with_min_len(min_len()).map(sum_unordered).sum::<f64>())
         .sum()
 }
 
@@ -155,8 +247,102 @@ mod tests {
         assert_eq!(effective_threads(0), cores);
         assert_eq!(effective_threads(1), 1);
         assert_eq!(effective_threads(10_000), cores);
-        assert_eq!(with_threads(10_000, rayon::current_num_threads), cores);
-        assert_eq!(with_threads(1, rayon::current_num_threads), 1);
+        assert_eq!(with_threads(10_000, threads_here), cores);
+        assert_eq!(with_threads(1, threads_here), 1);
+    }
+
+    #[test]
+    fn the_caller_works_in_its_own_pool_on_all_cores_and_alone() {
+        let cores = available_threads();
+        std::thread::spawn(move || {
+            // All cores: the caller is worker 0 of its own pool (with one
+            // core there is no pool to join).
+            let inside = with_threads(0, || (rayon::current_thread_index(), rayon::current_num_threads()));
+            assert_eq!(inside, (if cores > 1 { Some(0) } else { inside.0 }, cores));
+            // One thread: in the caller too, marked so that nothing splits.
+            let one = with_threads(1, || (rayon::current_thread_index(), threads_here()));
+            assert_eq!(one, (inside.0, 1));
+            // Nested: a worker asking again stays in its pool.
+            let nested = with_threads(0, || with_threads(0, || block_sums(10, 3, 1, |r, acc| acc[0] = r.len() as f64)));
+            assert_eq!(nested, vec![10.0]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn one_thread_runs_every_loop_in_the_caller() {
+        use std::collections::HashSet;
+        std::thread::spawn(|| {
+            let seen = Mutex::new(HashSet::new());
+            let note = || {
+                seen.lock().unwrap().insert(std::thread::current().id());
+            };
+            let x: Vec<f64> = (0..200_000).map(|i| i as f64).collect();
+            let one = with_threads(1, || {
+                let s = block_sums(x.len(), 100, 1, |r, acc| {
+                    note();
+                    acc[0] = x[r].iter().sum();
+                });
+                x.par_chunks(10).with_min_len(min_len()).for_each(|_| note());
+                s
+            });
+            assert_eq!(*seen.lock().unwrap(), HashSet::from([std::thread::current().id()]));
+            assert!(!sequential(), "the one-thread mark ends with its call");
+            // All cores again: the same sums, and (with two cores or more) the work is shared.
+            seen.lock().unwrap().clear();
+            let all = with_threads(0, || {
+                block_sums(x.len(), 100, 1, |r, acc| {
+                    note();
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                    acc[0] = x[r].iter().sum();
+                })
+            });
+            assert_eq!(one, all);
+            if available_threads() > 1 {
+                assert!(seen.lock().unwrap().len() > 1);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Every parallel loop of the crate must take `min_len()`, and every
+    /// parallel sort or join must ask `sequential()`: otherwise a
+    /// one-thread call would still spread over the caller's pool.
+    #[test]
+    fn every_parallel_loop_honours_one_thread() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    sources(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push((path.display().to_string(), std::fs::read_to_string(&path).unwrap()));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        sources(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+        let loops = [".par_iter()", ".par_iter_mut()", ".into_par_iter()", ".par_chunks(", ".par_chunks_mut("];
+        let mut checked = 0;
+        for (path, text) in &files {
+            // The code, not its tests (which may run loops as they like).
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            for statement in code.split(';') {
+                let n_loops: usize = loops.iter().map(|l| statement.matches(l).count()).sum();
+                let n_zipped = statement.matches(".zip(").count().min(n_loops.saturating_sub(1));
+                let n_limited = statement.matches(".with_min_len(min_len())").count();
+                assert!(n_limited >= n_loops - n_zipped, "{path}: a parallel loop without with_min_len(min_len()):\n{statement}");
+                for call in ["par_sort", "rayon::join"] {
+                    if statement.contains(call) {
+                        assert!(statement.contains("sequential()"), "{path}: {call} without sequential():\n{statement}");
+                    }
+                }
+                checked += n_loops;
+            }
+        }
+        assert!(checked >= 15, "found only {checked} parallel loops: is the scan still reading the sources?");
     }
 
     #[test]

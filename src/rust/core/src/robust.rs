@@ -6,7 +6,7 @@ use crate::aggregate::{normalize_weights, weighted_mean, weighted_sum_into};
 use crate::alloc::{try_copy, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::norms::layer_sq_distances;
-use crate::parallel::reduction_block;
+use crate::parallel::{min_len, reduction_block, threads_here};
 use crate::updates::UpdateSet;
 use rayon::prelude::*;
 
@@ -23,7 +23,7 @@ where
     let mut outputs = set.zeroed_like("the robust aggregate")?;
     for (l, out) in outputs.iter_mut().enumerate() {
         let layer = set.layer(l);
-        out.par_chunks_mut(COORD_BLOCK).enumerate().for_each(|(b, block)| {
+        out.par_chunks_mut(COORD_BLOCK).enumerate().with_min_len(min_len()).for_each(|(b, block)| {
             let start = b * COORD_BLOCK;
             let mut values = vec![0.0; k];
             for (j, o) in block.iter_mut().enumerate() {
@@ -202,7 +202,7 @@ pub fn pairwise_sq_distances(set: &UpdateSet) -> CoreResult<PackedDistances> {
     let mut values = try_zeroed(n_pairs, &what)?;
     // Tiles of consecutive rows with about the same number of entries. Only
     // speed depends on the tiling: each entry is summed in the same order.
-    let target = n_pairs.div_ceil(4 * rayon::current_num_threads()).clamp(1, TILE_ENTRIES);
+    let target = n_pairs.div_ceil(4 * threads_here()).clamp(1, TILE_ENTRIES);
     let mut tiles = Vec::new();
     let mut rest = values.as_mut_slice();
     let mut first = 0;
@@ -219,7 +219,7 @@ pub fn pairwise_sq_distances(set: &UpdateSet) -> CoreResult<PackedDistances> {
         first = last;
     }
     let block = reduction_block(k);
-    let finite = tiles.into_par_iter().map(|(rows, tile)| fill_rows(set, rows, tile, block)).reduce(|| true, |a, b| a && b);
+    let finite = tiles.into_par_iter().with_min_len(min_len()).map(|(rows, tile)| fill_rows(set, rows, tile, block)).reduce(|| true, |a, b| a && b);
     if !finite {
         return Err(too_large_for_distances());
     }
@@ -252,6 +252,7 @@ pub fn krum_scores(set: &UpdateSet, f: usize) -> CoreResult<Vec<f64>> {
     let neighbours = k - f - 2;
     let scores: Vec<f64> = (0..k)
         .into_par_iter()
+        .with_min_len(min_len())
         .map_init(
             || Vec::with_capacity(k - 1),
             |row, i| {
@@ -423,6 +424,7 @@ pub fn bulyan_selection(set: &UpdateSet, f: usize) -> CoreResult<Vec<usize>> {
             let neighbours = if r >= 3 { r - f.min((r - 3) / 2) - 2 } else { r - 1 };
             let scores: Vec<f64> = remaining
                 .par_iter()
+                .with_min_len(min_len())
                 .map_init(
                     || Vec::with_capacity(r - 1),
                     |row: &mut Vec<f64>, &i| {

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::error::{invalid, CoreResult};
 use crate::model::{Dataset, Evaluation, Network};
-use crate::parallel::{effective_threads, with_threads};
+use crate::parallel::{effective_threads, min_len, with_threads};
 use crate::client::{self, in_client, FitConfig};
 pub use crate::client::{ClientJob, ClientReport, LocalWork, WeightRule};
 use crate::strategy::client::local_run;
@@ -216,7 +216,7 @@ pub fn run_round(net: &Network, global: &[f64], jobs: &[ClientJob<'_>], cfg: &Ro
         let mut residuals = Vec::new();
         let indices: Vec<usize> = (0..jobs.len()).collect();
         for chunk in indices.chunks(chunk_len(effective)) {
-            let results: Vec<CoreResult<ClientResult>> = chunk.par_iter().map(|&k| one_client(k)).collect();
+            let results: Vec<CoreResult<ClientResult>> = chunk.par_iter().with_min_len(min_len()).map(|&k| one_client(k)).collect();
             for result in results {
                 let (update, report, new_control, residual) = result?;
                 residuals.push(residual);
@@ -256,6 +256,7 @@ pub fn evaluate_many(net: &Network, params: &[f64], data: &[Dataset<'_>], thread
     let results: Vec<CoreResult<Evaluation>> = with_threads(threads, || {
         data.par_iter()
             .enumerate()
+            .with_min_len(min_len())
             .map(|(k, d)| {
                 net.check_data(d).map_err(|e| in_client(k, e))?;
                 net.evaluate(params, d).map_err(|e| in_client(k, e))

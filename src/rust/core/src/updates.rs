@@ -2,6 +2,7 @@
 
 use crate::alloc::try_zeroed;
 use crate::error::{invalid, CoreError, CoreResult};
+use crate::parallel::min_len;
 use rayon::prelude::*;
 
 /// `layers[l][k]` is layer `l` of client `k`. Every client has the same layers
@@ -82,6 +83,7 @@ impl<'a> UpdateSet<'a> {
     pub fn first_non_finite(&self) -> Option<Position> {
         (0..self.n_clients)
             .into_par_iter()
+            .with_min_len(min_len())
             .filter_map(|k| {
                 self.layers.iter().enumerate().find_map(|(l, layer)| {
                     layer[k]

@@ -5,6 +5,7 @@ pub mod rdp;
 
 use crate::error::{invalid, CoreResult};
 use crate::rng::Rng;
+use crate::parallel::min_len;
 use rayon::prelude::*;
 
 /// Elements per RNG stream: noise block `b` of a layer always uses stream `b`.
@@ -146,7 +147,7 @@ pub fn add_noise_in_place(x: &mut [f64], sigma: f64, seed: u64, layer: u64) -> C
     if !(sigma >= 0.0 && sigma.is_finite()) {
         return invalid("sigma", "must be a finite number >= 0");
     }
-    x.par_chunks_mut(NOISE_BLOCK).enumerate().for_each(|(b, block)| {
+    x.par_chunks_mut(NOISE_BLOCK).enumerate().with_min_len(min_len()).for_each(|(b, block)| {
         let mut rng = Rng::new(seed, (layer << 40) ^ b as u64);
         for v in block.iter_mut() {
             *v += sigma * rng.normal();

@@ -12,6 +12,7 @@
 
 use std::borrow::Cow;
 
+use crate::parallel::min_len;
 use rayon::prelude::*;
 
 use crate::alloc::{try_filled, try_zeroed};
@@ -170,7 +171,7 @@ fn local_dp_update(update: &mut Cow<'_, [f64]>, local: &LocalNoise, stream: u64)
     let factor = clip_factor(l2_norm(update), local.clip);
     let values = owned(update, "a locally private client update")?;
     let mut noise = try_zeroed(values.len(), "local DP noise")?;
-    noise.par_chunks_mut(ATTACK_BLOCK).enumerate().for_each(|(b, block)| {
+    noise.par_chunks_mut(ATTACK_BLOCK).enumerate().with_min_len(min_len()).for_each(|(b, block)| {
         let mut rng = Rng::new(local.seed, LOCAL_DP_STREAM_TAG ^ (stream << 24) ^ b as u64);
         for v in block.iter_mut() {
             *v = local.sd * rng.normal();
@@ -205,7 +206,7 @@ fn attack_update(update: &mut Cow<'_, [f64]>, attack: &Attack, seed: u64, stream
 /// `x[j] = sd * z_j` with z from the streams of (`seed`, `client`, block of
 /// `ATTACK_BLOCK` coordinates): the same numbers on any number of threads.
 pub fn gaussian_fill(x: &mut [f64], sd: f64, seed: u64, client: u64) {
-    x.par_chunks_mut(ATTACK_BLOCK).enumerate().for_each(|(b, block)| {
+    x.par_chunks_mut(ATTACK_BLOCK).enumerate().with_min_len(min_len()).for_each(|(b, block)| {
         let mut rng = Rng::new(seed, ATTACK_STREAM_TAG ^ (client << 24) ^ b as u64);
         for v in block.iter_mut() {
             *v = sd * rng.normal();

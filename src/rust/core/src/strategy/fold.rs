@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::alloc::{try_with_capacity, try_zeroed};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::norms::{l2_norm, layer_norms, sum_squares};
-use crate::parallel::{block_sums, reduction_block};
+use crate::parallel::{block_sums, min_len, reduction_block};
 use crate::strategy::aggregator::{robust_aggregate, Aggregator, FoldRule};
 use crate::strategy::transform::{check_update, Prepared, RoundTransforms};
 use crate::updates::UpdateSet;
@@ -313,6 +313,7 @@ impl<'a> Fold<'a> {
                 .par_iter_mut()
                 .zip(&kept)
                 .enumerate()
+                .with_min_len(min_len())
                 .map(|(i, (e, &keep))| {
                     if keep {
                         let update = e.update.as_mut().expect("kept with a filter");
@@ -428,7 +429,7 @@ fn axpy(y: &mut [f64], a: f64, x: &[f64]) {
         }
     };
     if y.len() >= PARALLEL_FROM {
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(kernel);
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).with_min_len(min_len()).for_each(kernel);
     } else {
         kernel((y, x));
     }

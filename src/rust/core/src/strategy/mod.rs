@@ -33,7 +33,7 @@ use rayon::prelude::*;
 use crate::alloc::try_zeroed;
 use crate::error::{invalid, CoreResult};
 use crate::norms::l2_norm;
-use crate::parallel::{effective_threads, with_threads};
+use crate::parallel::{effective_threads, min_len, with_threads};
 
 pub use client::{ClientAlgorithm, GradientCorrection, LocalConfig, LocalOutcome};
 pub use aggregator::{Aggregator, FoldRule};
@@ -185,7 +185,7 @@ pub fn fold_round_with(
         let indices: Vec<usize> = (0..k).collect();
         for chunk in indices.chunks(4 * effective_threads(threads)) {
             let prepared: Vec<CoreResult<Prepared<'_>>> =
-                chunk.par_iter().map(|&i| transforms.guard(i, global.len(), Cow::Borrowed(updates[i]), diagnostics)).collect();
+                chunk.par_iter().with_min_len(min_len()).map(|&i| transforms.guard(i, global.len(), Cow::Borrowed(updates[i]), diagnostics)).collect();
             for (&i, p) in chunk.iter().zip(prepared) {
                 fold.add_prepared(p?, weights[i], steps.map_or(1.0, |a| a[i]))?;
             }
