@@ -88,9 +88,14 @@ system_round <- function(private, work, r, cohort) {
     round_time <- NA_real_
   }
   reported <- status %in% c("kept", "partial")
+  # The share of its local work each client did (ifelse() costs more than
+  # the rest of this step in a small round).
+  work_done <- as.double(reported)
+  partial <- status == "partial"
+  work_done[partial] <- (max_steps / full_steps)[partial]
   log <- list(round = rep(as.integer(r), k), client = work$ids, status = status,
               download = t_down, compute = t_compute, upload = t_up, finish = finish,
-              work = ifelse(status == "partial", max_steps / full_steps, as.double(reported)),
+              work = work_done,
               staleness = rep(NA_real_, k))
   kept <- list(ids = work$ids[reported], index = index[reported], epochs = work$epochs[reported],
                straggler = work$straggler[reported], max_steps = max_steps[reported])
