@@ -29,6 +29,7 @@ fed_keygen <- function(path, overwrite = FALSE) {
   check_required_args()
   path <- assert_path(path)
   assert_flag(overwrite)
+  dir.create(dirname(path), recursive = TRUE, showWarnings = FALSE)
   if (file.exists(path) && !overwrite) {
     fedagg_abort(c("{.file {path}} exists; a key in use is never replaced by accident.",
                    i = "Use {.code overwrite = TRUE} to replace it."))

@@ -81,11 +81,18 @@ net_listen <- function(self, private, port, host, key, tls, limits, log_file, in
   round_timeout <- assert_limit(round_timeout)
   key_pem <- read_pem(key, "private key")
   keys <- vapply(nodes, function(n) n$public_key, character(1))
-  started <- call_rust(rs_net_serve(host, port, if (!is.null(tls)) read_pem(tls$cert, "certificate"),
-                                    if (!is.null(tls)) read_pem(tls$key, "private key"), key_pem,
-                                    names(nodes), unname(keys), "fedagg", unclass(limits),
-                                    if (!is.null(log_file)) assert_path(log_file, "log_file"),
-                                    as.integer(threads %||% 2L), isTRUE(insecure)))
+  started <- tryCatch(
+    call_rust(rs_net_serve(host, port, if (!is.null(tls)) read_pem(tls$cert, "certificate"),
+                           if (!is.null(tls)) read_pem(tls$key, "private key"), key_pem,
+                           names(nodes), unname(keys), "fedagg", unclass(limits),
+                           if (!is.null(log_file)) assert_path(log_file, "log_file"),
+                           as.integer(threads %||% 2L), isTRUE(insecure))),
+    fedagg_error_network = function(e) {
+      if (!grepl("Address already in use", conditionMessage(e), fixed = TRUE)) stop(e)
+      fedagg_abort(c("Port {port} on {host} is in use by another process.",
+                     i = "Stop that process, choose another {.arg port}, or give {.code port = 0} for a free one."),
+                   class = c("port_in_use", "network"), parent = e)
+    })
   shown <- if (grepl(":", host, fixed = TRUE)) sprintf("[%s]", host) else host
   private$.net <- list(handle = started$handle, port = started$port, host = host,
                        url = sprintf("%s://%s:%d", if (is.null(tls)) "http" else "https", shown, started$port),
