@@ -88,7 +88,8 @@ round_body <- function(self, private, r, last_round) {
   evaluated <- r %% private$.eval_every == 0L || r == last_round
   metrics <- if (evaluated) private$.evaluate_all(proposed, r) else list()
   info <- result$info
-  record <- c(list(round = r, clients = length(work$ids), lr = lr,
+  # Clients whose updates came in (a networked dropout was selected, never heard from).
+  record <- c(list(round = r, clients = length(work$ids) - length(result$dropped), lr = lr,
                    train_loss = if (length(work$ids)) stats::weighted.mean(info$train_loss, info$weight) else NA_real_,
                    loss_spread = if (length(work$ids) > 1L) stats::sd(info$train_loss) else NA_real_),
               private$.metric_slots(metrics), result$diagnostics,
