@@ -29,7 +29,9 @@ fed_keygen <- function(path, overwrite = FALSE) {
   check_required_args()
   path <- assert_path(path)
   assert_flag(overwrite)
-  dir.create(dirname(path), recursive = TRUE, showWarnings = FALSE)
+  if (!dir.exists(dirname(path))) {
+    fedagg_abort("Cannot write {.file {path}}: its directory {.file {dirname(path)}} does not exist.", class = "missing_file")
+  }
   if (file.exists(path) && !overwrite) {
     fedagg_abort(c("{.file {path}} exists; a key in use is never replaced by accident.",
                    i = "Use {.code overwrite = TRUE} to replace it."))

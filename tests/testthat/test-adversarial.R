@@ -941,7 +941,33 @@ adv_cases_network <- c(
       suppressMessages(fed_keygen(k))
       fed_keygen(k)
     }), re = "overwrite"),
-    E("a directory that does not exist", fed_keygen(file.path(tempfile(), "no", "k.key")), re = "cannot write")
+    E("a directory that does not exist", fed_keygen(file.path(tempfile(), "no", "k.key")), re = "(?i)cannot write")
+  ),
+  adv_group("fed_config",
+    E("a number instead of a file or a list", fed_config(42), re = "mapping"),
+    E("a file that does not exist", fed_config(file.path(tempfile(), "c.yaml")), re = "does\\s+not\\s+exist"),
+    E("a setting that is not one", fed_config(list(model = list(type = "softmax", n_features = 2, n_classes = 2), modle = 1)),
+      re = "modle"),
+    E("a constructor that is not a lever's", fed_config(list(model = list(type = "softmax", n_features = 2, n_classes = 2),
+                                                           server = list(algorithm = list(type = "Sys.time")))),
+      re = "lever constructors")
+  ),
+  adv_group("fed_config_server",
+    E("nodes that are not nodes", fed_config_server(list(model = list(type = "softmax", n_features = 2, n_classes = 2)), 1:3),
+      re = "nodes")
+  ),
+  adv_group("fed_serve_env",
+    E("env that is not a named character vector", fed_serve_env(1:3, dry_run = TRUE), re = "env"),
+    E("a misspelt FEDAGG_ variable", fed_serve_env(c(FEDAGG_PROT = "1"), dry_run = TRUE), re = "FEDAGG_PORT")
+  ),
+  adv_group("fed_deploy_check",
+    E("a directory that does not exist", fed_deploy_check(tempfile()), re = "directory")
+  ),
+  adv_group("fed_launch",
+    E("a plan without worker processes", local({
+      future::plan(future::sequential)
+      fed_launch(list(), "http://127.0.0.1:1", model_softmax(2, 2), key = tempdir(), server_key = "x")
+    }), re = "plan")
   ),
   adv_group("fed_public_key",
     S(fed_public_key(X), "path", c("NULL", "NA_chr", "chr2", "num0")),
@@ -1061,8 +1087,8 @@ test_that("the adversarial table covers every export with enough cases", {
   exports <- getNamespaceExports("fedagg")
   # Classes and functions reached through others: Server through fed_server(),
   # lr_constant() through lr_schedule names, predict() through its S3 method.
-  # RemoteNode through fed_remote_nodes().
-  indirect <- c("Server", "lr_constant", "RemoteNode")
+  # RemoteNode through fed_remote_nodes(), Launch through fed_launch().
+  indirect <- c("Server", "lr_constant", "RemoteNode", "Launch")
   expect_setequal(setdiff(exports, c(called, indirect)), character())
 })
 

@@ -32,6 +32,7 @@ https_get <- function(url, ca) {
 deploy_files <- function(dir, ids, config_text = manifest("configmap.yaml")$data[["config.yaml"]]) {
   secrets <- file.path(dir, "secrets")
   dir.create(secrets, recursive = TRUE)
+  dir.create(file.path(dir, "nodes"))
   pubs <- vapply(ids, function(id) suppressMessages(fed_keygen(file.path(dir, "nodes", paste0(id, ".key")))), "")
   write_authorized_keys(data.frame(node = ids, public_key = unname(pubs)), file.path(secrets, "authorized_keys.csv"))
   server_pub <- suppressMessages(fed_keygen(file.path(secrets, "server.key")))
