@@ -82,11 +82,7 @@ check_coordinator <- function(coord, secret, config_map, pvc) {
   names(env) <- vapply(container$env %||% list(), function(e) as.character(e$name), character(1))
   settings <- tryCatch(deploy_settings(env), fedagg_error_config = function(e) manifest_abort(f, "its environment is not the entry script's.", parent = e))
   port <- suppressWarnings(as.integer(settings$FEDAGG_PORT))
-  ports <- container$ports %||% list()
-  port_names <- vapply(ports, function(p) as.character(p$name %||% ""), character(1))
-  port_numbers <- vapply(ports, function(p) as.integer(p$containerPort %||% NA), integer(1))
-  if (!port %in% port_numbers) manifest_abort(f, "no {.field containerPort} is {.envvar FEDAGG_PORT} = {port}.")
-  resolve <- function(p) if (is.character(p)) port_numbers[match(p, port_names)] else as.integer(p)
+  if (!port %in% container_ports(container)) manifest_abort(f, "no {.field containerPort} is {.envvar FEDAGG_PORT} = {port}.")
   scheme <- if (identical(tolower(settings$FEDAGG_TLS), "off")) "HTTP" else "HTTPS"
   probes <- list(livenessProbe = "/healthz", readinessProbe = "/ready", startupProbe = "/healthz")
   for (probe in names(probes)) {
@@ -95,7 +91,7 @@ check_coordinator <- function(coord, secret, config_map, pvc) {
     if (!identical(p$httpGet$path, probes[[probe]])) {
       manifest_abort(f, "{.field {probe}.httpGet.path} must be {.val {probes[[probe]]}}, not {.val {p$httpGet$path %||% 'none'}}.")
     }
-    if (!identical(resolve(p$httpGet$port), port)) manifest_abort(f, "{.field {probe}.httpGet.port} must be the server's port {port}.")
+    if (!identical(container_port(container, p$httpGet$port), port)) manifest_abort(f, "{.field {probe}.httpGet.port} must be the server's port {port}.")
     if (!identical(toupper(p$httpGet$scheme %||% "HTTP"), scheme)) manifest_abort(f, "{.field {probe}.httpGet.scheme} must be {.val {scheme}}.")
   }
   res <- container$resources
@@ -154,13 +150,25 @@ check_service <- function(service, coord) {
     manifest_abort(f, "{.field spec.selector} does not select the coordinator's pods.")
   }
   container <- coord$doc$spec$template$spec$containers[[1]]
-  port_names <- vapply(container$ports, function(p) as.character(p$name %||% ""), character(1))
-  port_numbers <- vapply(container$ports, function(p) as.integer(p$containerPort), integer(1))
   for (p in service$doc$spec$ports) {
     target <- p$targetPort %||% p$port
-    ok <- if (is.character(target)) target %in% port_names else as.integer(target) %in% port_numbers
-    if (!ok) manifest_abort(f, "{.field targetPort} {.val {target}} is not a port of the coordinator.")
+    if (is.na(container_port(container, target))) manifest_abort(f, "{.field targetPort} {.val {target}} is not a port of the coordinator.")
   }
+}
+
+# A container's ports, named by their names ("" for unnamed ones), and the
+# number a probe's or Service's port (a number or a name) refers to (NA:
+# none of them).
+container_ports <- function(container) {
+  ports <- container$ports %||% list()
+  stats::setNames(vapply(ports, function(p) as.integer(p$containerPort %||% NA), integer(1)),
+                  vapply(ports, function(p) as.character(p$name %||% ""), character(1)))
+}
+
+container_port <- function(container, port) {
+  ports <- container_ports(container)
+  at <- if (is.character(port)) match(port, names(ports)) else match(as.integer(port), ports)
+  unname(ports[at])
 }
 
 # A Kubernetes quantity ("100m", "0.5", "128Mi", "1G") as a number (NA if

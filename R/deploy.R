@@ -158,25 +158,19 @@ config_abort <- function(message, source, ..., parent = NULL, call = rlang::call
 
 # A value checked by `check`; its error names the setting.
 config_value <- function(value, check, name, source) {
-  tryCatch(check(value), fedagg_error = function(e) {
-    fedagg_abort(c("{.field {name}} is not valid.", i = "In {source}."), class = "config", parent = e)
-  })
+  tryCatch(check(value), fedagg_error = function(e) config_abort("{.field {name}} is not valid.", source, parent = e))
 }
 
 # A call of fedagg's `fun` with the settings `args` (a mapping), its error
 # naming the setting.
 config_call <- function(fun, args, name, source) {
   if (!is.list(args) || (length(args) && is.null(names(args)))) {
-    fedagg_abort(c("{.field {name}} must be a mapping of the arguments of {.fn {fun}}.", i = "In {source}."), class = "config")
+    config_abort("{.field {name}} must be a mapping of the arguments of {.fn {fun}}.", source)
   }
   f <- get(fun, envir = asNamespace("fedagg"))
   bad <- setdiff(names(args), names(formals(f)))
-  if (length(bad) && !"..." %in% names(formals(f))) {
-    fedagg_abort(c("{.field {name}.{bad[1]}} is not an argument of {.fn {fun}}.", i = "In {source}."), class = "config")
-  }
-  tryCatch(do.call(f, args), error = function(e) {
-    fedagg_abort(c("{.field {name}}: {.fn {fun}} refused these settings.", i = "In {source}."), class = "config", parent = e)
-  })
+  if (length(bad) && !"..." %in% names(formals(f))) config_abort("{.field {name}.{bad[1]}} is not an argument of {.fn {fun}}.", source)
+  tryCatch(do.call(f, args), error = function(e) config_abort("{.field {name}}: {.fn {fun}} refused these settings.", source, parent = e))
 }
 
 # A setting as written (a number, a string, a list of numbers) or a lever
@@ -186,8 +180,8 @@ config_lever <- function(value, name, source) {
   type <- value[["type"]]
   if (!is.character(type) || length(type) != 1L || !grepl(config_constructors, type) ||
       !exists(type, envir = asNamespace("fedagg"), inherits = FALSE) || !type %in% getNamespaceExports("fedagg")) {
-    fedagg_abort(c("{.field {name}.type} must name one of fedagg's lever constructors (such as {.val fedprox} or {.val server_adam}), not {obj_desc(type)}.",
-                   i = "In {source}."), class = "config")
+    config_abort("{.field {name}.type} must name one of fedagg's lever constructors (such as {.val fedprox} or {.val server_adam}), not {obj_desc(type)}.",
+                 source)
   }
   config_call(type, value[names(value) != "type"], name, source)
 }

@@ -33,9 +33,9 @@ fedagg_warn <- function(message, class, .envir = parent.frame()) {
 # The Rust core tags its messages "[kind] text"; the kind becomes the class.
 # The networked federation adds: network (no answer, a refused connection),
 # timeout, key (a key or certificate that cannot be read), forged (an answer
-# not signed by the server), crypto and protocol.
+# not signed by the server), crypto, protocol and port_in_use.
 rust_error_kinds <- c("input", "memory", "client", "diverged", "filter", "network", "timeout", "key", "forged",
-                      "crypto", "protocol")
+                      "crypto", "protocol", "port_in_use")
 
 call_rust <- function(expr, call = rlang::caller_env()) {
   tryCatch(expr, error = function(e) {

@@ -73,14 +73,15 @@ fed_launch <- function(nodes, url, model, key, server_key, workers = NULL, ...) 
     workers <- min(workers, length(nodes))
   }
   key_dir <- is.character(key) && length(key) == 1L && !is.na(key) && dir.exists(key)
-  if (!key_dir) {
-    if (maker) fedagg_abort("With {.arg nodes} as a function, {.arg key} must be a directory of {.file <node id>.key} files.", class = "launch")
-    keys <- per_node_paths(key, ids)
+  if (maker && !key_dir) {
+    fedagg_abort("With {.arg nodes} as a function, {.arg key} must be a directory of {.file <node id>.key} files.", class = "launch")
   }
-  missing_keys <- if (key_dir && !maker) ids[!file.exists(file.path(key, paste0(ids, ".key")))] else if (!key_dir) ids[!file.exists(unlist(keys))] else character()
-  if (length(missing_keys)) {
-    fedagg_abort("No private key for node{?s} {.val {missing_keys}}.", class = "missing_file")
+  # With a list of nodes, every key file is known (and checked) here.
+  key_files <- if (!maker) {
+    if (key_dir) file.path(key, paste0(ids, ".key")) else unlist(per_node_paths(key, ids), use.names = FALSE)
   }
+  missing_keys <- if (!maker) ids[!file.exists(key_files)]
+  if (length(missing_keys)) fedagg_abort("No private key for node{?s} {.val {missing_keys}}.", class = "missing_file")
   server_pub <- read_public(server_key)
   control <- tempfile("fedagg-launch-")
   dir.create(control)
@@ -88,21 +89,21 @@ fed_launch <- function(nodes, url, model, key, server_key, workers = NULL, ...) 
   shard_of <- if (maker) NULL else split(seq_along(nodes), ceiling(seq_along(nodes) * workers / length(nodes)))
   join_args <- list(...)
   futures <- lapply(seq_len(workers), function(k) {
-    shard <- if (maker) NULL else nodes[shard_of[[k]]]
-    shard_keys <- if (maker || key_dir) key else unname(unlist(keys[shard_of[[k]]]))
-    launch_shard(k, workers, if (maker) nodes else shard, url, model, shard_keys, server_pub, join_args, control)
+    if (maker) return(launch_shard(k, workers, nodes, url, model, key, server_pub, join_args, control))
+    launch_shard(k, workers, nodes[shard_of[[k]]], url, model, key_files[shard_of[[k]]], server_pub, join_args, control)
   })
   Launch$new(futures, control, if (maker) NULL else lapply(shard_of, function(i) ids[i]), url)
 }
 
 # One shard's future: writes where it runs (so that it can be stopped),
-# then joins its nodes. Every value it needs is passed as a global.
+# then joins its nodes. Every value it needs is passed as a global; `key`
+# is the shard's key files, or (nodes made in the worker) their directory.
 launch_shard <- function(k, n_shards, nodes, url, model, key, server_pub, join_args, control) {
   future::future({
     writeLines(c(as.character(Sys.getpid()), Sys.info()[["nodename"]]), file.path(control, sprintf("shard-%d.pid", k)))
     shard_nodes <- if (is.function(nodes)) nodes(k, n_shards) else nodes
     ids <- vapply(shard_nodes, function(n) n$id, character(1))
-    keys <- if (length(key) == 1L && dir.exists(key)) file.path(key, paste0(ids, ".key")) else key
+    keys <- if (is.function(nodes)) file.path(key, paste0(ids, ".key")) else key
     do.call(fedagg::fed_join, c(list(shard_nodes, url, model, key = keys, server_key = server_pub), join_args))
   }, globals = list(k = k, n_shards = n_shards, nodes = nodes, url = url, model = model, key = key,
                     server_pub = server_pub, join_args = join_args, control = control),

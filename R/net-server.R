@@ -87,8 +87,7 @@ net_listen <- function(self, private, port, host, key, tls, limits, log_file, in
                            names(nodes), unname(keys), "fedagg", unclass(limits),
                            if (!is.null(log_file)) assert_path(log_file, "log_file"),
                            as.integer(threads %||% 2L), isTRUE(insecure))),
-    fedagg_error_network = function(e) {
-      if (!grepl("Address already in use", conditionMessage(e), fixed = TRUE)) stop(e)
+    fedagg_error_port_in_use = function(e) {
       fedagg_abort(c("Port {port} on {host} is in use by another process.",
                      i = "Stop that process, choose another {.arg port}, or give {.code port = 0} for a free one."),
                    class = c("port_in_use", "network"), parent = e)

@@ -211,8 +211,9 @@ trust_config <- function(private, attacks, round) {
 # The clients' simulated attacks (their `attack` parts, NULL for honest
 # ones) as the Rust round reads them, drawing from `seed`.
 attack_config <- function(attacks, seed) {
-  if (all(vapply(attacks, is.null, logical(1), USE.NAMES = FALSE))) return(list(attacks = NULL, attack_seed = as.double(seed)))
-  attacks <- lapply(unname(attacks), rust_attack)
+  # Converted only when some client attacks (a round of honest clients
+  # skips the per-client calls); a label flip has no Rust part.
+  if (!all(vapply(attacks, is.null, logical(1), USE.NAMES = FALSE))) attacks <- lapply(unname(attacks), rust_attack)
   list(attacks = if (any(!vapply(attacks, is.null, logical(1)))) attacks, attack_seed = as.double(seed))
 }
 

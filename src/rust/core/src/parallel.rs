@@ -159,7 +159,7 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R 
         Err(f) => f,
     };
     match pool_for(threads) {
-        Some(pool) => pool.install(|| with_sequential(false, f)),
+        Some(pool) => pool.install(f),
         None => f(),
     }
 }

@@ -34,6 +34,10 @@ pub enum NetError {
     Invalid(String, String),
     /// Bind, connect, read or write failed.
     Io(String),
+    /// The address to listen on is taken by another socket (told apart
+    /// from other I/O failures by its error kind, not by the system's
+    /// message, which follows the locale).
+    PortInUse(String),
     /// The peer answered something the protocol does not allow.
     Protocol(String),
     /// The server's answer is not signed by the server's key.
@@ -48,7 +52,7 @@ impl fmt::Display for NetError {
             NetError::Key(m) => write!(f, "{m}"),
             NetError::Crypto(m) => write!(f, "{m}"),
             NetError::Invalid(arg, m) => write!(f, "`{arg}` {m}"),
-            NetError::Io(m) => write!(f, "{m}"),
+            NetError::Io(m) | NetError::PortInUse(m) => write!(f, "{m}"),
             NetError::Protocol(m) => write!(f, "{m}"),
             NetError::Forged(m) => write!(f, "{m}"),
             NetError::Timeout(m) => write!(f, "{m}"),
@@ -64,6 +68,7 @@ impl NetError {
             NetError::Crypto(_) => "crypto",
             NetError::Invalid(..) => "invalid_argument",
             NetError::Io(_) => "network",
+            NetError::PortInUse(_) => "port_in_use",
             NetError::Protocol(_) => "protocol",
             NetError::Forged(_) => "forged",
             NetError::Timeout(_) => "timeout",

@@ -94,7 +94,14 @@ impl Server {
     /// background threads until `stop()`.
     pub fn start(coord: Coordinator, opts: Options) -> Result<Server, NetError> {
         let std_listener = std::net::TcpListener::bind(opts.address)
-            .map_err(|e| NetError::Io(format!("cannot listen on {}: {e}", opts.address)))?;
+            .map_err(|e| {
+                let message = format!("cannot listen on {}: {e}", opts.address);
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    NetError::PortInUse(message)
+                } else {
+                    NetError::Io(message)
+                }
+            })?;
         std_listener.set_nonblocking(true).map_err(|e| NetError::Io(e.to_string()))?;
         let addr = std_listener.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
         let log_file = match &opts.log_file {

@@ -450,3 +450,18 @@ fn a_node_refuses_a_task_tampered_with_on_the_way() {
     // The untampered task reaches the node as sent.
     assert_eq!(a.request("GET", "/v1/task", 0, "", vec![], T).unwrap().status, 200);
 }
+
+#[test]
+fn a_taken_port_is_its_own_error_kind() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (server_pem, _) = generate().unwrap();
+    let keys = Keys { server: SigningKey::from_pem(&server_pem).unwrap(), nodes: HashMap::new(), federation: "port".into() };
+    let err = Server::start(
+        Coordinator::new(keys, Settings::default()),
+        Options { address: holder.local_addr().unwrap(), tls: None, log_file: None, threads: 1 },
+    )
+    .err()
+    .expect("the port is taken");
+    assert_eq!(err.kind(), "port_in_use");
+    assert!(err.to_string().contains(&holder.local_addr().unwrap().to_string()));
+}
