@@ -130,8 +130,8 @@ check_coordinator <- function(coord, secret, config_map, pvc) {
     manifest_abort(pvc$file, "{.field spec.accessModes} must be {.val ReadWriteOnce}: the checkpoint has one writer.")
   }
   keys <- names(c(secret$doc$data, secret$doc$stringData))
-  if (!setequal(keys, deploy_secret_files)) {
-    manifest_abort(secret$file, "its keys must be the files the entry script reads, {.file {deploy_secret_files}}, not {.val {keys}}.")
+  if (!all(deploy_secret_files %in% keys) || length(setdiff(keys, c(deploy_secret_files, deploy_optional_secret_files)))) {
+    manifest_abort(secret$file, "its keys must be the files the entry script reads, {.file {deploy_secret_files}} (and optionally {.file {deploy_optional_secret_files}}), not {.val {keys}}.")
   }
   config_name <- basename(settings$FEDAGG_CONFIG)
   text <- config_map$doc$data[[config_name]]

@@ -24,6 +24,8 @@ deploy_env_ignored <- c("FEDAGG_CARGO_TARGET_DIR", "FEDAGG_BENCH_PYTHON", "FEDAG
 # The files of the secrets directory (the Kubernetes Secret's keys).
 deploy_secret_files <- c(server_key = "server.key", authorized_keys = "authorized_keys.csv",
                          tls_cert = "tls.crt", tls_key = "tls.key")
+# Optional ones: the dashboards' keys (see fed_dashboard()).
+deploy_optional_secret_files <- c(viewers = "viewers.csv")
 
 # Constructors a configuration may name as `type:` (a lever is written as a
 # mapping, `{type: fedprox, mu: 0.01}`), by their prefixes.
@@ -202,7 +204,8 @@ config_lever <- function(value, name, source) {
 #' * `FEDAGG_CONFIG` (`/etc/fedagg/config/config.yaml`): the [fed_config()] file.
 #' * `FEDAGG_SECRETS_DIR` (`/etc/fedagg/secrets`): `server.key` (from
 #'   [fed_keygen()]), `authorized_keys.csv` (see [write_authorized_keys()]),
-#'   and the TLS pair `tls.crt` and `tls.key`.
+#'   and the TLS pair `tls.crt` and `tls.key`; optionally `viewers.csv`,
+#'   the keys of remote [fed_dashboard()]s (the `viewers` of `$serve()`).
 #' * `FEDAGG_HOST` (`0.0.0.0`), `FEDAGG_PORT` (`8443`).
 #' * `FEDAGG_CHECKPOINT_DIR` (`/var/lib/fedagg/checkpoint`).
 #' * `FEDAGG_TLS` (`on`): `off` serves plain HTTP, on a loopback address only.
@@ -275,6 +278,8 @@ fed_serve_env <- function(env = Sys.getenv(), dry_run = FALSE) {
                        log_file = if (nzchar(settings$FEDAGG_LOG_FILE)) settings$FEDAGG_LOG_FILE,
                        threads = as.integer(threads), verbose = verbose),
                   config$serve)
+  viewers <- file.path(settings$FEDAGG_SECRETS_DIR, deploy_optional_secret_files[["viewers"]])
+  if (file.exists(viewers)) serve_args$viewers <- viewers
   if (isTRUE(dry_run)) return(list(server = server, serve = serve_args, settings = settings))
   history <- do.call(server$serve, serve_args)
   invisible(history)

@@ -55,7 +55,7 @@ rs_node_info <- function(node, n_samples, has_validation, label_levels, data_ver
 #' Starts the coordinator on background threads; returns its handle and
 #' the port it listens on (`port` 0: one the system picks).
 #' @noRd
-rs_net_serve <- function(host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads, insecure) .Call(wrap__rs_net_serve, host, port, tls_cert, tls_key, server_key, node_ids, node_keys, federation, limits, log_file, threads, insecure)
+rs_net_serve <- function(host, port, tls_cert, tls_key, server_key, node_ids, node_keys, viewer_ids, viewer_keys, federation, limits, log_file, threads, insecure) .Call(wrap__rs_net_serve, host, port, tls_cert, tls_key, server_key, node_ids, node_keys, viewer_ids, viewer_keys, federation, limits, log_file, threads, insecure)
 
 #' "starting", "running", "done" or "stopping".
 #' @noRd
@@ -87,6 +87,19 @@ rs_net_metrics <- function(server) .Call(wrap__rs_net_metrics, server)
 #' A committed round's wall time, for the metrics.
 #' @noRd
 rs_net_observe_round <- function(server, seconds) .Call(wrap__rs_net_observe_round, server, seconds)
+
+#' R values as one JSON text (the dashboard's status document).
+#' @noRd
+rs_to_json <- function(x) .Call(wrap__rs_to_json, x)
+
+#' Publishes the status viewers read at `GET /v1/status` (JSON from
+#' `rs_to_json()`).
+#' @noRd
+rs_net_set_status <- function(server, json) .Call(wrap__rs_net_set_status, server, json)
+
+#' The coordinator's counts now, as viewers read them (JSON).
+#' @noRd
+rs_net_live <- function(server) .Call(wrap__rs_net_live, server)
 
 #' The last `n` JSON log lines.
 #' @noRd

@@ -56,7 +56,7 @@ print.fed_net_limits <- function(x, ...) {
 }
 
 # Starts the coordinator and routes the server's rounds through it.
-net_listen <- function(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads) {
+net_listen <- function(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads, viewers = NULL) {
   if (!is.null(private$.net) && isTRUE(call_rust(rs_net_running(private$.net$handle)))) {
     fedagg_abort("This server is already listening on {.url {private$.net$url}}; call {.code $stop()} first.", class = "network")
   }
@@ -81,10 +81,16 @@ net_listen <- function(self, private, port, host, key, tls, limits, log_file, in
   round_timeout <- assert_limit(round_timeout)
   key_pem <- read_pem(key, "private key")
   keys <- vapply(nodes, function(n) n$public_key, character(1))
+  if (!is.null(viewers)) {
+    viewers <- if (is.character(viewers) && length(viewers) == 1L) read_authorized_keys(viewers) else check_authorized_keys(viewers, "{.arg viewers}")
+    both <- intersect(viewers$node, names(nodes))
+    if (length(both)) fedagg_abort("{.val {both[1]}} is both a node and a viewer: a viewer needs an id of its own.", arg = "viewers")
+  }
   started <- tryCatch(
     call_rust(rs_net_serve(host, port, if (!is.null(tls)) read_pem(tls$cert, "certificate"),
                            if (!is.null(tls)) read_pem(tls$key, "private key"), key_pem,
-                           names(nodes), unname(keys), "fedagg", unclass(limits),
+                           names(nodes), unname(keys), as.character(viewers$node), as.character(viewers$public_key),
+                           "fedagg", unclass(limits),
                            if (!is.null(log_file)) assert_path(log_file, "log_file"),
                            as.integer(threads %||% 2L), isTRUE(insecure))),
     fedagg_error_port_in_use = function(e) {
@@ -95,8 +101,10 @@ net_listen <- function(self, private, port, host, key, tls, limits, log_file, in
   shown <- if (grepl(":", host, fixed = TRUE)) sprintf("[%s]", host) else host
   private$.net <- list(handle = started$handle, port = started$port, host = host,
                        url = sprintf("%s://%s:%d", if (is.null(tls)) "http" else "https", shown, started$port),
-                       round_timeout = round_timeout, liveness = limits$liveness, public_key = call_rust(rs_net_public_key(key_pem)))
+                       round_timeout = round_timeout, liveness = limits$liveness, public_key = call_rust(rs_net_public_key(key_pem)),
+                       viewers = !is.null(viewers))
   private$.grid <- grid_network(private)
+  publish_status(self, private)
   invisible(self)
 }
 
@@ -256,6 +264,7 @@ net_serve <- function(self, private, rounds, min_nodes, wait_timeout, checkpoint
     fedagg_abort("{.arg min_nodes} = {min_nodes} is more than the {length(private$.nodes)} authorized node{?s}.")
   }
   on.exit(net_stop(private), add = TRUE)
+  private$.planned <- rounds
   # Not ready (GET /ready: 503) until the checkpoint is loaded.
   call_rust(rs_net_set_phase(private$.net$handle, "starting"))
   if (!is.null(checkpoint)) {

@@ -142,6 +142,7 @@ round_body <- function(self, private, r, last_round) {
   }
   private$.seconds[r] <- proc.time()[["elapsed"]] - started
   private$.core_seconds[r] <- core_clock$seconds - core_started
+  publish_status(self, private)
   if (!is.null(private$.hooks$round_end)) {
     # A hook may save the server (a checkpoint): without the data handles,
     # whose copies saveRDS() would write beside the nodes' own.

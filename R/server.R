@@ -238,6 +238,11 @@ Server <- R6::R6Class("Server",
     #' @param checkpoint `NULL` or a directory for checkpoints.
     #' @param limits [net_limits()].
     #' @param log_file `NULL` or a file for JSON log lines of every request.
+    #' @param viewers `NULL`, or the read-only clients allowed to read the
+    #'   federation's status at `GET /v1/status` (a remote [fed_dashboard()]):
+    #'   a CSV file or data frame like the nodes' authorized keys (columns
+    #'   `node`, the viewer's id, and `public_key`). Their keys do nothing
+    #'   else, and the nodes' keys cannot read the status.
     #' @param insecure Allow plain HTTP on an address that is not loopback.
     #' @param threads Threads of the HTTP server.
     #' @param verbose Print progress.
@@ -246,13 +251,13 @@ Server <- R6::R6Class("Server",
     #' @return The [fed_history], invisibly.
     serve = function(rounds, key = NULL, port = 0, host = "127.0.0.1", tls = NULL, min_nodes = NULL, round_timeout = 300,
                      wait_timeout = Inf, checkpoint = NULL, limits = net_limits(), log_file = NULL, insecure = FALSE,
-                     threads = 2, verbose = getOption("fedagg.verbose", interactive()), linger = 2) {
+                     threads = 2, verbose = getOption("fedagg.verbose", interactive()), linger = 2, viewers = NULL) {
       check_required_args()
       verbose <- assert_flag(verbose)
       # A server already listening (see `$listen()`) serves as it listens.
       if (is.null(private$.net)) {
         if (is.null(key)) fedagg_abort("{.arg key} is missing: the server's private key file (see {.fn fed_keygen}).")
-        net_listen(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads)
+        net_listen(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads, viewers)
       }
       net_serve(self, private, rounds, min_nodes, wait_timeout, checkpoint, verbose,
                 assert_number(linger, 0, 600))
@@ -261,11 +266,11 @@ Server <- R6::R6Class("Server",
     #' @description Start listening for nodes without running rounds (the
     #'   rounds then run with `$round()` or `$fit()`, through the network);
     #'   `$serve()` does this and more.
-    #' @param key,port,host,tls,round_timeout,limits,log_file,insecure,threads See `$serve()`.
+    #' @param key,port,host,tls,round_timeout,limits,log_file,insecure,threads,viewers See `$serve()`.
     listen = function(key, port = 0, host = "127.0.0.1", tls = NULL, round_timeout = 300, limits = net_limits(),
-                      log_file = NULL, insecure = FALSE, threads = 2) {
+                      log_file = NULL, insecure = FALSE, threads = 2, viewers = NULL) {
       check_required_args()
-      net_listen(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads)
+      net_listen(self, private, port, host, key, tls, limits, log_file, insecure, round_timeout, threads, viewers)
       call_rust(rs_net_set_phase(private$.net$handle, "running"))
       invisible(self)
     },
@@ -295,6 +300,7 @@ Server <- R6::R6Class("Server",
       on.exit(private$.views <- NULL, add = TRUE)
       first <- private$.state$round + 1L
       last <- private$.state$round + rounds
+      private$.planned <- last
       private$.stopped <- NULL
       status <- ""
       if (verbose) {
@@ -613,6 +619,7 @@ Server <- R6::R6Class("Server",
     .monitor = NULL, .roster = NULL, .views = NULL,
     .compress = NULL, .compress_down = NULL, .deadline = Inf, .over_select = 1,
     .async = NULL, .topology = NULL, .key = NULL, .home = NULL, .grid = NULL, .net = NULL,
+    .dashboard = NULL, .planned = NULL,
 
     # Nodes that can ever be selected (the minimum cohort excludes the rest).
     .eligible = function() {
@@ -634,6 +641,8 @@ Server <- R6::R6Class("Server",
       if (name == ".home") return(NULL)
       # A copy does not serve: the coordinator belongs to the original.
       if (name == ".net") return(NULL)
+      # Nor does it feed the original's dashboard.
+      if (name == ".dashboard") return(NULL)
       if (name == ".grid" && !is.null(private$.net)) return(NULL)
       value
     },

@@ -969,6 +969,15 @@ adv_cases_network <- c(
       fed_launch(list(), "http://127.0.0.1:1", model_softmax(2, 2), key = tempdir(), server_key = "x")
     }), re = "plan")
   ),
+  adv_group("fed_dashboard",
+    S(fed_dashboard(srv, refresh = X, open = FALSE), "refresh", c("0", "-1", "NA", "chr")),
+    S(fed_dashboard(srv, clients_rounds = X, open = FALSE), "clients_rounds", c("0", "1.5", "chr")),
+    E("a server that is not a Server", fed_dashboard(list(), open = FALSE), "server"),
+    E("a url without a viewer key", fed_dashboard(url = "http://127.0.0.1:1", server_key = "ed25519:x"), class = "fedagg_error_missing_file")
+  ),
+  adv_group("fed_dashboard_app",
+    E("a source that is neither a file nor a server", fed_dashboard_app(42), "source")
+  ),
   adv_group("fed_public_key",
     S(fed_public_key(X), "path", c("NULL", "NA_chr", "chr2", "num0")),
     E("a file that is not a key", local({
@@ -1087,8 +1096,9 @@ test_that("the adversarial table covers every export with enough cases", {
   exports <- getNamespaceExports("fedagg")
   # Classes and functions reached through others: Server through fed_server(),
   # lr_constant() through lr_schedule names, predict() through its S3 method.
-  # RemoteNode through fed_remote_nodes(), Launch through fed_launch().
-  indirect <- c("Server", "lr_constant", "RemoteNode", "Launch")
+  # RemoteNode through fed_remote_nodes(), Launch through fed_launch(),
+  # Dashboard through fed_dashboard().
+  indirect <- c("Server", "lr_constant", "RemoteNode", "Launch", "Dashboard")
   expect_setequal(setdiff(exports, c(called, indirect)), character())
 })
 

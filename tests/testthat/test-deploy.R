@@ -93,6 +93,7 @@ test_that("a broken manifest is a classed error naming its file and field", {
     list("coordinator.yaml", function(d) container(d, function(c) { c$volumeMounts[[3]]$mountPath <- "/data"; c }), "FEDAGG_CHECKPOINT_DIR"),
     list("coordinator.yaml", function(d) pod(d, function(s) { s$enableServiceLinks <- NULL; s }), "enableServiceLinks"),
     list("secret.yaml", function(d) { names(d$stringData)[1] <- "server.pem"; d }, "keys"),
+    list("secret.yaml", function(d) { d$stringData$viewer.csv <- "x"; d }, "keys"),
     list("configmap.yaml", function(d) { d$data[["config.yaml"]] <- "model: {type: cnn}"; d }, "configuration"),
     list("pvc.yaml", function(d) { d$spec$accessModes <- list("ReadWriteMany"); d }, "ReadWriteOnce"),
     list("service.yaml", function(d) { d$spec$selector$`app.kubernetes.io/component` <- "node"; d }, "selector"),
@@ -105,6 +106,8 @@ test_that("a broken manifest is a classed error naming its file and field", {
     expect_match(paste(conditionMessage(err), collapse = " "), case[[3]], fixed = TRUE, info = case[[3]])
   }
   expect_error(fed_deploy_check(tempfile()), class = "fedagg_error_missing_file")
+  # The dashboards' keys are an optional key of the Secret.
+  expect_no_error(fed_deploy_check(edited_manifests("secret.yaml", function(d) { d$stringData$viewers.csv <- "x"; d })))
 })
 
 test_that("the configuration is checked setting by setting, and builds the same server for simulation and network", {
@@ -161,6 +164,12 @@ test_that("the entry script's environment is checked before anything starts", {
   expect_identical(plan$serve$min_nodes, 2L)
   expect_s3_class(plan$serve$tls, "fed_tls")
   expect_identical(fed_serve_env(c(env, FEDAGG_ROUNDS = "7"), dry_run = TRUE)$serve$rounds, 7L)
+  # Dashboards' keys are optional: read when the Secret has them.
+  expect_null(plan$serve$viewers)
+  viewers <- file.path(files$secrets, "viewers.csv")
+  write_authorized_keys(data.frame(node = "teacher", public_key = suppressMessages(fed_keygen(file.path(dir, "v.key")))), viewers)
+  expect_identical(fed_serve_env(env, dry_run = TRUE)$serve$viewers, viewers)
+  unlink(viewers)
   # Build variables are ignored; others are refused, with the nearest name.
   expect_silent(fed_serve_env(c(env, FEDAGG_CARGO_TARGET_DIR = "/tmp/x"), dry_run = TRUE))
   err <- expect_error(fed_serve_env(c(env, FEDAGG_PROT = "8443"), dry_run = TRUE), class = "fedagg_error_config")

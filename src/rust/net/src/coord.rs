@@ -176,12 +176,21 @@ pub struct State {
     pub metrics: Metrics,
     nonces: HashMap<String, i64>,
     nonce_order: VecDeque<(i64, String)>,
+    /// Token buckets of the viewers (dashboards): their rate is limited
+    /// like a node's, apart from the nodes' own.
+    viewer_buckets: HashMap<String, (f64, Instant)>,
+    /// The last status the server's R side published (JSON), served to
+    /// viewers at `GET /v1/status`.
+    pub status: Bytes,
 }
 
 /// The immutable part: keys and limits.
 pub struct Keys {
     pub server: SigningKey,
     pub nodes: HashMap<String, VerifyingKey>,
+    /// Read-only clients (dashboards): they may `GET /v1/status` and
+    /// nothing else, and nodes may not read it.
+    pub viewers: HashMap<String, VerifyingKey>,
     pub federation: String,
 }
 
@@ -219,6 +228,8 @@ impl Coordinator {
                 metrics: Metrics::default(),
                 nonces: HashMap::new(),
                 nonce_order: VecDeque::new(),
+                viewer_buckets: HashMap::new(),
+                status: Bytes::from_static(b"null"),
             }),
             settings,
         }
@@ -236,10 +247,13 @@ impl Coordinator {
 
     /// Checks a request's identity before its body is read: a known node,
     /// a timestamp in the window, a valid signature over the claimed body
-    /// digest, a fresh nonce, and the node's rate.
-    pub fn authenticate(&self, s: &Signed, now_unix: i64) -> Result<(), Refusal> {
+    /// digest, a fresh nonce, and the node's rate. A `viewer` request is
+    /// checked against the viewers' keys only, so a node's key cannot read
+    /// the status and a viewer's key cannot act as a node.
+    pub fn authenticate(&self, s: &Signed, now_unix: i64, viewer: bool) -> Result<(), Refusal> {
         let f = &s.fields;
-        let Some(key) = self.keys.nodes.get(&f.node) else { return Err(UNKNOWN_NODE) };
+        let keys = if viewer { &self.keys.viewers } else { &self.keys.nodes };
+        let Some(key) = keys.get(&f.node) else { return Err(UNKNOWN_NODE) };
         if f.timestamp.abs_diff(now_unix) > self.settings.window_s.max(0) as u64 {
             return Err(STALE_TIMESTAMP);
         }
@@ -249,7 +263,7 @@ impl Coordinator {
             return Err(BAD_SIGNATURE);
         }
         let mut st = self.lock();
-        let nonce_key = format!("{}/{}", f.node, f.nonce);
+        let nonce_key = format!("{}{}/{}", if viewer { "viewer:" } else { "" }, f.node, f.nonce);
         if st.nonces.contains_key(&nonce_key) {
             return Err(REPLAYED_NONCE);
         }
@@ -262,14 +276,20 @@ impl Coordinator {
         }
         let now = Instant::now();
         let (rate, burst) = (self.settings.rate_per_s, self.settings.burst);
-        let entry = st.nodes.get_mut(&f.node).ok_or(UNKNOWN_NODE)?;
-        let elapsed = now.duration_since(entry.refilled).as_secs_f64();
-        entry.tokens = (entry.tokens + elapsed * rate).min(burst);
-        entry.refilled = now;
-        if entry.tokens < 1.0 {
+        let (tokens, refilled) = if viewer {
+            let e = st.viewer_buckets.entry(f.node.clone()).or_insert((burst, now));
+            (&mut e.0, &mut e.1)
+        } else {
+            let e = st.nodes.get_mut(&f.node).ok_or(UNKNOWN_NODE)?;
+            (&mut e.tokens, &mut e.refilled)
+        };
+        let elapsed = now.duration_since(*refilled).as_secs_f64();
+        *tokens = (*tokens + elapsed * rate).min(burst);
+        *refilled = now;
+        if *tokens < 1.0 {
             return Err(RATE_LIMITED);
         }
-        entry.tokens -= 1.0;
+        *tokens -= 1.0;
         st.nonces.insert(nonce_key.clone(), f.timestamp);
         st.nonce_order.push_back((f.timestamp, nonce_key));
         Ok(())
@@ -455,6 +475,44 @@ impl Coordinator {
             .values()
             .filter(|n| n.last_seen.map_or(false, |t| now.duration_since(t).as_secs_f64() <= self.settings.liveness_s))
             .count()
+    }
+
+    pub fn set_status(&self, json: Vec<u8>) {
+        self.lock().status = Bytes::from(json);
+    }
+
+    /// What viewers read at `GET /v1/status`: the status the R side last
+    /// published, and the coordinator's own counts at this moment.
+    pub fn status_json(&self) -> String {
+        let live = self.live_json();
+        let st = self.lock();
+        // The published part is JSON made by serde_json (rs_net_set_status),
+        // spliced in as it is.
+        let published = std::str::from_utf8(&st.status).unwrap_or("null");
+        format!("{{\"server\":{live},\"published\":{published}}}\n")
+    }
+
+    /// The coordinator's own counts at this moment (JSON).
+    pub fn live_json(&self) -> String {
+        let st = self.lock();
+        let registered = st.nodes.values().filter(|n| n.info.is_some()).count();
+        let phase = match st.phase {
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Done => "done",
+            Phase::ShuttingDown => "shutting_down",
+        };
+        let rejected: serde_json::Map<String, serde_json::Value> =
+            st.metrics.rejected.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+        let live = serde_json::json!({
+            "phase": phase,
+            "nodes_registered": registered,
+            "nodes_connected": self.connected(&st),
+            "rounds_committed": st.metrics.rounds_committed,
+            "updates_received": st.metrics.updates_received,
+            "rejected": rejected,
+        });
+        live.to_string()
     }
 
     pub fn metrics_text(&self) -> String {

@@ -302,9 +302,9 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -
                 _ => plain(200, coord.metrics_text(), "text/plain; version=0.0.4"),
             }
         }
-        "/v1/join" | "/v1/task" | "/v1/update" | "/v1/heartbeat" => {
+        "/v1/join" | "/v1/task" | "/v1/update" | "/v1/heartbeat" | "/v1/status" => {
             count(coord, &route);
-            let expected = if route == "/v1/task" { Method::GET } else { Method::POST };
+            let expected = if route == "/v1/task" || route == "/v1/status" { Method::GET } else { Method::POST };
             if method != expected {
                 coord.refused(coord::METHOD);
                 log(&shared, &route, "", peer, 405, Some(coord::METHOD.reason), 0);
@@ -327,6 +327,7 @@ fn count(coord: &Coordinator, route: &str) {
         "/v1/join" => "join",
         "/v1/task" => "task",
         "/v1/update" => "update",
+        "/v1/status" => "status",
         _ => "heartbeat",
     };
     *coord.lock().metrics.requests.entry(key).or_insert(0) += 1;
@@ -356,7 +357,7 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
     let Some(s) = coord::read_signed(req.method().as_str(), &path, header) else {
         return refuse(coord::MALFORMED_HEADERS, None);
     };
-    if let Err(r) = coord.authenticate(&s, crate::unix_now()) {
+    if let Err(r) = coord.authenticate(&s, crate::unix_now(), route == "/v1/status") {
         // Refusals after the signature checked out (a replay, the rate) are
         // signed: the node can tell them from a forged "no".
         let signed_refusal = r == coord::RATE_LIMITED || r == coord::REPLAYED_NONCE;
@@ -459,6 +460,7 @@ async fn signed(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr, r
             Err(r) => refuse(r, Some(&s)),
         },
         "/v1/heartbeat" => answer(204, Bytes::new(), 0, "", "text/plain"),
+        "/v1/status" => answer(200, Bytes::from(coord.status_json()), 0, "", "application/json"),
         _ => {
             // GET /v1/task?wait=<seconds>: a long poll.
             let wait = query_wait(&f.path).min(coord.settings.max_poll_ms);

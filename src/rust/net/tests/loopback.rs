@@ -29,7 +29,11 @@ fn start(nodes: &[&str], settings: Settings) -> Fed {
         allowed.insert(n.to_string(), VerifyingKey::from_text(&public).unwrap());
         node_keys.insert(n.to_string(), pem);
     }
-    let keys = Keys { server: SigningKey::from_pem(&server_pem).unwrap(), nodes: allowed, federation: "test".into() };
+    // One viewer (a dashboard), "dash", in every federation.
+    let (pem, public) = generate().unwrap();
+    let viewers = HashMap::from([("dash".to_string(), VerifyingKey::from_text(&public).unwrap())]);
+    node_keys.insert("dash".to_string(), pem);
+    let keys = Keys { server: SigningKey::from_pem(&server_pem).unwrap(), nodes: allowed, viewers, federation: "test".into() };
     let server = Server::start(
         Coordinator::new(keys, settings),
         Options { address: "127.0.0.1:0".parse().unwrap(), tls: None, log_file: None, threads: 2 },
@@ -292,7 +296,7 @@ fn tls_with_a_selfsigned_ca() {
     let (node_pem, node_public) = generate().unwrap();
     let mut allowed = HashMap::new();
     allowed.insert("a".to_string(), VerifyingKey::from_text(&node_public).unwrap());
-    let keys = Keys { server: SigningKey::from_pem(&server_pem).unwrap(), nodes: allowed, federation: "tls".into() };
+    let keys = Keys { server: SigningKey::from_pem(&server_pem).unwrap(), nodes: allowed, viewers: HashMap::new(), federation: "tls".into() };
     let server = Server::start(
         Coordinator::new(keys, Settings::default()),
         Options {
@@ -455,7 +459,7 @@ fn a_node_refuses_a_task_tampered_with_on_the_way() {
 fn a_taken_port_is_its_own_error_kind() {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (server_pem, _) = generate().unwrap();
-    let keys = Keys { server: SigningKey::from_pem(&server_pem).unwrap(), nodes: HashMap::new(), federation: "port".into() };
+    let keys = Keys { server: SigningKey::from_pem(&server_pem).unwrap(), nodes: HashMap::new(), viewers: HashMap::new(), federation: "port".into() };
     let err = Server::start(
         Coordinator::new(keys, Settings::default()),
         Options { address: holder.local_addr().unwrap(), tls: None, log_file: None, threads: 1 },
@@ -464,4 +468,38 @@ fn a_taken_port_is_its_own_error_kind() {
     .expect("the port is taken");
     assert_eq!(err.kind(), "port_in_use");
     assert!(err.to_string().contains(&holder.local_addr().unwrap().to_string()));
+}
+
+#[test]
+fn viewers_read_the_status_and_nothing_else() {
+    let fed = start(&["n1"], Settings::default());
+    let t = Duration::from_secs(5);
+    let mut dash = client(&fed, "dash");
+    // Before anything is published: the coordinator's part, and null.
+    let r = dash.request("GET", "/v1/status", 0, "", Vec::new(), t).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.verified, "the status answer is signed by the server");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["published"], serde_json::Value::Null);
+    assert_eq!(v["server"]["phase"], "running");
+    fed.server.shared.coord.set_status(br#"{"round":[3]}"#.to_vec());
+    let r = dash.request("GET", "/v1/status", 0, "", Vec::new(), t).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["published"]["round"][0], 3);
+    // A viewer's key is not a node's: no join, no task.
+    let r = dash.request("POST", "/v1/join", 0, "", info("dash"), t).unwrap();
+    assert_eq!((r.status, r.body.starts_with(b"{\"error\":\"unknown_node\"")), (401, true));
+    let r = dash.request("GET", "/v1/task?wait=0", 0, "", Vec::new(), t).unwrap();
+    assert_eq!(r.status, 401);
+    // A node's key does not read the status.
+    let mut n1 = client(&fed, "n1");
+    let r = n1.request("GET", "/v1/status", 0, "", Vec::new(), t).unwrap();
+    assert_eq!(r.status, 401);
+    // The refusals are counted by reason, and the viewer sees them.
+    let r = dash.request("GET", "/v1/status", 0, "", Vec::new(), t).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["server"]["rejected"]["unknown_node"], 3);
+    // The status is read with GET only.
+    let r = dash.request("POST", "/v1/status", 0, "", Vec::new(), t).unwrap();
+    assert_eq!(r.status, 405);
 }

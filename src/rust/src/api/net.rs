@@ -113,6 +113,8 @@ fn rs_net_serve(
     server_key: &str,
     node_ids: Strings,
     node_keys: Strings,
+    viewer_ids: Strings,
+    viewer_keys: Strings,
     federation: &str,
     limits: List,
     log_file: Nullable<String>,
@@ -171,7 +173,21 @@ fn rs_net_serve(
         (None, None) => None,
         _ => return Err(input("`tls` needs both a certificate and its key")),
     };
-    let keys = Keys { server: SigningKey::from_pem(server_key).map_err(net_err)?, nodes, federation: federation.to_string() };
+    let mut viewers = HashMap::new();
+    for (id, key) in viewer_ids.iter().zip(viewer_keys.iter()) {
+        let (id, key): (&str, &str) = (id.as_ref(), key.as_ref());
+        if !fedagg_net::sign::is_token(id, fedagg_net::coord::MAX_ID) {
+            return Err(input(format!("viewer id `{}` must be 1-128 letters, digits or -_.:@", id)));
+        }
+        if nodes.contains_key(id) {
+            return Err(input(format!("`{}` is both a node and a viewer: a viewer needs an id of its own", id)));
+        }
+        let k = VerifyingKey::from_text(key).map_err(|e| input(format!("the key of viewer `{}`: {e}", id)))?;
+        if viewers.insert(id.to_string(), k).is_some() {
+            return Err(input(format!("viewer `{}` is listed twice", id)));
+        }
+    }
+    let keys = Keys { server: SigningKey::from_pem(server_key).map_err(net_err)?, nodes, viewers, federation: federation.to_string() };
     let server = Server::start(
         Coordinator::new(keys, settings),
         Options {
@@ -296,6 +312,62 @@ fn rs_net_metrics(server: Robj) -> Result<String> {
     Ok(handle::<Server>(&server, "server")?.shared.coord.metrics_text())
 }
 
+/// R values as JSON: named lists become objects (a data frame: its
+/// columns), other lists and vectors arrays; NA and non-finite numbers
+/// become null.
+fn to_json(x: &Robj) -> serde_json::Value {
+    use serde_json::Value;
+    let num = |v: f64| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number);
+    match x.rtype() {
+        Rtype::Null => Value::Null,
+        Rtype::Logicals => Value::Array(
+            x.as_logical_slice().unwrap_or(&[]).iter().map(|b| if b.is_na() { Value::Null } else { Value::Bool(b.is_true()) }).collect(),
+        ),
+        Rtype::Integers => Value::Array(
+            x.as_integer_slice().unwrap_or(&[]).iter().map(|&i| if i == i32::MIN { Value::Null } else { Value::from(i) }).collect(),
+        ),
+        Rtype::Doubles => Value::Array(x.as_real_slice().unwrap_or(&[]).iter().map(|&v| num(v)).collect()),
+        Rtype::Strings => Value::Array(
+            x.as_str_iter()
+                .map(|it| it.map(|s| if s.is_na() { Value::Null } else { Value::String(s.to_string()) }).collect())
+                .unwrap_or_default(),
+        ),
+        Rtype::List => {
+            let list = List::try_from(x.clone()).unwrap_or_default();
+            let names: Option<Vec<String>> = x.names().map(|n| n.map(|s| s.to_string()).collect());
+            match names {
+                Some(names) => Value::Object(names.into_iter().zip(list.values()).map(|(n, v)| (n, to_json(&v))).collect()),
+                None => Value::Array(list.values().map(|v| to_json(&v)).collect()),
+            }
+        }
+        _ => Value::Null,
+    }
+}
+
+/// R values as one JSON text (the dashboard's status document).
+/// @noRd
+#[extendr]
+fn rs_to_json(x: Robj) -> Result<String> {
+    serde_json::to_string(&to_json(&x)).map_err(|e| input(e.to_string()))
+}
+
+/// Publishes the status viewers read at `GET /v1/status` (JSON from
+/// `rs_to_json()`).
+/// @noRd
+#[extendr]
+fn rs_net_set_status(server: Robj, json: &str) -> Result<()> {
+    serde_json::from_str::<serde_json::Value>(json).map_err(|e| input(format!("the status is not JSON: {e}")))?;
+    handle::<Server>(&server, "server")?.shared.coord.set_status(json.as_bytes().to_vec());
+    Ok(())
+}
+
+/// The coordinator's counts now, as viewers read them (JSON).
+/// @noRd
+#[extendr]
+fn rs_net_live(server: Robj) -> Result<String> {
+    Ok(handle::<Server>(&server, "server")?.shared.coord.live_json())
+}
+
 /// A committed round's wall time, for the metrics.
 /// @noRd
 #[extendr]
@@ -406,6 +478,9 @@ extendr_module! {
     fn rs_net_nodes;
     fn rs_net_metrics;
     fn rs_net_observe_round;
+    fn rs_to_json;
+    fn rs_net_set_status;
+    fn rs_net_live;
     fn rs_net_log;
     fn rs_net_stop;
     fn rs_net_running;
