@@ -110,6 +110,7 @@ fed_dashboard <- function(server = NULL, url = NULL, key = NULL, server_key = NU
 #' }
 #' @export
 fed_dashboard_app <- function(source, refresh = 1) {
+  check_required_args()
   rlang::check_installed(c("shiny", "jsonlite"), "to run the dashboard")
   refresh <- assert_number(refresh, 0.1, 3600)
   if (is.character(source)) source <- list(file = assert_path(source, "source"))

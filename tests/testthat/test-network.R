@@ -442,9 +442,10 @@ test_that("the installed package stays within its size budget", {
   # R CMD check notes an installed size over 5 MB. The networked federation
   # (hyper, tokio, rustls, ring) took the shared library from 1.4 MB to
   # 3.5 MB and the package to 5.5 MB (bench/README.md says what each part
-  # costs): this guards against further growth.
+  # costs): this guards against further growth. The dashboard (an R file,
+  # its help and a vignette section) and the CNN layers took it past 5.9 MB.
   root <- system.file(package = "fedagg")
   size <- function(dir) sum(file.size(list.files(file.path(root, dir), recursive = TRUE, full.names = TRUE)))
   expect_lt(size("libs"), 3.8 * 1024^2)
-  expect_lt(sum(file.size(list.files(root, recursive = TRUE, full.names = TRUE, all.files = TRUE))), 5.9 * 1024^2)
+  expect_lt(sum(file.size(list.files(root, recursive = TRUE, full.names = TRUE, all.files = TRUE))), 6.2 * 1024^2)
 })
