@@ -34,7 +34,7 @@ loss_grad <- function(model, params, x, y) {
   }
   flat <- flatten_params(model, params)
   # The matrix itself: as.double() would copy it to drop its dim.
-  out <- call_rust(rs_loss_grad(model$sizes, model$head, model_bits(model), flat, data$x, nrow(data$x),
+  out <- call_rust(rs_loss_grad(model_arch(model), model$head, model_bits(model), flat, data$x, nrow(data$x),
                                 ncol(data$x), data$y))
   list(loss = out$loss, grad = unflatten_params(model, out$grad))
 }
@@ -65,7 +65,7 @@ model_predict <- function(object, params, newdata, type, arg, call = rlang::call
   x <- check_features(newdata, object, arg, call = call)
   scores <- if (is_builtin(object)) {
     flat <- flatten_params(object, params)
-    out <- call_rust(rs_predict(object$sizes, object$head, model_bits(object), flat, x, nrow(x), ncol(x)))
+    out <- call_rust(rs_predict(model_arch(object), object$head, model_bits(object), flat, x, nrow(x), ncol(x)))
     if (object$head == head_codes[["softmax"]]) matrix(out, nrow(x)) else out
   } else {
     custom_predict(object, params, x)

@@ -204,6 +204,7 @@ model_description <- function(x) {
     logistic = "logistic regression",
     softmax = "softmax regression",
     mlp = sprintf("MLP (%s hidden, %s output)", paste(x$sizes[-c(1, length(x$sizes))], collapse = "-"), x$output),
+    cnn = sprintf("CNN (%s input; %s)", paste(x$input, collapse = "x"), paste(x$spec, collapse = ", ")),
     custom = sprintf("custom R model '%s' (%s)", x$name, x$task)
   )
   detail <- sprintf("%d features", x$n_features)
@@ -271,7 +272,7 @@ init_params <- function(model, seed = 1) {
     }
     return(params)
   }
-  flat <- call_rust(rs_model_init(model$sizes, model$head, if (model$init == "zeros") 0L else 1L, as.double(seed)))
+  flat <- call_rust(rs_model_init(model_arch(model), model$head, init_code(model$init), as.double(seed)))
   unflatten_params(model, flat)
 }
 

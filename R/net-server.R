@@ -199,7 +199,7 @@ grid_network <- function(private) {
 # that does not answer in time is left out (with a warning).
 net_evaluate <- function(private, flat, ids, round, split = "validation") {
   model <- private$.model
-  batch <- call_rust(rs_eval_instructions(model$sizes, model$head %||% 0L, model_bits(model), flat, ids, split, round,
+  batch <- call_rust(rs_eval_instructions(model_arch(model), model$head %||% 0L, model_bits(model), flat, ids, split, round,
                                          custom_model_name(model)))
   names(batch$headers) <- ids
   got <- grid_network(private)(batch, NULL, model, NULL, round)

@@ -78,7 +78,7 @@ Node <- R6::R6Class("Node",
       c_i <- own$control
       result <- if (is_builtin(model)) {
         round_cfg <- list(control = config$control, client_controls = list(c_i))
-        out <- call_rust(rs_train_round(model$sizes, model$head, model_bits(model), flat, list(self$data_for(model)),
+        out <- call_rust(rs_train_round(model_arch(model), model$head, model_bits(model), flat, list(self$data_for(model)),
                                         list(NULL), as.double(config$stream %||% 1),
                                         rust_config(config, "collect", epochs, round_cfg), 1L))
         if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message, kind = out$kind)
@@ -166,7 +166,7 @@ Node <- R6::R6Class("Node",
         abort_data("has no validation data; create it with {.arg x_val} and {.arg y_val}.", private$.id)
       }
       ev <- if (is_builtin(model)) {
-        out <- call_rust(rs_evaluate(model$sizes, model$head, model_bits(model), flatten_params(model, params),
+        out <- call_rust(rs_evaluate(model_arch(model), model$head, model_bits(model), flatten_params(model, params),
                                      list(self$data_for(model, data)), 1L))
         if (!isTRUE(out$ok)) abort_client_failure(private$.id, out$message, kind = out$kind)
         out

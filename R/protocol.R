@@ -31,7 +31,7 @@ fit_batch <- function(private, ids, streams, epochs, max_steps, round_cfg, round
   max_steps <- if (is.null(max_steps)) rep(NA_real_, length(ids)) else as.double(max_steps)
   node_rounds <- private$.state$node_rounds[ids] %||% rep(0, length(ids))
   node_rounds[is.na(node_rounds)] <- 0
-  out <- core_call(rs_fit_instructions(model$sizes, model$head %||% 0L, model_bits(model), private$.state$flat, round_cfg,
+  out <- core_call(rs_fit_instructions(model_arch(model), model$head %||% 0L, model_bits(model), private$.state$flat, round_cfg,
                                        as.character(ids), as.double(streams),
                                        rep_len(as.double(epochs), length(ids)), max_steps, as.double(node_rounds),
                                        isTRUE(validation), as.double(round), as.double(private$.state$round),

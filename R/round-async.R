@@ -59,7 +59,7 @@ async_round <- function(private, r, config, before_training = function(ids) NULL
       out$encoded <- TRUE
     } else {
       round_cfg <- rust_config(cfg, "collect", as.double(private$.epochs[node]), list(client_controls = NULL))
-      out <- core_call(rs_train_round(private$.model$sizes, private$.model$head, model_bits(private$.model),
+      out <- core_call(rs_train_round(model_arch(private$.model), private$.model$head, model_bits(private$.model),
                                       private$.state$flat, lapply(unname(nodes), function(n) n$data_for(private$.model)),
                                       vector("list", length(nodes)), as.double(seq), round_cfg,
                                       resolve_threads(private$.threads)))

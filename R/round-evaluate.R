@@ -23,7 +23,7 @@ evaluate_test <- function(private, flat, round = NULL) {
   model <- private$.model
   test <- private$.test
   if (is_builtin(model)) {
-    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), flat, list(list(test$x, as.double(test$y))),
+    out <- core_call(rs_evaluate(model_arch(model), model$head, model_bits(model), flat, list(list(test$x, as.double(test$y))),
                                  resolve_threads(private$.threads)))
     return(list(n = out$n, loss = out$loss, metric = out$metric))
   }
@@ -39,7 +39,7 @@ evaluate_clients <- function(private, flat, round = NULL) {
     # Unnamed before the data are gathered: dropping the names of a list
     # that holds them would copy every matrix.
     data <- lapply(unname(nodes), function(n) n$data_for(model, "validation"))
-    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), flat, data,
+    out <- core_call(rs_evaluate(model_arch(model), model$head, model_bits(model), flat, data,
                                  resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(names(nodes)[out$client], out$message, round, kind = out$kind)
     return(metric_frame(names(nodes), out$n, out$loss, out$metric, model))

@@ -40,7 +40,7 @@ hier_round <- function(private, r, config, work) {
       fold_cfg <- c(list(algorithm = rust_config(cfg, "samples")$algorithm, server = edge_sgd, diagnostics = FALSE,
                          control = NULL, client_controls = NULL, n_nodes = length(private$.nodes)),
                     attack_config(attacks, derive_seed(cfg$seed, 1L, 6L)))
-      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), y, data,
+      out <- core_call(rs_train_round(model_arch(model), model$head, model_bits(model), y, data,
                                       vector("list", length(members)), as.double(index[members]),
                                       rust_config(cfg, "samples", work$epochs[members], fold_cfg),
                                       resolve_threads(private$.threads)))

@@ -111,7 +111,7 @@ local_losses <- function(private, chosen, r) {
   nodes <- private$.nodes[chosen]
   if (is_builtin(model)) {
     data <- lapply(unname(nodes), function(n) n$data_for(model, "train"))
-    out <- core_call(rs_evaluate(model$sizes, model$head, model_bits(model), private$.state$flat, data,
+    out <- core_call(rs_evaluate(model_arch(model), model$head, model_bits(model), private$.state$flat, data,
                                  resolve_threads(private$.threads)))
     if (!isTRUE(out$ok)) abort_client_failure(chosen[out$client], out$message, r, kind = out$kind)
     return(out$loss)

@@ -56,7 +56,7 @@ train_selected <- function(private, idx, config, epochs, round, max_steps = NULL
     } else {
       round_cfg <- rust_config(config, rule, epochs, fold_cfg)
       if (!is.null(max_steps) && any(!is.na(max_steps))) round_cfg$max_steps <- as.double(max_steps)
-      out <- core_call(rs_train_round(model$sizes, model$head, model_bits(model), private$.state$flat, train, val,
+      out <- core_call(rs_train_round(model_arch(model), model$head, model_bits(model), private$.state$flat, train, val,
                                       as.double(idx), round_cfg, resolve_threads(private$.threads)))
       if (!isTRUE(out$ok)) abort_client_failure(ids[out$client], out$message, round, kind = out$kind)
     }

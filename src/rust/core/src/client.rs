@@ -166,7 +166,7 @@ pub fn network_of(model: &crate::protocol::ModelSpec) -> CoreResult<Network> {
     if let Some(c) = &model.custom {
         return invalid("model", format!("is the custom model \"{}\", which trains in R on the node", c.name));
     }
-    Ok(Network::new(&model.sizes, Head::from_code(model.head)?)?.with_precision(Precision::from_code(model.bits)?))
+    Network::from_parts(&model.sizes, Head::from_code(model.head)?, Precision::from_code(model.bits)?, &model.input, &model.front)
 }
 
 /// The client's settings a `FitIns` carries.

@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod alloc;
 pub mod client;
 pub mod compress;
+pub mod conv;
 pub mod error;
 pub mod ks;
 pub mod model;

@@ -8,6 +8,7 @@
 //! exactly this buffer, so nothing is reordered crossing the boundary.
 
 use crate::alloc::{byte_size, try_copy, try_filled, try_zeroed};
+use crate::conv::{Front, FrontBlock, FrontOp, Hwc};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::rng::Rng;
 
@@ -46,9 +47,11 @@ pub struct Layer {
     pub b: usize,
 }
 
-/// A dense network with ReLU hidden layers.
+/// A dense network with ReLU hidden layers, after an optional
+/// convolutional front (see `conv`).
 #[derive(Clone, Debug)]
 pub struct Network {
+    pub front: Option<Front>,
     pub layers: Vec<Layer>,
     pub head: Head,
     pub precision: Precision,
@@ -252,6 +255,26 @@ fn gemm<T: Real>(alpha: T, a: &[T], sa: Shape, b: &[T], sb: Shape, beta: T, c: &
     }
 }
 
+/// `c = alpha a w + beta c`: `a` is `rows x k` row-major, `w` is `k x n`
+/// column-major (a layer's weights), `c` is `rows x n` row-major.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rm<T: Real>(alpha: T, a: &[T], rows: usize, k: usize, w: &[T], n: usize, beta: T, c: &mut [T]) {
+    gemm(alpha, a, Shape::row_major(rows, k), w, Shape::col_major(k, n), beta, c, Shape::row_major(rows, n));
+}
+
+/// `c = alpha a' d + beta c`: `a` is `rows x k` and `d` is `rows x n`, both
+/// row-major; `c` is `k x n` column-major (a weight gradient).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_tn_cm<T: Real>(alpha: T, a: &[T], rows: usize, k: usize, d: &[T], n: usize, beta: T, c: &mut [T]) {
+    gemm(alpha, a, Shape::row_major(rows, k).t(), d, Shape::row_major(rows, n), beta, c, Shape::col_major(k, n));
+}
+
+/// `c = alpha d w'`: `d` is `rows x n` row-major, `w` is `k x n`
+/// column-major; `c` is `rows x k` row-major (overwritten).
+pub(crate) fn gemm_nt_rm<T: Real>(alpha: T, d: &[T], rows: usize, n: usize, w: &[T], k: usize, c: &mut [T]) {
+    gemm(alpha, d, Shape::row_major(rows, n), w, Shape::col_major(k, n).t(), T::ZERO, c, Shape::row_major(rows, k));
+}
+
 /// Buffers for one block of rows in one precision.
 struct Block<T> {
     rows: usize,
@@ -268,6 +291,7 @@ struct Block<T> {
     head_d: Vec<f64>,
     /// Column sums of a layer's deltas (its bias gradient).
     bias_sums: Vec<T>,
+    front: Option<FrontBlock<T>>,
 }
 
 enum Buffers {
@@ -330,7 +354,46 @@ impl Network {
         // Every later buffer indexes parameters in bytes, so they must fit too.
         byte_size::<f64>(offset, "the model parameters").map_err(|_| too_many())?;
         let widest = *sizes.iter().max().unwrap();
-        Ok(Network { layers, head, precision: Precision::F64, n_params: offset, widest })
+        Ok(Network { front: None, layers, head, precision: Precision::F64, n_params: offset, widest })
+    }
+
+    /// A dense network (`input` and `front` empty) or a convolutional one
+    /// (`input` = height, width, channels; `front` = the layers' codes).
+    pub fn from_parts(sizes: &[usize], head: Head, precision: Precision, input: &[usize], front: &[[usize; 5]]) -> CoreResult<Network> {
+        let net = if input.is_empty() && front.is_empty() {
+            Network::new(sizes, head)?
+        } else {
+            let &[h, w, c] = input else { return invalid("input", "must be a height, a width and a number of channels") };
+            let ops = front.iter().map(|&code| FrontOp::from_code(code)).collect::<CoreResult<Vec<_>>>()?;
+            Network::with_front((h, w, c), &ops, sizes, head)?
+        };
+        Ok(net.with_precision(precision))
+    }
+
+    /// A convolutional network: the front's stages on `input` images, then
+    /// dense layers `sizes` (whose first size is the front's flattened
+    /// output). The front's parameters come first in the flat buffer.
+    pub fn with_front(input: Hwc, ops: &[FrontOp], sizes: &[usize], head: Head) -> CoreResult<Network> {
+        let front = Front::new(input, ops)?;
+        if sizes.first() != Some(&front.n_outputs()) {
+            return invalid(
+                "sizes",
+                format!("the dense layers take {} inputs, but the convolutional layers give {}", sizes.first().copied().unwrap_or(0), front.n_outputs()),
+            );
+        }
+        let mut net = Network::new(sizes, head)?;
+        let shift = front.n_params;
+        for l in &mut net.layers {
+            l.w += shift;
+            l.b += shift;
+        }
+        net.n_params = net
+            .n_params
+            .checked_add(shift)
+            .ok_or_else(|| CoreError::Memory("a network with more parameters than can be addressed".into()))?;
+        byte_size::<f64>(net.n_params, "the model parameters")?;
+        net.front = Some(front);
+        Ok(net)
     }
 
     /// The same network computing in `precision`.
@@ -350,7 +413,10 @@ impl Network {
     }
 
     pub fn n_inputs(&self) -> usize {
-        self.layers[0].inputs
+        match &self.front {
+            Some(f) => f.n_inputs(),
+            None => self.layers[0].inputs,
+        }
     }
 
     pub fn n_outputs(&self) -> usize {
@@ -377,6 +443,10 @@ impl Network {
             head_z: try_zeroed(self.n_outputs(), what)?,
             head_d: try_zeroed(self.n_outputs(), what)?,
             bias_sums: try_filled(self.widest, T::ZERO, what)?,
+            front: match &self.front {
+                Some(f) => Some(f.block(rows)?),
+                None => None,
+            },
         })
     }
 
@@ -387,7 +457,11 @@ impl Network {
         // own, and many too small to be checked against free memory one by
         // one can still add up to more than there is (a model described by
         // a message from elsewhere can be as wide as it likes).
-        let widths = self.layers.iter().try_fold(self.n_inputs(), |acc, l| acc.checked_add(l.outputs));
+        let front = match &self.front {
+            Some(f) => f.values_per_row(),
+            None => Some(0),
+        };
+        let widths = self.layers.iter().try_fold(self.n_inputs(), |acc, l| acc.checked_add(l.outputs)).zip(front).and_then(|(a, b)| a.checked_add(b));
         let bytes = widths
             .and_then(|w| w.checked_add(2 * self.widest))
             .and_then(|w| w.checked_mul(rows))
@@ -427,6 +501,31 @@ impl Network {
                     }
                 }
             }
+            2 => {
+                // PyTorch's defaults for Conv2d and Linear: weights by
+                // kaiming_uniform_(a = sqrt(5)) and biases alike, both
+                // U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+                let mut rng = Rng::new(seed, 0x1217);
+                let mut fill = |range: std::ops::Range<usize>, fan_in: usize, rng: &mut Rng| {
+                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    for v in &mut params[range] {
+                        *v = bound * (2.0 * rng.uniform() - 1.0);
+                    }
+                };
+                if let Some(front) = &self.front {
+                    for s in &front.stages {
+                        if let FrontOp::Conv { out, k, .. } = s.op {
+                            let fan_in = k * k * s.input.2;
+                            fill(s.w..s.b, fan_in, &mut rng);
+                            fill(s.b..s.b + out, fan_in, &mut rng);
+                        }
+                    }
+                }
+                for layer in &self.layers {
+                    fill(layer.w..layer.b, layer.inputs, &mut rng);
+                    fill(layer.b..layer.b + layer.outputs, layer.inputs, &mut rng);
+                }
+            }
             _ => return invalid("init", format!("unknown initialisation scheme {scheme}")),
         }
         Ok(params)
@@ -435,11 +534,18 @@ impl Network {
     /// Forward pass of the first `m` gathered rows of `blk`: every layer is
     /// one product `A W` (W is `inputs x outputs`, column-major) plus bias.
     fn forward_block<T: Real>(&self, params: &[T], m: usize, blk: &mut Block<T>) {
+        if let (Some(front), Some(fb)) = (&self.front, blk.front.as_mut()) {
+            front.forward(params, &blk.x, m, fb);
+        }
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
             let (inputs, outputs) = (layer.inputs, layer.outputs);
             let (before, after) = blk.acts.split_at_mut(l);
-            let input: &[T] = if l == 0 { &blk.x[..m * inputs] } else { &before[l - 1][..m * inputs] };
+            let input: &[T] = match (l, &self.front, &blk.front) {
+                (0, Some(front), Some(fb)) => front.output(&blk.x, m, fb),
+                (0, _, _) => &blk.x[..m * inputs],
+                _ => &before[l - 1][..m * inputs],
+            };
             let out = &mut after[0][..m * outputs];
             let w = &params[layer.w..layer.b];
             gemm(T::ONE, input, Shape::row_major(m, inputs), w, Shape::col_major(inputs, outputs), T::ZERO, out, Shape::row_major(m, outputs));
@@ -480,7 +586,11 @@ impl Network {
         for l in (0..self.layers.len()).rev() {
             let layer = self.layers[l];
             let (inputs, outputs) = (layer.inputs, layer.outputs);
-            let input: &[T] = if l == 0 { &blk.x[..m * inputs] } else { &blk.acts[l - 1][..m * inputs] };
+            let input: &[T] = match (l, &self.front, &blk.front) {
+                (0, Some(front), Some(fb)) => front.output(&blk.x, m, fb),
+                (0, _, _) => &blk.x[..m * inputs],
+                _ => &blk.acts[l - 1][..m * inputs],
+            };
             let delta = &blk.delta[..m * outputs];
             let (gw, gb) = grad[layer.w..layer.b + outputs].split_at_mut(inputs * outputs);
             let beta = if first { T::ZERO } else { T::ONE };
@@ -506,6 +616,12 @@ impl Network {
                     }
                 }
                 std::mem::swap(&mut blk.delta, &mut blk.delta_prev);
+            } else if let (Some(front), Some(fb)) = (&self.front, blk.front.as_mut()) {
+                // Into the front: its own stages mask their gradients.
+                let w = &params[layer.w..layer.b];
+                let prev = &mut blk.delta_prev[..m * inputs];
+                gemm(T::ONE, delta, Shape::row_major(m, outputs), w, Shape::col_major(inputs, outputs).t(), T::ZERO, prev, Shape::row_major(m, inputs));
+                front.backward(params, &blk.x, m, prev, scale, first, grad, fb);
             }
         }
     }

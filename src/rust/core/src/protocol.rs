@@ -72,6 +72,13 @@ pub struct ModelSpec {
     pub sizes: Vec<usize>,
     pub head: i32,
     pub bits: i32,
+    /// A convolutional network's input (height, width, channels) and the
+    /// codes of its convolutional layers (`conv::FrontOp::code`); empty for
+    /// a dense network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub front: Vec<[usize; 5]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom: Option<CustomModelSpec>,
 }
@@ -806,7 +813,7 @@ mod tests {
             epochs: 2,
             max_steps: None,
             validation: false,
-            model: ModelSpec { sizes: vec![4, 3], head: 2, bits: 64, custom: None },
+            model: ModelSpec { sizes: vec![4, 3], head: 2, bits: 64, custom: None, ..Default::default() },
             local: LocalSpec {
                 work: "sgd".into(),
                 algorithm: "fedprox".into(),

@@ -872,7 +872,7 @@ mod tests {
                 epochs: 2,
                 max_steps: None,
                 validation: true,
-                model: ModelSpec { sizes: vec![3, 4, 3], head: 2, bits: 64, custom: None },
+                model: ModelSpec { sizes: vec![3, 4, 3], head: 2, bits: 64, custom: None, ..Default::default() },
                 local: LocalSpec {
                     work: "sgd".into(),
                     algorithm: "scaffold".into(),

@@ -94,7 +94,7 @@ fn fit_ins(node: &str, round: u32, dim: usize) -> Vec<u8> {
         epochs: 1,
         max_steps: None,
         validation: false,
-        model: ModelSpec { sizes: vec![dim - 1, 1], head: 0, bits: 64, custom: None },
+        model: ModelSpec { sizes: vec![dim - 1, 1], head: 0, bits: 64, custom: None, ..Default::default() },
         local: LocalSpec {
             work: "fedavg".into(),
             algorithm: "fedavg".into(),

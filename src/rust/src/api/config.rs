@@ -17,10 +17,38 @@ use fedagg_core::CoreError;
 
 /// The network of a built-in model: layer sizes, head code and precision
 /// bits (64 or 32).
-pub(crate) fn network(sizes: &Robj, head: i32, bits: i32) -> Result<Network> {
-    let sizes: Vec<usize> = doubles(sizes, "sizes")?.iter().map(|&s| s as usize).collect();
-    let net = Network::new(&sizes, Head::from_code(head).map_err(core_err)?).map_err(core_err)?;
-    Ok(net.with_precision(Precision::from_code(bits).map_err(core_err)?))
+/// A model's architecture as R gives it: the dense layer sizes (a double
+/// vector), or for a convolutional network `list(sizes, input, front)`
+/// with `front` a 5-row matrix of layer codes.
+pub(crate) struct Arch {
+    pub sizes: Vec<usize>,
+    pub input: Vec<usize>,
+    pub front: Vec<[usize; 5]>,
+}
+
+pub(crate) fn arch(x: &Robj) -> Result<Arch> {
+    let counts = |v: &Robj, what: &str| -> Result<Vec<usize>> {
+        doubles(v, what)?
+            .iter()
+            .map(|&s| if s.is_finite() && s >= 0.0 && s.fract() == 0.0 { Ok(s as usize) } else { Err(input_err(format!("`{what}` must hold whole numbers"))) })
+            .collect()
+    };
+    if let Some(list) = x.as_list() {
+        let get = |name: &str| list.iter().find(|(n, _)| *n == name).map(|(_, v)| v).ok_or_else(|| input_err(format!("the architecture has no `{name}`")));
+        let codes = counts(&get("front")?, "front")?;
+        if codes.len() % 5 != 0 {
+            return Err(input_err("`front` must have five numbers per layer"));
+        }
+        let front = codes.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]]).collect();
+        return Ok(Arch { sizes: counts(&get("sizes")?, "sizes")?, input: counts(&get("input")?, "input")?, front });
+    }
+    Ok(Arch { sizes: counts(x, "sizes")?, input: Vec::new(), front: Vec::new() })
+}
+
+pub(crate) fn network(arch_obj: &Robj, head: i32, bits: i32) -> Result<Network> {
+    let a = arch(arch_obj)?;
+    Network::from_parts(&a.sizes, Head::from_code(head).map_err(core_err)?, Precision::from_code(bits).map_err(core_err)?, &a.input, &a.front)
+        .map_err(core_err)
 }
 
 pub(crate) fn doubles<'a>(x: &'a Robj, what: &str) -> Result<&'a [f64]> {

@@ -59,7 +59,8 @@ fn model_spec(sizes: &Robj, head: i32, bits: i32, custom: &Robj, d: usize) -> Re
     if d != net.n_params() {
         return Err(input_err(format!("`params` has {d} values, the model has {}", net.n_params())));
     }
-    Ok(ModelSpec { sizes: doubles(sizes, "sizes")?.iter().map(|&s| s as usize).collect(), head, bits, custom: None })
+    let a = arch(sizes)?;
+    Ok(ModelSpec { sizes: a.sizes, head, bits, custom: None, input: a.input, front: a.front })
 }
 
 /// One `FitIns` per selected client of a round: the global parameters, the
