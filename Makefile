@@ -10,6 +10,7 @@ APT_PACKAGES := r-base-dev r-cran-r6 r-cran-cli r-cran-rlang \
 	r-cran-testthat r-cran-withr r-cran-roxygen2 r-cran-knitr r-cran-rmarkdown \
 	r-cran-ggplot2 r-cran-future r-cran-future.apply r-cran-nnet r-cran-callr r-cran-openssl r-cran-processx r-cran-yaml \
 	r-cran-shiny r-cran-png r-cran-curl chromium chromium-driver \
+	dataset-fashion-mnist \
 	pandoc qpdf
 
 .PHONY: deps install demo test cargo-test wrappers document bench check-env

@@ -19,7 +19,11 @@
 #'   c_i - c + (x - y) / (K * lr)`, and the server `c <- c + sum_{i in S}
 #'   (c_i_new - c_i) / N` over all `N` nodes. The control variates start at
 #'   zero; `c_i` lives with its node and `c` with the server, and both survive
-#'   `saveRDS()`.
+#'   `saveRDS()`. With `correction = "step"` the correction is applied to the
+#'   parameters after each optimizer step, `y <- y - lr (c - c_i)`, instead
+#'   of entering the gradient: with momentum SGD it then stays outside the
+#'   momentum, as in NIID-Bench's and Flower's SCAFFOLD (with plain SGD both
+#'   are the same).
 #' * `fednova()`: FedNova (Wang et al. 2020) normalises each client's update
 #'   by its local work: `a_i = tau_i` local steps with plain SGD, `a_i =
 #'   (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)` with local
@@ -41,6 +45,8 @@
 #' then aggregated and stepped in Rust.
 #'
 #' @param mu Proximal weight, `>= 0`.
+#' @param correction For `scaffold()`: `"gradient"` (the correction enters
+#'   each step's gradient) or `"step"` (it is applied after the step).
 #' @param name A label.
 #' @param local `function(node, params, config, state)`, see above.
 #' @return A `fed_algorithm`.
@@ -96,7 +102,11 @@ fedprox <- function(mu = 0.01) {
 
 #' @rdname client_algorithms
 #' @export
-scaffold <- function() new_algorithm("scaffold", "SCAFFOLD")
+scaffold <- function(correction = c("gradient", "step")) {
+  correction <- assert_choice(correction, c("gradient", "step"))
+  new_algorithm("scaffold", if (correction == "step") "SCAFFOLD (correction after the step)" else "SCAFFOLD",
+                correction = correction)
+}
 
 #' @rdname client_algorithms
 #' @export

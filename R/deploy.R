@@ -31,7 +31,10 @@ deploy_optional_secret_files <- c(viewers = "viewers.csv")
 # mapping, `{type: fedprox, mu: 0.01}`), by their prefixes.
 config_constructors <- "^(fedavg|fedsgd|fedprox|scaffold|fednova|server_(sgd|adam|yogi|adagrad)|agg_[a-z_]+|select_[a-z_]+|dp_(central|local)|clip_(norm|adaptive)|filter_norm|compress_[a-z0-9_]+|lr_[a-z]+|local_[a-z]+|early_stopping)$"
 
-config_models <- c(linear = "model_linear", logistic = "model_logistic", softmax = "model_softmax", mlp = "model_mlp")
+config_models <- c(linear = "model_linear", logistic = "model_logistic", softmax = "model_softmax", mlp = "model_mlp",
+                   cnn = "model_cnn")
+# A CNN's layers in a configuration: `{type: conv, filters: 6, size: 5}`.
+config_layers <- c("conv", "relu", "max_pool", "avg_pool", "dropout", "flatten", "dense")
 
 #' One configuration for a simulation and a real federation
 #'
@@ -53,6 +56,12 @@ config_models <- c(linear = "model_linear", logistic = "model_logistic", softmax
 #'   type: softmax
 #'   n_features: 60
 #'   n_classes: 10
+#'   # or a CNN:
+#'   # type: cnn
+#'   # input: [28, 28, 1]
+#'   # layers: [{type: conv, filters: 6, size: 5}, {type: relu}, {type: max_pool, size: 2},
+#'   #          {type: dense, units: 84}, {type: relu}]
+#'   # n_classes: 10
 #' server:                # arguments of fed_server()
 #'   fraction: 0.5
 #'   lr: 0.05
@@ -109,7 +118,21 @@ fed_config <- function(x) {
   if (!is.character(model_type) || length(model_type) != 1L || !model_type %in% names(config_models)) {
     config_abort("{.field model.type} must be one of {.or {.val {names(config_models)}}}, not {obj_desc(model_type)}.", source)
   }
-  model <- config_call(config_models[[model_type]], x[["model"]][names(x[["model"]]) != "type"], "model", source)
+  model_args <- x[["model"]][names(x[["model"]]) != "type"]
+  if (model_type == "cnn") {
+    layers <- model_args[["layers"]]
+    if (!is.list(layers) || !length(layers)) config_abort("{.field model.layers} must be a list of layers, such as {.code {{type: conv, filters: 6, size: 5}}}.", source)
+    model_args$layers <- lapply(seq_along(layers), function(i) {
+      l <- layers[[i]]
+      name <- sprintf("model.layers[%d]", i)
+      if (!is.list(l) || !is.character(l[["type"]]) || length(l[["type"]]) != 1L || !l[["type"]] %in% config_layers) {
+        config_abort("{.field {name}} must be a mapping whose {.field type} is one of {.or {.val {config_layers}}}.", source)
+      }
+      config_call(l[["type"]], l[names(l) != "type"], name, source)
+    })
+    if (!is.null(model_args$input)) model_args$input <- unlist(model_args$input)
+  }
+  model <- config_call(config_models[[model_type]], model_args, "model", source)
   server <- x[["server"]] %||% list()
   if (!is.list(server) || (length(server) && is.null(names(server)))) config_abort("{.field server} must be a mapping of {.fn fed_server} arguments.", source)
   allowed <- setdiff(names(formals(fed_server)), c("model", "nodes"))

@@ -32,7 +32,7 @@
 #' @param input The images' `c(height, width, channels)` (or `c(height,
 #'   width)` for one channel).
 #' @param layers A list of layers: [conv()], [relu()], [max_pool()],
-#'   [avg_pool()], [flatten()], [dense()].
+#'   [avg_pool()], [dropout()], [flatten()], [dense()].
 #' @param n_classes Number of classes.
 #' @param init `"kaiming"` (PyTorch's default initialisation) or
 #'   `"glorot"`.
@@ -107,7 +107,7 @@ plan_cnn <- function(input, layers, call = rlang::caller_env()) {
   for (i in seq_along(layers)) {
     l <- layers[[i]]
     if (!inherits(l, "fed_layer")) {
-      fedagg_abort("Layer {i} of {.arg layers} must be made by {.fn conv}, {.fn relu}, {.fn max_pool}, {.fn avg_pool}, {.fn flatten} or {.fn dense}, not {obj_desc(l)}.",
+      fedagg_abort("Layer {i} of {.arg layers} must be made by {.fn conv}, {.fn relu}, {.fn max_pool}, {.fn avg_pool}, {.fn dropout}, {.fn flatten} or {.fn dense}, not {obj_desc(l)}.",
                    call = call)
     }
     labels <- c(labels, format(l))
@@ -135,6 +135,16 @@ plan_cnn <- function(input, layers, call = rlang::caller_env()) {
       avg_pool = {
         shape <- c(out_len(shape[1], l$size, l$stride, 0), out_len(shape[2], l$size, l$stride, 0), shape[3])
         codes[[length(codes) + 1L]] <- c(if (l$kind == "max_pool") 3 else 4, l$size, l$stride, 0, 0)
+      },
+      dropout = {
+        ppm <- round(l$rate * 1e6)
+        if (!after_flat) {
+          codes[[length(codes) + 1L]] <- c(5, ppm, 0, 0, 0)
+        } else if (!identical(layers[[i - 1L]]$kind, "relu") || !identical(layers[[i - 2L]]$kind, "dense")) {
+          fedagg_abort("{at(i)} must follow a {.fn dense} layer's {.fn relu} once the image is flattened.", call = call)
+        } else {
+          codes[[length(codes) + 1L]] <- c(6, length(hidden) - 1, ppm, 0, 0)
+        }
       },
       relu = {
         if (!after_flat) {
@@ -176,12 +186,20 @@ plan_cnn <- function(input, layers, call = rlang::caller_env()) {
 #'   (a window that would pass the edge is dropped, as in PyTorch).
 #' * `flatten()`: the image as one vector (implied by the first `dense()`).
 #' * `dense(units)`: a fully connected hidden layer, followed by `relu()`.
+#' * `dropout(rate)`: while training, each value is set to 0 with
+#'   probability `rate` and the others are scaled by `1 / (1 - rate)`
+#'   (inverted dropout); evaluation and prediction pass values on. Its masks
+#'   come from the run's seed, the client and the step, so runs stay
+#'   reproducible on any number of threads. After the image is flattened,
+#'   it follows a dense layer's `relu()`. (FedSGD's full-batch gradients are
+#'   computed without it.) The rate is kept to six decimals.
 #'
 #' @param filters Number of output channels.
 #' @param size Side of the square window.
 #' @param stride Step between windows (pooling: `size` by default).
 #' @param padding Zero padding on each side.
 #' @param units Number of units.
+#' @param rate Probability of dropping a value, from 0 to below 1.
 #' @return A `fed_layer`.
 #' @examples
 #' list(conv(6, 5), relu(), max_pool(2), dense(120), relu())
@@ -220,6 +238,14 @@ flatten <- function() new_layer("flatten")
 
 #' @rdname cnn_layers
 #' @export
+dropout <- function(rate) {
+  check_required_args()
+  rate <- assert_number(rate, 0, 1, upper_open = TRUE)
+  new_layer("dropout", rate = rate)
+}
+
+#' @rdname cnn_layers
+#' @export
 dense <- function(units) {
   check_required_args()
   new_layer("dense", units = assert_count(units, min = 1L))
@@ -232,6 +258,7 @@ format.fed_layer <- function(x, ...) {
                    if (x$padding != 0) sprintf(", padding = %d", x$padding) else ""),
     max_pool = , avg_pool = sprintf("%s(%d%s)", x$kind, x$size, if (x$stride != x$size) sprintf(", stride = %d", x$stride) else ""),
     dense = sprintf("dense(%d)", x$units),
+    dropout = sprintf("dropout(%s)", format(x$rate)),
     sprintf("%s()", x$kind)
   )
 }

@@ -42,7 +42,8 @@
 #'   that one class has one code on every node. Numeric labels are class
 #'   codes `0, ..., n_classes - 1` and need no `classes`.
 #' @return A `fed_model` object.
-#' @seealso [init_params()], [loss_grad()], [fed_server()]
+#' @seealso [model_cnn()] for convolutional networks; [init_params()],
+#'   [loss_grad()], [fed_server()]
 #' @examples
 #' m <- model_softmax(n_features = 4, n_classes = 3)
 #' m

@@ -110,7 +110,8 @@ fit_ins_train_config <- function(asked, model, key) {
                  batch_size = if (l$batch_size == 0) Inf else l$batch_size, shuffle = l$shuffle,
                  optimizer = list(kind = l$optimizer, momentum = l$momentum, beta1 = l$beta1, beta2 = l$beta2, eps = l$eps,
                                   alpha = l$alpha, weight_decay = l$weight_decay),
-                 algorithm = list(kind = if (l$work == "gradient") "fedsgd" else l$algorithm, settings = list(mu = l$mu)),
+                 algorithm = list(kind = if (l$work == "gradient") "fedsgd" else sub("_step$", "", l$algorithm),
+                                  settings = list(mu = l$mu, correction = if (identical(l$algorithm, "scaffold_step")) "step")),
                  control = asked$server_control),
             class = "fed_train_config")
 }

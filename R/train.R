@@ -90,6 +90,7 @@ assert_train_config <- function(config, call = rlang::caller_env()) {
 # "gradient" work; an algorithm Rust does not know must never run silently
 # as another one.
 rust_algorithm <- function(alg, call = rlang::caller_env()) {
+  if (identical(alg$kind, "scaffold") && identical(alg$settings$correction, "step")) return("scaffold_step")
   lever_part("algorithm", alg$kind %||% "fedavg", call = call)$rust
 }
 
@@ -152,6 +153,7 @@ custom_local_train <- function(model, params, x, y, config, epochs = config$epoc
   alg <- config$algorithm
   mu <- alg$settings$mu %||% 0
   scaffold <- alg$kind == "scaffold"
+  after_step <- identical(alg$settings$correction, "step")
   c_server <- if (scaffold) config$control %||% numeric(length(theta))
   c_i <- if (scaffold) c_i %||% numeric(length(theta))
   loss_grad_at <- function(theta, rows) {
@@ -189,7 +191,7 @@ custom_local_train <- function(model, params, x, y, config, epochs = config$epoc
       loss_sum <- loss_sum + out$loss * length(rows)
       g <- out$grad
       if (mu > 0) g <- g + mu * (theta - global)
-      if (scaffold) g <- g - c_i + c_server
+      if (scaffold && !after_step) g <- g - c_i + c_server
       t <- t + 1
       switch(opt$kind,
         sgd = if (opt$momentum > 0) {
@@ -211,6 +213,7 @@ custom_local_train <- function(model, params, x, y, config, epochs = config$epoc
           second <- second + g^2
           theta <- theta - config$lr * g / (sqrt(second) + opt$eps)
         })
+      if (scaffold && after_step) theta <- theta - config$lr * c_server + config$lr * c_i
     }
     if (!all(is.finite(theta))) {
       local_failure("training diverged: the parameters became non-finite (try a smaller learning rate)", "diverged")

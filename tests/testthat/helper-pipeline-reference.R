@@ -20,14 +20,16 @@ pref_per_client <- function(v, i) if (length(v) == 1L) v else v[[i]]
 #   g = mean minibatch gradient + weight_decay * y              (L2 as in torch.optim)
 #     + mu * (y - global)                                       (FedProx, Li et al. 2020, eq. 2)
 #     - c_i + c                                                 (SCAFFOLD, Karimireddy et al. 2020, Alg. 1 line 10)
-# then one torch.optim step (sgd with heavy-ball momentum, adam, rmsprop,
+# then one torch.optim step (with scaffold_after_step, SCAFFOLD's correction
+# is applied after it instead, y <- y - lr (c - c_i), as NIID-Bench's
+# ScaffoldOptimizer.step_custom does) (sgd with heavy-ball momentum, adam, rmsprop,
 # adagrad), with the optimizer state reset at the start of the run.
 # SCAFFOLD control variate, option II (Alg. 1 line 12):
 #   c_i+ = c_i - c + (x - y_i) / (K * eta_l).
 ref_local_run <- function(params, global = params, x, y, output, epochs, batch, lr,
                           optimizer = "sgd", momentum = 0, weight_decay = 0,
                           beta1 = 0.9, beta2 = 0.999, eps = 1e-8, alpha = 0.99,
-                          mu = 0, c = NULL, c_i = NULL, order = NULL) {
+                          mu = 0, c = NULL, c_i = NULL, order = NULL, scaffold_after_step = FALSE) {
   optimizer <- match.arg(optimizer, c("sgd", "adam", "rmsprop", "adagrad"))
   w <- pref_flat(params)
   x_global <- pref_flat(global)
@@ -63,7 +65,7 @@ ref_local_run <- function(params, global = params, x, y, output, epochs, batch, 
       g <- unlist(ref_grad(cur, xb, yb, output), use.names = FALSE)
       g <- g + weight_decay * w
       g <- g + mu * (w - x_global)
-      if (scaffold) g <- g - c_i + c
+      if (scaffold && !scaffold_after_step) g <- g - c_i + c
 
       t <- t + 1
       if (optimizer == "sgd") {
@@ -86,6 +88,7 @@ ref_local_run <- function(params, global = params, x, y, output, epochs, batch, 
         s <- s + g^2
         w <- w - lr * g / (sqrt(s) + eps)
       }
+      if (scaffold && scaffold_after_step) w <- w - lr * (c - c_i)
     }
   }
 
@@ -190,7 +193,7 @@ ref_federated <- function(params0, clients, rounds, schedule, output,
                           weights = "samples", epochs = 1, batch = Inf, lr = 0.1,
                           optimizer = "sgd", momentum = 0, weight_decay = 0,
                           beta1 = 0.9, beta2 = 0.999, eps = 1e-8, alpha = 0.99,
-                          mu = 0, orders = NULL) {
+                          mu = 0, orders = NULL, scaffold_after_step = FALSE) {
   algorithm <- match.arg(algorithm, c("fedavg", "fedprox", "scaffold", "fednova", "fedsgd"))
   srv <- list(kind = "sgd", lr = 1, momentum = 0, beta1 = 0.9, beta2 = 0.99, tau = 1e-3)
   srv[names(server)] <- server
@@ -230,7 +233,8 @@ ref_federated <- function(params0, clients, rounds, schedule, output,
                              eps = eps, alpha = alpha, mu = mu,
                              c = if (algorithm == "scaffold") c_srv else NULL,
                              c_i = if (algorithm == "scaffold") c_cli[[i]] else NULL,
-                             order = if (is.null(orders)) NULL else orders(r, i))
+                             order = if (is.null(orders)) NULL else orders(r, i),
+                             scaffold_after_step = scaffold_after_step)
         deltas[[j]] <- pref_flat(run$params) - x
         steps[j] <- run$steps
         losses[j] <- run$loss

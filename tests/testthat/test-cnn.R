@@ -34,6 +34,8 @@ cnn_reference_loss <- function(p, model, x, y) {
       a <- out; H <- Ho; W <- Wo; C <- co
     } else if (op[1] == 2) {
       a <- ifelse(Re(a) > 0, a, 0)
+    } else if (op[1] %in% c(5, 6)) {
+      # Dropout: off outside a training step (loss_grad() and evaluation).
     } else {
       k <- op[2]; s <- op[3]
       Ho <- (H - k) %/% s + 1; Wo <- (W - k) %/% s + 1
@@ -79,7 +81,9 @@ cnn_cases <- function() list(
                                           avg_pool(2, 1), dense(5), relu()), n_classes = 3),
   strided = model_cnn(c(7, 6, 2), list(conv(3, 3, stride = 2, padding = 1), relu(), max_pool(2, stride = 1), flatten(),
                                       dense(4), relu()), n_classes = 4),
-  pool_first = model_cnn(c(5, 5, 3), list(avg_pool(2, 1), conv(2, 3, padding = 2), relu()), n_classes = 2)
+  pool_first = model_cnn(c(5, 5, 3), list(avg_pool(2, 1), conv(2, 3, padding = 2), relu()), n_classes = 2),
+  dropouts = model_cnn(c(6, 6, 1), list(conv(2, 3), relu(), dropout(0.3), max_pool(2), dense(4), relu(), dropout(0.5)),
+                       n_classes = 3)
 )
 
 test_that("CNN losses and gradients equal the plain-R reference (float64 1e-10, float32 1e-4)", {
@@ -212,4 +216,66 @@ test_that("a networked CNN federation gives the simulation's results", {
   networked <- run_networked(make, nodes, rounds = 3, n_procs = 2)
   expect_identical(attr(networked, "node_exit"), rep(0L, 2))
   expect_identical(networked$params, simulated$params)
+})
+
+test_that("the NIID-Bench setting runs (2-round smoke version of bench/niid-bench.R)", {
+  skip_on_cran()
+  fm <- tryCatch(load_fashion_mnist(), fedagg_error = function(e) NULL)
+  if (is.null(fm)) skip("Fashion-MNIST is not installed (Debian's dataset-fashion-mnist; make test installs it)")
+  keep <- seq_len(3000)
+  parts <- partition_dirichlet(fm$train$y[keep], 10, alpha = 0.5, seed = 2022)
+  nodes <- fed_nodes(fm$train$x[keep, ], fm$train$y[keep], parts)
+  lenet <- model_cnn(c(28, 28, 1), list(conv(6, 5), relu(), max_pool(2), conv(16, 5), relu(), max_pool(2),
+                                        dense(120), relu(), dense(84), relu()),
+                     n_classes = 10, classes = levels(fm$train$y))
+  test <- list(x = fm$test$x[1:1000, ], y = fm$test$y[1:1000])
+  for (alg in list(fedavg(), fedprox(0.01), fednova(), scaffold())) {
+    srv <- fed_server(lenet, nodes, algorithm = alg, fraction = 1, epochs = 3, batch_size = 64, lr = 0.05,
+                      momentum = 0.9, seed = 1, test_data = test)
+    h <- srv$fit(2, verbose = FALSE)
+    expect_identical(nrow(h), 2L)
+    expect_true(all(is.finite(unlist(srv$params))))
+    expect_true(all(is.finite(h$test_loss)))
+    # Above chance (10 %) after two rounds of three epochs; SCAFFOLD's
+    # control variates are zero in its first round, and it starts slower.
+    if (!inherits(alg, "fed_algorithm") || alg$kind != "scaffold") expect_gt(h$test_accuracy[2], 0.2)
+  }
+})
+
+test_that("dropout trains reproducibly and is off when evaluating", {
+  with_drop <- model_cnn(c(8, 8, 1), list(conv(3, 3), relu(), dropout(0.25), max_pool(2), dense(6), relu(), dropout(0.5)),
+                         n_classes = 3)
+  without <- model_cnn(c(8, 8, 1), list(conv(3, 3), relu(), max_pool(2), dense(6), relu()), n_classes = 3)
+  zero <- model_cnn(c(8, 8, 1), list(conv(3, 3), relu(), dropout(0), max_pool(2), dense(6), relu(), dropout(0)),
+                    n_classes = 3)
+  expect_identical(names(init_params(with_drop)), names(init_params(without)))
+  set.seed(4)
+  n <- 90
+  x <- matrix(rnorm(n * 64), n)
+  y <- sample(0:2, n, TRUE)
+  nodes <- fed_nodes(x, y, partition_iid(n, 3, seed = 1))
+  run <- function(model, threads) {
+    srv <- fed_server(model, nodes, fraction = 1, lr = 0.05, seed = 3, batch_size = 8, epochs = 2, threads = threads,
+                      params = init_params(without, seed = 2))
+    srv$fit(3, verbose = FALSE)
+    srv
+  }
+  a <- run(with_drop, 1)
+  b <- run(with_drop, 2)
+  expect_identical(a$params, b$params)
+  plain <- run(without, 2)
+  expect_false(identical(a$params, plain$params))
+  # A rate of 0 is no dropout at all.
+  expect_identical(run(zero, 2)$params, plain$params)
+  # Evaluation and prediction pass values on: the network without dropout.
+  ev <- function(model, params) {
+    s <- fed_server(model, nodes, params = params, seed = 1, test_data = list(x = x, y = y))
+    s$evaluate()
+  }
+  expect_identical(ev(with_drop, a$params), ev(without, a$params))
+  expect_identical(fed_server(with_drop, nodes, params = a$params)$predict(x[1:4, ]),
+                   fed_server(without, nodes, params = a$params)$predict(x[1:4, ]))
+  expect_error(dropout(1), class = "fedagg_error_input", regexp = "rate")
+  expect_error(dropout(-0.1), class = "fedagg_error_input", regexp = "rate")
+  expect_error(model_cnn(c(8, 8), list(dense(3), dropout(0.5), relu()), n_classes = 3), class = "fedagg_error_input")
 })

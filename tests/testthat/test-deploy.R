@@ -94,7 +94,7 @@ test_that("a broken manifest is a classed error naming its file and field", {
     list("coordinator.yaml", function(d) pod(d, function(s) { s$enableServiceLinks <- NULL; s }), "enableServiceLinks"),
     list("secret.yaml", function(d) { names(d$stringData)[1] <- "server.pem"; d }, "keys"),
     list("secret.yaml", function(d) { d$stringData$viewer.csv <- "x"; d }, "keys"),
-    list("configmap.yaml", function(d) { d$data[["config.yaml"]] <- "model: {type: cnn}"; d }, "configuration"),
+    list("configmap.yaml", function(d) { d$data[["config.yaml"]] <- "model: {type: transformer}"; d }, "configuration"),
     list("pvc.yaml", function(d) { d$spec$accessModes <- list("ReadWriteMany"); d }, "ReadWriteOnce"),
     list("service.yaml", function(d) { d$spec$selector$`app.kubernetes.io/component` <- "node"; d }, "selector"),
     list("service.yaml", function(d) { d$spec$ports[[1]]$targetPort <- "http"; d }, "targetPort")
@@ -120,8 +120,15 @@ test_that("the configuration is checked setting by setting, and builds the same 
   expect_s3_class(config$server$algorithm, "fed_algorithm")
   expect_identical(config$serve$limits$rate, 50)
   expect_match(format(config)[1], "softmax")
+  # A CNN, written as YAML, is the model_cnn() of the same layers.
+  cnn_yaml <- "model:\n  type: cnn\n  input: [8, 8, 1]\n  n_classes: 3\n  layers:\n    - {type: conv, filters: 2, size: 3}\n    - {type: relu}\n    - {type: max_pool, size: 2}\n    - {type: dense, units: 4}\n    - {type: relu}\n    - {type: dropout, rate: 0.5}\n"
+  cnn <- fed_config(yaml::yaml.load(cnn_yaml))$model
+  expect_identical(cnn, model_cnn(c(8, 8, 1), list(conv(2, 3), relu(), max_pool(2), dense(4), relu(), dropout(0.5)), n_classes = 3))
+  expect_error(fed_config(yaml::yaml.load(sub("type: relu}", "type: sigmoid}", cnn_yaml, fixed = TRUE))),
+               class = "fedagg_error_config", regexp = "model.layers\\[2\\]")
+  expect_error(fed_config(yaml::yaml.load(sub("size: 3", "size: 30", cnn_yaml, fixed = TRUE))), class = "fedagg_error_config")
   bad <- list(
-    list(modifyList(good, list(model = list(type = "cnn"))), "model.type"),
+    list(modifyList(good, list(model = list(type = "transformer"))), "model.type"),
     list(modifyList(good, list(model = list(n_classes = -1))), "model"),
     list(modifyList(good, list(rounds = 0)), "rounds"),
     list(modifyList(good, list(server = list(fractoin = 0.5))), "server.fractoin"),

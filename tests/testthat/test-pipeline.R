@@ -49,6 +49,8 @@ cases <- list(
                                     server = list(kind = "adam", lr = 0.05, beta1 = 0.9, beta2 = 0.99, tau = 1e-3))),
   scaffold_momentum = list(server = list(algorithm = scaffold(), momentum = 0.7),
                            ref = list(algorithm = "scaffold", momentum = 0.7)),
+  scaffold_step_momentum = list(server = list(algorithm = scaffold(correction = "step"), momentum = 0.9),
+                                ref = list(algorithm = "scaffold", momentum = 0.9, scaffold_after_step = TRUE)),
   fednova_momentum = list(server = list(algorithm = fednova(), momentum = 0.9, epochs = c(2, 1, 3, 2)),
                           ref = list(algorithm = "fednova", momentum = 0.9, epochs = c(2, 1, 3, 2)))
 )
@@ -63,7 +65,7 @@ for (case in names(cases)) {
       ref_args <- utils::modifyList(list(epochs = 2, batch = 7, lr = 0.1), cases[[case]]$ref)
       ref <- do.call(ref_federated, c(list(p0, pd$clients, 3, schedule3, "softmax"), ref_args))
       expect_equal(flat_of(srv$params), flat_of(ref$params), tolerance = 1e-10)
-      if (case == "scaffold") {
+      if (case %in% c("scaffold", "scaffold_step_momentum")) {
         expect_equal(srv$server_state$control, ref$c, tolerance = 1e-10)
         expect_equal(srv$nodes[[3]]$state$control, ref$c_i[[3]], tolerance = 1e-10)
       }

@@ -71,7 +71,7 @@ pub struct FitConfig<'a> {
 
 impl FitConfig<'_> {
     pub fn scaffold(&self) -> bool {
-        self.work == LocalWork::Sgd && self.algorithm == ClientAlgorithm::Scaffold
+        self.work == LocalWork::Sgd && matches!(self.algorithm, ClientAlgorithm::Scaffold { .. })
     }
 }
 

@@ -9,12 +9,14 @@
 //! rows are the (sample, position) pairs and whose columns are the output
 //! channels: already the next stage's layout, with nothing transposed.
 //!
-//! Convolution as im2col and one product per block (`matrixmultiply`). The
+//! Convolution as im2col and one product per block (`matrixmultiply`),
+//! the block being the minibatch (at most `BLOCK_ROWS` images). The
 //! unfolded patches of a block are kept from the forward pass for the
-//! weight gradient. Chosen over a direct loop (measured in
-//! `bench/cnn-kernels` numbers in bench/README.md): the product runs at the
-//! kernels' speed, the unfold is a copy of `k` contiguous runs of `C`
-//! values per row.
+//! weight gradient, and their buffer takes the input gradient's patches on
+//! the way back. A direct convolution loop was not written to compare: the
+//! products run at the kernels' speed and the unfold is a copy of `k`
+//! contiguous runs of `C` values per row; bench/README.md ("CNNs against
+//! PyTorch") has the speed this gives and where the time goes.
 //!
 //! A kernel's weights are a `(k k C_in) x C_out` column-major matrix whose
 //! row `(kh k + kw) C_in + c` multiplies input channel `c` at offset
@@ -31,6 +33,25 @@ pub enum FrontOp {
     Relu,
     MaxPool { k: usize, stride: usize },
     AvgPool { k: usize, stride: usize },
+    /// Inverted dropout of `ppm` parts per million while training.
+    Dropout { ppm: usize },
+}
+
+/// A dropout rate given in parts per million.
+pub fn dropout_rate(ppm: usize) -> f64 {
+    ppm as f64 / 1e6
+}
+
+/// The dropout mask of one block of a training step: each value kept with
+/// probability `1 - rate` and then scaled by `1 / (1 - rate)`, or dropped
+/// (0). Drawn from the step's `key`, the block's index and the layer's
+/// `site`, in order: the same on any number of threads.
+pub fn dropout_mask<T: Real>(key: u64, block: usize, site: usize, rate: f64, mask: &mut [T]) {
+    let mut rng = crate::rng::Rng::new(key ^ (block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), 0xD70 + site as u64);
+    let keep = T::of(1.0 / (1.0 - rate));
+    for v in mask.iter_mut() {
+        *v = if rng.uniform() < rate { T::ZERO } else { keep };
+    }
 }
 
 impl FrontOp {
@@ -42,6 +63,8 @@ impl FrontOp {
             2 => Ok(FrontOp::Relu),
             3 => Ok(FrontOp::MaxPool { k: v[1], stride: v[2] }),
             4 => Ok(FrontOp::AvgPool { k: v[1], stride: v[2] }),
+            5 if v[1] < 1_000_000 => Ok(FrontOp::Dropout { ppm: v[1] }),
+            5 => invalid("layers", "a dropout rate must be below 1"),
             k => invalid("layers", format!("unknown layer code {k}")),
         }
     }
@@ -52,6 +75,7 @@ impl FrontOp {
             FrontOp::Relu => [2, 0, 0, 0, 0],
             FrontOp::MaxPool { k, stride } => [3, k, stride, 0, 0],
             FrontOp::AvgPool { k, stride } => [4, k, stride, 0, 0],
+            FrontOp::Dropout { ppm } => [5, ppm, 0, 0, 0],
         }
     }
 }
@@ -119,7 +143,7 @@ impl Front {
                     offset = b.checked_add(out).ok_or_else(too_big)?;
                     ((h, wd, out), w, b)
                 }
-                FrontOp::Relu => (shape, 0, 0),
+                FrontOp::Relu | FrontOp::Dropout { .. } => (shape, 0, 0),
                 FrontOp::MaxPool { k, stride } | FrontOp::AvgPool { k, stride } => {
                     let what = if matches!(op, FrontOp::MaxPool { .. }) { "max_pool" } else { "avg_pool" };
                     ((out_len(shape.0, k, stride, 0, what)?, out_len(shape.1, k, stride, 0, what)?, shape.2), 0, 0)
@@ -151,6 +175,9 @@ impl Front {
             if let FrontOp::Conv { k, .. } = s.op {
                 total = total.checked_add(s.output.0 * s.output.1 * k * k * s.input.2)?;
             }
+            if let FrontOp::Dropout { .. } = s.op {
+                total = total.checked_add(size(s.output))?;
+            }
         }
         total.checked_add(widest.checked_mul(2)?)
     }
@@ -164,6 +191,7 @@ impl Front {
         let mut acts = Vec::with_capacity(self.stages.len());
         let mut cols = Vec::with_capacity(self.stages.len());
         let mut argmax = Vec::with_capacity(self.stages.len());
+        let mut masks = Vec::with_capacity(self.stages.len());
         let mut widest = self.n_inputs();
         for s in &self.stages {
             acts.push(sized(size(s.output))?);
@@ -176,13 +204,19 @@ impl Front {
                 FrontOp::MaxPool { .. } => try_filled(rows * size(s.output), 0u32, what)?,
                 _ => Vec::new(),
             });
+            masks.push(match s.op {
+                FrontOp::Dropout { .. } => sized(size(s.output))?,
+                _ => Vec::new(),
+            });
         }
-        Ok(FrontBlock { acts, cols, argmax, delta: sized(widest)?, delta_prev: sized(widest)? })
+        Ok(FrontBlock { acts, cols, argmax, masks, delta: sized(widest)?, delta_prev: sized(widest)? })
     }
 
     /// Runs the front on the first `m` rows of `x` (`m x n_inputs`),
-    /// leaving every stage's output in `blk`.
-    pub fn forward<T: Real>(&self, params: &[T], x: &[T], m: usize, blk: &mut FrontBlock<T>) {
+    /// leaving every stage's output in `blk`. `dropout`: the training
+    /// step's key and the block's index (`None` when evaluating: dropout
+    /// passes its input on).
+    pub fn forward<T: Real>(&self, params: &[T], x: &[T], m: usize, blk: &mut FrontBlock<T>, dropout: Option<(u64, usize)>) {
         for (i, s) in self.stages.iter().enumerate() {
             let (before, after) = blk.acts.split_at_mut(i);
             let input: &[T] = if i == 0 { &x[..m * size(s.input)] } else { &before[i - 1][..m * size(s.input)] };
@@ -211,6 +245,16 @@ impl Front {
                     pool_max(input, m, s.input, s.output, k, stride, out, am);
                 }
                 FrontOp::AvgPool { k, stride } => pool_avg(input, m, s.input, s.output, k, stride, out),
+                FrontOp::Dropout { ppm } => match dropout {
+                    Some((key, block)) if ppm > 0 => {
+                        let mask = &mut blk.masks[i][..out.len()];
+                        dropout_mask(key, block, i, dropout_rate(ppm), mask);
+                        for ((o, v), k) in out.iter_mut().zip(input).zip(mask.iter()) {
+                            *o = *v * *k;
+                        }
+                    }
+                    _ => out.copy_from_slice(input),
+                },
             }
         }
     }
@@ -227,7 +271,8 @@ impl Front {
     /// respect to the front's output (`m x n_outputs`, already scaled as
     /// the dense layers scale theirs): writes (`first`) or adds the
     /// convolutions' gradients, `scale` times their block sums.
-    pub fn backward<T: Real>(&self, params: &[T], x: &[T], m: usize, d_out: &[T], scale: T, first: bool, grad: &mut [T], blk: &mut FrontBlock<T>) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T: Real>(&self, params: &[T], x: &[T], m: usize, d_out: &[T], scale: T, first: bool, dropout_on: bool, grad: &mut [T], blk: &mut FrontBlock<T>) {
         let n = self.stages.len();
         if n == 0 {
             return;
@@ -294,6 +339,18 @@ impl Front {
                         unpool_avg(delta, m, s.input, s.output, k, stride, prev);
                     }
                 }
+                FrontOp::Dropout { ppm } => {
+                    // Backward runs in training only, where the forward drew the mask.
+                    if need_input_grad {
+                        if ppm > 0 && dropout_on {
+                            for ((p, d), k) in prev.iter_mut().zip(delta).zip(&blk.masks[i][..out_len]) {
+                                *p = *d * *k;
+                            }
+                        } else {
+                            prev.copy_from_slice(delta);
+                        }
+                    }
+                }
             }
             if need_input_grad {
                 std::mem::swap(&mut blk.delta, &mut blk.delta_prev);
@@ -307,6 +364,7 @@ pub struct FrontBlock<T> {
     acts: Vec<Vec<T>>,
     cols: Vec<Vec<T>>,
     argmax: Vec<Vec<u32>>,
+    masks: Vec<Vec<T>>,
     delta: Vec<T>,
     delta_prev: Vec<T>,
 }
@@ -493,8 +551,9 @@ mod tests {
         }
     }
 
-    /// One sample's loss, from the definitions.
-    fn sample_loss(p: &[Cx], front: &Front, net: &Network, x: &[f64], y: usize) -> Cx {
+    /// One sample's loss, from the definitions. `mask(site)`: the sample's
+    /// dropout mask at a layer (None: no dropout).
+    fn sample_loss(p: &[Cx], front: &Front, net: &Network, x: &[f64], y: usize, mask: &dyn Fn(usize) -> Option<Vec<f64>>) -> Cx {
         let (mut h, mut w, mut c) = front.input;
         let mut a: Vec<Cx> = x.iter().map(|&v| Cx::real(v)).collect();
         let at = |h_: usize, w_: usize, c_: usize, wd: usize, cd: usize| (h_ * wd + w_) * cd + c_;
@@ -528,6 +587,17 @@ mod tests {
                 FrontOp::Relu => {
                     for (o, v) in out.iter_mut().zip(&a) {
                         *o = if v.re > 0.0 { *v } else { Cx::real(0.0) };
+                    }
+                }
+                FrontOp::Dropout { .. } => {
+                    let site = front.stages.iter().position(|t| std::ptr::eq(t, s)).unwrap();
+                    match mask(site) {
+                        Some(m) => {
+                            for ((o, v), k) in out.iter_mut().zip(&a).zip(&m) {
+                                *o = v.scale(*k);
+                            }
+                        }
+                        None => out.copy_from_slice(&a),
                     }
                 }
                 FrontOp::MaxPool { k, stride } | FrontOp::AvgPool { k, stride } => {
@@ -564,6 +634,13 @@ mod tests {
                 }
                 *zj = if l < last && acc.re <= 0.0 { Cx::real(0.0) } else { acc };
             }
+            if net.dropout[l] > 0 {
+                if let Some(m) = mask(1000 + l) {
+                    for (zj, k) in z.iter_mut().zip(&m) {
+                        *zj = zj.scale(*k);
+                    }
+                }
+            }
             a = z;
         }
         let m = a.iter().map(|v| v.re).fold(f64::NEG_INFINITY, f64::max);
@@ -587,10 +664,11 @@ mod tests {
             let x: Vec<f64> = (0..p_in).map(|j| data.x[j * data.n + r]).collect();
             let y = data.y[r] as usize;
             let mut p: Vec<Cx> = params.iter().map(|&v| Cx::real(v)).collect();
-            loss += count as f64 * sample_loss(&p, front, net, &x, y).re;
+            let none = |_: usize| None;
+            loss += count as f64 * sample_loss(&p, front, net, &x, y, &none).re;
             for j in 0..params.len() {
                 p[j].im = h;
-                grad[j] += count as f64 * sample_loss(&p, front, net, &x, y).im / h;
+                grad[j] += count as f64 * sample_loss(&p, front, net, &x, y, &none).im / h;
                 p[j].im = 0.0;
             }
         }
@@ -653,6 +731,92 @@ mod tests {
             }
             assert!(300 > BLOCK_ROWS, "the long batch must cross a block boundary");
         }
+    }
+
+    /// With dropout: the masks of a training step (`key`, one block), drawn
+    /// by `dropout_mask` for the whole block and cut per sample.
+    fn reference_dropout(net: &Network, params: &[f64], data: &Dataset<'_>, rows: &[usize], key: u64) -> (f64, Vec<f64>) {
+        let front = net.front.as_ref().unwrap();
+        let m = rows.len();
+        assert!(m <= BLOCK_ROWS);
+        let mut sites: Vec<(usize, usize, f64)> = Vec::new();
+        for (i, s) in front.stages.iter().enumerate() {
+            if let FrontOp::Dropout { ppm } = s.op {
+                sites.push((i, s.output.0 * s.output.1 * s.output.2, dropout_rate(ppm)));
+            }
+        }
+        for (l, layer) in net.layers.iter().enumerate() {
+            if net.dropout[l] > 0 {
+                sites.push((1000 + l, layer.outputs, dropout_rate(net.dropout[l])));
+            }
+        }
+        let blocks: Vec<(usize, usize, Vec<f64>)> = sites
+            .iter()
+            .map(|&(site, len, rate)| {
+                let mut mk = vec![0.0; m * len];
+                dropout_mask(key, 0, site, rate, &mut mk);
+                (site, len, mk)
+            })
+            .collect();
+        let h = 1e-30;
+        let mut grad = vec![0.0; params.len()];
+        let mut loss = 0.0;
+        for (b, &r) in rows.iter().enumerate() {
+            let x: Vec<f64> = (0..data.p).map(|j| data.x[j * data.n + r]).collect();
+            let y = data.y[r] as usize;
+            let mask = |site: usize| blocks.iter().find(|t| t.0 == site).map(|(_, len, mk)| mk[b * len..(b + 1) * len].to_vec());
+            let mut p: Vec<Cx> = params.iter().map(|&v| Cx::real(v)).collect();
+            loss += sample_loss(&p, front, net, &x, y, &mask).re;
+            for j in 0..params.len() {
+                p[j].im = h;
+                grad[j] += sample_loss(&p, front, net, &x, y, &mask).im / h;
+                p[j].im = 0.0;
+            }
+        }
+        (loss / m as f64, grad.iter().map(|g| g / m as f64).collect())
+    }
+
+    #[test]
+    fn dropout_gradients_equal_the_reference_and_evaluation_ignores_it() {
+        use FrontOp::*;
+        let input = (6, 6, 2);
+        let ops = [Conv { out: 3, k: 3, stride: 1, pad: 1 }, Relu, Dropout { ppm: 300_000 }, MaxPool { k: 2, stride: 2 }];
+        let flat = Front::new(input, &ops).unwrap().n_outputs();
+        let codes: Vec<[usize; 5]> = ops.iter().map(|o| o.code()).chain([[6, 0, 500_000, 0, 0]]).collect();
+        let net = Network::from_parts(&[flat, 6, 3], Head::Softmax, Precision::F64, &[6, 6, 2], &codes).unwrap();
+        assert!(net.has_dropout() && net.dropout == vec![500_000, 0]);
+        let (x, y) = images(7, input, 3, 9);
+        let data = Dataset::new(&x, 7, 72, &y).unwrap();
+        let params = net.init(2, 3).unwrap();
+        let rows: Vec<usize> = vec![6, 0, 3, 2, 5];
+        let mut ws = net.workspace(rows.len()).unwrap();
+        let mut grad = vec![0.0; net.n_params()];
+        for key in [11u64, 12] {
+            ws.dropout_key = Some(key);
+            let loss = net.loss_grad(&params, &data, &rows, &mut grad, &mut ws);
+            let (want_loss, want) = reference_dropout(&net, &params, &data, &rows, key);
+            let scale = want.iter().fold(0.0f64, |a, g| a.max(g.abs()));
+            assert!((loss - want_loss).abs() <= 1e-10 * want_loss.abs(), "key {key}: {loss} vs {want_loss}");
+            for (j, (g, r)) in grad.iter().zip(&want).enumerate() {
+                assert!((g - r).abs() <= 1e-10 * scale, "key {key}: gradient {j} is {g}, reference {r}");
+            }
+        }
+        // Off (no key): the network without its dropout layers.
+        ws.dropout_key = None;
+        let off = net.loss_grad(&params, &data, &rows, &mut grad, &mut ws);
+        let plain_ops = [ops[0], ops[1], ops[3]];
+        let plain = Network::with_front(input, &plain_ops, &[flat, 6, 3], Head::Softmax).unwrap();
+        let mut g2 = vec![0.0; plain.n_params()];
+        let mut ws2 = plain.workspace(rows.len()).unwrap();
+        assert_eq!(off, plain.loss_grad(&params, &data, &rows, &mut g2, &mut ws2));
+        assert_eq!(grad, g2);
+        assert_eq!(net.evaluate(&params, &data).unwrap(), plain.evaluate(&params, &data).unwrap());
+        // About the rate dropped.
+        let mut mk = vec![0.0f64; 100_000];
+        dropout_mask(5, 0, 1, 0.3, &mut mk);
+        let dropped = mk.iter().filter(|v| **v == 0.0).count() as f64 / 1e5;
+        assert!((dropped - 0.3).abs() < 0.01, "{dropped}");
+        assert!(mk.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.7).abs() < 1e-15));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Layer {
 pub struct Network {
     pub front: Option<Front>,
     pub layers: Vec<Layer>,
+    /// Dropout after each dense layer's ReLU while training, in parts per
+    /// million (0: none; always 0 for the output layer).
+    pub dropout: Vec<usize>,
     pub head: Head,
     pub precision: Precision,
     n_params: usize,
@@ -292,6 +295,8 @@ struct Block<T> {
     /// Column sums of a layer's deltas (its bias gradient).
     bias_sums: Vec<T>,
     front: Option<FrontBlock<T>>,
+    /// The dense layers' dropout masks of the block (empty without dropout).
+    masks: Vec<Vec<T>>,
 }
 
 enum Buffers {
@@ -305,6 +310,9 @@ enum Buffers {
 /// sized by the block, not by the data set.
 pub struct Workspace {
     buffers: Buffers,
+    /// The training step's key for dropout masks; `None` (the default, and
+    /// what evaluation uses) turns dropout off.
+    pub dropout_key: Option<u64>,
 }
 
 impl Workspace {
@@ -354,7 +362,8 @@ impl Network {
         // Every later buffer indexes parameters in bytes, so they must fit too.
         byte_size::<f64>(offset, "the model parameters").map_err(|_| too_many())?;
         let widest = *sizes.iter().max().unwrap();
-        Ok(Network { front: None, layers, head, precision: Precision::F64, n_params: offset, widest })
+        let dropout = vec![0; layers.len()];
+        Ok(Network { front: None, layers, dropout, head, precision: Precision::F64, n_params: offset, widest })
     }
 
     /// A dense network (`input` and `front` empty) or a convolutional one
@@ -364,8 +373,20 @@ impl Network {
             Network::new(sizes, head)?
         } else {
             let &[h, w, c] = input else { return invalid("input", "must be a height, a width and a number of channels") };
-            let ops = front.iter().map(|&code| FrontOp::from_code(code)).collect::<CoreResult<Vec<_>>>()?;
-            Network::with_front((h, w, c), &ops, sizes, head)?
+            // Code 6 is a dropout after a dense hidden layer: [6, layer, ppm].
+            let ops = front.iter().filter(|c| c[0] != 6).map(|&code| FrontOp::from_code(code)).collect::<CoreResult<Vec<_>>>()?;
+            let mut net = Network::with_front((h, w, c), &ops, sizes, head)?;
+            for code in front.iter().filter(|c| c[0] == 6) {
+                let (layer, ppm) = (code[1], code[2]);
+                if layer + 1 >= net.layers.len() {
+                    return invalid("layers", format!("a dropout after dense layer {} of {} hidden layers", layer + 1, net.layers.len() - 1));
+                }
+                if ppm >= 1_000_000 {
+                    return invalid("layers", "a dropout rate must be below 1");
+                }
+                net.dropout[layer] = ppm;
+            }
+            net
         };
         Ok(net.with_precision(precision))
     }
@@ -447,6 +468,12 @@ impl Network {
                 Some(f) => Some(f.block(rows)?),
                 None => None,
             },
+            masks: self
+                .layers
+                .iter()
+                .zip(&self.dropout)
+                .map(|(l, &ppm)| if ppm > 0 { sized(l.outputs) } else { Ok(Vec::new()) })
+                .collect::<CoreResult<Vec<_>>>()?,
         })
     }
 
@@ -479,7 +506,7 @@ impl Network {
                 fresh: false,
             },
         };
-        Ok(Workspace { buffers })
+        Ok(Workspace { buffers, dropout_key: None })
     }
 
     /// Seeded initial parameters. `scheme` 0: all zeros (the usual start for
@@ -533,9 +560,9 @@ impl Network {
 
     /// Forward pass of the first `m` gathered rows of `blk`: every layer is
     /// one product `A W` (W is `inputs x outputs`, column-major) plus bias.
-    fn forward_block<T: Real>(&self, params: &[T], m: usize, blk: &mut Block<T>) {
+    fn forward_block<T: Real>(&self, params: &[T], m: usize, blk: &mut Block<T>, dropout: Option<(u64, usize)>) {
         if let (Some(front), Some(fb)) = (&self.front, blk.front.as_mut()) {
-            front.forward(params, &blk.x, m, fb);
+            front.forward(params, &blk.x, m, fb, dropout);
         }
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -554,6 +581,13 @@ impl Network {
                 for (z, b) in row.iter_mut().zip(bias) {
                     let v = *b + *z;
                     *z = if l < last && v < T::ZERO { T::ZERO } else { v };
+                }
+            }
+            if let (Some((key, block)), true) = (dropout, self.dropout[l] > 0) {
+                let mask = &mut blk.masks[l][..m * outputs];
+                crate::conv::dropout_mask(key, block, 1000 + l, crate::conv::dropout_rate(self.dropout[l]), mask);
+                for (z, k) in out.iter_mut().zip(mask.iter()) {
+                    *z = *z * *k;
                 }
             }
         }
@@ -582,7 +616,8 @@ impl Network {
     /// sums of D for the biases, and `D W'` (masked by the ReLU) for the
     /// layer below. Scaling inside the products and writing with the first
     /// block save two passes over the parameters per step.
-    fn backward_block<T: Real>(&self, params: &[T], m: usize, scale: T, first: bool, grad: &mut [T], blk: &mut Block<T>) {
+    #[allow(clippy::too_many_arguments)]
+    fn backward_block<T: Real>(&self, params: &[T], m: usize, scale: T, first: bool, dropout_on: bool, grad: &mut [T], blk: &mut Block<T>) {
         for l in (0..self.layers.len()).rev() {
             let layer = self.layers[l];
             let (inputs, outputs) = (layer.inputs, layer.outputs);
@@ -615,13 +650,18 @@ impl Network {
                         *p = T::ZERO;
                     }
                 }
+                if dropout_on && self.dropout[l - 1] > 0 {
+                    for (p, k) in prev.iter_mut().zip(&blk.masks[l - 1][..m * inputs]) {
+                        *p = *p * *k;
+                    }
+                }
                 std::mem::swap(&mut blk.delta, &mut blk.delta_prev);
             } else if let (Some(front), Some(fb)) = (&self.front, blk.front.as_mut()) {
                 // Into the front: its own stages mask their gradients.
                 let w = &params[layer.w..layer.b];
                 let prev = &mut blk.delta_prev[..m * inputs];
                 gemm(T::ONE, delta, Shape::row_major(m, outputs), w, Shape::col_major(inputs, outputs).t(), T::ZERO, prev, Shape::row_major(m, inputs));
-                front.backward(params, &blk.x, m, prev, scale, first, grad, fb);
+                front.backward(params, &blk.x, m, prev, scale, first, dropout_on, grad, fb);
             }
         }
     }
@@ -631,17 +671,24 @@ impl Network {
     /// matrix: about 7 % of a step when the rows are shuffled; laying out
     /// each epoch's rows in order first measured no faster for one epoch,
     /// and would hold a second copy of the client's data.
-    fn loss_grad_sum<T: Real>(&self, params: &[T], data: &Dataset<'_>, rows: &[usize], grad: &mut [T], blk: &mut Block<T>) -> f64 {
+    #[allow(clippy::too_many_arguments)]
+    fn loss_grad_sum<T: Real>(&self, params: &[T], data: &Dataset<'_>, rows: &[usize], grad: &mut [T], blk: &mut Block<T>, key: Option<u64>) -> f64 {
         let scale = T::of(1.0 / rows.len() as f64);
         let mut total = 0.0;
         for (b, chunk) in rows.chunks(blk.rows).enumerate() {
             let m = chunk.len();
             data.gather(chunk, &mut blk.x[..m * data.p], &mut blk.labels);
-            self.forward_block(params, m, blk);
+            self.forward_block(params, m, blk, key.map(|k| (k, b)));
             total += self.head_block(m, blk);
-            self.backward_block(params, m, scale, b == 0, grad, blk);
+            self.backward_block(params, m, scale, b == 0, key.is_some(), grad, blk);
         }
         total
+    }
+
+    /// Whether any layer drops out while training.
+    pub fn has_dropout(&self) -> bool {
+        self.dropout.iter().any(|&p| p > 0)
+            || self.front.as_ref().map_or(false, |f| f.stages.iter().any(|s| matches!(s.op, FrontOp::Dropout { ppm } if ppm > 0)))
     }
 
     /// Mean loss and gradient over the rows in `rows` (gradient written, not added).
@@ -650,8 +697,9 @@ impl Network {
             grad.iter_mut().for_each(|g| *g = f64::NAN);
             return f64::NAN;
         }
+        let key = ws.dropout_key;
         let total = match &mut ws.buffers {
-            Buffers::F64(blk) => self.loss_grad_sum(params, data, rows, grad, blk),
+            Buffers::F64(blk) => self.loss_grad_sum(params, data, rows, grad, blk, key),
             Buffers::F32 { block, params: p32, grad: g32, fresh } => {
                 if !*fresh {
                     for (q, p) in p32.iter_mut().zip(params) {
@@ -659,7 +707,7 @@ impl Network {
                     }
                 }
                 *fresh = false;
-                let total = self.loss_grad_sum(p32, data, rows, g32, block);
+                let total = self.loss_grad_sum(p32, data, rows, g32, block, key);
                 for (g, v) in grad.iter_mut().zip(g32.iter()) {
                     *g = *v as f64;
                 }
@@ -676,6 +724,7 @@ impl Network {
     /// step take three (measured: the conversions were about 20 % of a
     /// float32 step of the 784-512-10 MLP).
     pub fn loss_grad_f32(&self, params: &[f64], data: &Dataset<'_>, rows: &[usize], ws: &mut Workspace) -> Option<f64> {
+        let key = ws.dropout_key;
         let Buffers::F32 { block, params: p32, grad: g32, fresh } = &mut ws.buffers else { return None };
         if rows.is_empty() {
             return Some(f64::NAN);
@@ -686,7 +735,7 @@ impl Network {
             }
         }
         *fresh = false;
-        Some(self.loss_grad_sum(p32, data, rows, g32, block) / rows.len() as f64)
+        Some(self.loss_grad_sum(p32, data, rows, g32, block, key) / rows.len() as f64)
     }
 
     /// Runs `visit(row, outputs)` over every row of `data` in order, with the
@@ -699,7 +748,7 @@ impl Network {
             while start < data.n {
                 let m = blk.rows.min(data.n - start);
                 data.gather_range(start, m, &mut blk.x[..m * data.p], &mut blk.labels);
-                net.forward_block(params, m, blk);
+                net.forward_block(params, m, blk, None);
                 for (b, row) in blk.acts[last][..m * outputs].chunks_exact(outputs).enumerate() {
                     for (z, v) in blk.head_z.iter_mut().zip(row) {
                         *z = v.f64();

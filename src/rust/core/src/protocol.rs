@@ -183,7 +183,8 @@ pub fn algorithm_named(name: &str, get: impl Fn(&'static str) -> CoreResult<f64>
     Ok(match name {
         "fedavg" => ClientAlgorithm::FedAvg,
         "fedprox" => ClientAlgorithm::FedProx { mu: get("mu")? },
-        "scaffold" => ClientAlgorithm::Scaffold,
+        "scaffold" => ClientAlgorithm::Scaffold { after_step: false },
+        "scaffold_step" => ClientAlgorithm::Scaffold { after_step: true },
         "fednova" => ClientAlgorithm::FedNova,
         other => return invalid("algorithm", format!("\"{other}\" is not a known client algorithm")),
     })

@@ -99,7 +99,7 @@ impl RoundConfig<'_> {
     }
 
     fn scaffold(&self) -> bool {
-        self.work == LocalWork::Sgd && self.algorithm == ClientAlgorithm::Scaffold
+        self.work == LocalWork::Sgd && matches!(self.algorithm, ClientAlgorithm::Scaffold { .. })
     }
 
     fn fold_rule(&self) -> FoldRule {
@@ -439,7 +439,7 @@ mod tests {
         let global = net.init(1, 3).unwrap();
         let adam = LocalOptimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
         let cases = [
-            (ClientAlgorithm::Scaffold, LocalOptimizer::Sgd { momentum: 0.0 }, ServerOptimizer::Yogi { lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 }),
+            (ClientAlgorithm::Scaffold { after_step: false }, LocalOptimizer::Sgd { momentum: 0.0 }, ServerOptimizer::Yogi { lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3 }),
             (ClientAlgorithm::FedNova, LocalOptimizer::Sgd { momentum: 0.9 }, ServerOptimizer::Sgd { lr: 1.0, momentum: 0.9 }),
             (ClientAlgorithm::FedProx { mu: 0.1 }, adam, ServerOptimizer::Adam { lr: 0.05, beta1: 0.9, beta2: 0.99, tau: 1e-3 }),
         ];
@@ -460,7 +460,7 @@ mod tests {
             assert!(update.cosines.iter().all(|c| c.is_finite()));
             assert_eq!(one.control, two.control);
             assert_eq!(one.client_controls, two.client_controls);
-            assert_eq!(one.control.is_some(), algorithm == ClientAlgorithm::Scaffold);
+            assert_eq!(one.control.is_some(), matches!(algorithm, ClientAlgorithm::Scaffold { .. }));
             let a = |o: &RoundOutput| o.reports.iter().map(|r| r.effective_steps.to_bits()).collect::<Vec<_>>();
             assert_eq!(a(&one), a(&two));
         }
@@ -538,7 +538,7 @@ mod tests {
         jobs[2].control = Some(&c_i[2]);
         let global = net.init(1, 9).unwrap();
         let local = SgdConfig { momentum: 0.0, ..cfg() }.local();
-        let round = RoundConfig { algorithm: ClientAlgorithm::Scaffold, local, control: Some(&c), n_nodes: 7.0, ..fedavg(&cfg(), WeightRule::Samples) };
+        let round = RoundConfig { algorithm: ClientAlgorithm::Scaffold { after_step: false }, local, control: Some(&c), n_nodes: 7.0, ..fedavg(&cfg(), WeightRule::Samples) };
         let out = run_round(&net, &global, &jobs, &round, 2).unwrap();
         let new = out.client_controls.as_ref().unwrap();
         let mut change = vec![0.0; d];
@@ -847,7 +847,7 @@ mod tests {
         };
         let local = SgdConfig { momentum: 0.5, ..cfg() }.local();
         let round = RoundConfig {
-            algorithm: ClientAlgorithm::Scaffold,
+            algorithm: ClientAlgorithm::Scaffold { after_step: false },
             control: Some(&server_control),
             n_nodes: 9.0,
             rule: WeightRule::Collect,

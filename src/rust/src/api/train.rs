@@ -222,7 +222,7 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
     let algorithm = text(&config, "algorithm")?;
     let rule = match algorithm.as_str() {
         "fednova" => FoldRule::Normalized,
-        "fedavg" | "fedprox" | "scaffold" | "fedsgd" => FoldRule::Mean,
+        "fedavg" | "fedprox" | "scaffold" | "scaffold_step" | "fedsgd" => FoldRule::Mean,
         other => return Err(input_err(format!("config `algorithm` \"{other}\" is not a known client algorithm"))),
     };
     // FedBuff: the weighted sum over the buffer's fixed size.
@@ -238,7 +238,7 @@ fn rs_fold_round(global: Robj, deltas: List, weights: Robj, a: Robj, config: Lis
     let diagnostics = flag(&config, "diagnostics")?;
     let control_obj = nullable_field(&config, "control");
     let new_control_objs = list_elements(&nullable_field(&config, "client_controls_new"), "client_controls_new")?;
-    let control = if algorithm == "scaffold" && !new_control_objs.is_empty() {
+    let control = if algorithm.starts_with("scaffold") && !new_control_objs.is_empty() {
         let old_objs = list_elements(&nullable_field(&config, "client_controls"), "client_controls")?;
         let old = optional_vectors(&old_objs, k, "client_controls")?;
         let new = optional_vectors(&new_control_objs, k, "client_controls_new")?;

@@ -5,7 +5,9 @@
 //! parameters y, then, in this order: `g + wd y` (weight decay),
 //! `+ mu (y - x)` (FedProx's proximal term, x = global parameters) and
 //! `- c_i + c` (SCAFFOLD's drift correction). The local optimizer then steps
-//! along it.
+//! along it. SCAFFOLD's correction can instead be applied after the step,
+//! `y -= lr (c - c_i)`, outside the optimizer's momentum (`after_step`; what
+//! NIID-Bench and Flower's baseline do with momentum SGD).
 
 use crate::alloc::{try_with_capacity, try_zeroed};
 use crate::error::{invalid, num, CoreError, CoreResult};
@@ -20,8 +22,10 @@ pub enum ClientAlgorithm {
     FedAvg,
     /// FedAvg with the proximal term `mu / 2 ||y - x||^2` (Li et al. 2020).
     FedProx { mu: f64 },
-    /// Drift correction by control variates, option II (Karimireddy et al. 2020).
-    Scaffold,
+    /// Drift correction by control variates, option II (Karimireddy et al.
+    /// 2020); `after_step`: the correction is applied after the optimizer's
+    /// step rather than added to the gradient.
+    Scaffold { after_step: bool },
     /// FedAvg whose updates are normalised by their number of effective
     /// steps before averaging (Wang et al. 2020).
     FedNova,
@@ -34,7 +38,9 @@ impl ClientAlgorithm {
     pub fn correction<'a>(&self, global: &'a [f64], c_i: Option<&'a [f64]>, c: Option<&'a [f64]>) -> GradientCorrection<'a> {
         match *self {
             ClientAlgorithm::FedProx { mu } => GradientCorrection { proximal: Some((mu, global)), ..Default::default() },
-            ClientAlgorithm::Scaffold => GradientCorrection { client_control: c_i, server_control: c, ..Default::default() },
+            ClientAlgorithm::Scaffold { after_step } => {
+                GradientCorrection { client_control: c_i, server_control: c, after_step, ..Default::default() }
+            }
             ClientAlgorithm::FedAvg | ClientAlgorithm::FedNova => GradientCorrection::default(),
         }
     }
@@ -99,6 +105,9 @@ pub struct GradientCorrection<'a> {
     pub client_control: Option<&'a [f64]>,
     /// SCAFFOLD: the server's control c (added; absent = zeros).
     pub server_control: Option<&'a [f64]>,
+    /// SCAFFOLD: apply `- lr (c - c_i)` to the parameters after each step
+    /// instead of adding `c - c_i` to the gradient.
+    pub after_step: bool,
 }
 
 impl GradientCorrection<'_> {
@@ -220,6 +229,7 @@ fn local_run_body(
         && correction.client_control.is_none()
         && correction.server_control.is_none();
     let limit = max_steps.unwrap_or(usize::MAX);
+    let dropout = net.has_dropout();
     'epochs: for epoch in 1..=epochs {
         if cfg.shuffle {
             for i in (1..n).rev() {
@@ -231,6 +241,9 @@ fn local_run_body(
             if steps >= limit {
                 cut_short = true;
                 break 'epochs;
+            }
+            if dropout {
+                ws.dropout_key = Some(step_key(cfg.seed, stream, steps));
             }
             let loss = if fused {
                 net.loss_grad_f32(params, data, rows, &mut ws).expect("a float32 workspace")
@@ -262,17 +275,32 @@ fn local_run_body(
                     *g += mu * (p - x);
                 }
             }
-            if let Some(c_i) = correction.client_control {
-                for (g, c) in grad.iter_mut().zip(c_i) {
-                    *g -= c;
+            if !correction.after_step {
+                if let Some(c_i) = correction.client_control {
+                    for (g, c) in grad.iter_mut().zip(c_i) {
+                        *g -= c;
+                    }
                 }
-            }
-            if let Some(c) = correction.server_control {
-                for (g, c) in grad.iter_mut().zip(c) {
-                    *g += c;
+                if let Some(c) = correction.server_control {
+                    for (g, c) in grad.iter_mut().zip(c) {
+                        *g += c;
+                    }
                 }
             }
             optimizer.step(params, &grad, cfg.lr);
+            if correction.after_step {
+                // y <- y - lr (c - c_i), in this order of operations.
+                if let Some(c) = correction.server_control {
+                    for (p, c) in params.iter_mut().zip(c) {
+                        *p -= cfg.lr * c;
+                    }
+                }
+                if let Some(c_i) = correction.client_control {
+                    for (p, c) in params.iter_mut().zip(c_i) {
+                        *p += cfg.lr * c;
+                    }
+                }
+            }
         }
         // Once per epoch: a scan of every parameter costs as much as a step.
         if let Some(bad) = params.iter().find(|p| !p.is_finite()) {
@@ -294,6 +322,12 @@ fn local_run_body(
         )));
     }
     Ok(LocalOutcome { n_samples: n, train_loss, steps })
+}
+
+/// The key of a training step's dropout masks: the run's seed, the
+/// client's stream and the step's index.
+pub(crate) fn step_key(seed: u64, stream: u64, step: usize) -> u64 {
+    crate::rng::Rng::new(seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407), stream).next_u64()
 }
 
 /// Row indices 0..n, the sample order of a run.
@@ -544,6 +578,36 @@ mod tests {
             }
         }
         assert!(y.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-14));
+    }
+
+    #[test]
+    fn scaffold_after_the_step_stays_outside_the_momentum() {
+        let net = Network::new(&[3, 3], Head::Softmax).unwrap();
+        let owned = blobs(8, 4, 0.0);
+        let data = owned.view();
+        let global = random(net.n_params(), 2, 0.2);
+        let (c_i, c) = (random(net.n_params(), 3, 0.1), random(net.n_params(), 4, 0.1));
+        let cfg = LocalConfig { batch_size: 0, shuffle: false, weight_decay: 0.0, ..sgd(0.9) };
+        let mut y = global.clone();
+        let terms = GradientCorrection { client_control: Some(&c_i), server_control: Some(&c), after_step: true, ..Default::default() };
+        local_run(&net, &mut y, &data, &cfg, 3, &terms, 0).unwrap();
+        // Written from the definition: b <- rho b + g; y <- y - lr b; y <- y - lr (c - c_i).
+        let rows: Vec<usize> = (0..data.n).collect();
+        let (mut expected, mut b) = (global.clone(), vec![0.0; net.n_params()]);
+        let mut g = vec![0.0; net.n_params()];
+        for _ in 0..3 {
+            net.loss_grad(&expected, &data, &rows, &mut g, &mut net.workspace(data.n).unwrap());
+            for j in 0..g.len() {
+                b[j] = 0.9 * b[j] + g[j];
+                expected[j] -= cfg.lr * b[j];
+                expected[j] -= cfg.lr * (c[j] - c_i[j]);
+            }
+        }
+        assert!(y.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-13));
+        // Inside the momentum (the default), the same run differs.
+        let mut z = global.clone();
+        local_run(&net, &mut z, &data, &cfg, 3, &GradientCorrection { after_step: false, ..terms }, 0).unwrap();
+        assert!(z.iter().zip(&y).any(|(a, b)| (a - b).abs() > 1e-6));
     }
 
     #[test]
