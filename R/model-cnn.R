@@ -125,7 +125,13 @@ plan_cnn <- function(input, layers, call = rlang::caller_env()) {
     switch(l$kind,
       conv = {
         n_conv <- n_conv + 1L
+        if (as.double(l$size)^2 * shape[3] * l$filters > max_params) {
+          fedagg_abort("{at(i)} would have more than {format(max_params, big.mark = ',')} weights.", class = "memory", call = call)
+        }
         out <- c(out_len(shape[1], l$size, l$stride, l$padding), out_len(shape[2], l$size, l$stride, l$padding), l$filters)
+        if (as.double(out[1]) * out[2] * max(out[3], l$size^2 * shape[3]) > .Machine$integer.max) {
+          fedagg_abort("{at(i)} would give more than {format(.Machine$integer.max, big.mark = ',')} values an image.", class = "memory", call = call)
+        }
         params[[paste0("conv", n_conv, "_W")]] <- c(l$size^2 * shape[3], l$filters)
         params[[paste0("conv", n_conv, "_b")]] <- l$filters
         codes[[length(codes) + 1L]] <- c(1, l$filters, l$size, l$stride, l$padding)
@@ -170,6 +176,10 @@ plan_cnn <- function(input, layers, call = rlang::caller_env()) {
     )
   }
   if (is.null(flat)) flat <- prod(shape)
+  if (prod(as.double(input)) > .Machine$integer.max || flat > .Machine$integer.max) {
+    fedagg_abort("The images or the layers' outputs would have more than {format(.Machine$integer.max, big.mark = ',')} values each.",
+                 class = "memory", call = call)
+  }
   list(codes = codes, params = params, hidden = as.integer(hidden), flat = as.integer(flat), labels = labels)
 }
 
@@ -241,6 +251,8 @@ flatten <- function() new_layer("flatten")
 dropout <- function(rate) {
   check_required_args()
   rate <- assert_number(rate, 0, 1, upper_open = TRUE)
+  # Kept to six decimals (the core's parts per million): 0.9999996 is 1.
+  if (round(rate * 1e6) >= 1e6) fedagg_abort("{.arg rate} must be below 1, not {format(rate, digits = 10)} (kept to six decimals).")
   new_layer("dropout", rate = rate)
 }
 

@@ -182,6 +182,14 @@ test_that("layer specifications that cannot work are refused when the model is m
   expect_error(model_cnn(c(8, 0, 1), list(relu()), n_classes = 3), class = "fedagg_error_input", regexp = "input")
   expect_error(model_cnn(c(8, 8), list(relu(), "conv"), n_classes = 3), class = "fedagg_error_input", regexp = "Layer 2")
   expect_error(model_cnn(c(8, 8), list(), n_classes = 3), class = "fedagg_error_input", regexp = "layers")
+  # Sizes past what can be addressed: memory errors, never a wrapped size.
+  expect_error(model_cnn(c(28, 28, 1), list(conv(3e6, 1)), n_classes = 10), class = "fedagg_error_memory")
+  expect_error(model_cnn(c(2, 2, 1), list(conv(1, 1, padding = 2147483647), max_pool(2147483647)), n_classes = 10),
+               class = "fedagg_error_memory")
+  expect_error(dropout(0.9999996), class = "fedagg_error_input")
+  # init = "glorot" initialises the convolutions too (a zero front never trains).
+  g <- init_params(model_cnn(c(8, 8, 1), list(conv(3, 3), relu()), n_classes = 3, init = "glorot"), seed = 1)
+  expect_true(all(g$conv1_W != 0))
   # A node whose images have another shape: refused at fed_server(), naming it.
   model <- cnn_cases()$small_lenet
   bad <- fed_nodes(matrix(rnorm(60 * 49), 60), rep(0:2, 20), partition_iid(60, 2, seed = 1))

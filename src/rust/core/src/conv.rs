@@ -111,6 +111,9 @@ impl Front {
         if input.0 == 0 || input.1 == 0 || input.2 == 0 {
             return invalid("input", "needs a height, a width and channels of at least 1");
         }
+        if input.0.checked_mul(input.1).and_then(|v| v.checked_mul(input.2)).and_then(|v| v.checked_mul(8)).is_none() {
+            return Err(CoreError::Memory("the input images have more values than can be addressed".into()));
+        }
         let too_big = || CoreError::Memory("the convolutional layers have more values than can be addressed".into());
         let mut shape = input;
         let mut stages = Vec::with_capacity(ops.len());
@@ -121,7 +124,7 @@ impl Front {
                 if k == 0 || s == 0 {
                     return invalid("layers", format!("layer {layer} ({what}) needs a kernel and a stride of at least 1"));
                 }
-                let padded = n + 2 * p;
+                let padded = p.checked_mul(2).and_then(|p2| n.checked_add(p2)).ok_or_else(too_big)?;
                 if k > padded {
                     return invalid(
                         "layers",
@@ -149,7 +152,19 @@ impl Front {
                     ((out_len(shape.0, k, stride, 0, what)?, out_len(shape.1, k, stride, 0, what)?, shape.2), 0, 0)
                 }
             };
-            size(output).checked_mul(8).ok_or_else(too_big)?;
+            // Every size used later is checked here once, with the
+            // unfolded patches of a convolution: nothing after this can wrap.
+            let values = output.0.checked_mul(output.1).and_then(|v| v.checked_mul(output.2)).ok_or_else(too_big)?;
+            values.checked_mul(8).ok_or_else(too_big)?;
+            if let FrontOp::Conv { k, .. } = op {
+                output.0
+                    .checked_mul(output.1)
+                    .and_then(|v| v.checked_mul(k))
+                    .and_then(|v| v.checked_mul(k))
+                    .and_then(|v| v.checked_mul(shape.2))
+                    .and_then(|v| v.checked_mul(8))
+                    .ok_or_else(too_big)?;
+            }
             stages.push(Stage { op, input: shape, output, w, b });
             shape = output;
         }
@@ -175,7 +190,7 @@ impl Front {
             if let FrontOp::Conv { k, .. } = s.op {
                 total = total.checked_add(s.output.0 * s.output.1 * k * k * s.input.2)?;
             }
-            if let FrontOp::Dropout { .. } = s.op {
+            if let FrontOp::Dropout { .. } | FrontOp::MaxPool { .. } = s.op {
                 total = total.checked_add(size(s.output))?;
             }
         }
@@ -520,6 +535,7 @@ mod tests {
     //! `Im f(p + i h e_j) / h`, exact to rounding (Squire and Trapp, SIAM
     //! Review 1998) with no backward pass written twice.
     use super::*;
+    use crate::error::CoreError;
     use crate::model::{Dataset, Head, Network, Precision, BLOCK_ROWS};
     use crate::rng::Rng;
 
@@ -850,6 +866,15 @@ mod tests {
         assert!(e.contains("layer 1 (conv)") && e.contains("kernel of 7"), "{e}");
         let e = Front::new((5, 5, 1), &[Relu, MaxPool { k: 2, stride: 0 }]).unwrap_err().to_string();
         assert!(e.contains("layer 2 (max_pool)"), "{e}");
+        // Sizes that would wrap are refused as memory errors, never wrapped.
+        let huge = Front::new((2, 2, 1), &[Conv { out: 1, k: 1, stride: 1, pad: usize::MAX / 2 }]);
+        assert!(matches!(huge, Err(CoreError::Memory(_))), "{huge:?}");
+        let huge = Front::new((2, 2, 1), &[Conv { out: 1, k: 1, stride: 1, pad: 1 << 31 }, MaxPool { k: 1 << 31, stride: 1 << 31 }]);
+        assert!(matches!(huge, Err(CoreError::Memory(_))), "{huge:?}");
+        assert!(matches!(Front::new((1 << 40, 1 << 40, 1), &[Relu]), Err(CoreError::Memory(_))));
+        // A dense dropout code naming a layer that does not exist (a message from elsewhere).
+        let bad = Network::from_parts(&[18, 3], Head::Softmax, Precision::F64, &[5, 5, 1], &[[1, 2, 3, 1, 0], [6, usize::MAX, 10, 0, 0]]);
+        assert!(bad.is_err());
         let e = Network::with_front((5, 5, 1), &[Conv { out: 2, k: 3, stride: 1, pad: 0 }], &[10, 3], Head::Softmax).unwrap_err().to_string();
         assert!(e.contains("give 18"), "{e}");
         // The parameters: 2 x 9 weights + 2 biases, then 18 x 3 + 3.

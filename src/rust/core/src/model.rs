@@ -378,7 +378,7 @@ impl Network {
             let mut net = Network::with_front((h, w, c), &ops, sizes, head)?;
             for code in front.iter().filter(|c| c[0] == 6) {
                 let (layer, ppm) = (code[1], code[2]);
-                if layer + 1 >= net.layers.len() {
+                if layer >= net.layers.len() - 1 {
                     return invalid("layers", format!("a dropout after dense layer {} of {} hidden layers", layer + 1, net.layers.len() - 1));
                 }
                 if ppm >= 1_000_000 {
@@ -488,7 +488,11 @@ impl Network {
             Some(f) => f.values_per_row(),
             None => Some(0),
         };
-        let widths = self.layers.iter().try_fold(self.n_inputs(), |acc, l| acc.checked_add(l.outputs)).zip(front).and_then(|(a, b)| a.checked_add(b));
+        // Dense layers with dropout keep a mask as wide as their output.
+        let dense = self.layers.iter().zip(&self.dropout).try_fold(self.n_inputs(), |acc, (l, &ppm)| {
+            acc.checked_add(if ppm > 0 { 2 * l.outputs } else { l.outputs })
+        });
+        let widths = dense.zip(front).and_then(|(a, b)| a.checked_add(b));
         let bytes = widths
             .and_then(|w| w.checked_add(2 * self.widest))
             .and_then(|w| w.checked_mul(rows))
@@ -518,6 +522,19 @@ impl Network {
             0 => {}
             1 => {
                 let mut rng = Rng::new(seed, 0x1217);
+                // Convolutions: Glorot-uniform over the window's fans, He
+                // scaling (each feeds a ReLU in fedagg's CNNs), zero biases.
+                if let Some(front) = &self.front {
+                    for s in &front.stages {
+                        if let FrontOp::Conv { out, k, .. } = s.op {
+                            let fan = (k * k * (s.input.2 + out)) as f64;
+                            let limit = 2.0f64.sqrt() * (6.0 / fan).sqrt();
+                            for w in &mut params[s.w..s.b] {
+                                *w = limit * (2.0 * rng.uniform() - 1.0);
+                            }
+                        }
+                    }
+                }
                 let last = self.layers.len() - 1;
                 for (l, layer) in self.layers.iter().enumerate() {
                     let fan = (layer.inputs + layer.outputs) as f64;
