@@ -379,7 +379,7 @@ impl Network {
             for code in front.iter().filter(|c| c[0] == 6) {
                 let (layer, ppm) = (code[1], code[2]);
                 if layer >= net.layers.len() - 1 {
-                    return invalid("layers", format!("a dropout after dense layer {} of {} hidden layers", layer + 1, net.layers.len() - 1));
+                    return invalid("layers", format!("a dropout after dense layer {} of {} hidden layers", layer.saturating_add(1), net.layers.len() - 1));
                 }
                 if ppm >= 1_000_000 {
                     return invalid("layers", "a dropout rate must be below 1");
