@@ -58,3 +58,16 @@ client_log_frame <- function(entries) {
   out$client <- as.character(out$client)
   as.data.frame(out, stringsAsFactors = FALSE)
 }
+
+# The system log's entries (one per round) as a data frame. A function of
+# its own so that no closure keeps the log: the next round appends to it in
+# place.
+system_log_frame <- function(rows) {
+  if (!length(rows)) {
+    return(new_frame(round = integer(), client = character(), status = character(), download = numeric(),
+                     compute = numeric(), upload = numeric(), finish = numeric(), work = numeric(),
+                     staleness = numeric()))
+  }
+  do.call(new_frame, lapply(stats::setNames(names(rows[[1]]), names(rows[[1]])),
+                            function(col) unlist(lapply(rows, `[[`, col), use.names = FALSE)))
+}

@@ -139,7 +139,7 @@ status_document <- function(server, private, clients_rounds = 5L, history_rounds
     updated = format(Sys.time(), "%Y-%m-%d %H:%M:%S %Z"),
     wall_seconds = sum(private$.seconds),
     history = as.list(h[shown]),
-    clients = as.list(client_statuses(server, max(0L, round - clients_rounds + 1L)))
+    clients = as.list(client_statuses(private, max(0L, round - clients_rounds + 1L), clients_rounds))
   )
 }
 
@@ -147,10 +147,12 @@ status_document <- function(server, private, clients_rounds = 5L, history_rounds
 # update: kept (also when cut short by a deadline, "partial"), dropped
 # (dropout or deadline), late (over-selected, not needed), or filtered (by
 # the norm filter, or not picked by Krum-type aggregators).
-client_statuses <- function(server, first) {
-  sys <- server$system_log
+client_statuses <- function(private, first, rounds) {
+  # Only the last rounds' entries (one per round) are read: the cost does
+  # not grow with the rounds kept.
+  sys <- system_log_frame(utils::tail(private$.state$system_log, rounds))
   sys <- sys[sys$round >= first, c("round", "client", "status"), drop = FALSE]
-  log <- server$client_log
+  log <- client_log_frame(utils::tail(private$.state$client_log, rounds))
   log <- log[log$round >= first, , drop = FALSE]
   filtered <- log[(!log$passed_filter) | (!is.na(log$krum_kept) & !log$krum_kept), c("round", "client"), drop = FALSE]
   if (!nrow(sys)) sys <- data.frame(round = log$round, client = log$client, status = rep("kept", nrow(log)))

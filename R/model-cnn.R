@@ -64,11 +64,7 @@ model_cnn <- function(input, layers, n_classes = length(classes), classes = NULL
   }
   plan <- plan_cnn(as.integer(input), layers)
   sizes <- c(plan$flat, plan$hidden, n_classes)
-  dense_shapes <- lapply(seq_len(length(sizes) - 1L), function(l) c(sizes[l], sizes[l + 1L]))
-  dense <- unlist(lapply(seq_along(dense_shapes), function(l) {
-    stats::setNames(list(dense_shapes[[l]], dense_shapes[[l]][2]), paste0(c("W", "b"), l))
-  }), recursive = FALSE)
-  params <- c(plan$params, dense)
+  params <- c(plan$params, dense_layers(sizes))
   n_par <- sum(vapply(params, function(d) prod(as.double(d)), numeric(1)))
   if (n_par > max_params) {
     fedagg_abort("This network would have {format(n_par, big.mark = ',')} parameters; at most {format(max_params, big.mark = ',')} are supported.",

@@ -166,11 +166,7 @@ new_builtin_model <- function(type, n_features, hidden, n_out, output, init, cla
                    i = "At most {format(max_params, big.mark = ',')} are supported; check {.arg n_features} and {.arg hidden}."),
                  class = "memory", call = call)
   }
-  n_layers <- length(sizes) - 1L
-  shapes <- lapply(seq_len(n_layers), function(l) c(sizes[l], sizes[l + 1L]))
-  layers <- unlist(lapply(seq_len(n_layers), function(l) {
-    stats::setNames(list(shapes[[l]], shapes[[l]][2]), paste0(c("W", "b"), l))
-  }), recursive = FALSE)
+  layers <- dense_layers(sizes)
   if (type == "mlp" && init == "zeros") {
     fedagg_warn("An MLP initialised with zeros cannot break symmetry; use {.code init = \"glorot\"}.",
                 class = "init")
@@ -188,6 +184,14 @@ new_builtin_model <- function(type, n_features, hidden, n_out, output, init, cla
     init = init,
     precision = precision
   ), class = c(paste0("fed_model_", type), "fed_model_builtin", "fed_model"))
+}
+
+# The dense layers' parameter shapes of a network with layer `sizes`:
+# `W1` (inputs x outputs), `b1`, `W2`, ... in the core's flat order.
+dense_layers <- function(sizes) {
+  unlist(lapply(seq_len(length(sizes) - 1L), function(l) {
+    stats::setNames(list(c(sizes[l], sizes[l + 1L]), sizes[l + 1L]), paste0(c("W", "b"), l))
+  }), recursive = FALSE)
 }
 
 # Precision bits as the Rust core reads them (models saved before the

@@ -460,17 +460,7 @@ Server <- R6::R6Class("Server",
     #'   `NA` without [system profiles][system_profile].
     system_log = function(value) {
       if (!missing(value)) fedagg_abort("{.field system_log} is read-only.")
-      rows <- private$.state$system_log
-      if (!length(rows)) {
-        return(new_frame(round = integer(), client = character(), status = character(), download = numeric(),
-                         compute = numeric(), upload = numeric(), finish = numeric(), work = numeric(),
-                         staleness = numeric()))
-      }
-      out <- do.call(new_frame, lapply(stats::setNames(names(rows[[1]]), names(rows[[1]])),
-                                       function(col) unlist(lapply(rows, `[[`, col), use.names = FALSE)))
-      # Not kept by the closure: the next round appends to the log in place.
-      rm(rows)
-      out
+      system_log_frame(private$.state$system_log)
     },
     #' @field stopped `NULL`, or how the last `fit()` ended early: a list of
     #'   `round` and `reason` (read-only).

@@ -224,7 +224,16 @@ impl Front {
                 _ => Vec::new(),
             });
         }
-        Ok(FrontBlock { acts, cols, argmax, masks, delta: sized(widest)?, delta_prev: sized(widest)? })
+        let filters = self.stages.iter().map(|s| if let FrontOp::Conv { out, .. } = s.op { out } else { 0 }).max().unwrap_or(0);
+        Ok(FrontBlock {
+            acts,
+            cols,
+            argmax,
+            masks,
+            delta: sized(widest)?,
+            delta_prev: sized(widest)?,
+            bias_sums: try_filled(filters, T::ZERO, what)?,
+        })
     }
 
     /// Runs the front on the first `m` rows of `x` (`m x n_inputs`),
@@ -309,13 +318,15 @@ impl Front {
                     // Weights: col' delta, (kk x positions)(positions x co), column-major.
                     crate::model::gemm_tn_cm(scale, col, positions, kk, delta, co, beta, &mut grad[s.w..s.b]);
                     let gb = &mut grad[s.b..s.b + co];
-                    let mut sums = vec![T::ZERO; co];
+                    // Per block, in a buffer of the workspace (not allocated here).
+                    let sums = &mut blk.bias_sums[..co];
+                    sums.iter_mut().for_each(|v| *v = T::ZERO);
                     for row in delta.chunks_exact(co) {
                         for (acc, d) in sums.iter_mut().zip(row) {
                             *acc += *d;
                         }
                     }
-                    for (g, v) in gb.iter_mut().zip(&sums) {
+                    for (g, v) in gb.iter_mut().zip(sums.iter()) {
                         *g = if first { scale * *v } else { *g + scale * *v };
                     }
                     if need_input_grad {
@@ -382,6 +393,8 @@ pub struct FrontBlock<T> {
     masks: Vec<Vec<T>>,
     delta: Vec<T>,
     delta_prev: Vec<T>,
+    /// A convolution's bias gradient for the block (the widest's size).
+    bias_sums: Vec<T>,
 }
 
 /// im2col: row `(s, oh, ow)` of `col` holds the window of that output
